@@ -1,0 +1,1 @@
+"""Data access: AnnData / sparse / backed inputs, validation, block readers."""

@@ -1,0 +1,250 @@
+"""ZINB-WaVE parameters, design, linear predictors and zinbwave's ridge penalty.
+
+Orientation follows zinbwave: ``beta_mu`` (M_mu x J), ``gamma_mu`` (L_mu x n), ``W`` (n x K),
+``alpha_mu`` (K x J), ``zeta`` (J,). The linear predictors of a block of cells ``rows`` are
+
+    log mu  = X_mu[rows] beta_mu + (V_mu gamma_mu[:, rows])^T + W[rows] alpha_mu + O_mu[rows]
+    logit pi = X_pi[rows] beta_pi + (V_pi gamma_pi[:, rows])^T + W[rows] alpha_pi + O_pi[rows]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+from torch import Tensor
+
+__all__ = ["Design", "Params", "Penalty", "orthogonalize_trace_norm"]
+
+EPSILON_MIN_LOGIT = 1e-3
+
+
+def _is_intercept(M: Tensor) -> Tensor:
+    """Columns that are all ones (zinbwave's definition of an intercept column)."""
+    if M.shape[1] == 0:
+        return torch.zeros(0, dtype=torch.bool, device=M.device)
+    return (M == 1).all(dim=0)
+
+
+@dataclass
+class Design:
+    """Fixed covariates: cell-level X (n x M), gene-level V (J x L), optional offsets.
+
+    Offsets ``O_mu`` / ``O_pi`` are (n x J) or (n x 1) (a per-cell vector such as log library
+    size) or ``None``.
+    """
+
+    X_mu: Tensor
+    X_pi: Tensor
+    V_mu: Tensor
+    V_pi: Tensor
+    O_mu: Tensor | None = None
+    O_pi: Tensor | None = None
+
+    @property
+    def n(self) -> int:
+        return self.X_mu.shape[0]
+
+    @property
+    def J(self) -> int:
+        return self.V_mu.shape[0]
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> Design:
+        def mv(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device=device, dtype=dtype)
+
+        return Design(*(mv(getattr(self, f.name)) for f in fields(self)))
+
+
+@dataclass
+class Params:
+    """All ZINB-WaVE parameters (gene-level first, then cell-level)."""
+
+    beta_mu: Tensor
+    beta_pi: Tensor
+    alpha_mu: Tensor
+    alpha_pi: Tensor
+    zeta: Tensor
+    W: Tensor
+    gamma_mu: Tensor
+    gamma_pi: Tensor
+
+    GENE_FIELDS = ("beta_mu", "beta_pi", "alpha_mu", "alpha_pi", "zeta")
+    CELL_FIELDS = ("W", "gamma_mu", "gamma_pi")
+
+    @property
+    def K(self) -> int:
+        return self.W.shape[1]
+
+    def clone(self) -> Params:
+        return Params(*(getattr(self, f.name).clone() for f in fields(self)))
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Params:
+        return Params(*(getattr(self, f.name).to(device=device, dtype=dtype) for f in fields(self)))
+
+    def as_numpy(self) -> dict:
+        return {f.name: getattr(self, f.name).detach().cpu().numpy() for f in fields(self)}
+
+
+def linear_predictors(
+    design: Design, params: Params, rows: slice | Tensor, zero_inflation: bool = True
+) -> tuple[Tensor, Tensor | None]:
+    """``(log mu, logit pi)`` for the cells ``rows`` (all genes); ``logit pi`` is None without ZI."""
+    W = params.W[rows]
+    a = design.X_mu[rows] @ params.beta_mu + (design.V_mu @ params.gamma_mu[:, rows]).T
+    a = a + W @ params.alpha_mu
+    if design.O_mu is not None:
+        a = a + design.O_mu[rows]
+    if not zero_inflation:
+        return a, None
+    b = design.X_pi[rows] @ params.beta_pi + (design.V_pi @ params.gamma_pi[:, rows]).T
+    b = b + W @ params.alpha_pi
+    if design.O_pi is not None:
+        b = b + design.O_pi[rows]
+    return a, b
+
+
+@dataclass
+class Penalty:
+    """zinbwave's ridge penalty weights.
+
+    The penalty subtracted from the log-likelihood is
+    ``1/2 [sum_m eps_beta_mu[m] |beta_mu[m]|^2 + ... + eps_W |W|^2 + eps_alpha (|alpha_mu|^2 +
+    |alpha_pi|^2)] + 1/2 eps_zeta var(zeta)`` (sample variance, 0 for a common dispersion).
+    """
+
+    beta_mu: Tensor
+    beta_pi: Tensor
+    gamma_mu: Tensor
+    gamma_pi: Tensor
+    W: float
+    alpha: float
+    zeta: float
+    common_dispersion: bool = True
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def zinbwave_defaults(
+        cls,
+        design: Design,
+        *,
+        epsilon: float | None = None,
+        epsilon_beta: float | None = None,
+        epsilon_gamma: float | None = None,
+        epsilon_W: float | None = None,
+        epsilon_alpha: float | None = None,
+        epsilon_zeta: float | None = None,
+        epsilon_min_logit: float = EPSILON_MIN_LOGIT,
+        common_dispersion: bool = True,
+    ) -> Penalty:
+        """zinbwave's defaults: epsilon = J; eps_beta = eps_alpha = epsilon/J; eps_gamma = eps_W =
+        epsilon/n; eps_zeta = epsilon; intercept columns of X/V get 0 (mean model) and
+        ``epsilon_min_logit`` (zero-inflation model)."""
+        n, J = design.n, design.J
+        eps = float(J if epsilon is None else epsilon)
+        e_beta = eps / J if epsilon_beta is None else float(epsilon_beta)
+        e_gamma = eps / n if epsilon_gamma is None else float(epsilon_gamma)
+        e_W = eps / n if epsilon_W is None else float(epsilon_W)
+        e_alpha = eps / J if epsilon_alpha is None else float(epsilon_alpha)
+        e_zeta = eps if epsilon_zeta is None else float(epsilon_zeta)
+
+        def col_eps(M: Tensor, value: float, intercept_value: float) -> Tensor:
+            out = torch.full((M.shape[1],), value, dtype=M.dtype, device=M.device)
+            out[_is_intercept(M)] = intercept_value
+            return out
+
+        return cls(
+            beta_mu=col_eps(design.X_mu, e_beta, 0.0),
+            beta_pi=col_eps(design.X_pi, e_beta, epsilon_min_logit),
+            gamma_mu=col_eps(design.V_mu, e_gamma, 0.0),
+            gamma_pi=col_eps(design.V_pi, e_gamma, epsilon_min_logit),
+            W=e_W,
+            alpha=e_alpha,
+            zeta=e_zeta,
+            common_dispersion=common_dispersion,
+        )
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> Penalty:
+        def mv(t: Tensor) -> Tensor:
+            return t.to(device=device, dtype=dtype)
+
+        return Penalty(
+            mv(self.beta_mu), mv(self.beta_pi), mv(self.gamma_mu), mv(self.gamma_pi),
+            self.W, self.alpha, self.zeta, self.common_dispersion, dict(self.extra),
+        )
+
+    # -- pieces -----------------------------------------------------------------------------
+    def gene_vector(self, K: int, zero_inflation: bool) -> Tensor:
+        """Ridge weights of one gene's block ``[beta_mu, alpha_mu, (beta_pi, alpha_pi)]``."""
+        a = torch.full((K,), self.alpha, dtype=self.beta_mu.dtype, device=self.beta_mu.device)
+        parts = [self.beta_mu, a]
+        if zero_inflation:
+            parts += [self.beta_pi, a]
+        return torch.cat(parts)
+
+    def cell_vector(self, K: int, zero_inflation: bool) -> Tensor:
+        """Ridge weights of one cell's block ``[W, gamma_mu, (gamma_pi)]``."""
+        w = torch.full((K,), self.W, dtype=self.beta_mu.dtype, device=self.beta_mu.device)
+        parts = [w, self.gamma_mu]
+        if zero_inflation:
+            parts.append(self.gamma_pi)
+        return torch.cat(parts)
+
+    def zeta_value(self, zeta: Tensor) -> Tensor:
+        if self.common_dispersion or zeta.numel() < 2:
+            return zeta.new_zeros(())
+        return 0.5 * self.zeta * torch.var(zeta, unbiased=True)
+
+    def gene_values(self, p: Params) -> Tensor:
+        """Per-gene ridge penalty (without the dispersion term), shape (J,)."""
+        out = 0.5 * (self.beta_mu[:, None] * p.beta_mu**2).sum(0)
+        out = out + 0.5 * (self.beta_pi[:, None] * p.beta_pi**2).sum(0)
+        out = out + 0.5 * self.alpha * ((p.alpha_mu**2).sum(0) + (p.alpha_pi**2).sum(0))
+        return out
+
+    def cell_values(self, p: Params) -> Tensor:
+        """Per-cell ridge penalty, shape (n,)."""
+        out = 0.5 * self.W * (p.W**2).sum(1)
+        out = out + 0.5 * (self.gamma_mu[:, None] * p.gamma_mu**2).sum(0)
+        out = out + 0.5 * (self.gamma_pi[:, None] * p.gamma_pi**2).sum(0)
+        return out
+
+    def value(self, p: Params) -> float:
+        """zinbwave's ``penalty(model)``."""
+        total = self.gene_values(p).sum() + self.cell_values(p).sum() + self.zeta_value(p.zeta)
+        return float(total)
+
+
+def orthogonalize_trace_norm(
+    W: Tensor, alpha: Tensor, eps_W: float, eps_alpha: float
+) -> tuple[Tensor, Tensor]:
+    """zinbwave's ``orthogonalizeTraceNorm`` for ``W`` (n x K) and ``alpha`` (K x m).
+
+    Returns ``(W', alpha')`` with ``W' alpha' = W alpha``, the columns of ``W'`` orthogonal and
+    ordered by decreasing singular value, and ``eps_W |W'|^2 + eps_alpha |alpha'|^2`` minimal
+    among all factorizations of that product. Uses the K x K Gram matrix of W, so it is
+    equivalent to the QR-based form but needs only ``W^T W`` (streamable, all-reducible).
+    """
+    K = W.shape[1]
+    if K == 0:
+        return W, alpha
+    T, alpha_new = orthogonalization_transform(W.T @ W, alpha, eps_W, eps_alpha)
+    return W @ T, alpha_new
+
+
+def orthogonalization_transform(
+    gram: Tensor, alpha: Tensor, eps_W: float, eps_alpha: float
+) -> tuple[Tensor, Tensor]:
+    """The K x K matrix T (new W = W T) and the new alpha, from the Gram matrix ``W^T W``."""
+    evals, U = torch.linalg.eigh(gram)
+    tol = evals.max().clamp(min=0) * gram.shape[0] * torch.finfo(gram.dtype).eps
+    keep = evals > tol
+    sqrt_l = torch.where(keep, evals.clamp(min=0).sqrt(), torch.zeros_like(evals))
+    inv_sqrt_l = torch.where(keep, 1.0 / torch.where(keep, sqrt_l, torch.ones_like(sqrt_l)), 0.0)
+    R = sqrt_l[:, None] * U.T  # W = Q R with Q = W U diag(1/sqrt l)
+    P, S, Rt = torch.linalg.svd(R @ alpha, full_matrices=False)
+    s = (eps_W / eps_alpha) ** 0.25 if eps_W > 0 and eps_alpha > 0 else 1.0
+    sqrt_S = S.sqrt()
+    T = (U * inv_sqrt_l[None, :]) @ P * (sqrt_S / s)[None, :]
+    alpha_new = (s * sqrt_S)[:, None] * Rt
+    return T, alpha_new

@@ -1,0 +1,580 @@
+"""The fitting engine: alternating batched second-order updates of cell and gene parameters.
+
+One *sweep* (an epoch of the full-batch solver) streams the cells in blocks:
+
+1. per block, ``local_steps`` damped Newton steps on every cell's local parameters
+   ``(W_i, gamma_mu_i, gamma_pi_i)`` with the gene parameters fixed (each step one evaluation of
+   the block's entry derivatives, accepted per cell only if the cell's penalized
+   log-likelihood does not decrease);
+2. the per-entry derivatives at the accepted cell values are contracted into per-gene gradients
+   and Hessians (and dispersion derivatives) and accumulated over blocks;
+3. one damped Newton step for every gene's ``(beta_mu, alpha_mu, beta_pi, alpha_pi)`` (and its
+   dispersion), checked in a second streaming pass and accepted per gene;
+4. W and alpha are re-balanced by zinbwave's ``orthogonalizeTraceNorm``.
+
+The stochastic solver (:meth:`Engine.fit_stochastic`) does the same on minibatches of cells, with
+the data term of the gene gradient and Hessian scaled by ``n / |B|`` (unbiased), and a decaying
+step on the gene parameters; a few full sweeps then polish the optimum.
+
+Memory: the cell parameters (n x (K + L)) plus one block of dense (cells x genes) working
+arrays; counts are only touched as sparse blocks.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..data.source import block_bounds
+from ..model.likelihood import (
+    EntryDerivatives,
+    SparseCounts,
+    entry_derivatives,
+    nonzero_constant,
+)
+from ..model.params import Design, Params, Penalty, linear_predictors, orthogonalization_transform
+from .newton import damped_newton_step, outer_flat, update_damping
+
+__all__ = ["Engine", "FitOptions", "FitResult"]
+
+ZETA_MIN, ZETA_MAX = -15.0, 60.0
+
+
+@dataclass
+class FitOptions:
+    """Optimizer settings (see :class:`zinbgrad.ZINBWaVE` for their meaning)."""
+
+    max_epochs: int = 100
+    tol: float = 1e-4
+    local_steps: int = 2
+    block_entries: int = 2**21
+    batch_size: int | None = None
+    solver: str = "auto"
+    stochastic_epochs: int = 3
+    zeta_bounds: tuple[float, float] = (ZETA_MIN, ZETA_MAX)
+    verbose: bool = False
+    progress: Callable[[dict], None] | None = None
+
+
+@dataclass
+class FitResult:
+    loglik: float
+    penalty: float
+    history: list[dict] = field(default_factory=list)
+    converged: bool = False
+    n_epochs: int = 0
+
+
+class _GeneStats:
+    """Per-gene gradient, Hessian, log-likelihood and dispersion derivatives, accumulated."""
+
+    def __init__(self, J: int, qa: int, qb: int, ref: Tensor) -> None:
+        kw = {"dtype": ref.dtype, "device": ref.device}
+        self.ga = torch.zeros(J, qa, **kw)
+        self.gb = torch.zeros(J, qb, **kw)
+        self.haa = torch.zeros(J, qa * qa, **kw)
+        self.hbb = torch.zeros(J, qb * qb, **kw)
+        self.hab = torch.zeros(J, qa * qb, **kw)
+        self.ll = torch.zeros(J, **kw)
+        self.gz = torch.zeros(J, **kw)
+        self.hz = torch.zeros(J, **kw)
+        self.qa, self.qb = qa, qb
+
+    def scale_(self, c: float) -> None:
+        for t in (self.ga, self.gb, self.haa, self.hbb, self.hab, self.ll, self.gz, self.hz):
+            t.mul_(c)
+
+
+class Engine:
+    """Holds data, design, parameters and penalty; runs the solvers in place on ``params``."""
+
+    def __init__(
+        self,
+        source,
+        design: Design,
+        params: Params,
+        penalty: Penalty,
+        *,
+        zero_inflation: bool = True,
+        common_dispersion: bool = True,
+        options: FitOptions | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.source = source
+        self.design = design
+        self.params = params
+        self.pen = penalty
+        self.zi = zero_inflation
+        self.common = common_dispersion
+        self.opt = options or FitOptions()
+        self.n, self.J = design.n, design.J
+        self.K = params.K
+        ref = params.beta_mu
+        self.dtype, self.device = ref.dtype, ref.device
+        self.rng = np.random.default_rng(seed)
+        rows = max(1, self.opt.block_entries // max(self.J, 1))
+        self.bounds = block_bounds(self.n, rows)
+        self.lam_cells = torch.full((self.n,), 1e-3, dtype=self.dtype, device=self.device)
+        self.lam_genes = torch.full((self.J,), 1e-3, dtype=self.dtype, device=self.device)
+        self.zeta_cap = torch.full((self.J,), 1.0, dtype=self.dtype, device=self.device)
+        self.eps_cell = penalty.cell_vector(self.K, self.zi)
+        self.eps_gene = penalty.gene_vector(self.K, self.zi)
+        self._nzc: dict = {}
+
+    # ------------------------------------------------------------------ cell-level pieces
+    def _cell_features(self) -> tuple[Tensor, Tensor | None, dict]:
+        """Gene-side design of the cell problems: Fa, Fb (J x p) and their outer products."""
+        p = self.params
+        Lmu = self.design.V_mu.shape[1]
+        Lpi = self.design.V_pi.shape[1] if self.zi else 0
+        J = self.J
+        z = torch.zeros
+        kw = {"dtype": self.dtype, "device": self.device}
+        Fa = torch.cat([p.alpha_mu.T, self.design.V_mu, z(J, Lpi, **kw)], 1)
+        prods = {"aa": outer_flat(Fa)}
+        Fb = None
+        if self.zi:
+            Fb = torch.cat([p.alpha_pi.T, z(J, Lmu, **kw), self.design.V_pi], 1)
+            prods["bb"] = outer_flat(Fb)
+            ab = outer_flat(Fa, Fb)
+            pp = Fa.shape[1]
+            prods["ab"] = ab + ab.view(J, pp, pp).transpose(1, 2).reshape(J, -1)
+        return Fa, Fb, prods
+
+    def _get_cell_vec(self, rows: slice) -> Tensor:
+        p = self.params
+        parts = [p.W[rows], p.gamma_mu[:, rows].T]
+        if self.zi:
+            parts.append(p.gamma_pi[:, rows].T)
+        return torch.cat(parts, 1)
+
+    def _set_cell_vec(self, rows: slice, u: Tensor) -> None:
+        p, K = self.params, self.K
+        Lmu = p.gamma_mu.shape[0]
+        p.W[rows] = u[:, :K]
+        p.gamma_mu[:, rows] = u[:, K : K + Lmu].T
+        if self.zi:
+            p.gamma_pi[:, rows] = u[:, K + Lmu :].T
+
+    def _cell_base(self, rows: slice) -> tuple[Tensor, Tensor | None]:
+        d, p = self.design, self.params
+        a = d.X_mu[rows] @ p.beta_mu
+        if d.O_mu is not None:
+            a = a + d.O_mu[rows]
+        if not self.zi:
+            return a, None
+        b = d.X_pi[rows] @ p.beta_pi
+        if d.O_pi is not None:
+            b = b + d.O_pi[rows]
+        return a, b
+
+    def _nz_const(self, counts: SparseCounts, zeta: Tensor) -> Tensor:
+        """``nonzero_constant`` of a block, cached while the dispersion tensor is unchanged."""
+        key = id(counts)
+        hit = self._nzc.get(key)
+        if hit is not None and hit[0] is zeta:
+            return hit[1]
+        val = nonzero_constant(counts, zeta)
+        if len(self._nzc) > 4 * len(self.bounds) + 8:
+            self._nzc.clear()
+        self._nzc[key] = (zeta, val, counts)
+        return val
+
+    def _derivs(
+        self, a: Tensor, b: Tensor | None, counts: SparseCounts, zeta: Tensor | None = None, **kw
+    ) -> EntryDerivatives:
+        zeta = self.params.zeta if zeta is None else zeta
+        nzc = self._nz_const(counts, zeta)
+        return entry_derivatives(a, b, zeta, counts, nz_const=nzc, **kw)
+
+    def cell_newton(
+        self, rows: slice, counts: SparseCounts, n_steps: int, feats=None, tol: float = 0.0
+    ) -> tuple[EntryDerivatives, Tensor, Tensor | None]:
+        """Damped Newton steps on the local parameters of cells ``rows``; updates in place.
+
+        Stops early when the block's penalized log-likelihood improves by less than
+        ``tol`` (relative). Returns the per-entry derivatives at the final cell values (order 2)
+        and the final predictors.
+        """
+        Fa, Fb, prods = feats if feats is not None else self._cell_features()
+        eps = self.eps_cell
+        u = self._get_cell_vec(rows)
+        base_a, base_b = self._cell_base(rows)
+        a = base_a + u @ Fa.T
+        b = base_b + u @ Fb.T if self.zi else None
+        d = self._derivs(a, b, counts, order=2)
+        f = d.ll.sum(1) - 0.5 * (eps * u * u).sum(1)
+        lam = self.lam_cells[rows]
+        nb, pdim = u.shape
+        for _ in range(n_steps):
+            f_sum = float(f.sum())
+            g = d.la @ Fa - eps * u
+            H = d.laa @ prods["aa"]
+            if self.zi:
+                g = g + d.lb @ Fb
+                H = H + d.lbb @ prods["bb"] + d.lab @ prods["ab"]
+            A = -H.view(nb, pdim, pdim) + torch.diag(eps)
+            delta, lam = damped_newton_step(A, g, lam)
+            u_new = u + delta
+            a_new = base_a + u_new @ Fa.T
+            b_new = base_b + u_new @ Fb.T if self.zi else None
+            d_new = self._derivs(a_new, b_new, counts, order=2)
+            f_new = d_new.ll.sum(1) - 0.5 * (eps * u_new * u_new).sum(1)
+            acc = (f_new >= f) & torch.isfinite(f_new)
+            lam = update_damping(lam, acc)
+            rej = (~acc).nonzero().squeeze(1)
+            if rej.numel():  # keep the old values of the rejected cells (usually few)
+                u_new[rej], f_new[rej], a_new[rej] = u[rej], f[rej], a[rej]
+                if self.zi:
+                    b_new[rej] = b[rej]
+                for name in ("ll", "la", "laa", "lb", "lbb", "lab"):
+                    new = getattr(d_new, name)
+                    if new is not None:
+                        new[rej] = getattr(d, name)[rej]
+            u, f, a, b, d = u_new, f_new, a_new, b_new, d_new
+            if tol > 0 and float(f.sum()) - f_sum <= tol * abs(f_sum):
+                break
+        self.lam_cells[rows] = lam
+        self._set_cell_vec(rows, u)
+        return d, a, b
+
+    # ------------------------------------------------------------------ gene-level pieces
+    def _gene_features(self, rows: slice) -> tuple[Tensor, Tensor | None]:
+        d, p = self.design, self.params
+        Ga = torch.cat([d.X_mu[rows], p.W[rows]], 1)
+        Gb = torch.cat([d.X_pi[rows], p.W[rows]], 1) if self.zi else None
+        return Ga, Gb
+
+    def _new_stats(self) -> _GeneStats:
+        qa = self.design.X_mu.shape[1] + self.K
+        qb = self.design.X_pi.shape[1] + self.K if self.zi else 0
+        return _GeneStats(self.J, qa, qb, self.params.beta_mu)
+
+    def accumulate(
+        self,
+        stats: _GeneStats,
+        rows: slice,
+        d: EntryDerivatives,
+        a: Tensor,
+        b: Tensor | None,
+        counts: SparseCounts,
+        dispersion: bool,
+    ) -> None:
+        Ga, Gb = self._gene_features(rows)
+        stats.ga += d.la.T @ Ga
+        stats.haa += d.laa.T @ outer_flat(Ga)
+        if self.zi:
+            stats.gb += d.lb.T @ Gb
+            stats.hbb += d.lbb.T @ outer_flat(Gb)
+            stats.hab += d.lab.T @ outer_flat(Ga, Gb)
+        stats.ll += d.ll.sum(0)
+        if dispersion:
+            dz = self._derivs(a, b, counts, order=0, dispersion=True)
+            stats.gz += dz.lz.sum(0)
+            stats.hz += dz.lzz.sum(0)
+
+    def _get_gene_vec(self) -> Tensor:
+        p = self.params
+        parts = [p.beta_mu.T, p.alpha_mu.T]
+        if self.zi:
+            parts += [p.beta_pi.T, p.alpha_pi.T]
+        return torch.cat(parts, 1)
+
+    def _set_gene_vec(self, v: Tensor) -> None:
+        p, K = self.params, self.K
+        Mmu = p.beta_mu.shape[0]
+        p.beta_mu = v[:, :Mmu].T.contiguous()
+        p.alpha_mu = v[:, Mmu : Mmu + K].T.contiguous()
+        if self.zi:
+            Mpi = p.beta_pi.shape[0]
+            o = Mmu + K
+            p.beta_pi = v[:, o : o + Mpi].T.contiguous()
+            p.alpha_pi = v[:, o + Mpi : o + Mpi + K].T.contiguous()
+
+    def _gene_system(self, stats: _GeneStats, v: Tensor, data_scale: float = 1.0):
+        J, qa, qb = self.J, stats.qa, stats.qb
+        eps = self.eps_gene
+        if self.zi:
+            g = torch.cat([stats.ga, stats.gb], 1) * data_scale - eps * v
+            top = torch.cat([stats.haa.view(J, qa, qa), stats.hab.view(J, qa, qb)], 2)
+            bot = torch.cat([stats.hab.view(J, qa, qb).transpose(1, 2), stats.hbb.view(J, qb, qb)], 2)
+            H = torch.cat([top, bot], 1) * data_scale
+        else:
+            g = stats.ga * data_scale - eps * v
+            H = stats.haa.view(J, qa, qa) * data_scale
+        A = -H + torch.diag(eps)
+        return A, g
+
+    def _zeta_step(self, stats: _GeneStats, data_scale: float = 1.0) -> Tensor:
+        """Proposed new zeta (safeguarded Newton; expands geometrically toward theta -> inf)."""
+        zeta = self.params.zeta
+        lo, hi = self.opt.zeta_bounds
+        if self.common:
+            G = stats.gz.sum() * data_scale
+            C = stats.hz.sum() * data_scale
+            cap = self.zeta_cap[0]
+        else:
+            c = self.pen.zeta / max(self.J - 1, 1)
+            G = stats.gz * data_scale - c * (zeta - zeta.mean())
+            C = stats.hz * data_scale - c
+            cap = self.zeta_cap
+        newton = -G / torch.where(C < 0, C, -torch.ones_like(C))
+        step = torch.where(C < 0, newton, torch.sign(G) * cap)
+        step = torch.clamp(step, -cap, cap)
+        return torch.clamp(zeta + step, lo, hi)
+
+    def _zeta_surrogate(self, zeta: Tensor, center: Tensor) -> Tensor:
+        """Separable majorizer of the var(zeta) penalty (exact at zeta = old zeta)."""
+        if self.common or self.J < 2:
+            return torch.zeros_like(zeta)
+        return 0.5 * self.pen.zeta / (self.J - 1) * (zeta - center) ** 2
+
+    def _eval_ll(self, zetas: list[Tensor]) -> list[Tensor]:
+        """Per-gene log-likelihood at the current parameters, for each zeta in ``zetas``."""
+        out = [torch.zeros(self.J, dtype=self.dtype, device=self.device) for _ in zetas]
+        for start, stop, counts in self.source.iter_blocks(self.bounds):
+            rows = slice(start, stop)
+            a, b = linear_predictors(self.design, self.params, rows, self.zi)
+            for k, z in enumerate(zetas):
+                out[k] += self._derivs(a, b, counts, zeta=z, order=0).ll.sum(0)
+        return out
+
+    def gene_update(self, stats: _GeneStats, update_zeta: bool) -> Tensor:
+        """One damped Newton step for all genes (and dispersion), verified by a data pass.
+
+        Returns the per-gene log-likelihood at the accepted parameters.
+        """
+        p = self.params
+        v_old = self._get_gene_vec()
+        A, g = self._gene_system(stats, v_old)
+        delta, lam = damped_newton_step(A, g, self.lam_genes)
+        v_new = v_old + delta
+        zeta_old = p.zeta.clone()
+        zeta_new = self._zeta_step(stats) if update_zeta else zeta_old
+        pen_old = self.pen.gene_values(p)
+        center = zeta_old.mean()
+        f_old = stats.ll - pen_old - self._zeta_surrogate(zeta_old, center)
+
+        self._set_gene_vec(v_new)
+        pen_new = self.pen.gene_values(p)
+        if self.common:
+            if update_zeta:
+                ll_keep, ll_z = self._eval_ll([zeta_old, zeta_new])
+            else:
+                (ll_keep,) = self._eval_ll([zeta_old])
+            f_new = ll_keep - pen_new
+        else:
+            p.zeta = zeta_new
+            (ll_keep,) = self._eval_ll([zeta_new])
+            f_new = ll_keep - pen_new - self._zeta_surrogate(zeta_new, center)
+        acc = (f_new >= f_old) & torch.isfinite(f_new)
+        self.lam_genes = update_damping(lam, acc)
+        v = torch.where(acc[:, None], v_new, v_old)
+        self._set_gene_vec(v)
+        ll = torch.where(acc, ll_keep, stats.ll)
+        if not self.common:
+            p.zeta = torch.where(acc, zeta_new, zeta_old)
+            if update_zeta:
+                moved = zeta_new != zeta_old
+                self.zeta_cap = torch.where(
+                    moved & acc, torch.clamp(self.zeta_cap * 2, max=8.0), self.zeta_cap
+                )
+                self.zeta_cap = torch.where(
+                    moved & ~acc, torch.clamp(self.zeta_cap / 4, min=1e-3), self.zeta_cap
+                )
+        elif update_zeta and not torch.equal(zeta_new, zeta_old):
+            # two fully evaluated states: per-gene choice under the old zeta (ll, v) versus all
+            # genes moved together with the new zeta; keep the better one
+            f_a = float(ll.sum() - self.pen.gene_values(p).sum())
+            f_b = float(ll_z.sum() - pen_new.sum())
+            if f_b >= f_a:
+                self._set_gene_vec(v_new)
+                p.zeta = zeta_new
+                ll = ll_z
+                self.zeta_cap = torch.clamp(self.zeta_cap * 2, max=8.0)
+            else:
+                self.zeta_cap = torch.clamp(self.zeta_cap / 4, min=1e-3)
+        return ll
+
+    # ------------------------------------------------------------------ orthogonalization
+    def orthogonalize(self) -> None:
+        """zinbwave's orthogonalizeTraceNorm on (W, [alpha_mu, alpha_pi]); keeps W alpha."""
+        if self.K == 0:
+            return
+        p = self.params
+        gram = p.W.T @ p.W
+        alpha = torch.cat([p.alpha_mu, p.alpha_pi], 1) if self.zi else p.alpha_mu
+        T, alpha_new = orthogonalization_transform(gram, alpha, self.pen.W, self.pen.alpha)
+        p.W = p.W @ T
+        p.alpha_mu = alpha_new[:, : self.J].contiguous()
+        if self.zi:
+            p.alpha_pi = alpha_new[:, self.J :].contiguous()
+
+    # ------------------------------------------------------------------ objective
+    def loglik(self) -> float:
+        (ll,) = self._eval_ll([self.params.zeta])
+        return float(ll.sum())
+
+    def penalized(self, loglik: float) -> float:
+        return loglik - self.pen.value(self.params)
+
+    # ------------------------------------------------------------------ solvers
+    def _sweep(self, local_steps: int, update_genes: bool = True) -> float:
+        stats = self._new_stats()
+        feats = self._cell_features()
+        for start, stop, counts in self.source.iter_blocks(self.bounds):
+            rows = slice(start, stop)
+            d, a, b = self.cell_newton(rows, counts, local_steps, feats)
+            if update_genes:
+                self.accumulate(stats, rows, d, a, b, counts, dispersion=True)
+            else:
+                stats.ll += d.ll.sum(0)
+        if not update_genes:
+            return float(stats.ll.sum())
+        ll = self.gene_update(stats, update_zeta=True)
+        self.orthogonalize()
+        return float(ll.sum())
+
+    def fit_full(self, history: list[dict], start_epoch: int = 0) -> FitResult:
+        """Full-batch block Newton sweeps until the relative change is below ``tol``."""
+        opt = self.opt
+        prev = history[-1]["objective"] if history else None
+        converged = False
+        epoch = start_epoch
+        t0 = time.perf_counter()
+        while epoch < opt.max_epochs:
+            ll = self._sweep(opt.local_steps)
+            obj = self.penalized(ll)
+            epoch += 1
+            rec = {
+                "epoch": epoch,
+                "loglik": ll,
+                "objective": obj,
+                "seconds": time.perf_counter() - t0,
+                "phase": "full",
+            }
+            history.append(rec)
+            if opt.progress is not None:
+                opt.progress(rec)
+            if prev is not None and abs(obj - prev) <= opt.tol * abs(prev):
+                converged = True
+                break
+            prev = obj
+        ll = self.loglik()
+        return FitResult(ll, self.pen.value(self.params), history, converged, epoch)
+
+    def fit_stochastic(self, history: list[dict], batch_size: int, epochs: int) -> None:
+        """Minibatch epochs: local Newton on a batch of cells, then a stochastic Newton step on
+        the gene parameters from that batch (data term scaled by n/|B|, step size decaying as
+        1/sqrt(t)), blocks visited in a random order each epoch."""
+        n = self.n
+        bounds = block_bounds(n, batch_size)
+        t = 0
+        t0 = time.perf_counter()
+        for ep in range(epochs):
+            order = self.rng.permutation(len(bounds))
+            ll_epoch = 0.0
+            for bi in order:
+                start, stop = bounds[bi]
+                rows = slice(start, stop)
+                counts = self.source.block(start, stop)
+                feats = self._cell_features()
+                d, a, b = self.cell_newton(rows, counts, self.opt.local_steps, feats)
+                stats = self._new_stats()
+                self.accumulate(stats, rows, d, a, b, counts, dispersion=True)
+                ll_epoch += float(stats.ll.sum())
+                scale = n / (stop - start)
+                t += 1
+                rho = 1.0 / math.sqrt(t)
+                v = self._get_gene_vec()
+                A, g = self._gene_system(stats, v, data_scale=scale)
+                delta, _ = damped_newton_step(A, g, torch.full_like(self.lam_genes, 1e-3))
+                self._set_gene_vec(v + rho * delta)
+                zeta_new = self._zeta_step(stats, data_scale=scale)
+                self.params.zeta = self.params.zeta + rho * (zeta_new - self.params.zeta)
+                if self.common:
+                    self.zeta_cap = torch.clamp(self.zeta_cap * 2, max=8.0)
+            self.orthogonalize()
+            obj = self.penalized(ll_epoch)
+            rec = {
+                "epoch": len(history) + 1,
+                "loglik": ll_epoch,
+                "objective": obj,
+                "seconds": time.perf_counter() - t0,
+                "phase": "stochastic",
+            }
+            history.append(rec)
+            if self.opt.progress is not None:
+                self.opt.progress(rec)
+
+    def optimize_dispersion(self, max_iter: int = 30, tol: float = 1e-8) -> None:
+        """Dispersion-only updates (the other parameters fixed), as zinbwave's first step."""
+        prev = None
+        for _ in range(max_iter):
+            stats = self._new_stats()
+            for start, stop, counts in self.source.iter_blocks(self.bounds):
+                a, b = linear_predictors(self.design, self.params, slice(start, stop), self.zi)
+                dz = self._derivs(a, b, counts, order=0, dispersion=True)
+                stats.ll += dz.ll.sum(0)
+                stats.gz += dz.lz.sum(0)
+                stats.hz += dz.lzz.sum(0)
+            cur = float(stats.ll.sum()) - float(self.pen.zeta_value(self.params.zeta))
+            if prev is not None and abs(cur - prev) <= tol * abs(prev):
+                break
+            prev = cur
+            zeta_old = self.params.zeta.clone()
+            zeta_new = self._zeta_step(stats)
+            center = zeta_old.mean()
+            (ll_new,) = self._eval_ll([zeta_new])
+            if self.common:
+                acc = torch.full_like(zeta_old, float(ll_new.sum()) >= float(stats.ll.sum()))
+                acc = acc.bool()
+            else:
+                f_old = stats.ll - self._zeta_surrogate(zeta_old, center)
+                acc = ll_new - self._zeta_surrogate(zeta_new, center) >= f_old
+            self.params.zeta = torch.where(acc, zeta_new, zeta_old)
+            moved = zeta_new != zeta_old
+            self.zeta_cap = torch.where(
+                moved & acc, torch.clamp(self.zeta_cap * 2, max=8.0), self.zeta_cap
+            )
+            self.zeta_cap = torch.where(
+                moved & ~acc, torch.clamp(self.zeta_cap / 4, min=1e-3), self.zeta_cap
+            )
+            if not bool(moved.any()):
+                break
+
+    def fit(self, history: list[dict] | None = None) -> FitResult:
+        history = [] if history is None else history
+        opt = self.opt
+        if not history:
+            self.optimize_dispersion()
+        solver = opt.solver
+        if solver == "auto":
+            solver = "full" if self.n <= 20000 else "stochastic"
+        if solver == "stochastic":
+            bs = opt.batch_size or max(256, min(self.n // 8, 8192))
+            self.fit_stochastic(history, bs, min(opt.stochastic_epochs, opt.max_epochs))
+        elif solver != "full":
+            raise ValueError(f"unknown solver {solver!r}; use 'auto', 'full' or 'stochastic'")
+        return self.fit_full(history, start_epoch=len(history))
+
+    # ------------------------------------------------------------------ projection
+    def optimize_cells(self, max_steps: int = 100, tol: float = 1e-10) -> Tensor:
+        """Optimize only the local parameters (gene parameters fixed); returns per-cell loglik.
+
+        This is zinbwave's projection of new cells and the inner problem of the held-out
+        likelihood.
+        """
+        feats = self._cell_features()
+        ll_cells = torch.zeros(self.n, dtype=self.dtype, device=self.device)
+        for start, stop, counts in self.source.iter_blocks(self.bounds):
+            rows = slice(start, stop)
+            d, _, _ = self.cell_newton(rows, counts, max_steps, feats, tol=tol)
+            ll_cells[rows] = d.ll.sum(1)
+        return ll_cells

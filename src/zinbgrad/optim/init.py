@@ -1,0 +1,243 @@
+"""Deterministic, data-driven initialization, following zinbwave's ``zinbInitialize``.
+
+1. Non-zero counts are modelled as log-Gaussian: ``L = log(y) - O_mu`` on the positive entries
+   only; ridge regressions of L on X (per gene) and on V (per cell), alternated
+   ``nb_repeat`` times.
+2. The residual (missing at the zeros) is completed by soft-thresholded SVD (softImpute,
+   ``lambda = sqrt(eps_W * eps_alpha)``, rank K) on a random subsample of cells; ``W`` and
+   ``alpha_mu`` are its balanced factors. Cells outside the subsample get the ridge projection
+   of their residual on ``alpha_mu``.
+3. Zeros are modelled as dropouts: logistic ridge regressions of ``1[y = 0]`` on ``[X_pi, W]``
+   (per gene) and on V_pi (per cell), alternated ``nb_repeat`` times.
+4. ``zeta = 0`` (theta = 1), as zinbwave; the engine then optimizes the dispersion first.
+
+Everything works on the nonzero entries or on bounded blocks / a bounded subsample of cells:
+the count matrix is never densified.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import Tensor
+
+from ..model.likelihood import softplus
+from ..model.params import Design, Params, Penalty
+from .newton import outer_flat
+
+__all__ = ["initialize"]
+
+
+def _coo(rows_csr: sp.csr_matrix, kw: dict) -> tuple[Tensor, Tensor, Tensor]:
+    coo = rows_csr.tocoo()
+    dev = kw["device"]
+    r = torch.as_tensor(coo.row.astype(np.int64), device=dev)
+    c = torch.as_tensor(coo.col.astype(np.int64), device=dev)
+    v = torch.as_tensor(np.asarray(coo.data, dtype=np.float64), **kw)
+    keep = v > 0
+    return r[keep], c[keep], v[keep]
+
+
+def _batched_ridge(gram: Tensor, rhs: Tensor, reg: Tensor) -> Tensor:
+    """Solve (G_b + diag(reg)) x_b = r_b for a batch; gram (B, p*p), rhs (B, p)."""
+    p = rhs.shape[1]
+    G = gram.view(-1, p, p) + torch.diag(reg)
+    G = G + torch.eye(p, dtype=G.dtype, device=G.device) * 1e-8 * (1 + G.diagonal(0, 1, 2).abs())[
+        :, :, None
+    ].mean(1, keepdim=True)
+    return torch.linalg.solve(G, rhs.unsqueeze(-1)).squeeze(-1)
+
+
+def _ridge_on_positives(
+    group: Tensor, other: Tensor, F: Tensor, resid: Tensor, n_groups: int, reg: Tensor
+) -> Tensor:
+    """Per-group least squares of ``resid`` on the rows ``F[other]`` of the positive entries."""
+    p = F.shape[1]
+    kw = {"dtype": F.dtype, "device": F.device}
+    Fo = F[other]
+    gram = torch.zeros(n_groups, p * p, **kw).index_add_(0, group, outer_flat(Fo))
+    rhs = torch.zeros(n_groups, p, **kw).index_add_(0, group, Fo * resid[:, None])
+    return _batched_ridge(gram, rhs, reg)
+
+
+def _logistic_newton(
+    G: Tensor, Z: Tensor, offset: Tensor, coef: Tensor, reg: Tensor, iters: int = 8
+) -> Tensor:
+    """Ridge logistic regressions of every column of Z (n x J) on G (n x q), batched over J."""
+    q = G.shape[1]
+    GG = outer_flat(G)
+    for _ in range(iters):
+        eta = offset + G @ coef
+        prob = torch.sigmoid(eta)
+        g = (G.T @ (Z - prob)).T - reg * coef.T  # J x q
+        H = ((prob * (1 - prob)).T @ GG).view(-1, q, q) + torch.diag(reg)
+        step = torch.linalg.solve(H, g.unsqueeze(-1)).squeeze(-1)
+        step = step * torch.clamp(5.0 / step.abs().amax(1, keepdim=True).clamp(min=1e-12), max=1)
+        coef = coef + step.T
+        if float(step.abs().max()) < 1e-6:
+            break
+    return coef
+
+
+def _soft_impute(
+    D: Tensor, mask: Tensor, K: int, lam: float, seed: int, iters: int = 40, tol: float = 1e-5
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Rank-K soft-thresholded SVD completion of D observed where ``mask``."""
+    Zlow = torch.zeros_like(D)
+    U = S = Vh = None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for _ in range(iters):
+            filled = torch.where(mask, D, Zlow)
+            if min(D.shape) <= 3 * K + 20:
+                U, S, Vh = torch.linalg.svd(filled, full_matrices=False)
+                U, S, Vh = U[:, :K], S[:K], Vh[:K]
+            else:
+                U, S, V = torch.svd_lowrank(filled, q=min(K + 8, min(D.shape)), niter=4)
+                U, S, Vh = U[:, :K], S[:K], V[:, :K].T
+            S = torch.clamp(S - lam, min=0.0)
+            new = (U * S) @ Vh
+            delta = float((new - Zlow).pow(2).sum() / Zlow.pow(2).sum().clamp(min=1e-300))
+            Zlow = new
+            if delta < tol:
+                break
+    return U, S, Vh
+
+
+def initialize(
+    source,
+    design: Design,
+    penalty: Penalty,
+    K: int,
+    *,
+    zero_inflation: bool = True,
+    common_dispersion: bool = True,
+    max_init_entries: int = 10_000_000,
+    seed: int = 0,
+    nb_repeat: int = 2,
+    block_rows: int = 8192,
+) -> Params:
+    """Initial parameters for a fit (deterministic given ``seed``)."""
+    n, J = design.n, design.J
+    dt, dev = design.X_mu.dtype, design.X_mu.device
+    kw = {"dtype": dt, "device": dev}
+    rng = np.random.default_rng(seed)
+    n0 = int(min(n, max(4 * K + 10, max_init_entries // max(J, 1))))
+    idx = np.sort(rng.choice(n, size=n0, replace=False)) if n0 < n else np.arange(n)
+    idx_t = torch.as_tensor(idx, device=dev)
+    sub = source.rows_subset(idx)
+    Xmu, Vmu = design.X_mu, design.V_mu
+    Xs = Xmu[idx_t]
+
+    def positives(rows_csr: sp.csr_matrix, row_offset_O: Tensor | None):
+        r, c, y = _coo(rows_csr, kw)
+        logy = torch.log(y)
+        if row_offset_O is not None:
+            logy = logy - (row_offset_O[r, c] if row_offset_O.shape[1] > 1 else row_offset_O[r, 0])
+        return r, c, logy
+
+    Os = design.O_mu[idx_t] if design.O_mu is not None else None
+    r, c, L = positives(sub, Os)
+
+    # 1. log-Gaussian ridge regressions on the positive entries, alternated
+    beta_mu = torch.zeros(Xmu.shape[1], J, **kw)
+    gamma_s = torch.zeros(Vmu.shape[1], n0, **kw)
+    for _ in range(nb_repeat):
+        if Vmu.shape[1] > 0:
+            xb = (Xs[r] * beta_mu.T[c]).sum(1)
+            gamma_s = _ridge_on_positives(r, c, Vmu, L - xb, n0, penalty.gamma_mu).T
+        if Xmu.shape[1] > 0:
+            vg = (Vmu[c] * gamma_s.T[r]).sum(1)
+            beta_mu = _ridge_on_positives(c, r, Xs, L - vg, J, penalty.beta_mu).T
+
+    # 2. softImpute of the residual (missing at zeros) on the subsample
+    alpha_mu = torch.zeros(K, J, **kw)
+    W_sub = torch.zeros(n0, K, **kw)
+    if K > 0:
+        resid = L - (Xs[r] * beta_mu.T[c]).sum(1) - (Vmu[c] * gamma_s.T[r]).sum(1)
+        D = torch.zeros(n0, J, **kw)
+        mask = torch.zeros(n0, J, dtype=torch.bool, device=dev)
+        D[r, c] = resid
+        mask[r, c] = True
+        lam = (penalty.W * penalty.alpha) ** 0.5 * (n0 / n) ** 0.5
+        U, S, Vh = _soft_impute(D, mask, K, lam, seed)
+        del D, mask
+        ok = penalty.W > 0 and penalty.alpha > 0
+        c4 = (penalty.alpha / penalty.W) ** 0.25 if ok else 1.0
+        sgn = torch.sign(Vh.gather(1, Vh.abs().argmax(1, keepdim=True))).squeeze(1)
+        sgn = torch.where(sgn == 0, torch.ones_like(sgn), sgn)
+        W_sub = c4 * U * S.sqrt() * sgn
+        alpha_mu = (S.sqrt() * sgn / c4)[:, None] * Vh
+
+    # gamma_mu (and W outside the subsample) of every cell, streamed over blocks
+    W = torch.zeros(n, K, **kw)
+    gamma_mu = torch.zeros(Vmu.shape[1], n, **kw)
+    if n0 == n:
+        W, gamma_mu = W_sub, gamma_s
+    else:
+        regW = torch.full((K,), penalty.W, **kw)
+        for start in range(0, n, block_rows):
+            stop = min(start + block_rows, n)
+            Ob = design.O_mu[start:stop] if design.O_mu is not None else None
+            rb, cb, Lb = positives(source.rows_csr(start, stop), Ob)
+            nb = stop - start
+            Xb = Xmu[start:stop]
+            res = Lb - (Xb[rb] * beta_mu.T[cb]).sum(1)
+            if Vmu.shape[1] > 0:
+                g = _ridge_on_positives(rb, cb, Vmu, res, nb, penalty.gamma_mu).T
+                gamma_mu[:, start:stop] = g
+                res = res - (Vmu[cb] * g.T[rb]).sum(1)
+            if K > 0:
+                W[start:stop] = _ridge_on_positives(rb, cb, alpha_mu.T, res, nb, regW)
+
+    # 3. zero inflation: logistic ridge regressions of 1[y = 0], on the subsample for genes
+    beta_pi = torch.zeros(design.X_pi.shape[1], J, **kw)
+    alpha_pi = torch.zeros(K, J, **kw)
+    gamma_pi = torch.zeros(design.V_pi.shape[1], n, **kw)
+    Vpi, Xpi = design.V_pi, design.X_pi
+    if zero_inflation:
+        Zs = torch.ones(n0, J, **kw)
+        Zs[r, c] = 0.0
+        XW = torch.cat([Xpi[idx_t], W[idx_t]], 1)
+        coef = torch.zeros(XW.shape[1], J, **kw)
+        reg_gene = torch.cat([penalty.beta_pi, torch.full((K,), penalty.alpha, **kw)])
+        gpi_s = torch.zeros(Vpi.shape[1], n0, **kw)
+        Opi_s = design.O_pi[idx_t] if design.O_pi is not None else None
+        for _ in range(nb_repeat):
+            off_c = XW @ coef + (0 if Opi_s is None else Opi_s)
+            if Vpi.shape[1] > 0:
+                gpi_s = _logistic_newton(Vpi, Zs.T, off_c.T, gpi_s, penalty.gamma_pi)
+            off_g = (Vpi @ gpi_s).T + (0 if Opi_s is None else Opi_s)
+            coef = _logistic_newton(XW, Zs, off_g, coef, reg_gene)
+        del Zs
+        beta_pi = coef[: Xpi.shape[1]].contiguous()
+        alpha_pi = coef[Xpi.shape[1] :].contiguous()
+        if Vpi.shape[1] > 0:
+            if n0 == n:
+                gamma_pi = gpi_s
+            else:
+                for start in range(0, n, block_rows):
+                    stop = min(start + block_rows, n)
+                    rb, cb, _ = _coo(source.rows_csr(start, stop), kw)
+                    Zb = torch.ones(stop - start, J, **kw)
+                    Zb[rb, cb] = 0.0
+                    off = Xpi[start:stop] @ beta_pi + W[start:stop] @ alpha_pi
+                    if design.O_pi is not None:
+                        off = off + design.O_pi[start:stop]
+                    gamma_pi[:, start:stop] = _logistic_newton(
+                        Vpi, Zb.T, off.T, torch.zeros(Vpi.shape[1], stop - start, **kw),
+                        penalty.gamma_pi,
+                    )
+    zeta = torch.zeros(J, **kw)
+    _ = softplus  # (kept for symmetry with the likelihood module's stable primitives)
+    return Params(
+        beta_mu=beta_mu,
+        beta_pi=beta_pi,
+        alpha_mu=alpha_mu,
+        alpha_pi=alpha_pi,
+        zeta=zeta,
+        W=W,
+        gamma_mu=gamma_mu,
+        gamma_pi=gamma_pi,
+    )
