@@ -176,11 +176,7 @@ def _log_nb_pos(y: Tensor, a: Tensor, zeta: Tensor, log_nb0: Tensor) -> Tensor:
     """log NB(y) for y > 0 given ``log_nb0 = log NB(0)``."""
     s = a - zeta
     return (
-        y * a
-        - torch.lgamma(y + 1.0)
-        + lgamma_ratio_minus_ylog(y, zeta)
-        - y * softplus(s)
-        + log_nb0
+        y * a - torch.lgamma(y + 1.0) + lgamma_ratio_minus_ylog(y, zeta) - y * softplus(s) + log_nb0
     )
 
 

@@ -79,7 +79,9 @@ class Params:
     def clone(self) -> Params:
         return Params(*(getattr(self, f.name).clone() for f in fields(self)))
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Params:
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> Params:
         return Params(*(getattr(self, f.name).to(device=device, dtype=dtype) for f in fields(self)))
 
     def as_numpy(self) -> dict:
@@ -169,8 +171,15 @@ class Penalty:
             return t.to(device=device, dtype=dtype)
 
         return Penalty(
-            mv(self.beta_mu), mv(self.beta_pi), mv(self.gamma_mu), mv(self.gamma_pi),
-            self.W, self.alpha, self.zeta, self.common_dispersion, dict(self.extra),
+            mv(self.beta_mu),
+            mv(self.beta_pi),
+            mv(self.gamma_mu),
+            mv(self.gamma_pi),
+            self.W,
+            self.alpha,
+            self.zeta,
+            self.common_dispersion,
+            dict(self.extra),
         )
 
     # -- pieces -----------------------------------------------------------------------------

@@ -303,7 +303,9 @@ class Engine:
         if self.zi:
             g = torch.cat([stats.ga, stats.gb], 1) * data_scale - eps * v
             top = torch.cat([stats.haa.view(J, qa, qa), stats.hab.view(J, qa, qb)], 2)
-            bot = torch.cat([stats.hab.view(J, qa, qb).transpose(1, 2), stats.hbb.view(J, qb, qb)], 2)
+            bot = torch.cat(
+                [stats.hab.view(J, qa, qb).transpose(1, 2), stats.hbb.view(J, qb, qb)], 2
+            )
             H = torch.cat([top, bot], 1) * data_scale
         else:
             g = stats.ga * data_scale - eps * v

@@ -22,11 +22,10 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor
 
-from ..model.likelihood import softplus
 from ..model.params import Design, Params, Penalty
 from .newton import outer_flat
 
-__all__ = ["initialize"]
+__all__ = ["initialize", "init_local_mean", "init_local_zi"]
 
 
 def _coo(rows_csr: sp.csr_matrix, kw: dict) -> tuple[Tensor, Tensor, Tensor]:
@@ -171,25 +170,10 @@ def initialize(
         alpha_mu = (S.sqrt() * sgn / c4)[:, None] * Vh
 
     # gamma_mu (and W outside the subsample) of every cell, streamed over blocks
-    W = torch.zeros(n, K, **kw)
-    gamma_mu = torch.zeros(Vmu.shape[1], n, **kw)
     if n0 == n:
         W, gamma_mu = W_sub, gamma_s
     else:
-        regW = torch.full((K,), penalty.W, **kw)
-        for start in range(0, n, block_rows):
-            stop = min(start + block_rows, n)
-            Ob = design.O_mu[start:stop] if design.O_mu is not None else None
-            rb, cb, Lb = positives(source.rows_csr(start, stop), Ob)
-            nb = stop - start
-            Xb = Xmu[start:stop]
-            res = Lb - (Xb[rb] * beta_mu.T[cb]).sum(1)
-            if Vmu.shape[1] > 0:
-                g = _ridge_on_positives(rb, cb, Vmu, res, nb, penalty.gamma_mu).T
-                gamma_mu[:, start:stop] = g
-                res = res - (Vmu[cb] * g.T[rb]).sum(1)
-            if K > 0:
-                W[start:stop] = _ridge_on_positives(rb, cb, alpha_mu.T, res, nb, regW)
+        W, gamma_mu = init_local_mean(source, design, penalty, beta_mu, alpha_mu, block_rows)
 
     # 3. zero inflation: logistic ridge regressions of 1[y = 0], on the subsample for genes
     beta_pi = torch.zeros(design.X_pi.shape[1], J, **kw)
@@ -217,20 +201,8 @@ def initialize(
             if n0 == n:
                 gamma_pi = gpi_s
             else:
-                for start in range(0, n, block_rows):
-                    stop = min(start + block_rows, n)
-                    rb, cb, _ = _coo(source.rows_csr(start, stop), kw)
-                    Zb = torch.ones(stop - start, J, **kw)
-                    Zb[rb, cb] = 0.0
-                    off = Xpi[start:stop] @ beta_pi + W[start:stop] @ alpha_pi
-                    if design.O_pi is not None:
-                        off = off + design.O_pi[start:stop]
-                    gamma_pi[:, start:stop] = _logistic_newton(
-                        Vpi, Zb.T, off.T, torch.zeros(Vpi.shape[1], stop - start, **kw),
-                        penalty.gamma_pi,
-                    )
+                gamma_pi = init_local_zi(source, design, penalty, beta_pi, alpha_pi, W, block_rows)
     zeta = torch.zeros(J, **kw)
-    _ = softplus  # (kept for symmetry with the likelihood module's stable primitives)
     return Params(
         beta_mu=beta_mu,
         beta_pi=beta_pi,
@@ -241,3 +213,63 @@ def initialize(
         gamma_mu=gamma_mu,
         gamma_pi=gamma_pi,
     )
+
+
+def init_local_mean(
+    source, design: Design, penalty: Penalty, beta_mu: Tensor, alpha_mu: Tensor, block_rows: int
+) -> tuple[Tensor, Tensor]:
+    """W and gamma_mu of every cell given the gene parameters: ridge regressions of
+    ``log y`` on the positive entries of each cell (streamed over blocks of cells)."""
+    n = design.n
+    K = alpha_mu.shape[0]
+    kw = {"dtype": beta_mu.dtype, "device": beta_mu.device}
+    Xmu, Vmu = design.X_mu, design.V_mu
+    W = torch.zeros(n, K, **kw)
+    gamma_mu = torch.zeros(Vmu.shape[1], n, **kw)
+    regW = torch.full((K,), penalty.W, **kw)
+    for start in range(0, n, block_rows):
+        stop = min(start + block_rows, n)
+        rb, cb, y = _coo(source.rows_csr(start, stop), kw)
+        Lb = torch.log(y)
+        if design.O_mu is not None:
+            Ob = design.O_mu[start:stop]
+            Lb = Lb - (Ob[rb, cb] if Ob.shape[1] > 1 else Ob[rb, 0])
+        nb = stop - start
+        res = Lb - (Xmu[start:stop][rb] * beta_mu.T[cb]).sum(1)
+        if Vmu.shape[1] > 0:
+            g = _ridge_on_positives(rb, cb, Vmu, res, nb, penalty.gamma_mu).T
+            gamma_mu[:, start:stop] = g
+            res = res - (Vmu[cb] * g.T[rb]).sum(1)
+        if K > 0:
+            W[start:stop] = _ridge_on_positives(rb, cb, alpha_mu.T, res, nb, regW)
+    return W, gamma_mu
+
+
+def init_local_zi(
+    source,
+    design: Design,
+    penalty: Penalty,
+    beta_pi: Tensor,
+    alpha_pi: Tensor,
+    W: Tensor,
+    block_rows: int,
+) -> Tensor:
+    """gamma_pi of every cell: logistic ridge regressions of ``1[y = 0]`` on V_pi."""
+    n, J = design.n, design.J
+    kw = {"dtype": beta_pi.dtype, "device": beta_pi.device}
+    Vpi = design.V_pi
+    gamma_pi = torch.zeros(Vpi.shape[1], n, **kw)
+    if Vpi.shape[1] == 0:
+        return gamma_pi
+    for start in range(0, n, block_rows):
+        stop = min(start + block_rows, n)
+        rb, cb, _ = _coo(source.rows_csr(start, stop), kw)
+        Zb = torch.ones(stop - start, J, **kw)
+        Zb[rb, cb] = 0.0
+        off = design.X_pi[start:stop] @ beta_pi + W[start:stop] @ alpha_pi
+        if design.O_pi is not None:
+            off = off + design.O_pi[start:stop]
+        gamma_pi[:, start:stop] = _logistic_newton(
+            Vpi, Zb.T, off.T, torch.zeros(Vpi.shape[1], stop - start, **kw), penalty.gamma_pi
+        )
+    return gamma_pi

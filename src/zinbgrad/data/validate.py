@@ -1,0 +1,231 @@
+"""Input validation and extraction at the API boundary.
+
+Every check raises a ``ValueError`` (or ``KeyError`` for unknown keys) that names the problem;
+the user's objects are never modified (conversions always produce new objects).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+__all__ = [
+    "CountsInput",
+    "validate_counts",
+    "extract_counts",
+    "build_cell_design",
+    "check_design_matrix",
+]
+
+
+@dataclass
+class CountsInput:
+    """Validated counts (CSR, cells x genes) with their names."""
+
+    X: sp.csr_matrix
+    obs_names: np.ndarray
+    var_names: np.ndarray
+    obs: pd.DataFrame | None = None
+
+
+def _first(idx: np.ndarray, k: int = 5) -> str:
+    shown = ", ".join(str(i) for i in idx[:k])
+    return shown + (", ..." if len(idx) > k else "")
+
+
+def validate_counts(
+    X,
+    *,
+    allow_non_integer: bool = False,
+    check_empty: bool = True,
+    obs_names=None,
+    var_names=None,
+    what: str = "counts",
+) -> sp.csr_matrix:
+    """Return a validated CSR copy (or a read-only view) of a cells x genes count matrix.
+
+    Raises
+    ------
+    ValueError
+        Non-numeric, NaN/inf, negative or (unless ``allow_non_integer``) non-integer values;
+        cells or genes with only zeros (when ``check_empty``); an empty matrix.
+    """
+    if isinstance(X, np.matrix):
+        X = np.asarray(X)
+    if sp.issparse(X):
+        M = sp.csr_matrix(X)  # new object (a copy for non-CSR input)
+        if M is X:
+            M = X.copy()
+        data = M.data
+    else:
+        arr = np.asarray(X)
+        if arr.ndim != 2:
+            raise ValueError(f"{what} must be a 2-D cells x genes matrix, got shape {arr.shape}")
+        if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+            raise ValueError(f"{what} must be numeric, got dtype {arr.dtype}")
+        M = sp.csr_matrix(arr)
+        data = M.data
+    if M.shape[0] == 0 or M.shape[1] == 0:
+        raise ValueError(f"{what} is empty (shape {M.shape})")
+    if not np.issubdtype(data.dtype, np.number) and data.dtype != bool:
+        raise ValueError(f"{what} must be numeric, got dtype {data.dtype}")
+    data = data.astype(np.float64, copy=False)
+    bad = ~np.isfinite(data)
+    if bad.any():
+        raise ValueError(f"{what} contain {int(bad.sum())} NaN or infinite values")
+    if (data < 0).any():
+        raise ValueError(
+            f"{what} contain {int((data < 0).sum())} negative values; ZINB-WaVE needs raw "
+            "non-negative counts"
+        )
+    frac = data != np.round(data)
+    if frac.any():
+        msg = (
+            f"{what} contain {int(frac.sum())} non-integer values (e.g. {data[frac][0]!r}); "
+            "ZINB-WaVE models raw counts, not normalized or log-transformed values"
+        )
+        if not allow_non_integer:
+            raise ValueError(msg + " (pass allow_non_integer=True to fit them anyway)")
+        warnings.warn(msg + "; fitting anyway (allow_non_integer=True)", stacklevel=3)
+    M = sp.csr_matrix((data, M.indices, M.indptr), shape=M.shape)
+    M.eliminate_zeros()
+    M.sort_indices()
+    if check_empty:
+        cell_nnz = np.diff(M.indptr)
+        empty_cells = np.flatnonzero(cell_nnz == 0)
+        if empty_cells.size:
+            names = np.asarray(obs_names)[empty_cells] if obs_names is not None else empty_cells
+            raise ValueError(
+                f"{empty_cells.size} cells have only zero counts ({_first(names)}); remove them "
+                "first, e.g. adata = adata[adata.X.sum(1).A1 > 0] or "
+                "scanpy.pp.filter_cells(adata, min_counts=1)"
+            )
+        gene_nnz = np.bincount(M.indices, minlength=M.shape[1])
+        empty_genes = np.flatnonzero(gene_nnz == 0)
+        if empty_genes.size:
+            names = np.asarray(var_names)[empty_genes] if var_names is not None else empty_genes
+            raise ValueError(
+                f"{empty_genes.size} genes have only zero counts ({_first(names)}); remove them "
+                "first, e.g. scanpy.pp.filter_genes(adata, min_counts=1)"
+            )
+    return M
+
+
+def extract_counts(data, layer: str | None = None, **kw) -> CountsInput:
+    """Validated counts and names from an AnnData, an array or a scipy.sparse matrix."""
+    try:
+        import anndata as ad
+    except ImportError:  # pragma: no cover - anndata is a dependency
+        ad = None
+    if ad is not None and isinstance(data, ad.AnnData):
+        if layer is None:
+            X = data.X
+            if X is None:
+                raise ValueError("adata.X is empty; pass layer= with the raw counts")
+        else:
+            if layer not in data.layers:
+                raise KeyError(
+                    f"layer {layer!r} not found in adata.layers (available: "
+                    f"{sorted(data.layers.keys())})"
+                )
+            X = data.layers[layer]
+        if getattr(data, "isbacked", False) and layer is None:
+            X = data.X[:]  # backed mode: use zinbgrad's streaming fit for data beyond memory
+        obs_names = np.asarray(data.obs_names)
+        var_names = np.asarray(data.var_names)
+        M = validate_counts(X, obs_names=obs_names, var_names=var_names, **kw)
+        return CountsInput(M, obs_names, var_names, data.obs)
+    if isinstance(data, pd.DataFrame):
+        obs_names, var_names = np.asarray(data.index), np.asarray(data.columns)
+        M = validate_counts(data.to_numpy(), obs_names=obs_names, var_names=var_names, **kw)
+        return CountsInput(M, obs_names, var_names, None)
+    M = validate_counts(data, **kw)
+    n, J = M.shape
+    return CountsInput(M, np.arange(n).astype(str), np.array([f"gene{j}" for j in range(J)]))
+
+
+def check_design_matrix(M, n_rows: int, what: str, rows_are: str) -> np.ndarray:
+    """A finite 2-D float matrix with ``n_rows`` rows and full column rank."""
+    A = np.asarray(M, dtype=np.float64)
+    if A.ndim == 1:
+        A = A[:, None]
+    if A.ndim != 2:
+        raise ValueError(f"{what} must be a 2-D matrix, got shape {A.shape}")
+    if A.shape[0] != n_rows:
+        raise ValueError(
+            f"{what} has {A.shape[0]} rows but there are {n_rows} {rows_are}; it needs one row "
+            f"per {rows_are[:-1]}"
+        )
+    if not np.isfinite(A).all():
+        raise ValueError(f"{what} contains NaN or infinite values")
+    if A.shape[1] > 0:
+        rank = np.linalg.matrix_rank(A)
+        if rank < A.shape[1]:
+            raise ValueError(
+                f"{what} is rank deficient (rank {rank} < {A.shape[1]} columns): remove "
+                "collinear columns (e.g. a full set of batch indicators next to the intercept)"
+            )
+    return A
+
+
+def build_cell_design(
+    obs: pd.DataFrame | None,
+    n: int,
+    *,
+    batch_key: str | None = None,
+    covariate_keys: list[str] | tuple[str, ...] | None = None,
+    intercept: bool = True,
+) -> tuple[np.ndarray, list[str], dict]:
+    """Cell-level design X: intercept, batch indicators (first level as reference), covariates.
+
+    Returns
+    -------
+    (X, column_names, info)
+        ``info`` holds the batch levels and their reference, for batch correction later.
+    """
+    cols: list[np.ndarray] = []
+    names: list[str] = []
+    info: dict = {}
+    if intercept:
+        cols.append(np.ones(n))
+        names.append("intercept")
+    keys = list(covariate_keys or [])
+    if batch_key is not None:
+        keys = [batch_key] + [k for k in keys if k != batch_key]
+    if keys and obs is None:
+        raise ValueError("batch_key / covariate_keys need an AnnData input (with .obs)")
+    for key in keys:
+        if key not in obs.columns:
+            raise KeyError(f"{key!r} not found in adata.obs (available: {list(obs.columns)})")
+        col = obs[key]
+        if col.isna().any():
+            raise ValueError(f"adata.obs[{key!r}] has {int(col.isna().sum())} missing values")
+        if isinstance(col.dtype, pd.CategoricalDtype) or col.dtype == object or col.dtype == bool:
+            cat = pd.Categorical(col.astype(str) if col.dtype == bool else col)
+            cat = cat.remove_unused_categories()
+            levels = list(cat.categories.astype(str))
+            counts = np.bincount(cat.codes, minlength=len(levels))
+            if key == batch_key:
+                if len(levels) < 2:
+                    raise ValueError(
+                        f"batch_key {key!r} has a single level ({levels[0]!r}); nothing to correct"
+                    )
+                small = [lv for lv, c in zip(levels, counts, strict=True) if c < 2]
+                if small:
+                    raise ValueError(
+                        f"batch(es) {small} of {key!r} have fewer than 2 cells; a batch effect "
+                        "cannot be estimated from one cell"
+                    )
+                info = {"batch_key": key, "levels": levels, "reference": levels[0]}
+            for lv in levels[1:]:
+                cols.append((np.asarray(cat.astype(str)) == lv).astype(np.float64))
+                names.append(f"{key}[{lv}]")
+        else:
+            cols.append(np.asarray(col, dtype=np.float64))
+            names.append(key)
+    X = np.column_stack(cols) if cols else np.zeros((n, 0))
+    return X, names, info

@@ -1,0 +1,698 @@
+"""The user-facing estimator: :class:`ZINBWaVE`, in scikit-learn style."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from sklearn.base import BaseEstimator, TransformerMixin
+
+from .data.source import InMemoryCounts
+from .data.validate import build_cell_design, check_design_matrix, extract_counts
+from .model.params import Design, Params, Penalty
+from .optim.engine import Engine, FitOptions
+from .optim.init import init_local_mean, init_local_zi, initialize
+
+__all__ = ["ZINBWaVE", "resolve_device"]
+
+FORMAT_NAME = "zinbgrad-model"
+FORMAT_VERSION = 1
+
+_GENE_ARRAYS = ("beta_mu", "beta_pi", "alpha_mu", "alpha_pi", "zeta")
+_CELL_ARRAYS = ("W", "gamma_mu", "gamma_pi")
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; otherwise ``torch.device(device)``."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def _resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "float64": torch.float64}
+    if dtype == "auto":
+        return torch.float32 if device.type == "cuda" else torch.float64
+    if dtype not in table:
+        raise ValueError(f"dtype must be 'auto', 'float32' or 'float64', got {dtype!r}")
+    return table[dtype]
+
+
+def _select_columns(M: np.ndarray, which, what: str) -> np.ndarray:
+    if which is None:
+        return M
+    idx = np.atleast_1d(np.asarray(which))
+    if idx.dtype == bool:
+        idx = np.flatnonzero(idx)
+    if idx.size and (idx.min() < 0 or idx.max() >= M.shape[1]):
+        raise ValueError(f"{what} selects columns {idx.tolist()} but there are {M.shape[1]}")
+    return M[:, idx.astype(int)]
+
+
+class ZINBWaVE(TransformerMixin, BaseEstimator):
+    """ZINB-WaVE (Risso et al. 2018) fitted by batched second-order optimization in PyTorch.
+
+    ``Y[i, j] ~ ZINB(mu, theta, pi)`` with ``log mu = X beta_mu + (V gamma_mu)^T + W alpha_mu +
+    O_mu``, ``logit pi = X beta_pi + (V gamma_pi)^T + W alpha_pi + O_pi`` and ``theta =
+    exp(zeta)``, maximizing zinbwave's penalized log-likelihood (same penalty, defaults and
+    orthogonalized W).
+
+    Parameters
+    ----------
+    n_components
+        K, the number of latent factors (0 allowed).
+    zero_inflation
+        ``False`` fits a plain negative binomial model.
+    common_dispersion
+        One dispersion for all genes (zinbwave's default) or one per gene.
+    epsilon
+        Global penalty scale (default: the number of genes J); the specific ones below
+        default to zinbwave's ``epsilon/J`` (beta, alpha), ``epsilon/n`` (gamma, W) and
+        ``epsilon`` (zeta).
+    epsilon_beta, epsilon_gamma, epsilon_W, epsilon_alpha, epsilon_zeta, epsilon_min_logit
+        Override single penalties; ``epsilon_min_logit`` is the zero-inflation intercepts'.
+    which_X_mu, which_X_pi, which_V_mu, which_V_pi
+        Column indices of X / V used in the mean and zero-inflation models (default: all).
+    max_epochs
+        Maximum number of epochs (full sweeps over the cells).
+    tol
+        Stop when the relative change of the penalized log-likelihood between epochs is below
+        this (zinbwave's ``stop.epsilon.optimize``).
+    solver
+        ``"full"`` (block Newton sweeps over all cells), ``"stochastic"`` (minibatch epochs,
+        then full sweeps to polish) or ``"auto"`` (full up to 20,000 cells).
+    batch_size
+        Cells per minibatch for the stochastic solver.
+    local_steps
+        Newton steps on the cells' local parameters per epoch.
+    block_entries
+        Cells are processed in blocks of about this many matrix entries (bounds memory).
+    device
+        ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+    dtype
+        ``"auto"`` (float64 on CPU, float32 on GPU), ``"float32"`` or ``"float64"``.
+    allow_non_integer
+        Accept non-integer counts (with a warning), e.g. ambient-corrected data.
+    random_state
+        Seed of the initialization subsample, the randomized SVD and the minibatch order.
+    verbose
+        Show a progress bar.
+
+    Attributes
+    ----------
+    W_ : ndarray (n_cells, K)
+        Latent factors of the training cells (orthogonal columns).
+    alpha_mu_, alpha_pi_ : ndarray (K, n_genes)
+    beta_mu_, beta_pi_ : ndarray (M_mu, n_genes), (M_pi, n_genes)
+    gamma_mu_, gamma_pi_ : ndarray (L_mu, n_cells), (L_pi, n_cells)
+    zeta_ : ndarray (n_genes,)
+        Log inverse dispersion (``theta = exp(zeta)``); ``theta_`` is a property.
+    loglik_, penalty_, objective_ : float
+        Log-likelihood, penalty and penalized log-likelihood at the fitted parameters.
+    history_ : list of dict
+        Per epoch: ``epoch``, ``loglik``, ``objective``, ``seconds``, ``phase``.
+    n_iter_ : int
+    converged_ : bool
+    n_params_, aic_, bic_ : as zinbwave's ``nParams``, ``zinbAIC``, ``zinbBIC``.
+    X_ : ndarray (n_cells, M)
+        The full cell design used (``X_columns_`` names its columns).
+    V_ : ndarray (n_genes, L)
+    var_names_ : ndarray
+        Gene names of the training data (new data is aligned on them).
+    penalty_params_ : dict
+        Every epsilon as used.
+    """
+
+    def __init__(
+        self,
+        n_components: int = 10,
+        *,
+        zero_inflation: bool = True,
+        common_dispersion: bool = True,
+        epsilon: float | None = None,
+        epsilon_beta: float | None = None,
+        epsilon_gamma: float | None = None,
+        epsilon_W: float | None = None,
+        epsilon_alpha: float | None = None,
+        epsilon_zeta: float | None = None,
+        epsilon_min_logit: float = 1e-3,
+        which_X_mu=None,
+        which_X_pi=None,
+        which_V_mu=None,
+        which_V_pi=None,
+        max_epochs: int = 100,
+        tol: float = 1e-4,
+        solver: str = "auto",
+        batch_size: int | None = None,
+        local_steps: int = 2,
+        block_entries: int = 2**21,
+        device: str = "auto",
+        dtype: str = "auto",
+        allow_non_integer: bool = False,
+        random_state: int | None = 0,
+        verbose: bool = False,
+    ) -> None:
+        self.n_components = n_components
+        self.zero_inflation = zero_inflation
+        self.common_dispersion = common_dispersion
+        self.epsilon = epsilon
+        self.epsilon_beta = epsilon_beta
+        self.epsilon_gamma = epsilon_gamma
+        self.epsilon_W = epsilon_W
+        self.epsilon_alpha = epsilon_alpha
+        self.epsilon_zeta = epsilon_zeta
+        self.epsilon_min_logit = epsilon_min_logit
+        self.which_X_mu = which_X_mu
+        self.which_X_pi = which_X_pi
+        self.which_V_mu = which_V_mu
+        self.which_V_pi = which_V_pi
+        self.max_epochs = max_epochs
+        self.tol = tol
+        self.solver = solver
+        self.batch_size = batch_size
+        self.local_steps = local_steps
+        self.block_entries = block_entries
+        self.device = device
+        self.dtype = dtype
+        self.allow_non_integer = allow_non_integer
+        self.random_state = random_state
+        self.verbose = verbose
+
+    # ------------------------------------------------------------------ helpers
+    def _torch_setup(self) -> tuple[torch.device, torch.dtype]:
+        dev = resolve_device(self.device)
+        return dev, _resolve_dtype(self.dtype, dev)
+
+    def _check_hyperparameters(self, n: int, J: int) -> None:
+        K = self.n_components
+        if not isinstance(K, int | np.integer) or K < 0:
+            raise ValueError(f"n_components must be a non-negative integer, got {K!r}")
+        if K >= min(n, J):
+            raise ValueError(
+                f"n_components={K} is too large for {n} cells x {J} genes: it must be smaller "
+                f"than min(n_cells, n_genes) = {min(n, J)}"
+            )
+        if self.tol < 0 or self.max_epochs < 1:
+            raise ValueError("tol must be >= 0 and max_epochs >= 1")
+        if self.solver not in ("auto", "full", "stochastic"):
+            raise ValueError(f"solver must be 'auto', 'full' or 'stochastic', got {self.solver!r}")
+
+    def _cell_design(self, data, counts, X, batch_key, covariate_keys) -> tuple[np.ndarray, list]:
+        n = counts.X.shape[0]
+        if X is not None:
+            if batch_key is not None or covariate_keys:
+                raise ValueError("pass either X or batch_key/covariate_keys, not both")
+            Xm = check_design_matrix(X, n, "X", "cells")
+            names = [f"x{m}" for m in range(Xm.shape[1])]
+            self.batch_info_ = {}
+            return Xm, names
+        Xm, names, info = build_cell_design(
+            counts.obs, n, batch_key=batch_key, covariate_keys=covariate_keys
+        )
+        self.batch_info_ = info
+        return check_design_matrix(Xm, n, "X (cell covariates)", "cells"), names
+
+    @staticmethod
+    def _offset(O, n: int, J: int, what: str) -> np.ndarray | None:
+        if O is None:
+            return None
+        A = np.asarray(O, dtype=np.float64)
+        if A.ndim == 1:
+            A = A[:, None]
+        if A.shape[0] != n or A.shape[1] not in (1, J):
+            raise ValueError(
+                f"{what} must have shape ({n},), ({n}, 1) or ({n}, {J}); got {A.shape}"
+            )
+        if not np.isfinite(A).all():
+            raise ValueError(f"{what} contains NaN or infinite values")
+        return A
+
+    def _make_design(self, Xm, Vm, O_mu, O_pi, dev, dt) -> Design:
+        def t(a):
+            return None if a is None else torch.as_tensor(a, dtype=dt, device=dev)
+
+        return Design(
+            X_mu=t(np.ascontiguousarray(_select_columns(Xm, self.which_X_mu, "which_X_mu"))),
+            X_pi=t(np.ascontiguousarray(_select_columns(Xm, self.which_X_pi, "which_X_pi"))),
+            V_mu=t(np.ascontiguousarray(_select_columns(Vm, self.which_V_mu, "which_V_mu"))),
+            V_pi=t(np.ascontiguousarray(_select_columns(Vm, self.which_V_pi, "which_V_pi"))),
+            O_mu=t(O_mu),
+            O_pi=t(O_pi),
+        )
+
+    def _progress(self):
+        if not self.verbose:
+            return None, None
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=self.max_epochs, desc="zinbgrad fit", unit="epoch", leave=False)
+
+        def cb(rec: dict) -> None:
+            bar.update(1)
+            bar.set_postfix(objective=f"{rec['objective']:.6g}", phase=rec["phase"])
+
+        return cb, bar
+
+    # ------------------------------------------------------------------ fit
+    def fit(
+        self,
+        data,
+        y=None,
+        *,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        covariate_keys: list[str] | None = None,
+        X=None,
+        V=None,
+        O_mu=None,
+        O_pi=None,
+    ) -> ZINBWaVE:
+        """Fit the model to a cells x genes count matrix.
+
+        Parameters
+        ----------
+        data
+            AnnData (counts in ``.X`` or ``layer``), numpy array, scipy.sparse matrix or
+            DataFrame of raw counts, cells x genes. Never modified.
+        y
+            Ignored (scikit-learn API).
+        layer
+            AnnData layer with the counts.
+        batch_key
+            ``adata.obs`` column whose levels become indicator columns of X (first level is
+            the reference); the batch is then modelled in X, i.e. removed from W.
+        covariate_keys
+            Further ``adata.obs`` columns for X (categorical -> indicators, numeric as is).
+        X, V
+            Explicit cell (n x M) and gene (J x L) design matrices; default intercepts.
+        O_mu, O_pi
+            Offsets, (n,) / (n, 1) per cell or (n, J).
+        """
+        t_start = time.perf_counter()
+        counts = extract_counts(data, layer, allow_non_integer=self.allow_non_integer)
+        n, J = counts.X.shape
+        self._check_hyperparameters(n, J)
+        dev, dt = self._torch_setup()
+        Xm, xnames = self._cell_design(data, counts, X, batch_key, covariate_keys)
+        Vm = np.ones((J, 1)) if V is None else check_design_matrix(V, J, "V", "genes")
+        O_mu_a = self._offset(O_mu, n, J, "O_mu")
+        O_pi_a = self._offset(O_pi, n, J, "O_pi")
+        design = self._make_design(Xm, Vm, O_mu_a, O_pi_a, dev, dt)
+        pen = Penalty.zinbwave_defaults(
+            design,
+            epsilon=self.epsilon,
+            epsilon_beta=self.epsilon_beta,
+            epsilon_gamma=self.epsilon_gamma,
+            epsilon_W=self.epsilon_W,
+            epsilon_alpha=self.epsilon_alpha,
+            epsilon_zeta=self.epsilon_zeta,
+            epsilon_min_logit=self.epsilon_min_logit,
+            common_dispersion=self.common_dispersion,
+        )
+        source = InMemoryCounts(counts.X, dtype=dt, device=dev)
+        seed = 0 if self.random_state is None else int(self.random_state)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            params = initialize(
+                source,
+                design,
+                pen,
+                self.n_components,
+                zero_inflation=self.zero_inflation,
+                common_dispersion=self.common_dispersion,
+                seed=seed,
+            )
+            cb, bar = self._progress()
+            opts = FitOptions(
+                max_epochs=self.max_epochs,
+                tol=self.tol,
+                local_steps=self.local_steps,
+                block_entries=self.block_entries,
+                batch_size=self.batch_size,
+                solver=self.solver,
+                verbose=self.verbose,
+                progress=cb,
+            )
+            engine = Engine(
+                source,
+                design,
+                params,
+                pen,
+                zero_inflation=self.zero_inflation,
+                common_dispersion=self.common_dispersion,
+                options=opts,
+                seed=seed,
+            )
+            try:
+                result = engine.fit()
+            finally:
+                if bar is not None:
+                    bar.close()
+        self._store(engine.params, pen, design, Xm, xnames, Vm, counts)
+        self.loglik_ = float(result.loglik)
+        self.penalty_ = float(result.penalty)
+        self.objective_ = self.loglik_ - self.penalty_
+        self.history_ = result.history
+        self.n_iter_ = int(result.n_epochs)
+        self.converged_ = bool(result.converged)
+        self.fit_time_ = time.perf_counter() - t_start
+        self._set_criteria(n, J)
+        return self
+
+    def _store(self, params: Params, pen: Penalty, design: Design, Xm, xnames, Vm, counts) -> None:
+        arrays = params.as_numpy()
+        if not self.zero_inflation:
+            for name in ("beta_pi", "alpha_pi", "gamma_pi"):
+                arrays[name] = np.zeros_like(arrays[name])
+        for name in _GENE_ARRAYS + _CELL_ARRAYS:
+            setattr(self, name + "_", np.asarray(arrays[name], dtype=np.float64))
+        self.X_ = np.asarray(Xm, dtype=np.float64)
+        self.X_columns_ = list(xnames)
+        self.V_ = np.asarray(Vm, dtype=np.float64)
+        self.O_mu_ = None if design.O_mu is None else design.O_mu.cpu().numpy()
+        self.O_pi_ = None if design.O_pi is None else design.O_pi.cpu().numpy()
+        self.var_names_ = np.asarray(counts.var_names).astype(str)
+        self.obs_names_ = np.asarray(counts.obs_names).astype(str)
+        self.n_features_in_ = len(self.var_names_)
+        self.penalty_params_ = {
+            "epsilon_beta_mu": pen.beta_mu.cpu().numpy().tolist(),
+            "epsilon_beta_pi": pen.beta_pi.cpu().numpy().tolist(),
+            "epsilon_gamma_mu": pen.gamma_mu.cpu().numpy().tolist(),
+            "epsilon_gamma_pi": pen.gamma_pi.cpu().numpy().tolist(),
+            "epsilon_W": pen.W,
+            "epsilon_alpha": pen.alpha,
+            "epsilon_zeta": pen.zeta,
+        }
+
+    def _set_criteria(self, n: int, J: int) -> None:
+        K = self.n_components
+        n_disp = len(np.unique(self.zeta_))
+        self.n_params_ = int(
+            J * (self.beta_mu_.shape[0] + self.beta_pi_.shape[0])
+            + n * (self.gamma_mu_.shape[0] + self.gamma_pi_.shape[0])
+            + 2 * K * J
+            + n * K
+            + n_disp
+        )
+        self.aic_ = 2.0 * self.n_params_ - 2.0 * self.loglik_
+        self.bic_ = math.log(n) * self.n_params_ - 2.0 * self.loglik_
+
+    @property
+    def theta_(self) -> np.ndarray:
+        """Inverse dispersion ``exp(zeta_)`` per gene."""
+        return np.exp(self.zeta_)
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "zeta_"):
+            from sklearn.exceptions import NotFittedError
+
+            raise NotFittedError("this ZINBWaVE model is not fitted yet; call fit() first")
+
+    # ------------------------------------------------------------------ parameters as torch
+    def _penalty_obj(self, design: Design) -> Penalty:
+        pp = self.penalty_params_
+        kw = {"dtype": design.X_mu.dtype, "device": design.X_mu.device}
+        return Penalty(
+            beta_mu=torch.as_tensor(pp["epsilon_beta_mu"], **kw),
+            beta_pi=torch.as_tensor(pp["epsilon_beta_pi"], **kw),
+            gamma_mu=torch.as_tensor(pp["epsilon_gamma_mu"], **kw),
+            gamma_pi=torch.as_tensor(pp["epsilon_gamma_pi"], **kw),
+            W=float(pp["epsilon_W"]),
+            alpha=float(pp["epsilon_alpha"]),
+            zeta=float(pp["epsilon_zeta"]),
+            common_dispersion=self.common_dispersion,
+        )
+
+    def _gene_params(self, dev, dt) -> dict[str, torch.Tensor]:
+        return {
+            k: torch.as_tensor(getattr(self, k + "_"), dtype=dt, device=dev) for k in _GENE_ARRAYS
+        }
+
+    def get_params_torch(self, device="cpu", dtype=torch.float64) -> Params:
+        """All fitted parameters as a :class:`~zinbgrad.model.Params` of torch tensors."""
+        self._check_fitted()
+        g = self._gene_params(torch.device(device), dtype)
+        c = {
+            k: torch.as_tensor(getattr(self, k + "_"), dtype=dtype, device=device)
+            for k in _CELL_ARRAYS
+        }
+        return Params(**g, **c)
+
+    def training_design(self, device="cpu", dtype=torch.float64) -> Design:
+        """The design (X, V, offsets) of the training cells."""
+        self._check_fitted()
+        return self._make_design(
+            self.X_, self.V_, self.O_mu_, self.O_pi_, torch.device(device), dtype
+        )
+
+    # ------------------------------------------------------------------ new cells
+    def _align_genes(self, counts) -> None:
+        names = np.asarray(counts.var_names).astype(str)
+        if names.shape == self.var_names_.shape and (names == self.var_names_).all():
+            return
+        missing = np.setdiff1d(self.var_names_, names)
+        if missing.size:
+            raise ValueError(
+                f"{missing.size} genes of the fitted model are missing from the new data "
+                f"(e.g. {', '.join(missing[:5])})"
+            )
+        pos = {g: i for i, g in enumerate(names)}
+        idx = np.array([pos[g] for g in self.var_names_])
+        counts.X = counts.X[:, idx]
+        counts.var_names = self.var_names_
+
+    def _new_cell_design(self, counts, X, batch_key, covariate_keys, O_mu, O_pi):
+        n = counts.X.shape[0]
+        J = len(self.var_names_)
+        if X is not None:
+            Xm = check_design_matrix(X, n, "X", "cells")
+        elif batch_key is not None or covariate_keys:
+            Xb, names, _ = build_cell_design(
+                counts.obs, n, batch_key=batch_key, covariate_keys=covariate_keys
+            )
+            Xm = np.zeros((n, len(self.X_columns_)))
+            for k, nm in enumerate(names):
+                if nm not in self.X_columns_:
+                    raise ValueError(
+                        f"covariate column {nm!r} is not in the fitted model "
+                        f"(its columns: {self.X_columns_})"
+                    )
+                Xm[:, self.X_columns_.index(nm)] = Xb[:, k]
+        elif self.X_columns_ and self.X_columns_[0] == "intercept":
+            # default for new cells: intercept only, i.e. the reference batch / zero covariates
+            Xm = np.zeros((n, len(self.X_columns_)))
+            Xm[:, 0] = 1.0
+        else:
+            raise ValueError("the model was fitted with an explicit X; pass X for the new cells")
+        if Xm.shape[1] != self.X_.shape[1]:
+            raise ValueError(f"X has {Xm.shape[1]} columns; the model has {self.X_.shape[1]}")
+        return Xm, self._offset(O_mu, n, J, "O_mu"), self._offset(O_pi, n, J, "O_pi")
+
+    def _project(
+        self, data, layer, X, batch_key, covariate_keys, O_mu, O_pi, max_steps: int = 100
+    ) -> tuple[Params, np.ndarray, Engine]:
+        self._check_fitted()
+        counts = extract_counts(
+            data, layer, allow_non_integer=self.allow_non_integer, check_empty=False
+        )
+        self._align_genes(counts)
+        Xm, Om, Op = self._new_cell_design(counts, X, batch_key, covariate_keys, O_mu, O_pi)
+        dev, dt = self._torch_setup()
+        design = self._make_design(Xm, self.V_, Om, Op, dev, dt)
+        pen = self._penalty_obj(design)
+        source = InMemoryCounts(counts.X, dtype=dt, device=dev)
+        g = self._gene_params(dev, dt)
+        W, gmu = init_local_mean(source, design, pen, g["beta_mu"], g["alpha_mu"], 8192)
+        n = counts.X.shape[0]
+        if self.zero_inflation:
+            gpi = init_local_zi(source, design, pen, g["beta_pi"], g["alpha_pi"], W, 8192)
+        else:
+            gpi = torch.zeros(design.V_pi.shape[1], n, dtype=dt, device=dev)
+        params = Params(**g, W=W, gamma_mu=gmu, gamma_pi=gpi)
+        engine = Engine(
+            source,
+            design,
+            params,
+            pen,
+            zero_inflation=self.zero_inflation,
+            common_dispersion=self.common_dispersion,
+            options=FitOptions(block_entries=self.block_entries),
+        )
+        ll_cells = engine.optimize_cells(max_steps=max_steps)
+        return engine.params, ll_cells.cpu().numpy(), engine
+
+    def transform(
+        self,
+        data,
+        *,
+        layer: str | None = None,
+        X=None,
+        batch_key: str | None = None,
+        covariate_keys: list[str] | None = None,
+        O_mu=None,
+        O_pi=None,
+    ) -> np.ndarray:
+        """Latent factors W of new cells (gene parameters fixed; zinbwave's projection).
+
+        Genes are aligned by name with the training data (extra genes are ignored, missing
+        genes are an error). New cells get the reference batch unless ``batch_key`` (with the
+        same levels) or ``X`` is given.
+        """
+        params, _, _ = self._project(data, layer, X, batch_key, covariate_keys, O_mu, O_pi)
+        return params.W.cpu().numpy()
+
+    def score_samples(self, data, **kw) -> np.ndarray:
+        """Held-out log-likelihood of each new cell, its local parameters re-optimized."""
+        _, ll, _ = self._project(
+            data,
+            kw.get("layer"),
+            kw.get("X"),
+            kw.get("batch_key"),
+            kw.get("covariate_keys"),
+            kw.get("O_mu"),
+            kw.get("O_pi"),
+        )
+        return ll
+
+    def score(self, data, y=None, **kw) -> float:
+        """Mean held-out log-likelihood per cell (higher is better)."""
+        return float(np.mean(self.score_samples(data, **kw)))
+
+    def fit_transform(self, data, y=None, **fit_params) -> np.ndarray:
+        return self.fit(data, **fit_params).W_
+
+    # ------------------------------------------------------------------ persistence
+    def _metadata(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "zinbgrad_version": __import__("zinbgrad").__version__,
+            "hyperparameters": {
+                k: (v.tolist() if isinstance(v, np.ndarray) else v)
+                for k, v in self.get_params().items()
+            },
+            "X_columns": self.X_columns_,
+            "batch_info": self.batch_info_,
+            "penalty_params": self.penalty_params_,
+            "loglik": self.loglik_,
+            "penalty": self.penalty_,
+            "objective": self.objective_,
+            "history": self.history_,
+            "n_iter": self.n_iter_,
+            "converged": self.converged_,
+            "fit_time": self.fit_time_,
+            "n_params": self.n_params_,
+        }
+
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Save to a ``.npz`` archive (arrays + a JSON metadata string; no pickle).
+
+        The file is written to a temporary name and renamed, so an interrupted save never
+        leaves a half-written model.
+        """
+        self._check_fitted()
+        path = Path(path)
+        if path.suffix != ".npz":
+            path = (
+                path.with_suffix(path.suffix + ".npz") if path.suffix else path.with_suffix(".npz")
+            )
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        arrays = {k: getattr(self, k + "_") for k in _GENE_ARRAYS + _CELL_ARRAYS}
+        arrays.update(X=self.X_, V=self.V_, var_names=self.var_names_, obs_names=self.obs_names_)
+        if self.O_mu_ is not None:
+            arrays["O_mu"] = self.O_mu_
+        if self.O_pi_ is not None:
+            arrays["O_pi"] = self.O_pi_
+        arrays["metadata"] = np.array(json.dumps(self._metadata()))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez_compressed(fh, **arrays)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ZINBWaVE:
+        """Load a model written by :meth:`save` (never unpickles: ``allow_pickle=False``)."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no such model file: {path}")
+        try:
+            z = np.load(path, allow_pickle=False)
+            meta = json.loads(str(z["metadata"]))
+        except Exception as err:  # noqa: BLE001 - report any unreadable file the same way
+            raise ValueError(f"{path} is not a zinbgrad model file ({err})") from err
+        if meta.get("format") != FORMAT_NAME:
+            raise ValueError(f"{path} is not a zinbgrad model file")
+        if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+            raise ValueError(
+                f"{path} was written by a newer zinbgrad (format {meta['format_version']}); "
+                "upgrade zinbgrad to read it"
+            )
+        model = cls(**meta["hyperparameters"])
+        for k in _GENE_ARRAYS + _CELL_ARRAYS:
+            setattr(model, k + "_", z[k])
+        model.X_, model.V_ = z["X"], z["V"]
+        model.O_mu_ = z["O_mu"] if "O_mu" in z.files else None
+        model.O_pi_ = z["O_pi"] if "O_pi" in z.files else None
+        model.var_names_ = z["var_names"].astype(str)
+        model.obs_names_ = z["obs_names"].astype(str)
+        model.n_features_in_ = len(model.var_names_)
+        model.X_columns_ = list(meta["X_columns"])
+        model.batch_info_ = meta.get("batch_info", {})
+        model.penalty_params_ = meta["penalty_params"]
+        model.loglik_, model.penalty_ = meta["loglik"], meta["penalty"]
+        model.objective_ = meta["objective"]
+        model.history_ = meta["history"]
+        model.n_iter_, model.converged_ = meta["n_iter"], meta["converged"]
+        model.fit_time_ = meta.get("fit_time", float("nan"))
+        model.n_params_ = meta["n_params"]
+        n = model.W_.shape[0]
+        model.aic_ = 2.0 * model.n_params_ - 2.0 * model.loglik_
+        model.bic_ = math.log(n) * model.n_params_ - 2.0 * model.loglik_
+        return model
+
+    # ------------------------------------------------------------------ likelihood of data
+    def loglik(self, data, *, layer: str | None = None) -> float:
+        """Log-likelihood of the training counts at the fitted parameters (zinbwave's
+        ``loglik``), computed exactly."""
+        self._check_fitted()
+        counts = extract_counts(data, layer, allow_non_integer=True, check_empty=False)
+        self._align_genes(counts)
+        if counts.X.shape[0] != self.W_.shape[0]:
+            raise ValueError("loglik() needs the training cells; use score() for new cells")
+        dev, dt = torch.device("cpu"), torch.float64
+        engine = Engine(
+            InMemoryCounts(counts.X, dtype=dt, device=dev),
+            self.training_design(dev, dt),
+            self.get_params_torch(dev, dt),
+            self._penalty_obj(self.training_design(dev, dt)),
+            zero_inflation=self.zero_inflation,
+            common_dispersion=self.common_dispersion,
+        )
+        return engine.loglik()
+
+    # --- downstream methods (begin) ------------------------------------------------------
+    # Accessors and per-entry outputs (mu, pi, residuals, weights, imputation, sampling) live in
+    # zinbgrad.model.outputs / zinbgrad.simulate; the methods below are thin wrappers.
+    # --- downstream methods (end) --------------------------------------------------------
