@@ -1561,12 +1561,9 @@ def glm_weighted_f(
     else:
         padj_filter, filter_theta = np.full(ng, np.nan), np.nan
 
-    if coefs.size == 1:
-        lfc = shrunk[:, coefs[0]] / _LOG2
-        lfc_mle = coef_full[:, coefs[0]] / _LOG2
-    else:  # report the first tested coefficient; the test is joint
-        lfc = shrunk[:, coefs[0]] / _LOG2
-        lfc_mle = coef_full[:, coefs[0]] / _LOG2
+    # with several tested coefficients the test is joint; the first one's fold change is reported
+    lfc = shrunk[:, coefs[0]] / _LOG2
+    lfc_mle = coef_full[:, coefs[0]] / _LOG2
     index = pd.Index(gene_names) if gene_names is not None else pd.RangeIndex(ng)
     table = pd.DataFrame(
         {
