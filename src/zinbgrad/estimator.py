@@ -389,6 +389,9 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         self.var_names_ = np.asarray(counts.var_names).astype(str)
         self.obs_names_ = np.asarray(counts.obs_names).astype(str)
         self.n_features_in_ = len(self.var_names_)
+        self._store_penalty(pen)
+
+    def _store_penalty(self, pen: Penalty) -> None:
         self.penalty_params_ = {
             "epsilon_beta_mu": pen.beta_mu.cpu().numpy().tolist(),
             "epsilon_beta_pi": pen.beta_pi.cpu().numpy().tolist(),
@@ -672,6 +675,94 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         model.bic_ = math.log(n) * model.n_params_ - 2.0 * model.loglik_
         return model
 
+    # ------------------------------------------------------------------ from given parameters
+    @classmethod
+    def from_params(
+        cls,
+        *,
+        W,
+        alpha_mu,
+        beta_mu,
+        gamma_mu,
+        zeta,
+        alpha_pi=None,
+        beta_pi=None,
+        gamma_pi=None,
+        X=None,
+        V=None,
+        X_columns: list[str] | None = None,
+        var_names=None,
+        obs_names=None,
+        **hyperparameters,
+    ) -> ZINBWaVE:
+        """A model with the given parameters (zinbwave's orientation), e.g. an R zinbwave fit.
+
+        Penalties follow the hyper-parameters (zinbwave defaults unless overridden).
+        ``loglik_``/``objective_`` are NaN until computed with :meth:`loglik` on the data.
+        """
+        W = np.asarray(W, dtype=np.float64)
+        n, K = W.shape
+        alpha_mu = np.asarray(alpha_mu, dtype=np.float64)
+        J = alpha_mu.shape[1]
+        hyperparameters.setdefault("n_components", K)
+        model = cls(**hyperparameters)
+        Xm = np.ones((n, 1)) if X is None else np.asarray(X, dtype=np.float64)
+        Vm = np.ones((J, 1)) if V is None else np.asarray(V, dtype=np.float64)
+        model.W_, model.alpha_mu_ = W, alpha_mu
+        model.beta_mu_ = np.asarray(beta_mu, dtype=np.float64)
+        model.gamma_mu_ = np.asarray(gamma_mu, dtype=np.float64)
+        model.zeta_ = np.broadcast_to(np.asarray(zeta, dtype=np.float64).ravel(), (J,)).copy()
+
+        def zeros_like(x, shape):
+            return np.zeros(shape) if x is None else np.asarray(x, dtype=np.float64)
+
+        model.alpha_pi_ = zeros_like(alpha_pi, (K, J))
+        model.beta_pi_ = zeros_like(beta_pi, model.beta_mu_.shape)
+        model.gamma_pi_ = zeros_like(gamma_pi, model.gamma_mu_.shape)
+        if not model.zero_inflation:
+            model.alpha_pi_ = np.zeros_like(model.alpha_pi_)
+            model.beta_pi_ = np.zeros_like(model.beta_pi_)
+            model.gamma_pi_ = np.zeros_like(model.gamma_pi_)
+        model.X_, model.V_ = Xm, Vm
+        model.O_mu_ = model.O_pi_ = None
+        model.X_columns_ = (
+            list(X_columns)
+            if X_columns
+            else (
+                ["intercept"] + [f"x{m}" for m in range(1, Xm.shape[1])]
+                if np.all(Xm[:, 0] == 1)
+                else [f"x{m}" for m in range(Xm.shape[1])]
+            )
+        )
+        model.batch_info_ = {}
+        model.var_names_ = (
+            np.asarray(var_names).astype(str)
+            if var_names is not None
+            else np.array([f"gene{j}" for j in range(J)])
+        )
+        model.obs_names_ = (
+            np.asarray(obs_names).astype(str) if obs_names is not None else np.arange(n).astype(str)
+        )
+        model.n_features_in_ = J
+        design = model.training_design()
+        pen = Penalty.zinbwave_defaults(
+            design,
+            epsilon=model.epsilon,
+            epsilon_beta=model.epsilon_beta,
+            epsilon_gamma=model.epsilon_gamma,
+            epsilon_W=model.epsilon_W,
+            epsilon_alpha=model.epsilon_alpha,
+            epsilon_zeta=model.epsilon_zeta,
+            epsilon_min_logit=model.epsilon_min_logit,
+            common_dispersion=model.common_dispersion,
+        )
+        model._store_penalty(pen)
+        model.penalty_ = pen.value(model.get_params_torch())
+        model.loglik_ = model.objective_ = float("nan")
+        model.history_, model.n_iter_, model.converged_ = [], 0, False
+        model.fit_time_ = float("nan")
+        return model
+
     # ------------------------------------------------------------------ likelihood of data
     def loglik(self, data, *, layer: str | None = None) -> float:
         """Log-likelihood of the training counts at the fitted parameters (zinbwave's
@@ -690,7 +781,12 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
             zero_inflation=self.zero_inflation,
             common_dispersion=self.common_dispersion,
         )
-        return engine.loglik()
+        ll = engine.loglik()
+        if not np.isfinite(self.loglik_):  # a model built from parameters: fill in criteria
+            self.loglik_ = ll
+            self.objective_ = ll - self.penalty_
+            self._set_criteria(*counts.X.shape)
+        return ll
 
     # --- downstream methods (begin) ------------------------------------------------------
     # Accessors and per-entry outputs (mu, pi, residuals, weights, imputation, sampling) live in

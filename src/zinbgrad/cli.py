@@ -1,0 +1,176 @@
+"""Command-line interface: ``zinbgrad fit``, ``zinbgrad demo`` and the downstream commands."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+__all__ = ["main", "write_h5ad_atomic", "check_output_path"]
+
+
+def check_output_path(inp: Path | None, out: Path, force: bool) -> None:
+    """Refuse to overwrite the input, or an existing output without ``--force``."""
+    if inp is not None and out.resolve() == inp.resolve():
+        raise SystemExit(f"error: output {out} is the input file; choose another path")
+    if out.exists() and not force:
+        raise SystemExit(f"error: {out} exists; pass --force to replace it")
+
+
+def write_h5ad_atomic(adata, out: Path) -> None:
+    """Write ``adata`` to a temporary file next to ``out`` and rename it into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        adata.write_h5ad(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_h5ad_checked(path: Path):
+    """Read an .h5ad with a clear error for missing or unreadable files."""
+    import anndata as ad
+
+    if not path.exists():
+        raise SystemExit(f"error: input file {path} does not exist")
+    try:
+        return ad.read_h5ad(path)
+    except Exception as err:  # noqa: BLE001 - any reader failure is reported the same way
+        raise SystemExit(f"error: cannot read {path} as .h5ad ({type(err).__name__}: {err})")
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from . import tl
+
+    inp, out = Path(args.input), Path(args.output)
+    check_output_path(inp, out, args.force)
+    adata = read_h5ad_checked(inp)
+    t0 = time.perf_counter()
+    try:
+        model = tl.zinbwave(
+            adata,
+            n_components=args.n_components,
+            layer=args.layer,
+            batch_key=args.batch_key,
+            key_added=args.key_added,
+            max_epochs=args.epochs,
+            tol=args.tol,
+            device=args.device,
+            dtype=args.dtype,
+            common_dispersion=not args.genewise_dispersion,
+            zero_inflation=not args.no_zero_inflation,
+            epsilon=args.epsilon,
+            random_state=args.seed,
+            verbose=not args.quiet,
+        )
+    except (ValueError, KeyError) as err:
+        raise SystemExit(f"error: {err}")
+    seconds = time.perf_counter() - t0
+    write_h5ad_atomic(adata, out)
+    if args.save_model:
+        model.save(args.save_model, overwrite=args.force)
+    n, J = adata.shape
+    print(
+        f"zinbgrad fit: {n} cells x {J} genes, K={args.n_components}, "
+        f"log-likelihood {model.loglik_:.6g}, penalized {model.objective_:.6g}, "
+        f"{model.n_iter_} epochs ({'converged' if model.converged_ else 'max epochs reached'}), "
+        f"{seconds:.2f} s -> {out} (obsm['{args.key_added}'])"
+    )
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from . import datasets, tl
+
+    outdir = Path(args.output)
+    outdir.mkdir(parents=True, exist_ok=True)
+    adata = datasets.pbmc_small()
+    t0 = time.perf_counter()
+    model = tl.zinbwave(adata, n_components=2, random_state=0, verbose=False)
+    seconds = time.perf_counter() - t0
+    h5 = outdir / "pbmc_small_zinbwave.h5ad"
+    write_h5ad_atomic(adata, h5)
+    W = adata.obsm["X_zinbwave"]
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for ct in sorted(adata.obs["cell_type"].astype(str).unique()):
+        sel = (adata.obs["cell_type"].astype(str) == ct).to_numpy()
+        ax.scatter(W[sel, 0], W[sel, 1], s=18, label=f"cluster {ct}")
+    ax.set_xlabel("W1")
+    ax.set_ylabel("W2")
+    ax.set_title("zinbgrad ZINB-WaVE latent space (pbmc_small, K=2)")
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    png = outdir / "pbmc_small_zinbwave.png"
+    fd, tmp = tempfile.mkstemp(prefix=png.name + ".", suffix=".png", dir=outdir)
+    os.close(fd)
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, png)
+    plt.close(fig)
+    print(
+        f"zinbgrad demo: pbmc_small ({adata.n_obs} cells x {adata.n_vars} genes), K=2, "
+        f"log-likelihood {model.loglik_:.6g}, penalized {model.objective_:.6g}, "
+        f"{seconds:.2f} s\n  wrote {h5}\n  wrote {png}"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(
+        prog="zinbgrad", description="ZINB-WaVE for single-cell counts, fitted with PyTorch."
+    )
+    p.add_argument("--version", action="version", version=f"zinbgrad {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("fit", help="fit ZINB-WaVE to an .h5ad file and write a new .h5ad")
+    f.add_argument("input", help="input .h5ad with raw counts (never modified)")
+    f.add_argument("-o", "--output", required=True, help="output .h5ad (written atomically)")
+    f.add_argument("-k", "--n-components", type=int, default=10, help="latent factors K")
+    f.add_argument("--batch-key", default=None, help="obs column modelled as batch in X")
+    f.add_argument("--layer", default=None, help="layer with the raw counts (default .X)")
+    f.add_argument("--epochs", type=int, default=100, help="maximum epochs")
+    f.add_argument("--tol", type=float, default=1e-4, help="relative change to stop at")
+    f.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    f.add_argument("--dtype", default="auto", choices=["auto", "float32", "float64"])
+    f.add_argument("--epsilon", type=float, default=None, help="penalty scale (default J)")
+    f.add_argument("--genewise-dispersion", action="store_true", help="one theta per gene")
+    f.add_argument("--no-zero-inflation", action="store_true", help="negative binomial model")
+    f.add_argument("--key-added", default="X_zinbwave", help="obsm key of the latent space")
+    f.add_argument("--save-model", default=None, help="also save the model (.npz)")
+    f.add_argument("--seed", type=int, default=0, help="random seed")
+    f.add_argument("--force", action="store_true", help="replace an existing output")
+    f.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    f.set_defaults(func=_cmd_fit)
+
+    d = sub.add_parser("demo", help="fit the bundled example and write the result and a PNG")
+    d.add_argument("-o", "--output", default="zinbgrad_demo", help="output directory")
+    d.set_defaults(func=_cmd_demo)
+
+    import importlib.util
+
+    if importlib.util.find_spec("zinbgrad.cli_downstream") is not None:  # being written
+        from .cli_downstream import add_subcommands
+
+        add_subcommands(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
