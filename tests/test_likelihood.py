@@ -65,7 +65,9 @@ def test_log_zinb_matches_scipy_mixture():
     nb = stats.nbinom.logpmf(y, theta, theta / (theta + mu))
     ref = np.where(y == 0, np.log(pi + (1 - pi) * np.exp(nb)), np.log1p(-pi) + nb)
     got = log_zinb(
-        torch.as_tensor(y), torch.as_tensor(np.log(mu)), torch.as_tensor(np.log(pi / (1 - pi))),
+        torch.as_tensor(y),
+        torch.as_tensor(np.log(mu)),
+        torch.as_tensor(np.log(pi / (1 - pi))),
         torch.as_tensor(np.log(theta)),
     ).numpy()
     assert _rel(got, ref).max() < 1e-10

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import REFERENCES, load_reference
 
+from conftest import REFERENCES, load_reference
 from zinbgrad import ZINBWaVE
 from zinbgrad.model.params import Design, Penalty, orthogonalize_trace_norm
 
@@ -80,7 +80,9 @@ def test_orthogonalize_trace_norm_against_qr_form():
     before = eW * W.pow(2).sum() + eA * A.pow(2).sum()
     after = eW * W2.pow(2).sum() + eA * A2.pow(2).sum()
     assert after <= before
-    T = torch.eye(4, dtype=torch.float64) + 0.1 * torch.randn(4, 4, generator=g, dtype=torch.float64)
+    T = torch.eye(4, dtype=torch.float64) + 0.1 * torch.randn(
+        4, 4, generator=g, dtype=torch.float64
+    )
     other = eW * (W2 @ T).pow(2).sum() + eA * (torch.linalg.solve(T, A2)).pow(2).sum()
     assert after <= other + 1e-9
 

@@ -7,7 +7,7 @@
 
 __version__ = "0.1.0"
 
-from . import tl
+from . import datasets, tl
 from .estimator import ZINBWaVE
 
-__all__ = ["ZINBWaVE", "tl", "__version__"]
+__all__ = ["ZINBWaVE", "datasets", "tl", "__version__"]

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 from sklearn.base import BaseEstimator, TransformerMixin
 
@@ -791,4 +790,104 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
     # --- downstream methods (begin) ------------------------------------------------------
     # Accessors and per-entry outputs (mu, pi, residuals, weights, imputation, sampling) live in
     # zinbgrad.model.outputs / zinbgrad.simulate; the methods below are thin wrappers.
+    def get_likelihood_params(
+        self, data=None, ignore_W: bool = False, **project_kw
+    ) -> dict[str, np.ndarray]:
+        """Fitted ZINB parameters of every cell and gene.
+
+        Parameters
+        ----------
+        data
+            ``None``: the training cells. Otherwise new cells (AnnData, array, sparse matrix or
+            DataFrame of counts): their W and gamma are first fitted with the gene parameters
+            fixed, as in :meth:`transform` (genes aligned by name).
+        ignore_W
+            Set the latent factors to 0 (zinbwave's ``ignoreW``).
+        **project_kw
+            For new cells: ``layer``, ``X``, ``batch_key``, ``covariate_keys``, ``O_mu``,
+            ``O_pi`` as in :meth:`transform`.
+
+        Returns
+        -------
+        dict
+            ``"mu"`` (cells x genes, NB mean), ``"pi"`` (cells x genes, zero-inflation
+            probability; 0 without zero inflation) and ``"theta"`` (genes,
+            ``exp(zeta_)``, the NB inverse dispersion).
+        """
+        from .model.outputs import compute_output
+
+        design, params = self._likelihood_tensors(data, project_kw)
+        kw = {
+            "zero_inflation": bool(self.zero_inflation),
+            "ignore_W": ignore_W,
+            "block_entries": self.block_entries,
+        }
+        return {
+            "mu": compute_output("mu", design, params, **kw),
+            "pi": compute_output("pi", design, params, **kw),
+            "theta": np.exp(np.asarray(self.zeta_, dtype=np.float64)),
+        }
+
+    def _likelihood_tensors(self, data, project_kw: dict) -> tuple[Design, Params]:
+        self._check_fitted()
+        dev, dt = torch.device("cpu"), torch.float64
+        if data is None:
+            if project_kw:
+                raise TypeError(f"unexpected arguments without data: {sorted(project_kw)}")
+            return self.training_design(dev, dt), self.get_params_torch(dev, dt)
+        allowed = {"layer", "X", "batch_key", "covariate_keys", "O_mu", "O_pi"}
+        unknown = set(project_kw) - allowed
+        if unknown:
+            raise TypeError(f"unexpected arguments: {sorted(unknown)}")
+        params, _, engine = self._project(
+            data,
+            project_kw.get("layer"),
+            project_kw.get("X"),
+            project_kw.get("batch_key"),
+            project_kw.get("covariate_keys"),
+            project_kw.get("O_mu"),
+            project_kw.get("O_pi"),
+        )
+        return engine.design.to(dev, dt), params.to(dev, dt)
+
+    def get_mu(self, data=None, *, ignore_W: bool = False, **project_kw) -> np.ndarray:
+        """NB means ``mu`` (cells x genes) of the training cells or of new cells."""
+        from .model.outputs import compute_output
+
+        design, params = self._likelihood_tensors(data, project_kw)
+        return compute_output(
+            "mu",
+            design,
+            params,
+            zero_inflation=bool(self.zero_inflation),
+            ignore_W=ignore_W,
+            block_entries=self.block_entries,
+        )
+
+    def get_pi(self, data=None, *, ignore_W: bool = False, **project_kw) -> np.ndarray:
+        """Zero-inflation probabilities ``pi`` (cells x genes; 0 without zero inflation)."""
+        from .model.outputs import compute_output
+
+        design, params = self._likelihood_tensors(data, project_kw)
+        return compute_output(
+            "pi",
+            design,
+            params,
+            zero_inflation=bool(self.zero_inflation),
+            ignore_W=ignore_W,
+            block_entries=self.block_entries,
+        )
+
+    def sample(self, n_cells: int | None = None, random_state: int | None = 0, **kw):
+        """Simulate counts from the fitted model (zinbwave's ``zinbSim``).
+
+        ``n_cells=None`` draws one count matrix for the training cells; otherwise ``n_cells``
+        cells are drawn with replacement from the training cells. Returns an AnnData (sparse
+        integer ``X``, ``layers["nb_counts"]``, ``layers["dropouts"]``); see
+        :func:`zinbgrad.simulate.zinb_sim` for the keyword arguments.
+        """
+        from .simulate import zinb_sim
+
+        return zinb_sim(self, n_cells=n_cells, random_state=random_state, **kw)
+
     # --- downstream methods (end) --------------------------------------------------------

@@ -22,7 +22,6 @@ arrays; counts are only touched as sparse blocks.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -472,16 +471,25 @@ class Engine:
         return FitResult(ll, self.pen.value(self.params), history, converged, epoch)
 
     def fit_stochastic(self, history: list[dict], batch_size: int, epochs: int) -> None:
-        """Minibatch epochs: local Newton on a batch of cells, then a stochastic Newton step on
-        the gene parameters from that batch (data term scaled by n/|B|, step size decaying as
-        1/sqrt(t)), blocks visited in a random order each epoch."""
+        """Minibatch epochs over blocks of cells visited in a random order.
+
+        Per minibatch B: damped Newton steps on the local parameters of its cells, then one
+        stochastic Newton step on the gene parameters whose gradient is the minibatch's, with
+        the data term scaled by ``n/|B|`` (unbiased), preconditioned by a running average of the
+        minibatch Hessians (also scaled by ``n/|B|``). The step size is 1 in the first epoch and
+        decays as 1/epoch afterwards; the full-batch sweeps that follow remove the remaining
+        noise.
+        """
         n = self.n
         bounds = block_bounds(n, batch_size)
         t = 0
         t0 = time.perf_counter()
+        H_avg = None
+        lam = torch.full_like(self.lam_genes, 1e-3)
         for ep in range(epochs):
             order = self.rng.permutation(len(bounds))
             ll_epoch = 0.0
+            rho = 1.0 / (ep + 1)
             for bi in order:
                 start, stop = bounds[bi]
                 rows = slice(start, stop)
@@ -493,10 +501,12 @@ class Engine:
                 ll_epoch += float(stats.ll.sum())
                 scale = n / (stop - start)
                 t += 1
-                rho = 1.0 / math.sqrt(t)
                 v = self._get_gene_vec()
                 A, g = self._gene_system(stats, v, data_scale=scale)
-                delta, _ = damped_newton_step(A, g, torch.full_like(self.lam_genes, 1e-3))
+                w = max(1.0 / t, 0.2)
+                H_avg = A if H_avg is None else (1.0 - w) * H_avg + w * A
+                delta, lam = damped_newton_step(H_avg, g, lam)
+                lam = torch.clamp(lam / 3.0, min=1e-6)
                 self._set_gene_vec(v + rho * delta)
                 zeta_new = self._zeta_step(stats, data_scale=scale)
                 self.params.zeta = self.params.zeta + rho * (zeta_new - self.params.zeta)

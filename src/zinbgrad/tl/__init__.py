@@ -1,6 +1,23 @@
 """Scanpy-style tools: functions that take an AnnData and write their results into it."""
 
 from ..de import differential_expression
+from ._outputs import (
+    batch_corrected,
+    impute,
+    normalize,
+    observational_weights,
+    project,
+    residuals,
+)
 from ._zinbwave import zinbwave
 
-__all__ = ["differential_expression", "zinbwave"]
+__all__ = [
+    "batch_corrected",
+    "differential_expression",
+    "impute",
+    "normalize",
+    "observational_weights",
+    "project",
+    "residuals",
+    "zinbwave",
+]

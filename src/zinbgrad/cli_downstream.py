@@ -1,0 +1,277 @@
+"""Downstream subcommands of the ``zinbgrad`` command line.
+
+``normalize``, ``residuals``, ``impute``, ``weights``, ``project`` and ``simulate`` each read an
+``.h5ad`` file (holding a model fitted by ``zinbgrad fit``, or with ``--model`` a model saved as
+``.npz`` or stored in another ``.h5ad``) and write a NEW ``.h5ad`` file atomically (temporary
+file in the output's folder, then renamed). The input is never overwritten; an existing output
+is replaced only with ``--force``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+__all__ = ["add_subcommands"]
+
+
+def _helpers():
+    from .cli import check_output_path, read_h5ad_checked, write_h5ad_atomic
+
+    return check_output_path, read_h5ad_checked, write_h5ad_atomic
+
+
+def _load_model(path: str | None, key: str, adata=None):
+    """The model from ``--model`` (.npz or .h5ad) or, without it, from ``adata``."""
+    from .estimator import ZINBWaVE
+    from .tl._zinbwave import model_from_anndata
+
+    if path is None:
+        if adata is None:
+            raise SystemExit("error: --model is required")
+        try:
+            return model_from_anndata(adata, key)
+        except KeyError as err:
+            raise SystemExit(
+                f"error: {err.args[0] if err.args else err} (fit one with `zinbgrad fit`, or "
+                "pass --model)"
+            ) from err
+    p = Path(path)
+    if p.suffix == ".npz":
+        try:
+            return ZINBWaVE.load(p)
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"error: {err}") from err
+    _, read_h5ad_checked, _ = _helpers()
+    ref = read_h5ad_checked(p)
+    try:
+        return model_from_anndata(ref, key)
+    except KeyError as err:
+        raise SystemExit(f"error: {p}: {err.args[0] if err.args else err}") from err
+
+
+def _io(args) -> tuple[Path, Path]:
+    check_output_path, _, _ = _helpers()
+    inp, out = Path(args.input), Path(args.output)
+    check_output_path(inp, out, args.force)
+    return inp, out
+
+
+def _run_layer_command(args, fn, describe: str, **kw) -> int:
+    _, read_h5ad_checked, write_h5ad_atomic = _helpers()
+    inp, out = _io(args)
+    adata = read_h5ad_checked(inp)
+    model = _load_model(args.model, args.key, adata if args.model is None else None)
+    t0 = time.perf_counter()
+    try:
+        fn(
+            adata,
+            layer=args.layer,
+            key=args.key,
+            key_added=args.key_added,
+            model=model,
+            dtype=args.dtype,
+            **kw,
+        )
+    except (ValueError, KeyError, TypeError) as err:
+        raise SystemExit(f"error: {err}") from err
+    seconds = time.perf_counter() - t0
+    write_h5ad_atomic(adata, out)
+    print(
+        f"zinbgrad {args.command}: {describe} for {adata.n_obs} cells x {adata.n_vars} genes "
+        f"in {seconds:.2f} s -> {out} (layers['{args.key_added}'])"
+    )
+    return 0
+
+
+def _cmd_normalize(args) -> int:
+    from . import tl
+
+    return _run_layer_command(args, tl.normalize, "normalized values")
+
+
+def _cmd_residuals(args) -> int:
+    from . import tl
+
+    key_added = args.key_added or f"zinbwave_{args.kind}_residuals"
+    args.key_added = key_added
+    return _run_layer_command(
+        args, tl.residuals, f"{args.kind} residuals", kind=args.kind, ignore_W=args.ignore_w
+    )
+
+
+def _cmd_impute(args) -> int:
+    from . import tl
+
+    what = f"imputed values ({args.method})"
+    return _run_layer_command(args, tl.impute, what, method=args.method)
+
+
+def _cmd_weights(args) -> int:
+    from . import tl
+
+    return _run_layer_command(args, tl.observational_weights, "observational weights")
+
+
+def _cmd_project(args) -> int:
+    from . import tl
+
+    _, read_h5ad_checked, write_h5ad_atomic = _helpers()
+    inp, out = _io(args)
+    query = read_h5ad_checked(inp)
+    model = _load_model(args.model, args.model_key)
+    t0 = time.perf_counter()
+    try:
+        tl.project(
+            query, model, key_added=args.key_added, layer=args.layer, batch_key=args.batch_key
+        )
+    except (ValueError, KeyError) as err:
+        raise SystemExit(f"error: {err}") from err
+    seconds = time.perf_counter() - t0
+    write_h5ad_atomic(query, out)
+    print(
+        f"zinbgrad project: {query.n_obs} cells into K={model.W_.shape[1]} in {seconds:.2f} s "
+        f"-> {out} (obsm['{args.key_added}'])"
+    )
+    return 0
+
+
+def _cmd_simulate(args) -> int:
+    from .simulate import make_synthetic, zinb_sim
+
+    _, read_h5ad_checked, write_h5ad_atomic = _helpers()
+    inp, out = _io(args)
+    adata = read_h5ad_checked(inp)
+    model = _load_model(args.model, args.key, adata if args.model is None else None)
+    del adata
+    t0 = time.perf_counter()
+    try:
+        if args.n_cells is None:
+            sim = zinb_sim(model, random_state=args.seed, count_dtype=args.count_dtype)
+            write_h5ad_atomic(sim, out)
+            n = sim.n_obs
+        else:
+            make_synthetic(
+                model,
+                args.n_cells,
+                out,
+                n_batches=args.n_batches,
+                batch_effect=args.batch_effect,
+                de_genes=args.de_genes,
+                de_lfc=args.de_lfc,
+                latent=args.latent,
+                jitter=args.jitter,
+                chunk_cells=args.chunk_cells,
+                count_dtype=args.count_dtype,
+                compression=args.compression,
+                overwrite=args.force,
+                random_state=args.seed,
+            )
+            n = args.n_cells
+    except (ValueError, OverflowError, FileExistsError) as err:
+        raise SystemExit(f"error: {err}") from err
+    seconds = time.perf_counter() - t0
+    print(f"zinbgrad simulate: {n} cells x {len(model.zeta_)} genes in {seconds:.2f} s -> {out}")
+    return 0
+
+
+def _common(p: argparse.ArgumentParser, *, model_help: str) -> None:
+    p.add_argument("-o", "--output", required=True, help="output .h5ad (new file, atomic)")
+    p.add_argument("--key", default="X_zinbwave", help="key of the model stored in the input")
+    p.add_argument("--model", default=None, help=model_help)
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+
+
+def _layer_command(sub, name: str, help_: str, key_added: str | None, dtype: str):
+    p = sub.add_parser(name, help=help_, description=help_)
+    p.add_argument("input", help="input .h5ad with the counts and a fitted model (not modified)")
+    _common(
+        p,
+        model_help="use this model (.npz from ZINBWaVE.save, or an .h5ad holding one under "
+        "--key) instead of the one stored in the input",
+    )
+    p.add_argument("--layer", default=None, help="layer with the raw counts (default .X)")
+    p.add_argument("--key-added", default=key_added, help="layer receiving the result")
+    p.add_argument("--dtype", default=dtype, choices=["float32", "float64"], help="layer dtype")
+    return p
+
+
+def add_subcommands(subparsers) -> None:
+    """Register ``normalize``, ``residuals``, ``impute``, ``weights``, ``project`` and
+    ``simulate`` on an ``argparse`` subparsers object (from ``add_subparsers``)."""
+    p = _layer_command(
+        subparsers,
+        "normalize",
+        "zinbwave's normalized values (deviance residuals with W ignored) into a layer",
+        "zinbwave_normalized",
+        "float32",
+    )
+    p.set_defaults(func=_cmd_normalize)
+
+    p = _layer_command(
+        subparsers, "residuals", "deviance or Pearson residuals into a layer", None, "float32"
+    )
+    p.add_argument("--kind", default="deviance", choices=["deviance", "pearson"])
+    p.add_argument("--ignore-w", action="store_true", help="set the latent factors W to 0")
+    p.set_defaults(func=_cmd_residuals)
+
+    p = _layer_command(
+        subparsers,
+        "impute",
+        "imputed counts (zinbwave's imputeZeros, or the denoised mean) into a layer",
+        "zinbwave_imputed",
+        "float32",
+    )
+    p.add_argument("--method", default="zeros", choices=["zeros", "mean"])
+    p.set_defaults(func=_cmd_impute)
+
+    p = _layer_command(
+        subparsers,
+        "weights",
+        "zinbwave's observational weights (for weighted DE) into a layer",
+        "zinbwave_weights",
+        "float64",
+    )
+    p.set_defaults(func=_cmd_weights)
+
+    p = subparsers.add_parser(
+        "project",
+        help="map new cells into a fitted model's latent space",
+        description="Fit W (and the cell intercepts) of new cells with the model's gene "
+        "parameters fixed; genes are matched by name (all model genes must be present).",
+    )
+    p.add_argument("input", help="query .h5ad with raw counts (not modified)")
+    p.add_argument("-o", "--output", required=True, help="output .h5ad (new file, atomic)")
+    p.add_argument("--model", required=True, help="the fitted model: .npz, or an .h5ad holding one")
+    p.add_argument("--model-key", default="X_zinbwave", help="model key in the --model .h5ad")
+    p.add_argument("--key-added", default="X_zinbwave", help="obsm key receiving W")
+    p.add_argument("--layer", default=None, help="layer of the query with the raw counts")
+    p.add_argument("--batch-key", default=None, help="query obs column with the fit's batches")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.set_defaults(func=_cmd_project)
+
+    p = subparsers.add_parser(
+        "simulate",
+        help="simulate counts from a fitted model (zinbSim, or large synthetic datasets)",
+        description="Without --n-cells: one ZINB draw for the model's own cells (zinbwave's "
+        "zinbSim). With --n-cells: a synthetic dataset of that many new cells (latent factors "
+        "drawn from the fit, planted batch effect and DE), streamed to the output in chunks.",
+    )
+    p.add_argument("input", help=".h5ad holding a fitted model (not modified)")
+    _common(
+        p,
+        model_help="use this model (.npz, or an .h5ad holding one) instead of the input's",
+    )
+    p.add_argument("--n-cells", type=int, default=None, help="number of synthetic cells")
+    p.add_argument("--n-batches", type=int, default=2, help="synthetic batches")
+    p.add_argument("--batch-effect", type=float, default=0.5, help="sd of log batch shifts")
+    p.add_argument("--de-genes", type=float, default=0, help="number or fraction of DE genes")
+    p.add_argument("--de-lfc", type=float, default=1.0, help="planted |log2 fold change|")
+    p.add_argument("--latent", default="resample", choices=["resample", "gmm"])
+    p.add_argument("--jitter", type=float, default=0.1, help="jitter of resampled cells")
+    p.add_argument("--chunk-cells", type=int, default=50_000, help="cells per write")
+    p.add_argument("--count-dtype", default="int32", choices=["int32", "int64"])
+    p.add_argument("--compression", default=None, choices=["gzip", "lzf"])
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.set_defaults(func=_cmd_simulate)

@@ -1,0 +1,363 @@
+"""Scanpy-style functions for what a zinbwave user does after the fit.
+
+Each reads the model stored by :func:`zinbgrad.tl.zinbwave` (``key``, default ``"X_zinbwave"``)
+or takes an explicit ``model=``, computes one cells x genes output block by block
+(:mod:`zinbgrad.model.outputs`) and writes it to ``adata.layers[key_added]``. ``adata.X`` is
+never modified; with ``copy=True`` a modified copy is returned instead of ``None``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..data.validate import extract_counts
+from ..estimator import ZINBWaVE
+from ..model import outputs as _out
+from ._zinbwave import model_from_anndata
+
+__all__ = [
+    "normalize",
+    "residuals",
+    "impute",
+    "observational_weights",
+    "batch_corrected",
+    "project",
+]
+
+
+def _resolve_model(adata, key: str, model: ZINBWaVE | None) -> ZINBWaVE:
+    if model is None:
+        return model_from_anndata(adata, key)
+    if not isinstance(model, ZINBWaVE):
+        raise TypeError(f"model must be a fitted zinbgrad.ZINBWaVE, got {type(model).__name__}")
+    model._check_fitted()
+    return model
+
+
+def _check_cells(adata, model: ZINBWaVE) -> None:
+    n = model.W_.shape[0]
+    if adata.n_obs != n:
+        raise ValueError(
+            f"adata has {adata.n_obs} cells but the model was fitted on {n}; these outputs are "
+            "for the training cells (use zinbgrad.tl.project for new cells)"
+        )
+    names = getattr(model, "obs_names_", None)
+    if names is not None and not np.array_equal(np.asarray(adata.obs_names).astype(str), names):
+        raise ValueError("adata.obs_names differ from the cells the model was fitted on")
+
+
+def _counts(adata, layer: str | None, model: ZINBWaVE):
+    """Training counts in the model's gene order (CSR, float64)."""
+    counts = extract_counts(
+        adata, layer, allow_non_integer=bool(model.allow_non_integer), check_empty=False
+    )
+    model._align_genes(counts)
+    return counts.X
+
+
+def _check_genes(adata, model: ZINBWaVE) -> None:
+    names = np.asarray(adata.var_names).astype(str)
+    if not np.array_equal(names, np.asarray(model.var_names_).astype(str)):
+        raise ValueError(
+            "adata.var_names differ from the model's genes; subset/reorder adata to the model's "
+            "genes (model.var_names_) first"
+        )
+
+
+def _finish(adata, copy: bool, key_added: str, values: np.ndarray, uns_info: dict):
+    target = adata.copy() if copy else adata
+    target.layers[key_added] = values
+    target.uns.setdefault("zinbgrad_outputs", {})[key_added] = uns_info
+    return target if copy else None
+
+
+def _compute(
+    adata,
+    what: str,
+    *,
+    layer: str | None,
+    key: str,
+    model: ZINBWaVE | None,
+    ignore_W: bool = False,
+    dtype: Any,
+    device: str,
+):
+    m = _resolve_model(adata, key, model)
+    _check_cells(adata, m)
+    _check_genes(adata, m)
+    counts = _counts(adata, layer, m) if what in _out.COUNT_OUTPUTS else None
+    return _out.model_output(
+        m, what, counts, ignore_W=ignore_W, device=device, out_dtype=np.dtype(dtype)
+    )
+
+
+def normalize(
+    adata,
+    *,
+    layer: str | None = None,
+    key: str = "X_zinbwave",
+    key_added: str = "zinbwave_normalized",
+    model: ZINBWaVE | None = None,
+    dtype: Any = np.float32,
+    device: str = "cpu",
+    copy: bool = False,
+):
+    """zinbwave's normalized values: deviance residuals of the model with ``W`` set to 0.
+
+    They keep the biology captured by ``W`` and remove the effects of the covariates in X
+    (e.g. the batch) and of the cell and gene intercepts (library size); use them for heatmaps
+    and other visualizations.
+
+    Parameters
+    ----------
+    adata
+        The AnnData the model was fitted on (same cells; genes in the model's order).
+    layer
+        Layer with the raw counts (default ``.X``).
+    key
+        Key of the model stored by :func:`zinbgrad.tl.zinbwave`.
+    key_added
+        ``adata.layers[key_added]`` receives the values (cells x genes, dense).
+    model
+        Use this fitted model instead of the stored one.
+    dtype
+        dtype of the layer.
+    device
+        Torch device of the computation.
+    copy
+        Return a modified copy instead of writing into ``adata``.
+
+    Returns
+    -------
+    The AnnData copy if ``copy=True``, else ``None``.
+    """
+    vals = _compute(
+        adata,
+        "deviance",
+        layer=layer,
+        key=key,
+        model=model,
+        ignore_W=True,
+        dtype=dtype,
+        device=device,
+    )
+    info = {"output": "normalized_values", "key": key, "ignore_W": True}
+    return _finish(adata, copy, key_added, vals, info)
+
+
+def residuals(
+    adata,
+    kind: str = "deviance",
+    ignore_W: bool = False,
+    *,
+    layer: str | None = None,
+    key: str = "X_zinbwave",
+    key_added: str | None = None,
+    model: ZINBWaVE | None = None,
+    dtype: Any = np.float32,
+    device: str = "cpu",
+    copy: bool = False,
+):
+    """Residuals of the fitted ZINB model.
+
+    Parameters
+    ----------
+    adata
+        The AnnData the model was fitted on.
+    kind
+        ``"deviance"`` (zinbwave's ``computeDevianceResiduals``:
+        ``sign(y - E[y]) sqrt(-2 log ZINB(y))``) or ``"pearson"``
+        (``(y - E[y]) / sqrt(Var[y])``).
+    ignore_W
+        Set the latent factors to 0 (``kind="deviance", ignore_W=True`` are the normalized
+        values).
+    key_added
+        Layer name (default ``f"zinbwave_{kind}_residuals"``).
+    layer, key, model, dtype, device, copy
+        As in :func:`normalize`.
+    """
+    if kind not in ("deviance", "pearson"):
+        raise ValueError(f"kind must be 'deviance' or 'pearson', got {kind!r}")
+    vals = _compute(
+        adata,
+        kind,
+        layer=layer,
+        key=key,
+        model=model,
+        ignore_W=ignore_W,
+        dtype=dtype,
+        device=device,
+    )
+    key_added = key_added or f"zinbwave_{kind}_residuals"
+    info = {"output": f"{kind}_residuals", "key": key, "ignore_W": bool(ignore_W)}
+    return _finish(adata, copy, key_added, vals, info)
+
+
+def impute(
+    adata,
+    method: str = "zeros",
+    *,
+    layer: str | None = None,
+    key: str = "X_zinbwave",
+    key_added: str = "zinbwave_imputed",
+    model: ZINBWaVE | None = None,
+    dtype: Any = np.float32,
+    device: str = "cpu",
+    copy: bool = False,
+):
+    """Imputed counts.
+
+    Parameters
+    ----------
+    adata
+        The AnnData the model was fitted on.
+    method
+        ``"zeros"``: zinbwave's ``imputeZeros`` - every zero replaced by its expected value
+        given that it is zero under the ZINB, ``mu pi / (pi + (1 - pi) NB(0))``, counts > 0
+        kept. ``"mean"``: the denoised mean ``(1 - pi) mu`` for every entry.
+    layer, key, key_added, model, dtype, device, copy
+        As in :func:`normalize`.
+    """
+    what = {"zeros": "impute_zeros", "mean": "mean"}.get(method)
+    if what is None:
+        raise ValueError(f"method must be 'zeros' or 'mean', got {method!r}")
+    vals = _compute(adata, what, layer=layer, key=key, model=model, dtype=dtype, device=device)
+    info = {"output": f"imputed_{method}", "key": key}
+    return _finish(adata, copy, key_added, vals, info)
+
+
+def observational_weights(
+    adata,
+    *,
+    layer: str | None = None,
+    key: str = "X_zinbwave",
+    key_added: str = "zinbwave_weights",
+    model: ZINBWaVE | None = None,
+    dtype: Any = np.float64,
+    device: str = "cpu",
+    copy: bool = False,
+):
+    """zinbwave's observational weights (``computeObservationalWeights``).
+
+    The posterior probability that each zero comes from the negative binomial rather than the
+    zero inflation, 1 for positive counts, floored at 1e-15 - the weights for
+    :func:`zinbgrad.tl.differential_expression` (``weights_layer=key_added``), edgeR or DESeq2.
+    zinbwave's vignette fits the model for these weights with ``epsilon=1e12``.
+
+    Parameters
+    ----------
+    adata, layer, key, key_added, model, dtype, device, copy
+        As in :func:`normalize` (float64 by default: the weights reach 1e-15).
+    """
+    vals = _compute(adata, "weights", layer=layer, key=key, model=model, dtype=dtype, device=device)
+    info = {"output": "observational_weights", "key": key}
+    return _finish(adata, copy, key_added, vals, info)
+
+
+def batch_corrected(
+    adata,
+    reference: str | None = None,
+    *,
+    kind: str = "mu",
+    ignore_W: bool = False,
+    key: str = "X_zinbwave",
+    key_added: str = "zinbwave_batch_corrected",
+    model: ZINBWaVE | None = None,
+    dtype: Any = np.float32,
+    device: str = "cpu",
+    copy: bool = False,
+):
+    """Fitted expression of every cell as if measured in one batch (or averaged over batches).
+
+    Parameters
+    ----------
+    adata
+        The AnnData the model was fitted on with ``batch_key``.
+    reference
+        Batch level to move every cell to (default: the model's reference level) or
+        ``"average"`` (mean over all batches, as scVI's ``transform_batch``).
+    kind
+        ``"mu"`` (NB mean), ``"mean"`` (``(1 - pi) mu``) or ``"log_mu"``.
+    ignore_W
+        Drop the latent factors too.
+    key, key_added, model, dtype, device, copy
+        As in :func:`normalize`.
+
+    Notes
+    -----
+    zinbwave's normalized values (:func:`normalize`) are residuals against a model that
+    includes the batch columns of X, so they are already batch-corrected.
+    """
+    m = _resolve_model(adata, key, model)
+    _check_cells(adata, m)
+    _check_genes(adata, m)
+    vals = _out.batch_corrected(
+        m, reference, kind=kind, ignore_W=ignore_W, device=device, out_dtype=np.dtype(dtype)
+    )
+    info = {
+        "output": f"batch_corrected_{kind}",
+        "key": key,
+        "reference": str(reference if reference is not None else m.batch_info_["reference"]),
+        "ignore_W": bool(ignore_W),
+    }
+    return _finish(adata, copy, key_added, vals, info)
+
+
+def project(
+    adata_query,
+    model,
+    key_added: str = "X_zinbwave",
+    *,
+    layer: str | None = None,
+    key: str = "X_zinbwave",
+    batch_key: str | None = None,
+    covariate_keys: list[str] | None = None,
+    copy: bool = False,
+):
+    """Map new cells into a fitted model's latent space (zinbwave's projection).
+
+    The gene parameters stay fixed; each query cell's ``W`` and ``gamma`` are fitted to its
+    counts (:meth:`zinbgrad.ZINBWaVE.transform`).
+
+    Parameters
+    ----------
+    adata_query
+        Raw counts of the new cells. Genes are aligned by name with the model (extra genes are
+        ignored; a missing gene is an error).
+    model
+        A fitted :class:`~zinbgrad.ZINBWaVE`, or the reference AnnData holding one under
+        ``key``.
+    key_added
+        ``adata_query.obsm[key_added]`` receives the latent factors (cells x K).
+    layer
+        Layer of ``adata_query`` with the counts.
+    key
+        Model key when ``model`` is an AnnData.
+    batch_key, covariate_keys
+        ``adata_query.obs`` columns with the same levels as in the fit (default: every query
+        cell in the reference batch).
+    copy
+        Return a modified copy instead of writing into ``adata_query``.
+    """
+    if not isinstance(model, ZINBWaVE):
+        model = model_from_anndata(model, key)
+    model._check_fitted()
+    query_genes = set(np.asarray(adata_query.var_names).astype(str))
+    missing = [g for g in np.asarray(model.var_names_).astype(str) if g not in query_genes]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} genes of the model are missing from the query "
+            f"(e.g. {', '.join(missing[:5])}); the query needs every model gene"
+        )
+    W = model.transform(
+        adata_query, layer=layer, batch_key=batch_key, covariate_keys=covariate_keys
+    )
+    target = adata_query.copy() if copy else adata_query
+    target.obsm[key_added] = W
+    target.uns.setdefault("zinbgrad_outputs", {})[key_added] = {
+        "output": "projection",
+        "n_components": int(W.shape[1]),
+    }
+    return target if copy else None
