@@ -42,7 +42,9 @@ def read_h5ad_checked(path: Path):
     try:
         return ad.read_h5ad(path)
     except Exception as err:  # noqa: BLE001 - any reader failure is reported the same way
-        raise SystemExit(f"error: cannot read {path} as .h5ad ({type(err).__name__}: {err})")
+        raise SystemExit(
+            f"error: cannot read {path} as .h5ad ({type(err).__name__}: {err})"
+        ) from err
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
@@ -70,7 +72,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
             verbose=not args.quiet,
         )
     except (ValueError, KeyError) as err:
-        raise SystemExit(f"error: {err}")
+        raise SystemExit(f"error: {err}") from err
     seconds = time.perf_counter() - t0
     write_h5ad_atomic(adata, out)
     if args.save_model:

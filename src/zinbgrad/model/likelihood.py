@@ -8,8 +8,8 @@ zinbwave's common-dispersion fits run into) and for mu from 1e-30 to 1e18.
 
 Key identities, with ``s = a - zeta``, ``p = sigmoid(s) = mu / (mu + theta)``, ``q = 1 - p``:
 
-* ``log NB(0) = theta * log q = -theta * softplus(s)``, evaluated as ``-exp(zeta + log softplus(s))``
-  so that ``theta`` itself is never formed (no overflow in float32);
+* ``log NB(0) = theta * log q = -theta * softplus(s)`` (in :func:`log_nb` as
+  ``-exp(zeta + log softplus(s))``, exact even where ``softplus(s)`` underflows);
 * ``log NB(y) = y*a - lgamma(y+1) + [lgamma(y+theta) - lgamma(theta) - y*zeta] - y*softplus(s)
   + log NB(0)``, where the bracket is computed directly for small theta and from the Stirling
   series in ``t = y/theta`` for large theta (no catastrophic cancellation);

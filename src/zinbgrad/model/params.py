@@ -91,7 +91,7 @@ class Params:
 def linear_predictors(
     design: Design, params: Params, rows: slice | Tensor, zero_inflation: bool = True
 ) -> tuple[Tensor, Tensor | None]:
-    """``(log mu, logit pi)`` for the cells ``rows`` (all genes); ``logit pi`` is None without ZI."""
+    """``(log mu, logit pi)`` of the cells ``rows`` (all genes); logit pi is None without ZI."""
     W = params.W[rows]
     a = design.X_mu[rows] @ params.beta_mu + (design.V_mu @ params.gamma_mu[:, rows]).T
     a = a + W @ params.alpha_mu
