@@ -509,7 +509,9 @@ def test_project_and_new_cell_likelihood_params(fitted):
         obs=pd.DataFrame({"batch": a.obs["batch"].iloc[:20].to_numpy()}, index=a.obs_names[:20]),
         var=pd.DataFrame(index=list(a.var_names[::-1]) + ["extra_gene"]),
     )
+    X_before = query.X.copy()
     tl.project(query, a, batch_key="batch")
+    assert (query.X != X_before).nnz == 0
     # W of training cells re-fitted with the gene parameters fixed: near the fitted W (the fit
     # stops at a relative objective change of 1e-4, so not exactly at the conditional optimum)
     W = query.obsm["X_zinbwave"]

@@ -27,6 +27,9 @@ def write_h5ad_atomic(adata, out: Path) -> None:
     os.close(fd)
     try:
         adata.write_h5ad(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -160,12 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-o", "--output", default="zinbgrad_demo", help="output directory")
     d.set_defaults(func=_cmd_demo)
 
-    import importlib.util
+    from .cli_downstream import add_subcommands
 
-    if importlib.util.find_spec("zinbgrad.cli_downstream") is not None:  # being written
-        from .cli_downstream import add_subcommands
-
-        add_subcommands(sub)
+    add_subcommands(sub)
     return p
 
 

@@ -191,7 +191,8 @@ def block_output(
         (``(1 - pi) mu``), ``"variance"``, ``"loglik"``, ``"deviance"``, ``"pearson"``,
         ``"weights"``, ``"impute_zeros"``.
     a, b
-        ``log mu`` and ``logit pi`` (``None``: no zero inflation), shape (cells, genes).
+        ``log mu`` and ``logit pi`` (``None``: no zero inflation, i.e. ``pi = 0`` and
+        ``logit pi = -inf``; zinbwave stores 0 there), shape (cells, genes).
     zeta
         ``log theta``, shape (genes,) or scalar.
     y

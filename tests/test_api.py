@@ -1,0 +1,176 @@
+"""User-facing API: scikit-learn conventions, AnnData integration, persistence, validation."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from sklearn.base import clone
+
+import zinbgrad
+from zinbgrad import ZINBWaVE
+from zinbgrad.tl._zinbwave import model_from_anndata
+
+
+@pytest.fixture(scope="module")
+def pbmc():
+    return zinbgrad.datasets.pbmc_small()
+
+
+@pytest.fixture(scope="module")
+def fitted(pbmc):
+    return ZINBWaVE(n_components=2, random_state=0).fit(pbmc)
+
+
+def test_sklearn_conventions(fitted):
+    m = ZINBWaVE(n_components=3, tol=1e-5)
+    assert m.get_params()["n_components"] == 3
+    m.set_params(n_components=4, epsilon=100.0)
+    assert m.n_components == 4 and m.epsilon == 100.0
+    c = clone(fitted)
+    assert not hasattr(c, "W_") and c.get_params() == fitted.get_params()
+    assert fitted.W_.shape == (80, 2) and fitted.alpha_mu_.shape == (2, 230)
+    assert fitted.beta_mu_.shape == (1, 230) and fitted.zeta_.shape == (230,)
+    assert fitted.n_features_in_ == 230 and fitted.converged_
+    with pytest.raises(Exception, match="not fitted"):
+        ZINBWaVE().transform(np.ones((3, 3)))
+
+
+def test_tl_zinbwave_writes_anndata_and_keeps_x(pbmc):
+    adata = pbmc.copy()
+    X_before = adata.X.copy()
+    model = zinbgrad.tl.zinbwave(adata, n_components=2, key_added="X_zw")
+    assert (adata.X != X_before).nnz == 0
+    np.testing.assert_array_equal(adata.obsm["X_zw"], model.W_)
+    assert adata.varm["X_zw_alpha_mu"].shape == (230, 2)
+    assert adata.uns["X_zw"]["loglik"] == pytest.approx(model.loglik_)
+    back = model_from_anndata(adata, "X_zw")
+    np.testing.assert_allclose(back.transform(pbmc), model.transform(pbmc))
+    out = zinbgrad.tl.zinbwave(pbmc, n_components=2, copy=True)
+    assert isinstance(out, ad.AnnData) and "X_zinbwave" in out.obsm
+    assert "X_zinbwave" not in pbmc.obsm
+
+
+def test_h5ad_round_trip_of_stored_model(tmp_path, pbmc):
+    adata = pbmc.copy()
+    zinbgrad.tl.zinbwave(adata, n_components=2)
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    back = ad.read_h5ad(tmp_path / "a.h5ad")
+    m = model_from_anndata(back)
+    assert m.W_.shape == (80, 2) and len(m.history_) == m.n_iter_
+
+
+def test_save_load_transform_and_score_identically(tmp_path, fitted, pbmc):
+    path = fitted.save(tmp_path / "model.npz")
+    loaded = ZINBWaVE.load(path)
+    np.testing.assert_array_equal(loaded.W_, fitted.W_)
+    np.testing.assert_array_equal(loaded.transform(pbmc[:20]), fitted.transform(pbmc[:20]))
+    assert loaded.score(pbmc[:20]) == fitted.score(pbmc[:20])
+    assert loaded.get_params() == fitted.get_params()
+    with pytest.raises(FileExistsError):
+        fitted.save(path)
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x=np.arange(3))
+    with pytest.raises(ValueError, match="not a zinbgrad model"):
+        ZINBWaVE.load(bad)
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not a zinbgrad model"):
+        ZINBWaVE.load(tmp_path / "junk.npz")
+
+
+def test_transform_projects_training_cells_back(fitted, pbmc):
+    W = fitted.transform(pbmc)
+    # the projection optimises the same local problem to convergence: close to the fit's W
+    rel = np.linalg.norm(W - fitted.W_) / np.linalg.norm(fitted.W_)
+    assert rel < 0.1
+    per_cell = fitted.score_samples(pbmc)
+    assert per_cell.shape == (80,) and np.all(per_cell < 0)
+    # re-optimised local parameters cannot do worse than the fitted ones on the same cells
+    assert per_cell.sum() >= fitted.loglik_ - 1e-6 * abs(fitted.loglik_)
+
+
+def test_transform_aligns_genes_by_name(fitted, pbmc):
+    perm = np.random.default_rng(0).permutation(pbmc.n_vars)
+    shuffled = pbmc[:, perm].copy()
+    np.testing.assert_allclose(fitted.transform(shuffled), fitted.transform(pbmc), atol=1e-10)
+    with pytest.raises(ValueError, match="missing"):
+        fitted.transform(pbmc[:, :200].copy())
+
+
+def _with(adata, X):
+    out = adata.copy()
+    out.X = X
+    return out
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda X: X - 5 * (X > 3), "negative"),
+        (lambda X: X * 0.5, "non-integer"),
+        (lambda X: np.where(X > 5, np.nan, X), "NaN"),
+        (lambda X: np.where(X > 5, np.inf, X), "infinite"),
+    ],
+)
+def test_bad_counts_are_rejected(pbmc, mutate, match):
+    dense = pbmc.X.toarray().astype(float)
+    bad = mutate(dense)
+    for data in (bad, sp.csr_matrix(bad), _with(pbmc, bad)):
+        before = data.copy() if not isinstance(data, ad.AnnData) else data.X.copy()
+        with pytest.raises(ValueError, match=match):
+            ZINBWaVE(n_components=2).fit(data)
+        after = data if not isinstance(data, ad.AnnData) else data.X
+        np.testing.assert_array_equal(np.asarray(before), np.asarray(after))
+
+
+def test_non_integer_counts_opt_out_warns(pbmc):
+    X = pbmc.X.toarray() * 1.5
+    with pytest.warns(UserWarning, match="non-integer"):
+        m = ZINBWaVE(n_components=2, allow_non_integer=True, max_epochs=3).fit(X)
+    assert np.isfinite(m.objective_)
+
+
+def test_empty_cells_and_genes_are_rejected(pbmc):
+    X = pbmc.X.toarray()
+    X[5] = 0
+    with pytest.raises(ValueError, match="cells have only zero counts"):
+        ZINBWaVE(n_components=2).fit(X)
+    X = pbmc.X.toarray()
+    X[:, 7] = 0
+    with pytest.raises(ValueError, match="genes have only zero counts"):
+        ZINBWaVE(n_components=2).fit(X)
+
+
+def test_bad_designs_and_keys_are_rejected(pbmc):
+    m = ZINBWaVE(n_components=2)
+    with pytest.raises(ValueError, match="rows"):
+        m.fit(pbmc, X=np.ones((79, 1)))
+    with pytest.raises(ValueError, match="rank deficient"):
+        b = (pbmc.obs["batch"] == "g1").to_numpy(float)
+        m.fit(pbmc, X=np.column_stack([np.ones(80), b, 1 - b]))
+    with pytest.raises(ValueError, match="V has"):
+        m.fit(pbmc, V=np.ones((10, 1)))
+    with pytest.raises(ValueError, match="too large"):
+        ZINBWaVE(n_components=80).fit(pbmc)
+    with pytest.raises(KeyError, match="layer"):
+        m.fit(pbmc, layer="counts")
+    with pytest.raises(KeyError, match="nope"):
+        m.fit(pbmc, batch_key="nope")
+    one = pbmc.copy()
+    one.obs["b1"] = pd.Categorical(["x"] * 79 + ["y"])
+    with pytest.raises(ValueError, match="fewer than 2 cells"):
+        m.fit(one, batch_key="b1")
+    with pytest.raises(ValueError, match="O_mu"):
+        m.fit(pbmc, O_mu=np.zeros(5))
+
+
+def test_batch_key_and_offsets(pbmc):
+    m = ZINBWaVE(n_components=2).fit(pbmc, batch_key="batch")
+    assert m.X_columns_ == ["intercept", "batch[g2]"]
+    assert m.batch_info_["reference"] == "g1"
+    lib = np.log(np.asarray(pbmc.X.sum(1)).ravel())
+    mo = ZINBWaVE(n_components=2, max_epochs=5).fit(pbmc, O_mu=lib)
+    assert np.isfinite(mo.objective_)
+    assert mo.transform(pbmc[:5], O_mu=lib[:5]).shape == (5, 2)
