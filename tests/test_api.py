@@ -118,11 +118,14 @@ def test_bad_counts_are_rejected(pbmc, mutate, match):
     dense = pbmc.X.toarray().astype(float)
     bad = mutate(dense)
     for data in (bad, sp.csr_matrix(bad), _with(pbmc, bad)):
-        before = data.copy() if not isinstance(data, ad.AnnData) else data.X.copy()
+        def snapshot(d):
+            M = d.X if isinstance(d, ad.AnnData) else d
+            return M.toarray() if sp.issparse(M) else np.array(M)
+
+        before = snapshot(data)
         with pytest.raises(ValueError, match=match):
             ZINBWaVE(n_components=2).fit(data)
-        after = data if not isinstance(data, ad.AnnData) else data.X
-        np.testing.assert_array_equal(np.asarray(before), np.asarray(after))
+        np.testing.assert_array_equal(before, snapshot(data))
 
 
 def test_non_integer_counts_opt_out_warns(pbmc):
