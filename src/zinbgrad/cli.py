@@ -27,10 +27,38 @@ def write_h5ad_atomic(adata, out: Path) -> None:
     os.close(fd)
     try:
         adata.write_h5ad(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
-        os.replace(tmp, out)
+        _publish(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _publish(tmp: str, out: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
+    os.replace(tmp, out)
+
+
+def write_model_into_copy(inp: Path, out: Path, model, key_added: str) -> None:
+    """Copy ``inp`` to a temporary file, add the model (obsm/varm/var/uns) in backed mode
+    (the counts are never loaded), then rename it to ``out``: memory-bounded and atomic."""
+    import shutil
+
+    import anndata as ad
+
+    from .tl._zinbwave import store_model
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(inp, tmp)
+        a = ad.read_h5ad(tmp, backed="r+")
+        store_model(a, model, key_added)
+        a.write()
+        a.file.close()
+        _publish(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -51,19 +79,42 @@ def read_h5ad_checked(path: Path):
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
-    from . import tl
-
     inp, out = Path(args.input), Path(args.output)
     check_output_path(inp, out, args.force)
-    adata = read_h5ad_checked(inp)
+    if args.nproc > 1:
+        from .optim.distributed import launch
+
+        if not inp.exists():
+            raise SystemExit(f"error: input file {inp} does not exist")
+        launch(_fit_worker, args.nproc, args)
+        return 0
+    return _fit_and_write(args)
+
+
+def _fit_worker(args: argparse.Namespace) -> None:
+    """One process of ``zinbgrad fit --nproc N`` (or of a torchrun launch)."""
+    _fit_and_write(args)
+
+
+def _fit_and_write(args: argparse.Namespace) -> int:
+    """Fit (streaming the input from disk when it runs distributed) and write the result.
+
+    Under torch.distributed every rank fits its shard; rank 0 writes the output.
+    """
+    from .estimator import ZINBWaVE
+    from .optim.distributed import current_comm, init_from_env
+    from .tl._zinbwave import store_model
+
+    comm = init_from_env() if "WORLD_SIZE" in os.environ else current_comm()
+    inp, out = Path(args.input), Path(args.output)
+    stream = args.stream or comm.world_size > 1
+    if stream and not inp.exists():
+        raise SystemExit(f"error: input file {inp} does not exist")
+    adata = None if stream else read_h5ad_checked(inp)
     t0 = time.perf_counter()
     try:
-        model = tl.zinbwave(
-            adata,
+        model = ZINBWaVE(
             n_components=args.n_components,
-            layer=args.layer,
-            batch_key=args.batch_key,
-            key_added=args.key_added,
             max_epochs=args.epochs,
             tol=args.tol,
             device=args.device,
@@ -72,15 +123,31 @@ def _cmd_fit(args: argparse.Namespace) -> int:
             zero_inflation=not args.no_zero_inflation,
             epsilon=args.epsilon,
             random_state=args.seed,
-            verbose=not args.quiet,
+            solver=args.solver,
+            batch_size=args.batch_size,
+            verbose=not args.quiet and comm.rank == 0,
         )
-    except (ValueError, KeyError) as err:
+        model.fit(
+            str(inp) if stream else adata,
+            layer=args.layer,
+            batch_key=args.batch_key,
+            checkpoint=args.checkpoint,
+            checkpoint_every=args.checkpoint_every,
+            resume=args.resume,
+        )
+    except (ValueError, KeyError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from err
+    if comm.rank != 0:
+        return 0
     seconds = time.perf_counter() - t0
-    write_h5ad_atomic(adata, out)
+    if stream:
+        write_model_into_copy(inp, out, model, args.key_added)
+    else:
+        store_model(adata, model, args.key_added)
+        write_h5ad_atomic(adata, out)
     if args.save_model:
         model.save(args.save_model, overwrite=args.force)
-    n, J = adata.shape
+    n, J = model.W_.shape[0], model.n_features_in_
     print(
         f"zinbgrad fit: {n} cells x {J} genes, K={args.n_components}, "
         f"log-likelihood {model.loglik_:.6g}, penalized {model.objective_:.6g}, "
@@ -157,6 +224,22 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--seed", type=int, default=0, help="random seed")
     f.add_argument("--force", action="store_true", help="replace an existing output")
     f.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    f.add_argument("--solver", default="auto", choices=["auto", "full", "stochastic"])
+    f.add_argument("--batch-size", type=int, default=None, help="cells per minibatch")
+    f.add_argument("--checkpoint", default=None, help="write a checkpoint (.npz) each epoch")
+    f.add_argument("--checkpoint-every", type=int, default=1, help="epochs between checkpoints")
+    f.add_argument("--resume", default=None, help="continue from this checkpoint")
+    f.add_argument(
+        "--stream",
+        action="store_true",
+        help="stream the counts from disk in blocks (bounded memory; CSR .h5ad)",
+    )
+    f.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="data-parallel processes on this host (torch.distributed; gloo on CPU)",
+    )
     f.set_defaults(func=_cmd_fit)
 
     d = sub.add_parser("demo", help="fit the bundled example and write the result and a PNG")

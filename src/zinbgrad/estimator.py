@@ -14,13 +14,16 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator, TransformerMixin
 
+from .data.open import open_counts
 from .data.source import InMemoryCounts
 from .data.validate import build_cell_design, check_design_matrix, extract_counts
 from .model.params import Design, Params, Penalty
+from .optim.distributed import current_comm, shard_bounds
 from .optim.engine import Engine, FitOptions
 from .optim.init import init_local_mean, init_local_zi, initialize
 
 __all__ = ["ZINBWaVE", "resolve_device"]
+
 
 FORMAT_NAME = "zinbgrad-model"
 FORMAT_VERSION = 1
@@ -211,8 +214,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         if self.solver not in ("auto", "full", "stochastic"):
             raise ValueError(f"solver must be 'auto', 'full' or 'stochastic', got {self.solver!r}")
 
-    def _cell_design(self, data, counts, X, batch_key, covariate_keys) -> tuple[np.ndarray, list]:
-        n = counts.X.shape[0]
+    def _cell_design(self, obs, n: int, X, batch_key, covariate_keys) -> tuple[np.ndarray, list]:
         if X is not None:
             if batch_key is not None or covariate_keys:
                 raise ValueError("pass either X or batch_key/covariate_keys, not both")
@@ -221,7 +223,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
             self.batch_info_ = {}
             return Xm, names
         Xm, names, info = build_cell_design(
-            counts.obs, n, batch_key=batch_key, covariate_keys=covariate_keys
+            obs, n, batch_key=batch_key, covariate_keys=covariate_keys
         )
         self.batch_info_ = info
         return check_design_matrix(Xm, n, "X (cell covariates)", "cells"), names
@@ -280,6 +282,9 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         V=None,
         O_mu=None,
         O_pi=None,
+        checkpoint: str | os.PathLike | None = None,
+        checkpoint_every: int = 1,
+        resume: str | os.PathLike | None = None,
     ) -> ZINBWaVE:
         """Fit the model to a cells x genes count matrix.
 
@@ -287,7 +292,9 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         ----------
         data
             AnnData (counts in ``.X`` or ``layer``), numpy array, scipy.sparse matrix or
-            DataFrame of raw counts, cells x genes. Never modified.
+            DataFrame of raw counts, cells x genes (never modified); or the path of an
+            ``.h5ad`` file / a backed AnnData (``backed="r"``) with CSR counts, which is then
+            streamed from disk in blocks of cells and never loaded whole.
         y
             Ignored (scikit-learn API).
         layer
@@ -301,19 +308,31 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
             Explicit cell (n x M) and gene (J x L) design matrices; default intercepts.
         O_mu, O_pi
             Offsets, (n,) / (n, 1) per cell or (n, J).
+        checkpoint
+            Write all parameters and the optimizer state to this ``.npz`` every
+            ``checkpoint_every`` epochs (atomically: temporary file, then rename).
+        resume
+            Continue an interrupted fit from its checkpoint (same data and settings).
+
+        Notes
+        -----
+        Under ``torchrun`` (an initialized ``torch.distributed`` process group) every process
+        fits its own contiguous shard of the cells; gene statistics are all-reduced and all
+        processes end with the same model (their W gathered).
         """
         t_start = time.perf_counter()
-        counts = extract_counts(data, layer, allow_non_integer=self.allow_non_integer)
-        n, J = counts.X.shape
-        self._check_hyperparameters(n, J)
+        comm = current_comm()
         dev, dt = self._torch_setup()
-        Xm, xnames = self._cell_design(data, counts, X, batch_key, covariate_keys)
+        inp = open_counts(data, layer, allow_non_integer=self.allow_non_integer)
+        n, J = inp.shape
+        self._check_hyperparameters(n, J)
+        Xm, xnames = self._cell_design(inp.obs, n, X, batch_key, covariate_keys)
         Vm = np.ones((J, 1)) if V is None else check_design_matrix(V, J, "V", "genes")
         O_mu_a = self._offset(O_mu, n, J, "O_mu")
         O_pi_a = self._offset(O_pi, n, J, "O_pi")
-        design = self._make_design(Xm, Vm, O_mu_a, O_pi_a, dev, dt)
+        design_all = self._make_design(Xm, Vm, O_mu_a, O_pi_a, dev, dt)
         pen = Penalty.zinbwave_defaults(
-            design,
+            design_all,
             epsilon=self.epsilon,
             epsilon_beta=self.epsilon_beta,
             epsilon_gamma=self.epsilon_gamma,
@@ -323,19 +342,27 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
             epsilon_min_logit=self.epsilon_min_logit,
             common_dispersion=self.common_dispersion,
         )
-        source = InMemoryCounts(counts.X, dtype=dt, device=dev)
+        lo, hi = shard_bounds(n, comm.rank, comm.world_size)
+        design = design_all.rows(lo, hi)
+        source = inp.source(lo, hi, dt, dev)
+        full_source = source if comm.world_size == 1 else inp.source(0, n, dt, dev)
         seed = 0 if self.random_state is None else int(self.random_state)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
+            # every rank derives the same gene initialization from the same global subsample
             params = initialize(
-                source,
-                design,
+                full_source,
+                design_all,
                 pen,
                 self.n_components,
                 zero_inflation=self.zero_inflation,
                 common_dispersion=self.common_dispersion,
                 seed=seed,
+                shard=(lo, hi),
+                shard_source=source,
             )
+            if full_source is not source and hasattr(full_source, "close"):
+                full_source.close()
             cb, bar = self._progress()
             opts = FitOptions(
                 max_epochs=self.max_epochs,
@@ -346,6 +373,8 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
                 solver=self.solver,
                 verbose=self.verbose,
                 progress=cb,
+                checkpoint_path=None if checkpoint is None else str(checkpoint),
+                checkpoint_every=checkpoint_every,
             )
             engine = Engine(
                 source,
@@ -356,13 +385,22 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
                 common_dispersion=self.common_dispersion,
                 options=opts,
                 seed=seed,
+                comm=comm,
             )
             try:
-                result = engine.fit()
+                result = engine.fit(resume=None if resume is None else str(resume))
             finally:
                 if bar is not None:
                     bar.close()
-        self._store(engine.params, pen, design, Xm, xnames, Vm, counts)
+                if hasattr(source, "close"):
+                    source.close()
+        final = engine.params
+        if comm.world_size > 1:
+            final = final.clone()
+            final.W = comm.all_gather_rows(final.W, n)
+            final.gamma_mu = comm.all_gather_rows(final.gamma_mu.T, n).T
+            final.gamma_pi = comm.all_gather_rows(final.gamma_pi.T, n).T
+        self._store(final, pen, design_all, Xm, xnames, Vm, inp)
         self.loglik_ = float(result.loglik)
         self.penalty_ = float(result.penalty)
         self.objective_ = self.loglik_ - self.penalty_

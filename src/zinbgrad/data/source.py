@@ -87,3 +87,153 @@ class InMemoryCounts:
     def rows_subset(self, idx: np.ndarray) -> sp.csr_matrix:
         """The raw CSR rows of a sorted subset of cells (initialization subsample)."""
         return self.X[idx]
+
+
+class BackedCounts:
+    """CSR counts of an ``.h5ad`` file read from disk in blocks of cells (never loaded whole).
+
+    Only ``indptr`` (n + 1 integers) is held in memory; a block's ``indices``/``data`` are read
+    when it is needed, the next block in the background (one-block prefetch). Blocks can be
+    restricted to a contiguous shard of cells (``row_range``) for data-parallel fits.
+
+    Parameters
+    ----------
+    path
+        The ``.h5ad`` file.
+    layer
+        Read ``layers/<layer>`` instead of ``X``.
+    dtype, device
+        Floating type and device of the blocks.
+    row_range
+        ``(start, stop)``: expose only these cells (re-indexed from 0).
+    """
+
+    cache = False
+
+    def __init__(
+        self,
+        path,
+        layer: str | None = None,
+        dtype: torch.dtype = torch.float64,
+        device: torch.device | str = "cpu",
+        row_range: tuple[int, int] | None = None,
+    ) -> None:
+        import h5py
+
+        self.path = str(path)
+        try:
+            self._f = h5py.File(self.path, "r")
+        except (OSError, FileNotFoundError) as err:
+            raise ValueError(f"cannot open {self.path} as an HDF5/.h5ad file ({err})") from err
+        key = "X" if layer is None else f"layers/{layer}"
+        if key not in self._f:
+            raise KeyError(f"{key!r} not found in {self.path}")
+        g = self._f[key]
+        if isinstance(g, h5py.Dataset):
+            raise ValueError(
+                f"{key} in {self.path} is stored dense; streaming needs CSR. Convert once with "
+                "`zinbgrad convert IN.h5ad OUT.h5ad` (writes CSR in chunks)"
+            )
+        enc = g.attrs.get("encoding-type", "")
+        enc = enc.decode() if isinstance(enc, bytes) else str(enc)
+        if enc != "csr_matrix":
+            raise ValueError(
+                f"{key} in {self.path} is {enc or 'not CSR'}; streaming over cells needs CSR "
+                "(cells x genes, row-compressed). Convert once with `zinbgrad convert`"
+            )
+        shape = tuple(int(v) for v in g.attrs["shape"])
+        self._indptr_all = np.asarray(g["indptr"][:], dtype=np.int64)
+        self._indices = g["indices"]
+        self._data = g["data"]
+        lo, hi = row_range if row_range is not None else (0, shape[0])
+        self.offset = lo
+        self.n_obs, self.n_vars = hi - lo, shape[1]
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self._pool = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.n_obs, self.n_vars
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._f.close()
+
+    def rows_csr(self, start: int, stop: int) -> sp.csr_matrix:
+        a, b = start + self.offset, stop + self.offset
+        ptr = self._indptr_all[a : b + 1]
+        lo, hi = int(ptr[0]), int(ptr[-1])
+        return sp.csr_matrix(
+            (self._data[lo:hi], self._indices[lo:hi], ptr - lo), shape=(stop - start, self.n_vars)
+        )
+
+    def rows_subset(self, idx: np.ndarray) -> sp.csr_matrix:
+        """Rows of a sorted subset (read as runs of consecutive cells)."""
+        idx = np.asarray(idx)
+        if idx.size == 0:
+            return sp.csr_matrix((0, self.n_vars))
+        breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+        parts = [self.rows_csr(int(run[0]), int(run[-1]) + 1) for run in np.split(idx, breaks)]
+        return sp.vstack(parts, format="csr")
+
+    def block(self, start: int, stop: int) -> SparseCounts:
+        M = self.rows_csr(start, stop)
+        return SparseCounts.from_csr(
+            torch.from_numpy(M.indptr.astype(np.int64)),
+            torch.from_numpy(M.indices.astype(np.int64)),
+            torch.from_numpy(np.asarray(M.data, dtype=np.float64)),
+            self.n_vars,
+            self.dtype,
+        ).to(self.device, non_blocking=True)
+
+    def iter_blocks(self, bounds: list[tuple[int, int]]) -> Iterator[tuple[int, int, SparseCounts]]:
+        """Blocks in order, the next one read from disk while the current one is used."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zinbgrad-read")
+        if not bounds:
+            return
+        fut = self._pool.submit(self.block, *bounds[0])
+        for i, (start, stop) in enumerate(bounds):
+            counts = fut.result()
+            if i + 1 < len(bounds):
+                fut = self._pool.submit(self.block, *bounds[i + 1])
+            yield start, stop, counts
+
+    def validate(self, allow_non_integer: bool = False, block_rows: int = 65536) -> None:
+        """Streaming version of :func:`zinbgrad.data.validate.validate_counts`."""
+        import warnings
+
+        gene_nnz = np.zeros(self.n_vars, dtype=np.int64)
+        for start in range(0, self.n_obs, block_rows):
+            M = self.rows_csr(start, min(start + block_rows, self.n_obs))
+            d = np.asarray(M.data, dtype=np.float64)
+            if not np.isfinite(d).all():
+                raise ValueError(f"counts in {self.path} contain NaN or infinite values")
+            if (d < 0).any():
+                raise ValueError(f"counts in {self.path} contain negative values")
+            if (d != np.round(d)).any():
+                msg = f"counts in {self.path} contain non-integer values"
+                if not allow_non_integer:
+                    raise ValueError(msg + " (pass allow_non_integer=True to fit them anyway)")
+                warnings.warn(msg, stacklevel=2)
+            nonzero = d != 0
+            gene_nnz += np.bincount(M.indices[nonzero], minlength=self.n_vars)
+            rows = np.repeat(np.arange(M.shape[0]), np.diff(M.indptr))
+            per_cell = np.bincount(rows[nonzero], minlength=M.shape[0])
+            if (per_cell == 0).any():
+                first = start + int(np.argmax(per_cell == 0))
+                raise ValueError(
+                    f"{int((per_cell == 0).sum())} cells in {self.path} have only zero counts "
+                    f"(first: row {first}); filter empty cells first"
+                )
+        empty_genes = np.flatnonzero(gene_nnz == 0)
+        if empty_genes.size:
+            raise ValueError(
+                f"{empty_genes.size} genes in {self.path} have only zero counts (e.g. index "
+                f"{empty_genes[0]}); filter them first"
+            )

@@ -55,6 +55,18 @@ class Design:
 
         return Design(*(mv(getattr(self, f.name)) for f in fields(self)))
 
+    def rows(self, start: int, stop: int) -> Design:
+        """The design of the cells ``[start, stop)`` (a shard); gene covariates unchanged."""
+        if start == 0 and stop == self.n:
+            return self
+
+        def sl(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[start:stop]
+
+        return Design(
+            sl(self.X_mu), sl(self.X_pi), self.V_mu, self.V_pi, sl(self.O_mu), sl(self.O_pi)
+        )
+
 
 @dataclass
 class Params:

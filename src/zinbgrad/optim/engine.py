@@ -38,6 +38,8 @@ from ..model.likelihood import (
     nonzero_constant,
 )
 from ..model.params import Design, Params, Penalty, linear_predictors, orthogonalization_transform
+from .checkpoint import load_checkpoint, save_checkpoint
+from .distributed import LocalComm
 from .newton import damped_newton_step, outer_flat, update_damping
 
 __all__ = ["Engine", "FitOptions", "FitResult"]
@@ -59,6 +61,8 @@ class FitOptions:
     zeta_bounds: tuple[float, float] = (ZETA_MIN, ZETA_MAX)
     verbose: bool = False
     progress: Callable[[dict], None] | None = None
+    checkpoint_path: str | None = None
+    checkpoint_every: int = 1
 
 
 @dataclass
@@ -85,9 +89,8 @@ class _GeneStats:
         self.hz = torch.zeros(J, **kw)
         self.qa, self.qb = qa, qb
 
-    def scale_(self, c: float) -> None:
-        for t in (self.ga, self.gb, self.haa, self.hbb, self.hab, self.ll, self.gz, self.hz):
-            t.mul_(c)
+    def tensors(self) -> tuple[Tensor, ...]:
+        return (self.ga, self.gb, self.haa, self.hbb, self.hab, self.ll, self.gz, self.hz)
 
 
 class Engine:
@@ -104,8 +107,10 @@ class Engine:
         common_dispersion: bool = True,
         options: FitOptions | None = None,
         seed: int = 0,
+        comm: LocalComm | None = None,
     ) -> None:
         self.source = source
+        self.comm = comm or LocalComm()
         self.design = design
         self.params = params
         self.pen = penalty
@@ -125,6 +130,10 @@ class Engine:
         self.eps_cell = penalty.cell_vector(self.K, self.zi)
         self.eps_gene = penalty.gene_vector(self.K, self.zi)
         self._nzc: dict = {}
+        # stochastic solver state (checkpointed): averaged gene Hessians, damping, step count
+        self.sto_H: Tensor | None = None
+        self.sto_lam: Tensor | None = None
+        self.sto_t = 0
 
     # ------------------------------------------------------------------ cell-level pieces
     def _cell_features(self) -> tuple[Tensor, Tensor | None, dict]:
@@ -175,6 +184,8 @@ class Engine:
 
     def _nz_const(self, counts: SparseCounts, zeta: Tensor) -> Tensor:
         """``nonzero_constant`` of a block, cached while the dispersion tensor is unchanged."""
+        if not getattr(self.source, "cache", False):
+            return nonzero_constant(counts, zeta)
         key = id(counts)
         hit = self._nzc.get(key)
         if hit is not None and hit[0] is zeta:
@@ -344,6 +355,7 @@ class Engine:
             a, b = linear_predictors(self.design, self.params, rows, self.zi)
             for k, z in enumerate(zetas):
                 out[k] += self._derivs(a, b, counts, zeta=z, order=0).ll.sum(0)
+        self.comm.all_reduce_(*out)
         return out
 
     def gene_update(self, stats: _GeneStats, update_zeta: bool) -> Tensor:
@@ -410,6 +422,7 @@ class Engine:
             return
         p = self.params
         gram = p.W.T @ p.W
+        self.comm.all_reduce_(gram)
         alpha = torch.cat([p.alpha_mu, p.alpha_pi], 1) if self.zi else p.alpha_mu
         T, alpha_new = orthogonalization_transform(gram, alpha, self.pen.W, self.pen.alpha)
         p.W = p.W @ T
@@ -422,8 +435,14 @@ class Engine:
         (ll,) = self._eval_ll([self.params.zeta])
         return float(ll.sum())
 
+    def penalty_value(self) -> float:
+        """zinbwave's penalty; the per-cell part is summed over all ranks."""
+        p = self.params
+        genes = float(self.pen.gene_values(p).sum() + self.pen.zeta_value(p.zeta))
+        return genes + self.comm.sum(float(self.pen.cell_values(p).sum()))
+
     def penalized(self, loglik: float) -> float:
-        return loglik - self.pen.value(self.params)
+        return loglik - self.penalty_value()
 
     # ------------------------------------------------------------------ solvers
     def _sweep(self, local_steps: int, update_genes: bool = True) -> float:
@@ -436,11 +455,20 @@ class Engine:
                 self.accumulate(stats, rows, d, a, b, counts, dispersion=True)
             else:
                 stats.ll += d.ll.sum(0)
+        self.comm.all_reduce_(*stats.tensors())
         if not update_genes:
             return float(stats.ll.sum())
         ll = self.gene_update(stats, update_zeta=True)
         self.orthogonalize()
         return float(ll.sum())
+
+    def _record(self, history: list[dict], rec: dict) -> None:
+        history.append(rec)
+        if self.opt.progress is not None and self.comm.rank == 0:
+            self.opt.progress(rec)
+        path = self.opt.checkpoint_path
+        if path and (len(history) % max(1, self.opt.checkpoint_every) == 0):
+            save_checkpoint(self, history, path)
 
     def fit_full(self, history: list[dict], start_epoch: int = 0) -> FitResult:
         """Full-batch block Newton sweeps until the relative change is below ``tol``."""
@@ -460,15 +488,13 @@ class Engine:
                 "seconds": time.perf_counter() - t0,
                 "phase": "full",
             }
-            history.append(rec)
-            if opt.progress is not None:
-                opt.progress(rec)
+            self._record(history, rec)
             if prev is not None and abs(obj - prev) <= opt.tol * abs(prev):
                 converged = True
                 break
             prev = obj
         ll = self.loglik()
-        return FitResult(ll, self.pen.value(self.params), history, converged, epoch)
+        return FitResult(ll, self.penalty_value(), history, converged, epoch)
 
     def fit_stochastic(self, history: list[dict], batch_size: int, epochs: int) -> None:
         """Minibatch epochs over blocks of cells visited in a random order.
@@ -478,52 +504,56 @@ class Engine:
         the data term scaled by ``n/|B|`` (unbiased), preconditioned by a running average of the
         minibatch Hessians (also scaled by ``n/|B|``). The step size is 1 in the first epoch and
         decays as 1/epoch afterwards; the full-batch sweeps that follow remove the remaining
-        noise.
+        noise. Under torch.distributed every rank processes one minibatch of its shard per step
+        and the minibatch statistics are summed over ranks.
         """
-        n = self.n
-        bounds = block_bounds(n, batch_size)
-        t = 0
+        comm = self.comm
+        n_global = comm.sum(self.n)
+        bounds = block_bounds(self.n, batch_size)
+        n_steps = int(comm.max(len(bounds)))
         t0 = time.perf_counter()
-        H_avg = None
-        lam = torch.full_like(self.lam_genes, 1e-3)
-        for ep in range(epochs):
+        if self.sto_H is None:
+            self.sto_lam = torch.full_like(self.lam_genes, 1e-3)
+        done = sum(1 for h in history if h["phase"] == "stochastic")
+        for ep in range(done, done + epochs):
             order = self.rng.permutation(len(bounds))
             ll_epoch = 0.0
             rho = 1.0 / (ep + 1)
-            for bi in order:
-                start, stop = bounds[bi]
-                rows = slice(start, stop)
-                counts = self.source.block(start, stop)
-                feats = self._cell_features()
-                d, a, b = self.cell_newton(rows, counts, self.opt.local_steps, feats)
+            for step in range(n_steps):
                 stats = self._new_stats()
-                self.accumulate(stats, rows, d, a, b, counts, dispersion=True)
+                size = 0
+                if step < len(order):
+                    start, stop = bounds[order[step]]
+                    rows = slice(start, stop)
+                    counts = self.source.block(start, stop)
+                    feats = self._cell_features()
+                    d, a, b = self.cell_newton(rows, counts, self.opt.local_steps, feats)
+                    self.accumulate(stats, rows, d, a, b, counts, dispersion=True)
+                    size = stop - start
+                comm.all_reduce_(*stats.tensors())
+                scale = n_global / comm.sum(size)
                 ll_epoch += float(stats.ll.sum())
-                scale = n / (stop - start)
-                t += 1
+                self.sto_t += 1
                 v = self._get_gene_vec()
                 A, g = self._gene_system(stats, v, data_scale=scale)
-                w = max(1.0 / t, 0.2)
-                H_avg = A if H_avg is None else (1.0 - w) * H_avg + w * A
-                delta, lam = damped_newton_step(H_avg, g, lam)
-                lam = torch.clamp(lam / 3.0, min=1e-6)
+                w = max(1.0 / self.sto_t, 0.2)
+                self.sto_H = A if self.sto_H is None else (1.0 - w) * self.sto_H + w * A
+                delta, lam = damped_newton_step(self.sto_H, g, self.sto_lam)
+                self.sto_lam = torch.clamp(lam / 3.0, min=1e-6)
                 self._set_gene_vec(v + rho * delta)
                 zeta_new = self._zeta_step(stats, data_scale=scale)
                 self.params.zeta = self.params.zeta + rho * (zeta_new - self.params.zeta)
                 if self.common:
                     self.zeta_cap = torch.clamp(self.zeta_cap * 2, max=8.0)
             self.orthogonalize()
-            obj = self.penalized(ll_epoch)
             rec = {
                 "epoch": len(history) + 1,
                 "loglik": ll_epoch,
-                "objective": obj,
+                "objective": self.penalized(ll_epoch),
                 "seconds": time.perf_counter() - t0,
                 "phase": "stochastic",
             }
-            history.append(rec)
-            if self.opt.progress is not None:
-                self.opt.progress(rec)
+            self._record(history, rec)
 
     def optimize_dispersion(self, max_iter: int = 30, tol: float = 1e-8) -> None:
         """Dispersion-only updates (the other parameters fixed), as zinbwave's first step."""
@@ -536,6 +566,7 @@ class Engine:
                 stats.ll += dz.ll.sum(0)
                 stats.gz += dz.lz.sum(0)
                 stats.hz += dz.lzz.sum(0)
+            self.comm.all_reduce_(stats.ll, stats.gz, stats.hz)
             cur = float(stats.ll.sum()) - float(self.pen.zeta_value(self.params.zeta))
             if prev is not None and abs(cur - prev) <= tol * abs(prev):
                 break
@@ -561,17 +592,23 @@ class Engine:
             if not bool(moved.any()):
                 break
 
-    def fit(self, history: list[dict] | None = None) -> FitResult:
+    def fit(self, history: list[dict] | None = None, resume: str | None = None) -> FitResult:
+        """Run the solver; with ``resume``, continue from a checkpoint written by this engine."""
         history = [] if history is None else history
         opt = self.opt
+        if resume is not None:
+            history[:] = load_checkpoint(self, resume)
         if not history:
             self.optimize_dispersion()
         solver = opt.solver
         if solver == "auto":
-            solver = "full" if self.n <= 20000 else "stochastic"
+            solver = "full" if self.comm.sum(self.n) <= 20000 else "stochastic"
         if solver == "stochastic":
             bs = opt.batch_size or max(256, min(self.n // 8, 8192))
-            self.fit_stochastic(history, bs, min(opt.stochastic_epochs, opt.max_epochs))
+            todo = min(opt.stochastic_epochs, opt.max_epochs)
+            todo -= sum(1 for h in history if h["phase"] == "stochastic")
+            if todo > 0 and not any(h["phase"] == "full" for h in history):
+                self.fit_stochastic(history, bs, todo)
         elif solver != "full":
             raise ValueError(f"unknown solver {solver!r}; use 'auto', 'full' or 'stochastic'")
         return self.fit_full(history, start_epoch=len(history))

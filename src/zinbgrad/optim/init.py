@@ -116,8 +116,15 @@ def initialize(
     seed: int = 0,
     nb_repeat: int = 2,
     block_rows: int = 8192,
+    shard: tuple[int, int] | None = None,
+    shard_source=None,
 ) -> Params:
-    """Initial parameters for a fit (deterministic given ``seed``)."""
+    """Initial parameters for a fit (deterministic given ``seed``).
+
+    ``source``/``design`` describe all cells. With ``shard=(start, stop)`` (data-parallel fits)
+    only the local parameters of those cells are returned (``shard_source`` reads them); the
+    gene parameters are the same as in a single-process fit.
+    """
     n, J = design.n, design.J
     dt, dev = design.X_mu.dtype, design.X_mu.device
     kw = {"dtype": dt, "device": dev}
@@ -169,11 +176,19 @@ def initialize(
         W_sub = c4 * U * S.sqrt() * sgn
         alpha_mu = (S.sqrt() * sgn / c4)[:, None] * Vh
 
-    # gamma_mu (and W outside the subsample) of every cell, streamed over blocks
-    if n0 == n:
-        W, gamma_mu = W_sub, gamma_s
-    else:
-        W, gamma_mu = init_local_mean(source, design, penalty, beta_mu, alpha_mu, block_rows)
+    if n0 < n:  # subsample cells like all others: ridge projection on alpha_mu
+        sub_src = _CSRSource(sub)
+        sub_design = Design(
+            Xs,
+            design.X_pi[idx_t],
+            Vmu,
+            design.V_pi,
+            Os,
+            design.O_pi[idx_t] if design.O_pi is not None else None,
+        )
+        W_sub, gamma_s = init_local_mean(
+            sub_src, sub_design, penalty, beta_mu, alpha_mu, block_rows
+        )
 
     # 3. zero inflation: logistic ridge regressions of 1[y = 0], on the subsample for genes
     beta_pi = torch.zeros(design.X_pi.shape[1], J, **kw)
@@ -183,7 +198,7 @@ def initialize(
     if zero_inflation:
         Zs = torch.ones(n0, J, **kw)
         Zs[r, c] = 0.0
-        XW = torch.cat([Xpi[idx_t], W[idx_t]], 1)
+        XW = torch.cat([Xpi[idx_t], W_sub], 1)
         coef = torch.zeros(XW.shape[1], J, **kw)
         reg_gene = torch.cat([penalty.beta_pi, torch.full((K,), penalty.alpha, **kw)])
         gpi_s = torch.zeros(Vpi.shape[1], n0, **kw)
@@ -197,11 +212,19 @@ def initialize(
         del Zs
         beta_pi = coef[: Xpi.shape[1]].contiguous()
         alpha_pi = coef[Xpi.shape[1] :].contiguous()
-        if Vpi.shape[1] > 0:
-            if n0 == n:
-                gamma_pi = gpi_s
-            else:
-                gamma_pi = init_local_zi(source, design, penalty, beta_pi, alpha_pi, W, block_rows)
+    lo, hi = shard if shard is not None else (0, n)
+    if n0 == n:
+        W_loc, gmu_loc = W_sub[lo:hi], gamma_s[:, lo:hi]
+        gpi_loc = gpi_s[:, lo:hi] if zero_inflation else gamma_pi[:, lo:hi]
+    else:
+        src = shard_source if shard_source is not None else source
+        des = design.rows(lo, hi)
+        W_loc, gmu_loc = init_local_mean(src, des, penalty, beta_mu, alpha_mu, block_rows)
+        gpi_loc = (
+            init_local_zi(src, des, penalty, beta_pi, alpha_pi, W_loc, block_rows)
+            if zero_inflation
+            else gamma_pi[:, lo:hi]
+        )
     zeta = torch.zeros(J, **kw)
     return Params(
         beta_mu=beta_mu,
@@ -209,10 +232,20 @@ def initialize(
         alpha_mu=alpha_mu,
         alpha_pi=alpha_pi,
         zeta=zeta,
-        W=W,
-        gamma_mu=gamma_mu,
-        gamma_pi=gamma_pi,
+        W=W_loc.contiguous(),
+        gamma_mu=gmu_loc.contiguous(),
+        gamma_pi=gpi_loc.contiguous(),
     )
+
+
+class _CSRSource:
+    """Minimal in-memory source over a CSR matrix (the initialization subsample)."""
+
+    def __init__(self, X: sp.csr_matrix) -> None:
+        self.X = X
+
+    def rows_csr(self, start: int, stop: int) -> sp.csr_matrix:
+        return self.X[start:stop]
 
 
 def init_local_mean(

@@ -1,0 +1,177 @@
+"""Communication for data-parallel fits over cell shards (torch.distributed).
+
+Each process (rank) owns a contiguous shard of the cells and their local parameters. Gene
+parameters are replicated: every rank applies the same update computed from all-reduced
+(summed) per-gene statistics, so they stay identical without being broadcast. Communication per
+epoch is a few all-reduces of the size of the gene statistics (J x q^2 numbers), independent of
+the number of cells.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+__all__ = ["LocalComm", "TorchComm", "shard_bounds", "current_comm"]
+
+
+class LocalComm:
+    """Single process: every reduction is the identity."""
+
+    rank = 0
+    world_size = 1
+
+    def all_reduce_(self, *tensors: Tensor) -> None:
+        return None
+
+    def sum(self, x: float) -> float:
+        return float(x)
+
+    def max(self, x: float) -> float:
+        return float(x)
+
+    def broadcast_(self, *tensors: Tensor, src: int = 0) -> None:
+        return None
+
+    def barrier(self) -> None:
+        return None
+
+    def all_gather_rows(self, t: Tensor, n_total: int) -> Tensor:
+        return t
+
+
+class TorchComm(LocalComm):
+    """Reductions over an initialized ``torch.distributed`` process group (gloo or nccl)."""
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialized (use torchrun)")
+        self.dist = dist
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.backend = dist.get_backend()
+
+    def _dev(self, t: Tensor) -> Tensor:
+        # gloo reduces CPU tensors, nccl CUDA tensors
+        if self.backend == "gloo" and t.device.type != "cpu":
+            return t.cpu()
+        return t
+
+    def all_reduce_(self, *tensors: Tensor) -> None:
+        for t in tensors:
+            if t is None or t.numel() == 0:
+                continue
+            buf = self._dev(t)
+            self.dist.all_reduce(buf)
+            if buf is not t:
+                t.copy_(buf)
+
+    def _scalar(self, x: float, op) -> float:
+        t = torch.tensor([float(x)], dtype=torch.float64)
+        if self.backend == "nccl":
+            t = t.cuda()
+        self.dist.all_reduce(t, op=op)
+        return float(t.item())
+
+    def sum(self, x: float) -> float:
+        return self._scalar(x, self.dist.ReduceOp.SUM)
+
+    def max(self, x: float) -> float:
+        return self._scalar(x, self.dist.ReduceOp.MAX)
+
+    def broadcast_(self, *tensors: Tensor, src: int = 0) -> None:
+        for t in tensors:
+            if t is None or t.numel() == 0:
+                continue
+            buf = self._dev(t)
+            self.dist.broadcast(buf, src=src)
+            if buf is not t:
+                t.copy_(buf)
+
+    def barrier(self) -> None:
+        self.dist.barrier()
+
+    def all_gather_rows(self, t: Tensor, n_total: int) -> Tensor:
+        """Concatenate every rank's shard rows (shards as :func:`shard_bounds`)."""
+        sizes = [shard_bounds(n_total, r, self.world_size) for r in range(self.world_size)]
+        width = max(b - a for a, b in sizes)
+        buf = self._dev(t)
+        pad = torch.zeros((width,) + tuple(buf.shape[1:]), dtype=buf.dtype, device=buf.device)
+        pad[: buf.shape[0]] = buf
+        parts = [torch.empty_like(pad) for _ in range(self.world_size)]
+        self.dist.all_gather(parts, pad)
+        out = torch.cat([p[: b - a] for p, (a, b) in zip(parts, sizes, strict=True)])
+        return out.to(t.device)
+
+
+def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The contiguous cell range ``[start, stop)`` owned by ``rank``."""
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def current_comm() -> LocalComm:
+    """TorchComm when a process group is initialized (e.g. under torchrun), else LocalComm."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return TorchComm()
+    return LocalComm()
+
+
+def init_from_env(backend: str | None = None) -> LocalComm:
+    """Initialize the default process group from torchrun's environment variables."""
+    import torch.distributed as dist
+
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) < 2:
+        return LocalComm()
+    if not dist.is_initialized():
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    return TorchComm()
+
+
+def free_port() -> int:
+    """A free TCP port on localhost for a single-host process group."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _worker(rank: int, world_size: int, port: int, backend: str, fn, args) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+    )
+    threads = max(1, (os.cpu_count() or 1) // world_size)
+    torch.set_num_threads(threads)
+    dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+    try:
+        fn(*args)
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(fn, nproc: int, *args, backend: str | None = None) -> None:
+    """Run ``fn(*args)`` in ``nproc`` local processes forming a process group (like
+    ``torchrun --nproc_per_node nproc`` on one host). ``fn`` must be importable (picklable)."""
+    import torch.multiprocessing as mp
+
+    if backend is None:
+        backend = (
+            "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= nproc else "gloo"
+        )
+    mp.spawn(_worker, args=(nproc, free_port(), backend, fn, args), nprocs=nproc, join=True)
