@@ -19,16 +19,41 @@ __all__ = ["main", "run_benchmarks"]
 
 REPO = Path(__file__).resolve().parents[1]
 
-INTRO = (
-    "## Benchmarks against scVI (and R zinbwave when installed)\n\n"
-    "Reproduce every table and figure of this section with one command (scVI lives in a "
-    "separate venv, see *Setup* below):\n\n"
-    "```bash\n"
-    ". /work/venv-bench/bin/activate\n"
-    "python benchmarks/run.py --out benchmarks/results          # full mode\n"
-    "python benchmarks/run.py --quick --out benchmarks/results  # quick mode (a few minutes)\n"
-    "```\n"
-)
+INTRO = """## Benchmarks against scVI (and R zinbwave when installed)
+
+The published comparison of the scVI paper (Lopez et al., Nature Methods 2018), reproduced side
+by side: zinbgrad (K=10), scVI (scvi-tools 1.4.2), R zinbwave (only where
+`Rscript -e 'library(zinbwave)'` works) and a PCA baseline run in the same run, on the same
+subsamples, splits and corruptions. Everything below the *generated* marker is rewritten by
+each run; the interpretation after it is written by hand for the run it names.
+
+### Setup (scVI in its own venv, so the main one stays clean)
+
+```bash
+python -m venv /work/venv-bench && . /work/venv-bench/bin/activate
+pip install torch==2.13.0          # the CPU wheel; never let pip pull a CUDA build
+echo 'torch==2.13.0' > /tmp/c.txt
+pip install -e '/work/main[bench]' -c /tmp/c.txt   # scvi-tools==1.4.2, umap-learn, psutil
+```
+
+### Reproduce every table and figure
+
+```bash
+. /work/venv-bench/bin/activate
+python benchmarks/run.py --threads 1 --out benchmarks/results          # full mode
+python benchmarks/run.py --quick --threads 1 --out benchmarks/results  # quick, a few minutes
+```
+
+From the main venv (no scVI there), the scVI jobs use `--scvi-python /work/venv-bench/bin/python`
+(or `$ZINBGRAD_BENCH_PYTHON`) and are skipped with a message when no interpreter has scvi-tools;
+the UMAP figures fall back to a 2-D PCA of the latent space without umap-learn. Useful options:
+`--tasks quality,imputation,batch,scaling`, `--datasets`, `--methods`, `--scaling-sizes`,
+`--scvi-max-epochs`, `--report-only` (rebuild tables and figures from the saved job records).
+Full mode writes the figures to `benchmarks/figures/`, the raw results (`results.json`,
+`results.csv`, per-job logs) to `benchmarks/results/full/`, and this section; quick mode writes
+only to `benchmarks/results/quick/` (`report.md` there). Tests: `tests/test_benchmarks.py`
+runs a tiny in-process version (zinbgrad + PCA).
+"""
 
 
 def _csv_list(text: str | None) -> list[str] | None:
@@ -75,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="update BENCHMARKS.md (default only in full mode)")
     p.add_argument("--no-update-md", dest="update_md", action="store_false")
     p.add_argument("--md-path", default=str(REPO / "BENCHMARKS.md"))
+    p.add_argument("--no-snapshot", action="store_true",
+                   help="let the jobs import the live zinbgrad tree instead of a copy taken "
+                   "at the start (the copy keeps one run on one version while others edit)")
     p.add_argument("--in-process", action="store_true",
                    help="run the jobs in this process (no per-method memory isolation)")
     p.add_argument("--report-only", action="store_true",
@@ -142,6 +170,46 @@ def _python_has(python: str, module: str) -> bool:
         return False
 
 
+def _snapshot_source(run_dir: Path, python: str, log) -> tuple[Path, str]:
+    """Copy ``src/zinbgrad`` into the run directory and check that it imports and fits.
+
+    Other engineers edit the tree during a run; the copy keeps every job of the run on the
+    same code. Retries a few times when the copy catches the tree mid-edit.
+    """
+    import hashlib
+    import shutil
+
+    snap = run_dir / "zinbgrad_src"
+    smoke = (
+        "import numpy as np, zinbgrad; "
+        "zinbgrad.ZINBWaVE(n_components=2, max_epochs=3).fit("
+        "np.random.default_rng(0).poisson(2.0, (40, 15)))"
+    )
+    err = ""
+    for attempt in range(6):
+        if snap.exists():
+            shutil.rmtree(snap)
+        shutil.copytree(
+            REPO / "src" / "zinbgrad", snap / "zinbgrad",
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+        )
+        env = {**os.environ, "PYTHONPATH": str(snap) + os.pathsep + str(REPO)}
+        proc = subprocess.run(
+            [python, "-c", smoke], env=env, capture_output=True, text=True, timeout=300
+        )
+        if proc.returncode == 0:
+            h = hashlib.sha256()
+            for f in sorted((snap / "zinbgrad").rglob("*")):
+                if f.is_file():
+                    h.update(str(f.relative_to(snap)).encode())
+                    h.update(f.read_bytes())
+            return snap, h.hexdigest()[:12]
+        err = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
+        log(f"zinbgrad snapshot attempt {attempt + 1} failed ({err[0]}); retrying in 20 s")
+        time.sleep(20)
+    raise SystemExit(f"could not take a working snapshot of src/zinbgrad: {err}")
+
+
 def _skip_record(job: dict, why: str) -> dict:
     return {"job": job, "status": "skipped", "message": why}
 
@@ -158,6 +226,7 @@ def run_benchmarks(argv: list[str] | None = None, log=print) -> dict[str, Any]:
     profile = PROFILES[name]
     t_start = time.perf_counter()
     load0 = os.getloadavg()
+    commit_at_start = _commit()
 
     # ---- profile overrides
     changes: dict[str, Any] = {}
@@ -246,11 +315,16 @@ def run_benchmarks(argv: list[str] | None = None, log=print) -> dict[str, Any]:
         for m, why in unavailable.items():
             log(f"skipping {METHODS[m].label}: {why}")
         runnable = [j for j in jobs if j["method"] not in unavailable]
+        run_dir.mkdir(parents=True, exist_ok=True)
+        snapshot, snapshot_hash = None, None
+        if profile.isolate and not args.no_snapshot:
+            snapshot, snapshot_hash = _snapshot_source(run_dir, sys.executable, log)
+            log(f"zinbgrad source snapshot {snapshot} (sha256 {snapshot_hash})")
         log(f"{len(runnable)} jobs ({name} mode), data {data_dir}, output {run_dir}")
         run_dir.mkdir(parents=True, exist_ok=True)
         records_run = run_jobs(
             runnable, profile, data_dir, run_dir, python_for=python_for, threads=args.threads,
-            log=log,
+            log=log, pythonpath=[str(snapshot)] if snapshot else [],
         )
         by_id = {r["job"]["id"]: r for r in records_run}
         records = [by_id.get(j["id"]) or _skip_record(j, unavailable.get(j["method"], ""))
@@ -263,17 +337,19 @@ def run_benchmarks(argv: list[str] | None = None, log=print) -> dict[str, Any]:
             "seed": args.seed,
             "threads": args.threads,
             "python_for": python_for,
+            "zinbgrad_snapshot_sha256": snapshot_hash,
+            "commit": commit_at_start,
         }
         meta["total_wall_s"] = time.perf_counter() - t_start
         meta["machine"] = _machine(load0)
 
     meta["profile"] = profile_to_dict(profile)
-    versions = _versions()
+    versions = dict(meta.get("versions") or _versions())  # report-only keeps the run's
     for r in records:
         for k, v in (r.get("versions") or {}).items():
             versions.setdefault(k, v)
     meta["versions"] = versions
-    meta["commit"] = _commit()
+    meta.setdefault("commit", commit_at_start)
     meta["mean_other_busy_cores"], meta["max_other_busy_cores"] = report.mean_other_load(
         records)
     try:

@@ -139,7 +139,11 @@ class ZinbgradMethod(Method):
 
         import zinbgrad
 
-        return {"zinbgrad": zinbgrad.__version__, "torch": torch.__version__}
+        return {
+            "zinbgrad": zinbgrad.__version__,
+            "zinbgrad_path": str(Path(zinbgrad.__file__).parent),
+            "torch": torch.__version__,
+        }
 
     def _fit(self, adata: ad.AnnData, batch_key: str | None) -> None:
         from zinbgrad import ZINBWaVE
@@ -232,9 +236,8 @@ class SCVIMethod(Method):
 
     @classmethod
     def versions(cls) -> dict[str, str]:
-        import torch
-
         import scvi
+        import torch
 
         out = {"scvi-tools": scvi.__version__, "torch": torch.__version__}
         try:
@@ -266,7 +269,7 @@ class SCVIMethod(Method):
             logger=False,
             enable_checkpointing=False,
         )
-        from scvi.model import get_max_epochs_heuristic
+        from scvi.model._utils import get_max_epochs_heuristic
 
         self.info = {
             "max_epochs": int(max_epochs)

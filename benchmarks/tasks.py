@@ -77,7 +77,7 @@ class Profile:
             "max_epochs": None,
             "n_mc_samples": 1000,
             "n_mc_samples_per_pass": 100,
-            "max_nll_cells": 2000,
+            "max_nll_cells": 500,
             "impute_samples": 25,
         }
     )
@@ -224,7 +224,7 @@ def _entropy(latent: np.ndarray, batches: np.ndarray, profile: Profile, seed: in
 
 
 def _task_quality(job, profile, method_factory, data_dir, arrays_dir) -> dict[str, Any]:
-    from benchmarks.datasets import load_dataset, train_test_split_cells, filter_empty
+    from benchmarks.datasets import filter_empty, load_dataset, train_test_split_cells
 
     seed = job["seed"]
     adata = load_dataset(
@@ -345,7 +345,9 @@ def _task_scaling(job, profile, method_factory, data_dir, arrays_dir) -> dict[st
     from benchmarks.datasets import filter_empty, load_dataset, subsample
 
     t0 = time.perf_counter()
-    full = load_dataset(job["dataset"], data_dir, seed=job["seed"])
+    full = load_dataset(
+        job["dataset"], data_dir, max_genes=profile.max_genes, seed=job["seed"]
+    )
     adata = filter_empty(subsample(full, job["size"], job["seed"]))
     del full
     t_load = time.perf_counter() - t0
@@ -454,6 +456,7 @@ def run_jobs(
     python_for: dict[str, str],
     threads: int,
     log=print,
+    pythonpath: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Run every job (in subprocesses if ``profile.isolate``) and return their records.
 
@@ -463,6 +466,8 @@ def run_jobs(
         Interpreter per method (e.g. scVI from a separate venv); default ``sys.executable``.
     threads
         Threads per job (``torch.set_num_threads`` and ``OMP_NUM_THREADS``).
+    pythonpath
+        Directories put first on the jobs' ``PYTHONPATH`` (e.g. a snapshot of zinbgrad).
     """
     jobs_dir = out_dir / "jobs"
     jobs_dir.mkdir(parents=True, exist_ok=True)
@@ -473,7 +478,9 @@ def run_jobs(
         busy0 = _machine_busy()
         t0 = time.perf_counter()
         if profile.isolate:
-            rec = _run_isolated(job, profile, data_dir, out_dir, jobs_dir, python_for, threads)
+            rec = _run_isolated(
+                job, profile, data_dir, out_dir, jobs_dir, python_for, threads, pythonpath or []
+            )
         else:
             rec = run_job(job, profile, data_dir, out_dir)
         wall = time.perf_counter() - t0
@@ -487,9 +494,11 @@ def run_jobs(
         )
         if busy0 and busy1 and wall > 0:
             busy = busy1[0] - busy0[0]
-            own = rec["resources"].get("process_cpu_s") or rec["resources"].get("task_cpu_s")
+            own = rec["resources"].get("process_cpu_s")
+            if own is None:
+                own = rec["resources"].get("task_cpu_s")
             rec["resources"]["machine_busy_cores"] = busy / wall
-            if own is not None and profile.isolate:
+            if own is not None:
                 rec["resources"]["other_busy_cores"] = max(0.0, (busy - own) / wall)
         (jobs_dir / f"{job['id']}.json").write_text(
             json.dumps(rec, default=_json_default, indent=1)
@@ -500,7 +509,9 @@ def run_jobs(
     return records
 
 
-def _run_isolated(job, profile, data_dir, out_dir, jobs_dir, python_for, threads) -> dict:
+def _run_isolated(
+    job, profile, data_dir, out_dir, jobs_dir, python_for, threads, pythonpath
+) -> dict:
     spec_file = jobs_dir / f"{job['id']}.spec.json"
     result_file = jobs_dir / f"{job['id']}.result.json"
     result_file.unlink(missing_ok=True)
@@ -520,7 +531,7 @@ def _run_isolated(job, profile, data_dir, out_dir, jobs_dir, python_for, threads
     env = {**os.environ}
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[var] = str(threads)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = os.pathsep.join([*pythonpath, str(REPO), env.get("PYTHONPATH", "")])
     env.setdefault("MPLBACKEND", "Agg")
     cmd = [py, str(REPO / "benchmarks" / "run.py"), "--worker", str(spec_file)]
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)

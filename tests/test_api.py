@@ -118,6 +118,7 @@ def test_bad_counts_are_rejected(pbmc, mutate, match):
     dense = pbmc.X.toarray().astype(float)
     bad = mutate(dense)
     for data in (bad, sp.csr_matrix(bad), _with(pbmc, bad)):
+
         def snapshot(d):
             M = d.X if isinstance(d, ad.AnnData) else d
             return M.toarray() if sp.issparse(M) else np.array(M)

@@ -7,6 +7,7 @@ import math
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,22 @@ FORMAT_VERSION = 1
 
 _GENE_ARRAYS = ("beta_mu", "beta_pi", "alpha_mu", "alpha_pi", "zeta")
 _CELL_ARRAYS = ("W", "gamma_mu", "gamma_pi")
+
+
+@contextmanager
+def cpu_threads(device: torch.device, entries: int):
+    """Use one CPU thread for small problems (thread start-up and synchronisation cost more
+    than they save there, and badly so when other processes load the machine); otherwise
+    torch's default, all available cores."""
+    if device.type != "cpu" or entries >= 1_000_000:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -325,6 +342,42 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         dev, dt = self._torch_setup()
         inp = open_counts(data, layer, allow_non_integer=self.allow_non_integer)
         n, J = inp.shape
+        with cpu_threads(dev, n * J):
+            return self._fit(
+                inp,
+                t_start,
+                comm,
+                dev,
+                dt,
+                batch_key,
+                covariate_keys,
+                X,
+                V,
+                O_mu,
+                O_pi,
+                checkpoint,
+                checkpoint_every,
+                resume,
+            )
+
+    def _fit(
+        self,
+        inp,
+        t_start,
+        comm,
+        dev,
+        dt,
+        batch_key,
+        covariate_keys,
+        X,
+        V,
+        O_mu,
+        O_pi,
+        checkpoint,
+        checkpoint_every,
+        resume,
+    ) -> ZINBWaVE:
+        n, J = inp.shape
         self._check_hyperparameters(n, J)
         Xm, xnames = self._cell_design(inp.obs, n, X, batch_key, covariate_keys)
         Vm = np.ones((J, 1)) if V is None else check_design_matrix(V, J, "V", "genes")
@@ -375,6 +428,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
                 progress=cb,
                 checkpoint_path=None if checkpoint is None else str(checkpoint),
                 checkpoint_every=checkpoint_every,
+                t_origin=t_start,
             )
             engine = Engine(
                 source,

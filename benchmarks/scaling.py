@@ -1,0 +1,444 @@
+"""Scaling benchmark of zinbgrad's fit in the number of cells (issue 5).
+
+1. Fit zinbgrad (K=10) on the real 10x mouse-brain slice (720 top-variance genes, as scVI's
+   BRAIN-LARGE), once; the model is saved in the scratch folder and reused.
+2. Generate synthetic datasets of the requested sizes from that fit with
+   :func:`zinbgrad.simulate.make_synthetic` (CSR ``.h5ad`` written in chunks; skipped when the
+   file exists).
+3. Per size and mode (``stream``: the fit streams the ``.h5ad`` path from disk; ``memory``: the
+   file is read into memory first, only for sizes <= ``--memory-max``), run the fit in a fresh
+   subprocess and record: seconds per epoch (per phase), epochs, end-to-end seconds
+   (load + validate + init + fit), a phase breakdown, peak RSS of that process
+   (``os.wait4`` rusage, i.e. per child) and throughput in matrix entries per second per epoch.
+
+Usage::
+
+    python benchmarks/scaling.py --sizes 10k,100k --solver stochastic --batch-size 8192 \
+        --dtype float32 --max-epochs 5 --out benchmarks/results/scaling.json
+
+The JSON holds one record per run (plus the machine's load average before each run); the
+Markdown table printed at the end is the one in ``BENCHMARKS.md`` ("Scaling (issue 5)").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BRAIN = "/work/shared/data/brain1m_10x_first10k_cells_first1000_genes.h5ad"
+N_GENES = 720
+REF_NAME = "brain10k_720g"
+
+
+# ----------------------------------------------------------------------------- helpers
+def parse_size(s: str) -> int:
+    s = s.strip().lower().replace("_", "")
+    mult = 1
+    if s.endswith("k"):
+        s, mult = s[:-1], 1_000
+    elif s.endswith("m"):
+        s, mult = s[:-1], 1_000_000
+    return int(round(float(s) * mult))
+
+
+def size_label(n: int) -> str:
+    if n >= 1_000_000:
+        return f"{n / 1e6:g}M"
+    if n >= 1_000:
+        return f"{n / 1e3:g}k"
+    return str(n)
+
+
+def loadavg() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # pragma: no cover
+        return []
+
+
+def log(msg: str) -> None:
+    print(f"[scaling {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------- reference fit
+def reference_paths(scratch: Path) -> tuple[Path, Path]:
+    return scratch / f"{REF_NAME}.h5ad", scratch / f"{REF_NAME}_model.npz"
+
+
+def prepare_reference(scratch: Path, max_epochs: int, dtype: str) -> dict:
+    """Filtered 720-gene brain slice and a K=10 fit on it (both cached in ``scratch``)."""
+    import anndata as ad
+    import numpy as np
+
+    import zinbgrad
+    from zinbgrad.data.readers import select_top_variance_genes
+
+    data_path, model_path = reference_paths(scratch)
+    info: dict = {"data": str(data_path), "model": str(model_path)}
+    if not data_path.exists():
+        a = ad.read_h5ad(BRAIN)
+        X = a.X.tocsr()
+        a = a[np.asarray(X.getnnz(axis=1) > 0)].copy()
+        a = a[:, np.asarray(a.X.getnnz(axis=0) > 0)].copy()
+        a = select_top_variance_genes(a, N_GENES)
+        a = a[np.asarray(a.X.getnnz(axis=1) > 0)].copy()  # cells empty on the 720 genes
+        a.write_h5ad(data_path)
+    if model_path.exists():
+        model = zinbgrad.ZINBWaVE.load(model_path)
+        info["cached"] = True
+    else:
+        log(f"reference fit on {data_path} (K=10, max_epochs={max_epochs}, dtype={dtype})")
+        t0 = time.perf_counter()
+        model = zinbgrad.ZINBWaVE(n_components=10, max_epochs=max_epochs, dtype=dtype)
+        model.fit(str(data_path))
+        info["fit_seconds"] = time.perf_counter() - t0
+        model.save(model_path)
+        info["cached"] = False
+    info.update(
+        n_cells=int(model.W_.shape[0]),
+        n_genes=int(model.n_features_in_),
+        n_iter=int(model.n_iter_),
+        converged=bool(getattr(model, "converged_", False)),
+        objective=float(model.objective_),
+    )
+    return info
+
+
+def synthetic_path(scratch: Path, n: int) -> Path:
+    return scratch / f"synthetic_{size_label(n)}_{N_GENES}g.h5ad"
+
+
+def generate(scratch: Path, n: int, chunk_cells: int) -> dict:
+    """``make_synthetic`` from the reference fit, streamed to an .h5ad (skipped if present)."""
+    path = synthetic_path(scratch, n)
+    rec = {"n_cells": n, "path": str(path)}
+    if path.exists():
+        rec["generated"] = False
+    else:
+        import zinbgrad
+        from zinbgrad.simulate import make_synthetic
+
+        model = zinbgrad.ZINBWaVE.load(reference_paths(scratch)[1])
+        log(f"generating {path.name} ({n} cells)")
+        t0 = time.perf_counter()
+        make_synthetic(model, n, path=path, chunk_cells=chunk_cells, random_state=0)
+        rec["generated"] = True
+        rec["seconds"] = time.perf_counter() - t0
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        rec["nnz"] = int(f["X/indptr"][-1])
+        rec["shape"] = [int(v) for v in f["X"].attrs["shape"]]
+    rec["bytes"] = path.stat().st_size
+    return rec
+
+
+# ----------------------------------------------------------------------------- child process
+class _Timer:
+    """Wall-clock totals of wrapped zinbgrad functions (a phase profile of one fit)."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self.epoch_stamps: list[float] = []
+        self.solver_start: float | None = None
+
+    def wrap(self, owner, attr: str, name: str, on_exit=None) -> None:
+        fn = getattr(owner, attr, None)
+        if fn is None:
+            return
+
+        def wrapped(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                t1 = time.perf_counter()
+                self.totals[name] = self.totals.get(name, 0.0) + t1 - t0
+                self.calls[name] = self.calls.get(name, 0) + 1
+                if on_exit is not None:
+                    on_exit(t1)
+
+        setattr(owner, attr, wrapped)
+
+
+def child_main(args: argparse.Namespace) -> int:
+    """One fit, in its own process; prints one JSON line (prefixed ``RESULT``)."""
+    import resource
+
+    t_proc = time.perf_counter()
+    import numpy as np
+    import torch
+
+    import zinbgrad
+    import zinbgrad.estimator as est
+    from zinbgrad.optim import engine as eng
+
+    t_imported = time.perf_counter()
+    timer = _Timer()
+    timer.wrap(est, "open_counts", "open+validate")
+    timer.wrap(est, "initialize", "initialize")
+
+    def after_dispersion(t: float) -> None:
+        timer.solver_start = t
+
+    timer.wrap(eng.Engine, "optimize_dispersion", "optimize_dispersion", after_dispersion)
+    timer.wrap(eng.Engine, "fit_stochastic", "stochastic_epochs")
+    timer.wrap(eng.Engine, "loglik", "final_loglik")
+    rec_fn = eng.Engine._record
+
+    def record(self, history, rec):
+        timer.epoch_stamps.append(time.perf_counter())
+        return rec_fn(self, history, rec)
+
+    eng.Engine._record = record
+
+    t0 = time.perf_counter()
+    if args.mode == "memory":
+        import anndata as ad
+
+        data = ad.read_h5ad(args.path)
+    else:
+        data = args.path
+    t_loaded = time.perf_counter()
+    model = zinbgrad.ZINBWaVE(
+        n_components=args.k,
+        solver=args.solver,
+        batch_size=args.batch_size,
+        max_epochs=args.max_epochs,
+        tol=args.tol,
+        dtype=args.dtype,
+        device="cpu",
+    )
+    model.fit(data)
+    t_end = time.perf_counter()
+    n, J = model.W_.shape[0], int(model.n_features_in_)
+    hist = model.history_
+    start = timer.solver_start if timer.solver_start is not None else t_loaded
+    stamps = [start] + timer.epoch_stamps
+    per_epoch = [b - a for a, b in zip(stamps[:-1], stamps[1:], strict=False)]
+    phases = [h["phase"] for h in hist]
+    by_phase: dict[str, list[float]] = {}
+    for ph, s in zip(phases, per_epoch, strict=False):
+        by_phase.setdefault(ph, []).append(s)
+    mean_epoch = float(np.mean(per_epoch)) if per_epoch else float("nan")
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    out = {
+        "n_cells": n,
+        "n_genes": J,
+        "mode": args.mode,
+        "solver": args.solver,
+        "batch_size": args.batch_size,
+        "dtype": args.dtype,
+        "k": args.k,
+        "max_epochs": args.max_epochs,
+        "tol": args.tol,
+        "torch_threads": torch.get_num_threads(),
+        "epochs": int(model.n_iter_),
+        "converged": bool(model.converged_),
+        "epoch_seconds": per_epoch,
+        "epoch_phases": phases,
+        "seconds_per_epoch": mean_epoch,
+        "seconds_per_epoch_by_phase": {k: float(np.mean(v)) for k, v in by_phase.items()},
+        "us_per_cell_epoch": mean_epoch / n * 1e6,
+        "entries_per_second": n * J / mean_epoch,
+        "entries_per_second_by_phase": {k: n * J / float(np.mean(v)) for k, v in by_phase.items()},
+        "import_seconds": t_imported - t_proc,
+        "load_seconds": t_loaded - t0,
+        "fit_seconds": t_end - t_loaded,
+        "end_to_end_seconds": t_end - t0,
+        "phase_seconds": timer.totals,
+        "phase_calls": timer.calls,
+        "objective": float(model.objective_),
+        "loglik_history": [float(h["loglik"]) for h in hist],
+        "objective_history": [float(h["objective"]) for h in hist],
+        "self_maxrss_mb": ru.ru_maxrss / 1024.0,
+        "user_seconds": ru.ru_utime,
+        "system_seconds": ru.ru_stime,
+    }
+    print("RESULT " + json.dumps(out), flush=True)
+    return 0
+
+
+def run_child(path: Path, mode: str, args: argparse.Namespace, timeout: float | None) -> dict:
+    """Run one fit in a fresh subprocess; peak RSS from that child's own rusage (wait4)."""
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "_child",
+        "--path",
+        str(path),
+        "--mode",
+        mode,
+        "--solver",
+        args.solver,
+        "--dtype",
+        args.dtype,
+        "--max-epochs",
+        str(args.max_epochs),
+        "--tol",
+        str(args.tol),
+        "-k",
+        str(args.k),
+    ]
+    if args.batch_size:
+        cmd += ["--batch-size", str(args.batch_size)]
+    load_before = loadavg()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = None if timeout is None else t0 + timeout
+    status, ru, timed_out = None, None, False
+    while True:  # poll with wait4 (per-child rusage), killing the child at the deadline
+        pid, st, r = os.wait4(proc.pid, os.WNOHANG)
+        if pid == proc.pid:
+            status, ru = st, r
+            break
+        if deadline is not None and time.perf_counter() > deadline:
+            proc.kill()
+            timed_out = True
+            _, status, ru = os.wait4(proc.pid, 0)
+            break
+        time.sleep(0.2)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    stdout, stderr = proc.stdout.read(), proc.stderr.read()
+    rec: dict = {}
+    for line in stdout.splitlines():
+        if line.startswith("RESULT "):
+            rec = json.loads(line[len("RESULT ") :])
+    rec.update(
+        mode=mode,
+        path=str(path),
+        command=" ".join(cmd),
+        returncode=proc.returncode,
+        timed_out=timed_out,
+        process_wall_seconds=wall,
+        peak_rss_mb=ru.ru_maxrss / 1024.0,  # Linux: KiB
+        load_before=load_before,
+        load_after=loadavg(),
+    )
+    if proc.returncode != 0:
+        rec["stderr_tail"] = stderr[-4000:]
+    return rec
+
+
+# ----------------------------------------------------------------------------- report
+def markdown_table(runs: list[dict], roofline: dict | None) -> str:
+    head = (
+        "| cells | genes | mode | epochs (phases) | s/epoch | us/cell/epoch | end-to-end s "
+        "| peak RSS MB | entries/s | roofline entries/s |\n"
+        "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|"
+    )
+    roof = roofline.get("log_zinb_fwd_bwd_entries_per_second") if roofline else None
+    rows = [head]
+    for r in runs:
+        if "epochs" not in r:
+            rows.append(f"| {r.get('n_cells', '?')} | | {r['mode']} | FAILED rc={r['returncode']}")
+            continue
+        ph = r.get("epoch_phases", [])
+        phs = f"{ph.count('stochastic')} sto + {ph.count('full')} full"
+        rows.append(
+            f"| {r['n_cells']:,} | {r['n_genes']} | {r['mode']} | {r['epochs']} ({phs}) "
+            f"| {r['seconds_per_epoch']:.2f} | {r['us_per_cell_epoch']:.1f} "
+            f"| {r['end_to_end_seconds']:.1f} | {r['peak_rss_mb']:.0f} "
+            f"| {r['entries_per_second']:.3g} | {'' if roof is None else f'{roof:.3g}'} |"
+        )
+    return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="10k,100k,1M,1.3M", help="comma-separated cell counts")
+    p.add_argument("--modes", default="stream,memory", help="stream and/or memory")
+    p.add_argument("--memory-max", default="100k", help="largest size also fitted in memory")
+    p.add_argument("--solver", default="stochastic", choices=["auto", "full", "stochastic"])
+    p.add_argument("--batch-size", type=int, default=8192)
+    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "float64"])
+    p.add_argument("--max-epochs", type=int, default=5)
+    p.add_argument("--tol", type=float, default=1e-4)
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--scratch", default="/tmp/zinbgrad_scaling")
+    p.add_argument("--chunk-cells", type=int, default=50_000)
+    p.add_argument("--ref-max-epochs", type=int, default=30, help="epochs of the reference fit")
+    p.add_argument("--ref-dtype", default="float64", choices=["auto", "float32", "float64"])
+    p.add_argument("--timeout", type=float, default=None, help="seconds per fit (then killed)")
+    p.add_argument("--generate-only", action="store_true")
+    p.add_argument("--roofline", default=None, help="roofline JSON (benchmarks/roofline.py)")
+    p.add_argument("--out", default="benchmarks/results/scaling.json", help="results JSON")
+    return p
+
+
+def build_child_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="scaling.py _child")
+    p.add_argument("--path", required=True)
+    p.add_argument("--mode", choices=["stream", "memory"], required=True)
+    p.add_argument("--solver", default="stochastic")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--max-epochs", type=int, default=5)
+    p.add_argument("--tol", type=float, default=1e-4)
+    p.add_argument("-k", type=int, default=10)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "_child":
+        return child_main(build_child_parser().parse_args(argv[1:]))
+    args = build_parser().parse_args(argv)
+    scratch = Path(args.scratch)
+    scratch.mkdir(parents=True, exist_ok=True)
+    sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    mem_max = parse_size(args.memory_max)
+    out = Path(args.out)
+    results: dict = {
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpu_count": os.cpu_count(),
+            "python": sys.version.split()[0],
+        },
+        "argv": [sys.executable, __file__, *argv],
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "load_at_start": loadavg(),
+    }
+    results["reference"] = prepare_reference(scratch, args.ref_max_epochs, args.ref_dtype)
+    log(f"reference: {results['reference']}")
+    results["datasets"] = []
+    for n in sizes:
+        results["datasets"].append(generate(scratch, n, args.chunk_cells))
+        log(f"dataset: {results['datasets'][-1]}")
+    if args.generate_only:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1))
+        return 0
+    roof = None
+    if args.roofline and Path(args.roofline).exists():
+        roof = json.loads(Path(args.roofline).read_text())
+        results["roofline"] = roof
+    results["runs"] = []
+    for n in sizes:
+        for mode in modes:
+            if mode == "memory" and n > mem_max:
+                continue
+            log(f"fit {size_label(n)} {mode} (load {loadavg()})")
+            rec = run_child(synthetic_path(scratch, n), mode, args, args.timeout)
+            results["runs"].append(rec)
+            keys = ("epochs", "seconds_per_epoch", "end_to_end_seconds", "peak_rss_mb")
+            log(f"  -> rc={rec['returncode']} " + ", ".join(f"{k}={rec.get(k)}" for k in keys))
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(results, indent=1))
+    print(markdown_table(results["runs"], roof))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
