@@ -103,10 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         row = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append(row)
         reach = row["zinbgrad_seconds_to_reach_r"]
+        when = "never" if reach is None else f"{reach:.2f} s"
+        speedup = "-" if reach is None else f"{row['r_seconds'] / reach:.0f}x"
         print(
-            f"{name}: R {row['r_seconds']:.0f} s; zinbgrad reaches R's optimum in "
-            f"{'never' if reach is None else f'{reach:.2f} s'} "
-            f"(speed-up {'-' if reach is None else f'{row['r_seconds'] / reach:.0f}x'}), "
+            f"{name}: R {row['r_seconds']:.0f} s; zinbgrad reaches R's optimum in {when} "
+            f"(speed-up {speedup}), "
             f"stops after {row['zinbgrad_seconds']:.2f} s / {row['zinbgrad_epochs']} epochs at "
             f"{row['zinbgrad_penalized_loglik']:.6g} vs R {row['r_penalized_loglik']:.6g} "
             f"({100 * row['relative_gain']:+.3f} %), peak RSS {row['peak_rss_mb']:.0f} MB",
