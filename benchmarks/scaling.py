@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 
 BRAIN = "/work/shared/data/brain1m_10x_first10k_cells_first1000_genes.h5ad"
-N_GENES = 720
-REF_NAME = "brain10k_720g"
+N_GENES = 720  # scVI's BRAIN-LARGE selection (capped by the genes with a nonzero count)
+REF_NAME = "brain10k_top_var"
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -86,7 +86,8 @@ def prepare_reference(scratch: Path, max_epochs: int, dtype: str) -> dict:
         X = a.X.tocsr()
         a = a[np.asarray(X.getnnz(axis=1) > 0)].copy()
         a = a[:, np.asarray(a.X.getnnz(axis=0) > 0)].copy()
-        a = select_top_variance_genes(a, N_GENES)
+        # the slice has only 715 genes with a nonzero count: then all of them are kept
+        a = select_top_variance_genes(a, min(N_GENES, a.n_vars))
         a = a[np.asarray(a.X.getnnz(axis=1) > 0)].copy()  # cells empty on the 720 genes
         a.write_h5ad(data_path)
     if model_path.exists():
@@ -111,13 +112,64 @@ def prepare_reference(scratch: Path, max_epochs: int, dtype: str) -> dict:
 
 
 def synthetic_path(scratch: Path, n: int) -> Path:
-    return scratch / f"synthetic_{size_label(n)}_{N_GENES}g.h5ad"
+    return scratch / f"synthetic_{size_label(n)}.h5ad"
+
+
+def drop_empty(path: Path) -> tuple[int, int]:
+    """Remove the cells and genes without any nonzero count from a CSR ``.h5ad``, in place.
+
+    ``make_synthetic`` can draw cells whose counts are all zero (about 0.05% here), and at 10k
+    cells some genes that the real slice has a single count of stay at zero; the fit refuses
+    both. Empty rows and columns own no stored entries, so ``data`` is untouched: ``indptr``
+    and the shape change, ``indices`` are remapped (monotone, chunk by chunk) when genes are
+    dropped, and ``obs``/``obsm``/``var``/``varm`` are subset. Returns (cells, genes) dropped.
+    """
+    import h5py
+    import numpy as np
+
+    try:
+        from anndata.io import read_elem, write_elem
+    except ImportError:  # anndata < 0.11
+        from anndata.experimental import read_elem, write_elem
+
+    step = 2**24
+    with h5py.File(path, "r+") as f:
+        X = f["X"]
+        n, J = (int(v) for v in X.attrs["shape"])
+        indptr = X["indptr"][:]
+        nnz = int(indptr[-1])
+        gene_nnz = np.zeros(J, dtype=np.int64)
+        for lo in range(0, nnz, step):
+            gene_nnz += np.bincount(X["indices"][lo : lo + step], minlength=J)
+        keep_c, keep_g = np.diff(indptr) > 0, gene_nnz > 0
+        n_drop, j_drop = int((~keep_c).sum()), int((~keep_g).sum())
+        if n_drop:
+            new_ptr = np.concatenate([[0], indptr[1:][keep_c]]).astype(indptr.dtype)
+            del X["indptr"]
+            X.create_dataset("indptr", data=new_ptr)
+        if j_drop:
+            remap = (np.cumsum(keep_g) - 1).astype(X["indices"].dtype)
+            for lo in range(0, nnz, step):
+                X["indices"][lo : lo + step] = remap[X["indices"][lo : lo + step]]
+        X.attrs["shape"] = np.array([int(keep_c.sum()), int(keep_g.sum())], dtype=np.int64)
+        for key, keep in (("obs", keep_c), ("obsm", keep_c), ("var", keep_g), ("varm", keep_g)):
+            if key not in f or keep.all():
+                continue
+            elem = read_elem(f[key])
+            if isinstance(elem, dict):
+                elem = {k: np.asarray(v)[keep] for k, v in elem.items()}
+            else:
+                elem = elem.iloc[keep]
+            del f[key]
+            write_elem(f, key, elem)
+    return n_drop, j_drop
 
 
 def generate(scratch: Path, n: int, chunk_cells: int) -> dict:
-    """``make_synthetic`` from the reference fit, streamed to an .h5ad (skipped if present)."""
+    """``make_synthetic`` from the reference fit, streamed to an .h5ad (skipped if present);
+    cells drawn without any count are then dropped (so a size is ``n`` minus a few)."""
     path = synthetic_path(scratch, n)
-    rec = {"n_cells": n, "path": str(path)}
+    rec = {"n_cells_requested": n, "path": str(path)}
     if path.exists():
         rec["generated"] = False
     else:
@@ -126,8 +178,13 @@ def generate(scratch: Path, n: int, chunk_cells: int) -> dict:
 
         model = zinbgrad.ZINBWaVE.load(reference_paths(scratch)[1])
         log(f"generating {path.name} ({n} cells)")
+        raw = path.with_name(path.stem + ".raw.h5ad")
         t0 = time.perf_counter()
-        make_synthetic(model, n, path=path, chunk_cells=chunk_cells, random_state=0)
+        if not raw.exists():
+            make_synthetic(model, n, path=raw, chunk_cells=chunk_cells, random_state=0)
+        rec["seconds_make_synthetic"] = time.perf_counter() - t0
+        rec["dropped_empty_cells"], rec["dropped_empty_genes"] = drop_empty(raw)
+        os.replace(raw, path)
         rec["generated"] = True
         rec["seconds"] = time.perf_counter() - t0
     import h5py
@@ -144,12 +201,17 @@ class _Timer:
     """Wall-clock totals of wrapped zinbgrad functions (a phase profile of one fit)."""
 
     def __init__(self) -> None:
+        self.t_start = time.perf_counter()
         self.totals: dict[str, float] = {}
         self.calls: dict[str, int] = {}
         self.epoch_stamps: list[float] = []
         self.solver_start: float | None = None
 
-    def wrap(self, owner, attr: str, name: str, on_exit=None) -> None:
+    def event(self, name: str, t: float) -> None:
+        """Progress line for the parent (kept when the run is killed at its timeout)."""
+        print(f"EVENT {name} {t - self.t_start:.3f}", flush=True)
+
+    def wrap(self, owner, attr: str, name: str, on_exit=None, event: bool = False) -> None:
         fn = getattr(owner, attr, None)
         if fn is None:
             return
@@ -164,6 +226,8 @@ class _Timer:
                 self.calls[name] = self.calls.get(name, 0) + 1
                 if on_exit is not None:
                     on_exit(t1)
+                if event:
+                    self.event(name, t1)
 
         setattr(owner, attr, wrapped)
 
@@ -182,19 +246,33 @@ def child_main(args: argparse.Namespace) -> int:
 
     t_imported = time.perf_counter()
     timer = _Timer()
-    timer.wrap(est, "open_counts", "open+validate")
-    timer.wrap(est, "initialize", "initialize")
+    timer.wrap(est, "open_counts", "open+validate", event=True)
+    timer.wrap(est, "initialize", "initialize", event=True)
 
     def after_dispersion(t: float) -> None:
         timer.solver_start = t
 
-    timer.wrap(eng.Engine, "optimize_dispersion", "optimize_dispersion", after_dispersion)
+    timer.wrap(eng.Engine, "optimize_dispersion", "optimize_dispersion", after_dispersion, True)
     timer.wrap(eng.Engine, "fit_stochastic", "stochastic_epochs")
-    timer.wrap(eng.Engine, "loglik", "final_loglik")
+    timer.wrap(eng.Engine, "loglik", "final_loglik", event=True)
+    # nested, for the profile: the element-wise kernel, the Newton/contraction steps, reads
+    timer.wrap(eng, "entry_derivatives", "kernel:entry_derivatives")
+    timer.wrap(eng.Engine, "cell_newton", "cell_newton(incl. kernel)")
+    timer.wrap(eng.Engine, "accumulate", "accumulate(incl. kernel)")
+    timer.wrap(eng.Engine, "_eval_ll", "eval_ll_pass")
+    from zinbgrad.data import source as src_mod
+
+    timer.wrap(src_mod.BackedCounts, "block", "read_block(prefetch thread)")
+    timer.wrap(src_mod.InMemoryCounts, "block", "memory_block")
+    from zinbgrad.optim import init as init_mod
+
+    for name in ("_soft_impute", "init_local_mean", "init_local_zi", "_logistic_newton"):
+        timer.wrap(init_mod, name, f"init:{name}")
     rec_fn = eng.Engine._record
 
     def record(self, history, rec):
         timer.epoch_stamps.append(time.perf_counter())
+        timer.event(f"epoch{len(history) + 1}:{rec.get('phase')}", timer.epoch_stamps[-1])
         return rec_fn(self, history, rec)
 
     eng.Engine._record = record
@@ -291,7 +369,9 @@ def run_child(path: Path, mode: str, args: argparse.Namespace, timeout: float | 
         cmd += ["--batch-size", str(args.batch_size)]
     load_before = loadavg()
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log_out, log_err = path.with_suffix(f".{mode}.stdout"), path.with_suffix(f".{mode}.stderr")
+    with open(log_out, "w") as fo, open(log_err, "w") as fe:  # files: no pipe can fill up
+        proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, text=True)
     deadline = None if timeout is None else t0 + timeout
     status, ru, timed_out = None, None, False
     while True:  # poll with wait4 (per-child rusage), killing the child at the deadline
@@ -307,11 +387,16 @@ def run_child(path: Path, mode: str, args: argparse.Namespace, timeout: float | 
         time.sleep(0.2)
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
-    stdout, stderr = proc.stdout.read(), proc.stderr.read()
+    stdout, stderr = log_out.read_text(), log_err.read_text()
     rec: dict = {}
+    events = []
     for line in stdout.splitlines():
         if line.startswith("RESULT "):
             rec = json.loads(line[len("RESULT ") :])
+        elif line.startswith("EVENT "):
+            _, name, t = line.split()
+            events.append([name, float(t)])
+    rec["events"] = events  # seconds since the child's start (imports included)
     rec.update(
         mode=mode,
         path=str(path),

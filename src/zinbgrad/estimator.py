@@ -178,7 +178,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         tol: float = 1e-4,
         solver: str = "auto",
         batch_size: int | None = None,
-        local_steps: int = 2,
+        local_steps: int = 1,
         block_entries: int = 2**21,
         device: str = "auto",
         dtype: str = "auto",

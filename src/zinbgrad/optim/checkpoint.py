@@ -52,6 +52,8 @@ def save_checkpoint(engine, history: list[dict], path: str | os.PathLike) -> Pat
         "rank": engine.comm.rank,
         "world_size": engine.comm.world_size,
         "sto_t": engine.sto_t,
+        "zeta_quiet": engine.zeta_quiet,
+        "zeta_skip": engine.zeta_skip,
     }
     arrays["metadata"] = np.array(json.dumps(meta, default=float))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -98,6 +100,8 @@ def load_checkpoint(engine, path: str | os.PathLike) -> list[dict]:
         setattr(engine, k, torch.as_tensor(z[f"state_{k}"], **kw))
     engine.rng.bit_generator.state = meta["rng"]
     engine.sto_t = int(meta.get("sto_t", 0))
+    engine.zeta_quiet = int(meta.get("zeta_quiet", 0))
+    engine.zeta_skip = int(meta.get("zeta_skip", 0))
     if "state_sto_H" in z.files:
         engine.sto_H = torch.as_tensor(z["state_sto_H"], **kw)
         engine.sto_lam = torch.as_tensor(z["state_sto_lam"], **kw)

@@ -53,7 +53,7 @@ class FitOptions:
 
     max_epochs: int = 100
     tol: float = 1e-4
-    local_steps: int = 2
+    local_steps: int = 1
     block_entries: int = 2**21
     batch_size: int | None = None
     solver: str = "auto"
@@ -137,6 +137,9 @@ class Engine:
         self.sto_H: Tensor | None = None
         self.sto_lam: Tensor | None = None
         self.sto_t = 0
+        # dispersion updates pause while zeta does not move (checkpointed)
+        self.zeta_quiet = 0
+        self.zeta_skip = 0
 
     # ------------------------------------------------------------------ cell-level pieces
     def _cell_features(self) -> tuple[Tensor, Tensor | None, dict]:
@@ -448,20 +451,39 @@ class Engine:
         return loglik - self.penalty_value()
 
     # ------------------------------------------------------------------ solvers
+    def _zeta_due(self) -> bool:
+        """Whether this sweep updates the dispersion: it pauses for a few sweeps after two in
+        which zeta did not move (e.g. a common dispersion at its bound, theta -> infinity),
+        which saves the dispersion-derivative pass."""
+        if self.zeta_skip > 0:
+            self.zeta_skip -= 1
+            return False
+        return True
+
+    def _zeta_moved(self, before: Tensor) -> None:
+        change = float((self.params.zeta - before).abs().max())
+        self.zeta_quiet = self.zeta_quiet + 1 if change < 1e-6 else 0
+        if self.zeta_quiet >= 2:
+            self.zeta_quiet, self.zeta_skip = 0, 4
+
     def _sweep(self, local_steps: int, update_genes: bool = True) -> float:
         stats = self._new_stats()
         feats = self._cell_features()
+        disp = update_genes and self._zeta_due()
         for start, stop, counts in self.source.iter_blocks(self.bounds):
             rows = slice(start, stop)
             d, a, b = self.cell_newton(rows, counts, local_steps, feats)
             if update_genes:
-                self.accumulate(stats, rows, d, a, b, counts, dispersion=True)
+                self.accumulate(stats, rows, d, a, b, counts, dispersion=disp)
             else:
                 stats.ll += d.ll.sum(0)
         self.comm.all_reduce_(*stats.tensors())
         if not update_genes:
             return float(stats.ll.sum())
-        ll = self.gene_update(stats, update_zeta=True)
+        zeta_before = self.params.zeta.clone()
+        ll = self.gene_update(stats, update_zeta=disp)
+        if disp:
+            self._zeta_moved(zeta_before)
         self.orthogonalize()
         return float(ll.sum())
 
@@ -481,7 +503,8 @@ class Engine:
         epoch = start_epoch
         t0 = opt.t_origin if opt.t_origin is not None else time.perf_counter()
         while epoch < opt.max_epochs:
-            ll = self._sweep(opt.local_steps)
+            # the first epoch adapts every cell to the initialization with a few more steps
+            ll = self._sweep(opt.local_steps if epoch > 0 else max(opt.local_steps, 3))
             obj = self.penalized(ll)
             epoch += 1
             rec = {
@@ -558,7 +581,7 @@ class Engine:
             }
             self._record(history, rec)
 
-    def optimize_dispersion(self, max_iter: int = 30, tol: float = 1e-8) -> None:
+    def optimize_dispersion(self, max_iter: int = 12, tol: float = 1e-6) -> None:
         """Dispersion-only updates (the other parameters fixed), as zinbwave's first step."""
         prev = None
         for _ in range(max_iter):

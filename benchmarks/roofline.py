@@ -1,0 +1,150 @@
+"""The machine's dense roofline for zinbgrad's element-wise work (issue 5).
+
+Measures, on in-memory tensors of one block of ``rows x genes`` entries (the block size the
+engine uses, ``block_entries = 2**21``), in matrix entries per second:
+
+* ``log_zinb_fwd_bwd``: a plain fused forward + backward of the ZINB log-likelihood
+  (:func:`zinbgrad.model.likelihood.log_zinb` summed, ``.backward()`` w.r.t. the predictors
+  ``a = log mu`` and ``b = logit pi``): the "dense autograd" roofline;
+* ``entry_derivatives_o2``: zinbgrad's own analytic, sparse-aware kernel
+  (:func:`~zinbgrad.model.likelihood.entry_derivatives`, ``order=2``: log-likelihood, first and
+  second derivatives in a, b) on the same block, i.e. one Newton evaluation;
+* ``entry_derivatives_disp``: the same with ``order=0, dispersion=True`` (the zeta statistics);
+* ``triad``: ``a * b + c`` (memory-bandwidth bound, the cheapest possible element-wise pass);
+* ``contract``: the Newton contraction ``(rows x J) @ (J x (K+2)^2)`` the engine does per
+  second-order array, in GFLOP/s and entries/s.
+
+Usage::
+
+    python benchmarks/roofline.py --dtype float32 --genes 715 --out roofline.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+
+def _bench(fn, repeat: int, min_seconds: float = 1.0) -> float:
+    """Median seconds of ``fn()`` (after one warm-up call)."""
+    fn()
+    times: list[float] = []
+    t_all = time.perf_counter()
+    while len(times) < repeat or time.perf_counter() - t_all < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 5 * repeat:
+            break
+    return statistics.median(times)
+
+
+def run(genes: int, block_entries: int, dtype_name: str, k: int, repeat: int) -> dict:
+    import torch
+
+    from zinbgrad.model.likelihood import SparseCounts, entry_derivatives, log_zinb
+
+    dt = {"float32": torch.float32, "float64": torch.float64}[dtype_name]
+    rows = max(1, block_entries // genes)
+    n_entries = rows * genes
+    g = torch.Generator().manual_seed(0)
+    # predictors and counts with the brain data's scale: ~90% zeros, small positive counts
+    a = (torch.randn(rows, genes, generator=g) * 1.0 - 1.5).to(dt)
+    b = (torch.randn(rows, genes, generator=g) * 1.0 - 2.0).to(dt)
+    zeta = torch.full((genes,), 0.5, dtype=dt)
+    mu = torch.exp(a.double())
+    theta = float(torch.exp(zeta[0].double()))
+    lam = torch.distributions.Gamma(theta, theta / mu).sample()
+    y = torch.poisson(lam)
+    y = torch.where(torch.rand(rows, genes, generator=g) < torch.sigmoid(b.double()), 0.0, y)
+    y = y.to(dt)
+    nz = y.reshape(-1) != 0
+    flat = nz.nonzero().squeeze(1)
+    counts = SparseCounts(
+        rows,
+        genes,
+        flat // genes,
+        flat % genes,
+        y.reshape(-1)[flat],
+        torch.lgamma(y.reshape(-1)[flat] + 1.0),
+    )
+
+    def fwd_bwd() -> None:
+        aa = a.detach().requires_grad_(True)
+        bb = b.detach().requires_grad_(True)
+        log_zinb(y, aa, bb, zeta).sum().backward()
+
+    def fwd_only() -> None:
+        with torch.no_grad():
+            log_zinb(y, a, b, zeta).sum()
+
+    def deriv2() -> None:
+        with torch.no_grad():
+            entry_derivatives(a, b, zeta, counts, order=2)
+
+    def deriv_disp() -> None:
+        with torch.no_grad():
+            entry_derivatives(a, b, zeta, counts, order=0, dispersion=True)
+
+    c = torch.randn(rows, genes, generator=g).to(dt)
+
+    def triad() -> None:
+        torch.add(torch.mul(a, b), c)
+
+    p = k + 2
+    P = torch.randn(genes, p * p, generator=g).to(dt)
+
+    def contract() -> None:
+        a @ P
+
+    out: dict = {
+        "dtype": dtype_name,
+        "genes": genes,
+        "rows": rows,
+        "block_entries": n_entries,
+        "nonzero_fraction": float(nz.float().mean()),
+        "torch_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "load_before": [round(x, 2) for x in os.getloadavg()],
+    }
+    for name, fn in [
+        ("log_zinb_fwd_bwd", fwd_bwd),
+        ("log_zinb_fwd", fwd_only),
+        ("entry_derivatives_o2", deriv2),
+        ("entry_derivatives_disp", deriv_disp),
+        ("triad", triad),
+        ("contract", contract),
+    ]:
+        s = _bench(fn, repeat)
+        out[f"{name}_seconds"] = s
+        out[f"{name}_entries_per_second"] = n_entries / s
+    out["contract_gflops"] = 2.0 * n_entries * p * p / out["contract_seconds"] / 1e9
+    out["load_after"] = [round(x, 2) for x in os.getloadavg()]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="dense element-wise roofline (entries per second)")
+    p.add_argument("--genes", type=int, default=715)
+    p.add_argument("--block-entries", type=int, default=2**21)
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("-k", type=int, default=10, help="latent factors (for the contraction)")
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    args = p.parse_args(argv)
+    res = run(args.genes, args.block_entries, args.dtype, args.k, args.repeat)
+    text = json.dumps(res, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
