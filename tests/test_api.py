@@ -178,3 +178,13 @@ def test_batch_key_and_offsets(pbmc):
     mo = ZINBWaVE(n_components=2, max_epochs=5).fit(pbmc, O_mu=lib)
     assert np.isfinite(mo.objective_)
     assert mo.transform(pbmc[:5], O_mu=lib[:5]).shape == (5, 2)
+
+
+def test_which_columns_select_the_design(pbmc):
+    m = ZINBWaVE(n_components=2, which_X_pi=[0], max_epochs=5).fit(pbmc, batch_key="batch")
+    assert m.beta_mu_.shape == (2, 230) and m.beta_pi_.shape == (1, 230)
+    params = m.get_likelihood_params()
+    assert params["pi"].shape == (80, 230) and np.isfinite(params["pi"]).all()
+    assert m.transform(pbmc[:4]).shape == (4, 2)
+    with pytest.raises(ValueError, match="which_X_mu"):
+        ZINBWaVE(n_components=2, which_X_mu=[3]).fit(pbmc)
