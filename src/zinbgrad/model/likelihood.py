@@ -87,7 +87,7 @@ _H_COEFFS = [(-1.0) ** k / (k * (k - 1)) for k in range(2, 18)]
 # m(t) = 1 - log1p(t)/t = sum_{k>=1} (-1)^(k+1) t^k / (k+1)
 _M_COEFFS = [0.0] + [(-1.0) ** (k + 1) / (k + 1) for k in range(1, 17)]
 # k(s)/u with k(s) = softplus(s) - sigmoid(s), u = e^s: sum_{k>=2} (-1)^k (k-1)/k u^(k-1)
-_K_COEFFS = [0.0] + [(-1.0) ** k * (k - 1) / k for k in range(2, 34)]
+_K_COEFFS = [0.0] + [(-1.0) ** k * (k - 1) / k for k in range(2, 14)]
 
 
 def _h(t: Tensor) -> Tensor:
@@ -113,17 +113,19 @@ def _pow_m1(t: Tensor, m: float) -> Tensor:
     return torch.expm1(-m * torch.log1p(t))
 
 
+def _theta_k_series(s: Tensor, zeta: Tensor, a: Tensor) -> Tensor:
+    # theta * k = theta * u * (k/u) = mu * (k/u), u = e^s < e^-5: 12 terms reach 1e-27
+    return torch.exp(a) * _horner(torch.exp(s), _K_COEFFS)
+
+
+def _theta_k_direct(s: Tensor, zeta: Tensor, a: Tensor) -> Tensor:
+    return torch.exp(zeta + torch.log(_fsp(s) - torch.sigmoid(s)))
+
+
 def _theta_k(s: Tensor, zeta: Tensor, a: Tensor) -> Tensor:
     """``theta * (softplus(s) - sigmoid(s))`` (>= 0) with s = a - zeta, stable for s -> -inf."""
-    small = s < -2.0
-    ss = torch.where(small, s, torch.full_like(s, -2.0))
-    sb = torch.where(small, torch.zeros_like(s), s)
-    u = torch.exp(ss)
-    # theta * k = theta * u * (k/u) = mu * (k/u)
-    series = torch.exp(torch.where(small, a, torch.zeros_like(a))) * _horner(u, _K_COEFFS)
-    k_direct = softplus(sb) - torch.sigmoid(sb)
-    direct = torch.exp(torch.where(small, torch.zeros_like(zeta), zeta) + torch.log(k_direct))
-    return torch.where(small, series, direct)
+    s, zeta, a = torch.broadcast_tensors(s, zeta, a)
+    return _by_branch(s < -5.0, _theta_k_series, _theta_k_direct, s, zeta, a)
 
 
 def _by_branch(mask: Tensor, f_true, f_false, *args: Tensor) -> Tensor:
