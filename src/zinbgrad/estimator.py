@@ -130,7 +130,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
     random_state
         Seed of the initialization subsample, the randomized SVD and the minibatch order.
     verbose
-        Show a progress bar.
+        Show a progress bar (tqdm) on fits that take longer than two seconds.
 
     Attributes
     ----------
@@ -184,7 +184,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         dtype: str = "auto",
         allow_non_integer: bool = False,
         random_state: int | None = 0,
-        verbose: bool = False,
+        verbose: bool = True,
     ) -> None:
         self.n_components = n_components
         self.zero_inflation = zero_inflation
@@ -278,7 +278,10 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
             return None, None
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=self.max_epochs, desc="zinbgrad fit", unit="epoch", leave=False)
+        # appears only for fits that last longer than a moment
+        bar = tqdm(
+            total=self.max_epochs, desc="zinbgrad fit", unit="epoch", leave=False, delay=2.0
+        )
 
         def cb(rec: dict) -> None:
             bar.update(1)
