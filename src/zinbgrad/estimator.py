@@ -279,9 +279,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         from tqdm.auto import tqdm
 
         # appears only for fits that last longer than a moment
-        bar = tqdm(
-            total=self.max_epochs, desc="zinbgrad fit", unit="epoch", leave=False, delay=2.0
-        )
+        bar = tqdm(total=self.max_epochs, desc="zinbgrad fit", unit="epoch", leave=False, delay=2.0)
 
         def cb(rec: dict) -> None:
             bar.update(1)
@@ -346,127 +344,92 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         inp = open_counts(data, layer, allow_non_integer=self.allow_non_integer)
         n, J = inp.shape
         with cpu_threads(dev, n * J):
-            return self._fit(
-                inp,
-                t_start,
-                comm,
-                dev,
-                dt,
-                batch_key,
-                covariate_keys,
-                X,
-                V,
-                O_mu,
-                O_pi,
-                checkpoint,
-                checkpoint_every,
-                resume,
-            )
-
-    def _fit(
-        self,
-        inp,
-        t_start,
-        comm,
-        dev,
-        dt,
-        batch_key,
-        covariate_keys,
-        X,
-        V,
-        O_mu,
-        O_pi,
-        checkpoint,
-        checkpoint_every,
-        resume,
-    ) -> ZINBWaVE:
-        n, J = inp.shape
-        self._check_hyperparameters(n, J)
-        Xm, xnames = self._cell_design(inp.obs, n, X, batch_key, covariate_keys)
-        Vm = np.ones((J, 1)) if V is None else check_design_matrix(V, J, "V", "genes")
-        O_mu_a = self._offset(O_mu, n, J, "O_mu")
-        O_pi_a = self._offset(O_pi, n, J, "O_pi")
-        design_all = self._make_design(Xm, Vm, O_mu_a, O_pi_a, dev, dt)
-        pen = Penalty.zinbwave_defaults(
-            design_all,
-            epsilon=self.epsilon,
-            epsilon_beta=self.epsilon_beta,
-            epsilon_gamma=self.epsilon_gamma,
-            epsilon_W=self.epsilon_W,
-            epsilon_alpha=self.epsilon_alpha,
-            epsilon_zeta=self.epsilon_zeta,
-            epsilon_min_logit=self.epsilon_min_logit,
-            common_dispersion=self.common_dispersion,
-        )
-        lo, hi = shard_bounds(n, comm.rank, comm.world_size)
-        design = design_all.rows(lo, hi)
-        source = inp.source(lo, hi, dt, dev)
-        full_source = source if comm.world_size == 1 else inp.source(0, n, dt, dev)
-        seed = 0 if self.random_state is None else int(self.random_state)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            # every rank derives the same gene initialization from the same global subsample
-            params = initialize(
-                full_source,
+            self._check_hyperparameters(n, J)
+            Xm, xnames = self._cell_design(inp.obs, n, X, batch_key, covariate_keys)
+            Vm = np.ones((J, 1)) if V is None else check_design_matrix(V, J, "V", "genes")
+            O_mu_a = self._offset(O_mu, n, J, "O_mu")
+            O_pi_a = self._offset(O_pi, n, J, "O_pi")
+            design_all = self._make_design(Xm, Vm, O_mu_a, O_pi_a, dev, dt)
+            pen = Penalty.zinbwave_defaults(
                 design_all,
-                pen,
-                self.n_components,
-                zero_inflation=self.zero_inflation,
+                epsilon=self.epsilon,
+                epsilon_beta=self.epsilon_beta,
+                epsilon_gamma=self.epsilon_gamma,
+                epsilon_W=self.epsilon_W,
+                epsilon_alpha=self.epsilon_alpha,
+                epsilon_zeta=self.epsilon_zeta,
+                epsilon_min_logit=self.epsilon_min_logit,
                 common_dispersion=self.common_dispersion,
-                seed=seed,
-                shard=(lo, hi),
-                shard_source=source,
             )
-            if full_source is not source and hasattr(full_source, "close"):
-                full_source.close()
-            cb, bar = self._progress()
-            opts = FitOptions(
-                max_epochs=self.max_epochs,
-                tol=self.tol,
-                local_steps=self.local_steps,
-                block_entries=self.block_entries,
-                batch_size=self.batch_size,
-                solver=self.solver,
-                verbose=self.verbose,
-                progress=cb,
-                checkpoint_path=None if checkpoint is None else str(checkpoint),
-                checkpoint_every=checkpoint_every,
-                t_origin=t_start,
-            )
-            engine = Engine(
-                source,
-                design,
-                params,
-                pen,
-                zero_inflation=self.zero_inflation,
-                common_dispersion=self.common_dispersion,
-                options=opts,
-                seed=seed,
-                comm=comm,
-            )
-            try:
-                result = engine.fit(resume=None if resume is None else str(resume))
-            finally:
-                if bar is not None:
-                    bar.close()
-                if hasattr(source, "close"):
-                    source.close()
-        final = engine.params
-        if comm.world_size > 1:
-            final = final.clone()
-            final.W = comm.all_gather_rows(final.W, n)
-            final.gamma_mu = comm.all_gather_rows(final.gamma_mu.T, n).T
-            final.gamma_pi = comm.all_gather_rows(final.gamma_pi.T, n).T
-        self._store(final, pen, design_all, Xm, xnames, Vm, inp)
-        self.loglik_ = float(result.loglik)
-        self.penalty_ = float(result.penalty)
-        self.objective_ = self.loglik_ - self.penalty_
-        self.history_ = result.history
-        self.n_iter_ = int(result.n_epochs)
-        self.converged_ = bool(result.converged)
-        self.fit_time_ = time.perf_counter() - t_start
-        self._set_criteria(n, J)
-        return self
+            lo, hi = shard_bounds(n, comm.rank, comm.world_size)
+            design = design_all.rows(lo, hi)
+            source = inp.source(lo, hi, dt, dev)
+            full_source = source if comm.world_size == 1 else inp.source(0, n, dt, dev)
+            seed = 0 if self.random_state is None else int(self.random_state)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                # every rank derives the same gene initialization from the same global subsample
+                params = initialize(
+                    full_source,
+                    design_all,
+                    pen,
+                    self.n_components,
+                    zero_inflation=self.zero_inflation,
+                    common_dispersion=self.common_dispersion,
+                    seed=seed,
+                    shard=(lo, hi),
+                    shard_source=source,
+                )
+                if full_source is not source and hasattr(full_source, "close"):
+                    full_source.close()
+                cb, bar = self._progress()
+                opts = FitOptions(
+                    max_epochs=self.max_epochs,
+                    tol=self.tol,
+                    local_steps=self.local_steps,
+                    block_entries=self.block_entries,
+                    batch_size=self.batch_size,
+                    solver=self.solver,
+                    verbose=self.verbose,
+                    progress=cb,
+                    checkpoint_path=None if checkpoint is None else str(checkpoint),
+                    checkpoint_every=checkpoint_every,
+                    t_origin=t_start,
+                )
+                engine = Engine(
+                    source,
+                    design,
+                    params,
+                    pen,
+                    zero_inflation=self.zero_inflation,
+                    common_dispersion=self.common_dispersion,
+                    options=opts,
+                    seed=seed,
+                    comm=comm,
+                )
+                try:
+                    result = engine.fit(resume=None if resume is None else str(resume))
+                finally:
+                    if bar is not None:
+                        bar.close()
+                    if hasattr(source, "close"):
+                        source.close()
+            final = engine.params
+            if comm.world_size > 1:
+                final = final.clone()
+                final.W = comm.all_gather_rows(final.W, n)
+                final.gamma_mu = comm.all_gather_rows(final.gamma_mu.T, n).T
+                final.gamma_pi = comm.all_gather_rows(final.gamma_pi.T, n).T
+            self._store(final, pen, design_all, Xm, xnames, Vm, inp)
+            self.loglik_ = float(result.loglik)
+            self.penalty_ = float(result.penalty)
+            self.objective_ = self.loglik_ - self.penalty_
+            self.history_ = result.history
+            self.n_iter_ = int(result.n_epochs)
+            self.converged_ = bool(result.converged)
+            self.fit_time_ = time.perf_counter() - t_start
+            self._set_criteria(n, J)
+            return self
 
     def _store(self, params: Params, pen: Penalty, design: Design, Xm, xnames, Vm, counts) -> None:
         arrays = params.as_numpy()
