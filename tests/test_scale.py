@@ -124,3 +124,11 @@ def test_two_process_gloo_fit_matches_single_process(tmp_path, h5):
 
 def test_package_exports():
     assert callable(zinbgrad.ZINBWaVE)
+
+
+def test_transform_and_score_stream_from_disk(h5):
+    model = ZINBWaVE(n_components=2, max_epochs=5).fit(str(h5))
+    mem = ad.read_h5ad(h5)
+    np.testing.assert_allclose(model.transform(str(h5)), model.transform(mem), rtol=1e-10)
+    assert model.score(str(h5)) == pytest.approx(model.score(mem), rel=1e-12)
+    assert model.loglik(str(h5)) == pytest.approx(model.loglik(mem), rel=1e-12)

@@ -16,8 +16,7 @@ import torch
 from sklearn.base import BaseEstimator, TransformerMixin
 
 from .data.open import open_counts
-from .data.source import InMemoryCounts
-from .data.validate import build_cell_design, check_design_matrix, extract_counts
+from .data.validate import build_cell_design, check_design_matrix
 from .model.params import Design, Params, Penalty
 from .optim.distributed import current_comm, shard_bounds
 from .optim.engine import Engine, FitOptions
@@ -531,13 +530,19 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
                 f"{missing.size} genes of the fitted model are missing from the new data "
                 f"(e.g. {', '.join(missing[:5])})"
             )
+        if counts.X is None:
+            raise ValueError(
+                "the genes of the .h5ad on disk are not in the model's order; subset/reorder it "
+                "to the model's genes (model.var_names_) or load it into memory"
+            )
         pos = {g: i for i, g in enumerate(names)}
         idx = np.array([pos[g] for g in self.var_names_])
         counts.X = counts.X[:, idx]
         counts.var_names = self.var_names_
+        counts.shape = counts.X.shape
 
     def _new_cell_design(self, counts, X, batch_key, covariate_keys, O_mu, O_pi):
-        n = counts.X.shape[0]
+        n = counts.shape[0]
         J = len(self.var_names_)
         if X is not None:
             Xm = check_design_matrix(X, n, "X", "cells")
@@ -567,18 +572,18 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         self, data, layer, X, batch_key, covariate_keys, O_mu, O_pi, max_steps: int = 100
     ) -> tuple[Params, np.ndarray, Engine]:
         self._check_fitted()
-        counts = extract_counts(
+        counts = open_counts(
             data, layer, allow_non_integer=self.allow_non_integer, check_empty=False
         )
         self._align_genes(counts)
+        n = counts.shape[0]
         Xm, Om, Op = self._new_cell_design(counts, X, batch_key, covariate_keys, O_mu, O_pi)
         dev, dt = self._torch_setup()
         design = self._make_design(Xm, self.V_, Om, Op, dev, dt)
         pen = self._penalty_obj(design)
-        source = InMemoryCounts(counts.X, dtype=dt, device=dev)
+        source = counts.source(0, n, dt, dev)  # in memory, or streamed from an .h5ad on disk
         g = self._gene_params(dev, dt)
         W, gmu = init_local_mean(source, design, pen, g["beta_mu"], g["alpha_mu"], 8192)
-        n = counts.X.shape[0]
         if self.zero_inflation:
             gpi = init_local_zi(source, design, pen, g["beta_pi"], g["alpha_pi"], W, 8192)
         else:
@@ -594,6 +599,8 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
             options=FitOptions(block_entries=self.block_entries),
         )
         ll_cells = engine.optimize_cells(max_steps=max_steps)
+        if hasattr(source, "close"):
+            source.close()
         return engine.params, ll_cells.cpu().numpy(), engine
 
     def transform(
@@ -825,13 +832,13 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         """Log-likelihood of the training counts at the fitted parameters (zinbwave's
         ``loglik``), computed exactly."""
         self._check_fitted()
-        counts = extract_counts(data, layer, allow_non_integer=True, check_empty=False)
+        counts = open_counts(data, layer, allow_non_integer=True, check_empty=False)
         self._align_genes(counts)
-        if counts.X.shape[0] != self.W_.shape[0]:
+        if counts.shape[0] != self.W_.shape[0]:
             raise ValueError("loglik() needs the training cells; use score() for new cells")
         dev, dt = torch.device("cpu"), torch.float64
         engine = Engine(
-            InMemoryCounts(counts.X, dtype=dt, device=dev),
+            counts.source(0, counts.shape[0], dt, dev),
             self.training_design(dev, dt),
             self.get_params_torch(dev, dt),
             self._penalty_obj(self.training_design(dev, dt)),
@@ -842,7 +849,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         if not np.isfinite(self.loglik_):  # a model built from parameters: fill in criteria
             self.loglik_ = ll
             self.objective_ = ll - self.penalty_
-            self._set_criteria(*counts.X.shape)
+            self._set_criteria(*counts.shape)
         return ll
 
     # --- downstream methods (begin) ------------------------------------------------------

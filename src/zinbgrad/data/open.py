@@ -49,11 +49,15 @@ def _backed_path(data) -> str | None:
     return None
 
 
-def open_counts(data, layer: str | None = None, *, allow_non_integer: bool = False) -> CountsHandle:
+def open_counts(
+    data, layer: str | None = None, *, allow_non_integer: bool = False, check_empty: bool = True
+) -> CountsHandle:
     """Validate an input and describe it; .h5ad paths and backed AnnData stay on disk."""
     path = _backed_path(data)
     if path is None:
-        c = extract_counts(data, layer, allow_non_integer=allow_non_integer)
+        c = extract_counts(
+            data, layer, allow_non_integer=allow_non_integer, check_empty=check_empty
+        )
         return CountsHandle(c.X.shape, c.obs, c.obs_names, c.var_names, X=c.X)
     import anndata as ad
 
@@ -68,7 +72,7 @@ def open_counts(data, layer: str | None = None, *, allow_non_integer: bool = Fal
     a.file.close()
     src = BackedCounts(p, layer)
     try:
-        src.validate(allow_non_integer=allow_non_integer)
+        src.validate(allow_non_integer=allow_non_integer, check_empty=check_empty)
         shape = src.shape
     finally:
         src.close()

@@ -181,13 +181,16 @@ class BackedCounts:
 
     def block(self, start: int, stop: int) -> SparseCounts:
         M = self.rows_csr(start, stop)
-        return SparseCounts.from_csr(
+        block = SparseCounts.from_csr(
             torch.from_numpy(M.indptr.astype(np.int64)),
             torch.from_numpy(M.indices.astype(np.int64)),
             torch.from_numpy(np.asarray(M.data, dtype=np.float64)),
             self.n_vars,
             self.dtype,
-        ).to(self.device, non_blocking=True)
+        )
+        if self.device.type == "cuda":  # pinned host memory: asynchronous copies to the GPU
+            block = block.pin_memory()
+        return block.to(self.device, non_blocking=True)
 
     def iter_blocks(self, bounds: list[tuple[int, int]]) -> Iterator[tuple[int, int, SparseCounts]]:
         """Blocks in order, the next one read from disk while the current one is used."""
@@ -204,7 +207,9 @@ class BackedCounts:
                 fut = self._pool.submit(self.block, *bounds[i + 1])
             yield start, stop, counts
 
-    def validate(self, allow_non_integer: bool = False, block_rows: int = 65536) -> None:
+    def validate(
+        self, allow_non_integer: bool = False, block_rows: int = 65536, check_empty: bool = True
+    ) -> None:
         """Streaming version of :func:`zinbgrad.data.validate.validate_counts`."""
         import warnings
 
@@ -225,14 +230,14 @@ class BackedCounts:
             gene_nnz += np.bincount(M.indices[nonzero], minlength=self.n_vars)
             rows = np.repeat(np.arange(M.shape[0]), np.diff(M.indptr))
             per_cell = np.bincount(rows[nonzero], minlength=M.shape[0])
-            if (per_cell == 0).any():
+            if check_empty and (per_cell == 0).any():
                 first = start + int(np.argmax(per_cell == 0))
                 raise ValueError(
                     f"{int((per_cell == 0).sum())} cells in {self.path} have only zero counts "
                     f"(first: row {first}); filter empty cells first"
                 )
         empty_genes = np.flatnonzero(gene_nnz == 0)
-        if empty_genes.size:
+        if check_empty and empty_genes.size:
             raise ValueError(
                 f"{empty_genes.size} genes in {self.path} have only zero counts (e.g. index "
                 f"{empty_genes[0]}); filter them first"

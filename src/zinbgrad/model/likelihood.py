@@ -257,6 +257,16 @@ class SparseCounts:
             rows, indices, vals = rows[keep], indices[keep], vals[keep]
         return cls(n_rows, n_cols, rows, indices.long(), vals, torch.lgamma(vals + 1.0))
 
+    def pin_memory(self) -> SparseCounts:
+        return SparseCounts(
+            self.n_rows,
+            self.n_cols,
+            self.rows.pin_memory(),
+            self.cols.pin_memory(),
+            self.values.pin_memory(),
+            self.lgamma_y1.pin_memory(),
+        )
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> SparseCounts:
         def mv(t: Tensor) -> Tensor:
             return t.to(device, non_blocking=non_blocking)
