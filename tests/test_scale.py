@@ -132,3 +132,16 @@ def test_transform_and_score_stream_from_disk(h5):
     np.testing.assert_allclose(model.transform(str(h5)), model.transform(mem), rtol=1e-10)
     assert model.score(str(h5)) == pytest.approx(model.score(mem), rel=1e-12)
     assert model.loglik(str(h5)) == pytest.approx(model.loglik(mem), rel=1e-12)
+
+
+@pytest.mark.parametrize("cmd", [["normalize"], ["weights"], ["residuals", "--kind", "pearson"]])
+def test_layer_commands_stream_into_chunks(tmp_path, h5, cmd):
+    fitted = tmp_path / "fit.h5ad"
+    assert main(["fit", str(h5), "-o", str(fitted), "-k", "2", "--epochs", "3", "-q"]) == 0
+    mem, disk = tmp_path / "mem.h5ad", tmp_path / "disk.h5ad"
+    assert main([*cmd, str(fitted), "-o", str(mem)]) == 0
+    assert main([*cmd, str(fitted), "-o", str(disk), "--stream"]) == 0
+    a, b = ad.read_h5ad(mem), ad.read_h5ad(disk)
+    (key,) = list(b.layers.keys())
+    np.testing.assert_allclose(b.layers[key], a.layers[key], rtol=1e-5, atol=1e-6)
+    assert b.X.nnz == a.X.nnz

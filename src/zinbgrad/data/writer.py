@@ -1,0 +1,93 @@
+"""Write per-entry outputs (normalized values, residuals, weights, ...) into an .h5ad in chunks.
+
+For data that does not fit in memory: the input file is copied to a temporary file next to the
+output, the layer is created as a chunked HDF5 dataset in anndata's on-disk layout and filled
+block of cells by block of cells (counts streamed from the input, never loaded whole), then the
+temporary file is renamed to the output (atomic: never a half-written file under that name).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..model.outputs import COUNT_OUTPUTS, block_output
+from ..model.params import linear_predictors
+from .source import BackedCounts
+
+__all__ = ["write_output_layer"]
+
+
+def write_output_layer(
+    model,
+    what: str,
+    inp: str | os.PathLike,
+    out: str | os.PathLike,
+    key_added: str,
+    *,
+    ignore_W: bool = False,
+    layer: str | None = None,
+    block_rows: int = 4096,
+    out_dtype=np.float32,
+) -> Path:
+    """Compute ``what`` (see :func:`zinbgrad.model.outputs.block_output`) for every training cell
+    of ``model`` and write it as ``layers[key_added]`` of a copy of ``inp`` saved as ``out``.
+
+    The counts (for residuals, weights, imputation) are read from ``inp`` (``layer`` or ``X``,
+    CSR) block by block; peak memory is one block of cells x genes.
+    """
+    import h5py
+
+    inp, out = Path(inp), Path(out)
+    src = BackedCounts(inp, layer)
+    n, J = src.shape
+    if (n, J) != (model.W_.shape[0], model.n_features_in_):
+        src.close()
+        raise ValueError(
+            f"{inp} has {n} cells x {J} genes; the model was fitted on "
+            f"{model.W_.shape[0]} x {model.n_features_in_}"
+        )
+    dev, dt = torch.device("cpu"), torch.float64
+    design = model.training_design(dev, dt)
+    params = model.get_params_torch(dev, dt)
+    if ignore_W:
+        params.W = torch.zeros_like(params.W)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(inp, tmp)
+        with h5py.File(tmp, "r+") as f:
+            layers = f.require_group("layers")
+            layers.attrs.setdefault("encoding-type", "dict")
+            layers.attrs.setdefault("encoding-version", "0.1.0")
+            if key_added in layers:
+                del layers[key_added]
+            ds = layers.create_dataset(
+                key_added, shape=(n, J), dtype=out_dtype, chunks=(min(block_rows, n), J)
+            )
+            ds.attrs["encoding-type"] = "array"
+            ds.attrs["encoding-version"] = "0.2.0"
+            zeta = params.zeta
+            for start in range(0, n, block_rows):
+                stop = min(start + block_rows, n)
+                a, b = linear_predictors(design, params, slice(start, stop), model.zero_inflation)
+                y = None
+                if what in COUNT_OUTPUTS:
+                    y = torch.as_tensor(src.rows_csr(start, stop).toarray(), dtype=dt)
+                ds[start:stop] = block_output(what, a, b, zeta, y).numpy().astype(out_dtype)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        src.close()
+    return out
