@@ -344,6 +344,17 @@ def child_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _vm_rss_mb(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        return None
+    return None
+
+
 def run_child(path: Path, mode: str, args: argparse.Namespace, timeout: float | None) -> dict:
     """Run one fit in a fresh subprocess; peak RSS from that child's own rusage (wait4)."""
     cmd = [
@@ -374,6 +385,8 @@ def run_child(path: Path, mode: str, args: argparse.Namespace, timeout: float | 
         proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, text=True)
     deadline = None if timeout is None else t0 + timeout
     status, ru, timed_out = None, None, False
+    rss_trace: list[list[float]] = []  # [seconds, VmRSS MB], about once a second
+    next_sample = 0.0
     while True:  # poll with wait4 (per-child rusage), killing the child at the deadline
         pid, st, r = os.wait4(proc.pid, os.WNOHANG)
         if pid == proc.pid:
@@ -384,6 +397,12 @@ def run_child(path: Path, mode: str, args: argparse.Namespace, timeout: float | 
             timed_out = True
             _, status, ru = os.wait4(proc.pid, 0)
             break
+        now = time.perf_counter() - t0
+        if now >= next_sample:
+            rss = _vm_rss_mb(proc.pid)
+            if rss is not None:
+                rss_trace.append([round(now, 1), round(rss, 1)])
+            next_sample = now + 1.0
         time.sleep(0.2)
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
@@ -405,6 +424,7 @@ def run_child(path: Path, mode: str, args: argparse.Namespace, timeout: float | 
         timed_out=timed_out,
         process_wall_seconds=wall,
         peak_rss_mb=ru.ru_maxrss / 1024.0,  # Linux: KiB
+        rss_trace=rss_trace,
         load_before=load_before,
         load_after=loadavg(),
     )
@@ -424,7 +444,12 @@ def markdown_table(runs: list[dict], roofline: dict | None) -> str:
     rows = [head]
     for r in runs:
         if "epochs" not in r:
-            rows.append(f"| {r.get('n_cells', '?')} | | {r['mode']} | FAILED rc={r['returncode']}")
+            last = r.get("events") or [["start", 0.0]]
+            rows.append(
+                f"| {Path(r['path']).stem} | | {r['mode']} | not finished (rc={r['returncode']}, "
+                f"timed out={r.get('timed_out')}, last phase {last[-1][0]} at {last[-1][1]:.0f} s) "
+                f"| | | | {r['peak_rss_mb']:.0f} | | |"
+            )
             continue
         ph = r.get("epoch_phases", [])
         phs = f"{ph.count('stochastic')} sto + {ph.count('full')} full"
@@ -435,6 +460,89 @@ def markdown_table(runs: list[dict], roofline: dict | None) -> str:
             f"| {r['entries_per_second']:.3g} | {'' if roof is None else f'{roof:.3g}'} |"
         )
     return "\n".join(rows)
+
+
+def _components(r: dict) -> dict[str, float]:
+    """Wall seconds of one run split into the parts that scale differently."""
+    ph = r["phase_seconds"]
+    by = r.get("seconds_per_epoch_by_phase", {})
+    return {
+        "load+open+validate": r["load_seconds"] + ph.get("open+validate", 0.0),
+        "initialize": ph.get("initialize", 0.0),
+        "optimize_dispersion": ph.get("optimize_dispersion", 0.0),
+        "stochastic_epoch": by.get("stochastic", float("nan")),
+        "full_epoch": by.get("full", float("nan")),
+        "final_loglik": ph.get("final_loglik", 0.0),
+    }
+
+
+def extrapolate(runs: list[dict], n_target: int, n_sto: int, n_full: int) -> dict:
+    """Per component ``t = a + b n`` through the measured sizes (least squares), at n_target.
+
+    Returns the components and the end-to-end estimate for ``n_sto`` stochastic and
+    ``n_full`` full epochs. Labelled an extrapolation wherever it is reported.
+    """
+    import numpy as np
+
+    ok = sorted((r for r in runs if "phase_seconds" in r), key=lambda r: r["n_cells"])
+    ns = np.array([r["n_cells"] for r in ok], dtype=float)
+    comps = [_components(r) for r in ok]
+    out: dict = {"n_cells": n_target, "from_sizes": ns.astype(int).tolist(), "components": {}}
+    for key in comps[0]:
+        t = np.array([c[key] for c in comps])
+        if len(ns) >= 2:
+            b, a = np.polyfit(ns, t, 1)
+        else:
+            a, b = 0.0, t[0] / ns[0]
+        out["components"][key] = {
+            "intercept_s": float(a),
+            "per_cell_us": float(b * 1e6),
+            "at_target_s": float(a + b * n_target),
+        }
+    c = {k: v["at_target_s"] for k, v in out["components"].items()}
+    out["epochs"] = {"stochastic": n_sto, "full": n_full}
+    out["end_to_end_s"] = (
+        c["load+open+validate"]
+        + c["initialize"]
+        + c["optimize_dispersion"]
+        + n_sto * c["stochastic_epoch"]
+        + n_full * c["full_epoch"]
+        + c["final_loglik"]
+    )
+    return out
+
+
+def report(paths: list[str], target: int, n_sto: int, n_full: int) -> None:
+    """Markdown tables (measured runs, phase breakdown, extrapolation) from result JSONs."""
+    runs, roof = [], None
+    for p in paths:
+        res = json.loads(Path(p).read_text())
+        runs += res.get("runs", [])
+        roof = roof or res.get("roofline")
+    print(markdown_table(runs, roof))
+    print()
+    print("| cells | mode | load+open s | init s | dispersion s | sto epoch s | full epoch s |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    for r in runs:
+        if "phase_seconds" not in r:
+            continue
+        c = _components(r)
+        print(
+            f"| {r['n_cells']:,} | {r['mode']} | {c['load+open+validate']:.1f} "
+            f"| {c['initialize']:.1f} | {c['optimize_dispersion']:.1f} "
+            f"| {c['stochastic_epoch']:.2f} | {c['full_epoch']:.2f} |"
+        )
+    stream = [r for r in runs if r.get("mode") == "stream" and "phase_seconds" in r]
+    if stream:
+        ex = extrapolate(stream, target, n_sto, n_full)
+        print()
+        print(f"EXTRAPOLATED to {target:,} cells (stream), from {ex['from_sizes']}:")
+        for k, v in ex["components"].items():
+            print(
+                f"  {k}: {v['intercept_s']:.1f} s + {v['per_cell_us']:.1f} us/cell "
+                f"-> {v['at_target_s']:.0f} s"
+            )
+        print(f"  end to end ({n_sto} sto + {n_full} full epochs): {ex['end_to_end_s']:.0f} s")
 
 
 # ----------------------------------------------------------------------------- main
@@ -477,6 +585,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_child":
         return child_main(build_child_parser().parse_args(argv[1:]))
+    if argv and argv[0] == "report":
+        rp = argparse.ArgumentParser(prog="scaling.py report")
+        rp.add_argument("json", nargs="+", help="result JSONs of this script")
+        rp.add_argument("--target", default="1.3M", help="size to extrapolate to")
+        rp.add_argument("--stochastic-epochs", type=int, default=3)
+        rp.add_argument("--full-epochs", type=int, default=1)
+        ra = rp.parse_args(argv[1:])
+        report(ra.json, parse_size(ra.target), ra.stochastic_epochs, ra.full_epochs)
+        return 0
     args = build_parser().parse_args(argv)
     scratch = Path(args.scratch)
     scratch.mkdir(parents=True, exist_ok=True)

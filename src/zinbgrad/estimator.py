@@ -389,7 +389,6 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
                     block_entries=self.block_entries,
                     batch_size=self.batch_size,
                     solver=self.solver,
-                    verbose=self.verbose,
                     progress=cb,
                     checkpoint_path=None if checkpoint is None else str(checkpoint),
                     checkpoint_every=checkpoint_every,

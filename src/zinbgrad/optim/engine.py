@@ -59,7 +59,6 @@ class FitOptions:
     solver: str = "auto"
     stochastic_epochs: int = 3
     zeta_bounds: tuple[float, float] = (ZETA_MIN, ZETA_MAX)
-    verbose: bool = False
     progress: Callable[[dict], None] | None = None
     checkpoint_path: str | None = None
     checkpoint_every: int = 1
