@@ -281,8 +281,9 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         bar = tqdm(total=self.max_epochs, desc="zinbgrad fit", unit="epoch", leave=False, delay=2.0)
 
         def cb(rec: dict) -> None:
+            # postfix first without a refresh: a refresh would bypass tqdm's display delay
+            bar.set_postfix(objective=f"{rec['objective']:.6g}", phase=rec["phase"], refresh=False)
             bar.update(1)
-            bar.set_postfix(objective=f"{rec['objective']:.6g}", phase=rec["phase"])
 
         return cb, bar
 
