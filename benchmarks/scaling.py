@@ -1,7 +1,8 @@
 """Scaling benchmark of zinbgrad's fit in the number of cells (issue 5).
 
 1. Fit zinbgrad (K=10) on the real 10x mouse-brain slice (720 top-variance genes, as scVI's
-   BRAIN-LARGE), once; the model is saved in the scratch folder and reused.
+   BRAIN-LARGE; the 10k-cell slice has only 715 genes with a count, so all 715), once; the
+   model is saved in the scratch folder and reused.
 2. Generate synthetic datasets of the requested sizes from that fit with
    :func:`zinbgrad.simulate.make_synthetic` (CSR ``.h5ad`` written in chunks; skipped when the
    file exists).
@@ -15,6 +16,9 @@ Usage::
 
     python benchmarks/scaling.py --sizes 10k,100k --solver stochastic --batch-size 8192 \
         --dtype float32 --max-epochs 5 --out benchmarks/results/scaling.json
+
+    python benchmarks/scaling.py report benchmarks/results/scaling.json [...] \
+        --roofline benchmarks/results/roofline.json   # tables + extrapolation to 1.3M
 
 The JSON holds one record per run (plus the machine's load average before each run); the
 Markdown table printed at the end is the one in ``BENCHMARKS.md`` ("Scaling (issue 5)").
@@ -512,9 +516,13 @@ def extrapolate(runs: list[dict], n_target: int, n_sto: int, n_full: int) -> dic
     return out
 
 
-def report(paths: list[str], target: int, n_sto: int, n_full: int) -> None:
+def report(
+    paths: list[str], target: int, n_sto: int, n_full: int, roofline: str | None = None
+) -> None:
     """Markdown tables (measured runs, phase breakdown, extrapolation) from result JSONs."""
     runs, roof = [], None
+    if roofline:
+        roof = json.loads(Path(roofline).read_text())
     for p in paths:
         res = json.loads(Path(p).read_text())
         runs += res.get("runs", [])
@@ -591,8 +599,9 @@ def main(argv: list[str] | None = None) -> int:
         rp.add_argument("--target", default="1.3M", help="size to extrapolate to")
         rp.add_argument("--stochastic-epochs", type=int, default=3)
         rp.add_argument("--full-epochs", type=int, default=1)
+        rp.add_argument("--roofline", default=None, help="roofline JSON (overrides the runs')")
         ra = rp.parse_args(argv[1:])
-        report(ra.json, parse_size(ra.target), ra.stochastic_epochs, ra.full_epochs)
+        report(ra.json, parse_size(ra.target), ra.stochastic_epochs, ra.full_epochs, ra.roofline)
         return 0
     args = build_parser().parse_args(argv)
     scratch = Path(args.scratch)

@@ -352,10 +352,12 @@ class Engine:
             return torch.zeros_like(zeta)
         return 0.5 * self.pen.zeta / (self.J - 1) * (zeta - center) ** 2
 
-    def _eval_ll(self, zetas: list[Tensor]) -> list[Tensor]:
+    def _eval_ll(self, zetas: list[Tensor], bounds=None) -> list[Tensor]:
         """Per-gene log-likelihood at the current parameters, for each zeta in ``zetas``."""
         out = [torch.zeros(self.J, dtype=self.dtype, device=self.device) for _ in zetas]
-        for start, stop, counts in self.source.iter_blocks(self.bounds):
+        for start, stop, counts in self.source.iter_blocks(
+            self.bounds if bounds is None else bounds
+        ):
             rows = slice(start, stop)
             a, b = linear_predictors(self.design, self.params, rows, self.zi)
             for k, z in enumerate(zetas):
@@ -580,17 +582,30 @@ class Engine:
             }
             self._record(history, rec)
 
-    def optimize_dispersion(self, max_iter: int = 12, tol: float = 1e-6) -> None:
-        """Dispersion-only updates (the other parameters fixed), as zinbwave's first step."""
+    def optimize_dispersion(
+        self, max_iter: int = 12, tol: float = 1e-6, max_entries: int = 2**23
+    ) -> None:
+        """Dispersion-only updates (the other parameters fixed), as zinbwave's first step.
+
+        On large data it uses blocks of cells spread over the data set, about ``max_entries``
+        matrix entries in all, with the data term scaled up to all cells (a starting value:
+        the epochs refine the dispersion with every cell).
+        """
+        step = max(1, -(-len(self.bounds) * self.opt.block_entries // max_entries))
+        bounds = self.bounds[::step]
+        rows = self.comm.sum(sum(b - a for a, b in bounds))
+        scale = self.comm.sum(self.n) / max(rows, 1)
         prev = None
         for _ in range(max_iter):
             stats = self._new_stats()
-            for start, stop, counts in self.source.iter_blocks(self.bounds):
+            for start, stop, counts in self.source.iter_blocks(bounds):
                 a, b = linear_predictors(self.design, self.params, slice(start, stop), self.zi)
                 dz = self._derivs(a, b, counts, order=0, dispersion=True)
                 stats.ll += dz.ll.sum(0)
                 stats.gz += dz.lz.sum(0)
                 stats.hz += dz.lzz.sum(0)
+            for t in (stats.ll, stats.gz, stats.hz):
+                t.mul_(scale)
             self.comm.all_reduce_(stats.ll, stats.gz, stats.hz)
             cur = float(stats.ll.sum()) - float(self.pen.zeta_value(self.params.zeta))
             if prev is not None and abs(cur - prev) <= tol * abs(prev):
@@ -599,7 +614,8 @@ class Engine:
             zeta_old = self.params.zeta.clone()
             zeta_new = self._zeta_step(stats)
             center = zeta_old.mean()
-            (ll_new,) = self._eval_ll([zeta_new])
+            (ll_new,) = self._eval_ll([zeta_new], bounds)
+            ll_new.mul_(scale)
             if self.common:
                 acc = torch.full_like(zeta_old, float(ll_new.sum()) >= float(stats.ll.sum()))
                 acc = acc.bool()

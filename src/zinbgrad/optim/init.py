@@ -130,7 +130,16 @@ def initialize(
     kw = {"dtype": dt, "device": dev}
     rng = np.random.default_rng(seed)
     n0 = int(min(n, max(4 * K + 10, max_init_entries // max(J, 1))))
-    idx = np.sort(rng.choice(n, size=n0, replace=False)) if n0 < n else np.arange(n)
+    if n0 < n:
+        # runs of consecutive cells at random places: few, larger reads from disk
+        run = 32
+        n_runs = -(-n // run)
+        pick = np.sort(rng.choice(n_runs, size=min(n_runs, -(-n0 // run)), replace=False))
+        idx = (pick[:, None] * run + np.arange(run)[None, :]).ravel()
+        idx = idx[idx < n]
+        n0 = idx.size
+    else:
+        idx = np.arange(n)
     idx_t = torch.as_tensor(idx, device=dev)
     sub = source.rows_subset(idx)
     Xmu, Vmu = design.X_mu, design.V_mu
@@ -303,6 +312,11 @@ def init_local_zi(
         if design.O_pi is not None:
             off = off + design.O_pi[start:stop]
         gamma_pi[:, start:stop] = _logistic_newton(
-            Vpi, Zb.T, off.T, torch.zeros(Vpi.shape[1], stop - start, **kw), penalty.gamma_pi
+            Vpi,
+            Zb.T,
+            off.T,
+            torch.zeros(Vpi.shape[1], stop - start, **kw),
+            penalty.gamma_pi,
+            iters=4,
         )
     return gamma_pi
