@@ -358,7 +358,7 @@ def render_markdown(records: list[dict], meta: dict, fig_paths: list[Path], md_d
     has_both = "zinbgrad" in methods and "scvi" in methods
     L: list[str] = []
     prof = meta.get("profile", {})
-    L.append(f"### Run: `{meta.get('profile_name')}` mode, {meta.get('date')}\n")
+    L.append(f"### Run: `{meta.get('profile_name')}` mode, finished {meta.get('date')}\n")
     L.append(f"Command: `{meta.get('command')}`  ")
     L.append(f"Total wall time: {_fmt(meta.get('total_wall_s'), 1)} s "
              f"({_fmt((meta.get('total_wall_s') or 0) / 60, 1)} min)  ")
@@ -404,8 +404,11 @@ def render_markdown(records: list[dict], meta: dict, fig_paths: list[Path], md_d
            else "default max_epochs rule (400 epochs below 20k cells)")
         + f", marginal likelihood with {scvi_opts.get('n_mc_samples')} importance samples; "
         "PCA: 10 components of log1p(counts / library size x median library size). "
-        f"Subsampling: at most {prof.get('max_cells') or 'all'} cells and "
-        f"{prof.get('max_genes') or 'all'} genes per dataset.\n"
+        + ("No subsampling beyond each dataset's own gene selection."
+           if not (prof.get("max_cells") or prof.get("max_genes"))
+           else f"Subsampling: at most {prof.get('max_cells') or 'all'} cells and "
+           f"{prof.get('max_genes') or 'all'} genes per dataset.")
+        + " All-zero genes and cells are removed everywhere (zinbgrad refuses them).\n"
     )
 
     # ---- 1. scaling

@@ -80,7 +80,7 @@ def _logistic_newton(
 
 
 def _soft_impute(
-    D: Tensor, mask: Tensor, K: int, lam: float, seed: int, iters: int = 40, tol: float = 1e-5
+    D: Tensor, mask: Tensor, K: int, lam: float, seed: int, iters: int = 30, tol: float = 1e-4
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Rank-K soft-thresholded SVD completion of D observed where ``mask``."""
     Zlow = torch.zeros_like(D)
@@ -112,7 +112,7 @@ def initialize(
     *,
     zero_inflation: bool = True,
     common_dispersion: bool = True,
-    max_init_entries: int = 10_000_000,
+    max_init_entries: int = 4_000_000,
     seed: int = 0,
     nb_repeat: int = 2,
     block_rows: int = 8192,
