@@ -17,6 +17,10 @@ tasks
     profiles (tiny / quick / full) and the job runner (one subprocess per job).
 report
     Tables (Markdown, CSV, JSON) and figures (PNG).
+cli
+    The command line (options, source snapshot, run metadata).
 run
-    The command line entry point.
+    The script entry point (``python benchmarks/run.py``).
+
+Other scripts in this folder (``scaling.py``, ``roofline.py``, ...) are separate harnesses.
 """

@@ -69,44 +69,90 @@ def _parser() -> argparse.ArgumentParser:
         "BENCHMARKS.md in one run.",
     )
     p.add_argument("--quick", action="store_true", help="the quick profile (a few minutes)")
-    p.add_argument("--profile", choices=["tiny", "quick", "full"], default=None,
-                   help="profile (default full; --quick = quick; tiny is for the tests)")
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"),
-                   help="output root; the run goes to OUT/<profile>/")
-    p.add_argument("--data-dir", default=None, help="directory with the .h5ad files "
-                   "(default: $ZINBGRAD_SHARED/data or <repo>/../shared/data)")
-    p.add_argument("--methods", default=None, help="comma list among zinbgrad,scvi,"
-                   "zinbwave_r,pca (default: the profile's)")
-    p.add_argument("--tasks", default=None, help="comma list among quality,imputation,"
-                   "batch,scaling (default: all)")
+    p.add_argument(
+        "--profile",
+        choices=["tiny", "quick", "full"],
+        default=None,
+        help="profile (default full; --quick = quick; tiny is for the tests)",
+    )
+    p.add_argument(
+        "--out",
+        default=str(REPO / "benchmarks" / "results"),
+        help="output root; the run goes to OUT/<profile>/",
+    )
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="directory with the .h5ad files "
+        "(default: $ZINBGRAD_SHARED/data or <repo>/../shared/data)",
+    )
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="comma list among zinbgrad,scvi,zinbwave_r,pca (default: the profile's)",
+    )
+    p.add_argument(
+        "--tasks",
+        default=None,
+        help="comma list among quality,imputation,batch,scaling (default: all)",
+    )
     p.add_argument("--datasets", default=None, help="comma list: keep only these datasets")
     p.add_argument("--scaling-sizes", default=None, help="comma list of cell numbers")
     p.add_argument("--max-cells", type=int, default=None, help="subsample datasets to this")
     p.add_argument("--max-genes", type=int, default=None, help="at most this many genes")
-    p.add_argument("--scvi-max-epochs", default=None,
-                   help="'default' (scvi-tools' rule) or an integer")
-    p.add_argument("--scvi-mc-samples", type=int, default=None,
-                   help="importance samples of scVI's marginal likelihood")
+    p.add_argument(
+        "--scvi-max-epochs", default=None, help="'default' (scvi-tools' rule) or an integer"
+    )
+    p.add_argument(
+        "--scvi-mc-samples",
+        type=int,
+        default=None,
+        help="importance samples of scVI's marginal likelihood",
+    )
     p.add_argument("--zinbgrad-max-epochs", type=int, default=None)
-    p.add_argument("--scvi-python", default=None,
-                   help="interpreter with scvi-tools for the scVI jobs (default: "
-                   "$ZINBGRAD_BENCH_PYTHON, else this interpreter)")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                   help="threads per job (torch / OpenMP); default: all cores")
+    p.add_argument(
+        "--scvi-python",
+        default=None,
+        help="interpreter with scvi-tools for the scVI jobs (default: "
+        "$ZINBGRAD_BENCH_PYTHON, else this interpreter)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="threads per job (torch / OpenMP); default: all cores",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--figures-dir", default=None,
-                   help="default: benchmarks/figures in full mode, else OUT/<profile>/figures")
-    p.add_argument("--update-md", dest="update_md", action="store_true", default=None,
-                   help="update BENCHMARKS.md (default only in full mode)")
+    p.add_argument(
+        "--figures-dir",
+        default=None,
+        help="default: benchmarks/figures in full mode, else OUT/<profile>/figures",
+    )
+    p.add_argument(
+        "--update-md",
+        dest="update_md",
+        action="store_true",
+        default=None,
+        help="update BENCHMARKS.md (default only in full mode)",
+    )
     p.add_argument("--no-update-md", dest="update_md", action="store_false")
     p.add_argument("--md-path", default=str(REPO / "BENCHMARKS.md"))
-    p.add_argument("--no-snapshot", action="store_true",
-                   help="let the jobs import the live zinbgrad tree instead of a copy taken "
-                   "at the start (the copy keeps one run on one version while others edit)")
-    p.add_argument("--in-process", action="store_true",
-                   help="run the jobs in this process (no per-method memory isolation)")
-    p.add_argument("--report-only", action="store_true",
-                   help="rebuild tables and figures from OUT/<profile>/jobs/*.json")
+    p.add_argument(
+        "--no-snapshot",
+        action="store_true",
+        help="let the jobs import the live zinbgrad tree instead of a copy taken "
+        "at the start (the copy keeps one run on one version while others edit)",
+    )
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run the jobs in this process (no per-method memory isolation)",
+    )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rebuild tables and figures from OUT/<profile>/jobs/*.json",
+    )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -132,8 +178,16 @@ def _versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
-    for pkg in ("numpy", "scipy", "scikit-learn", "anndata", "torch", "matplotlib",
-                "umap-learn", "zinbgrad"):
+    for pkg in (
+        "numpy",
+        "scipy",
+        "scikit-learn",
+        "anndata",
+        "torch",
+        "matplotlib",
+        "umap-learn",
+        "zinbgrad",
+    ):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -190,7 +244,8 @@ def _snapshot_source(run_dir: Path, python: str, log) -> tuple[Path, str]:
         if snap.exists():
             shutil.rmtree(snap)
         shutil.copytree(
-            REPO / "src" / "zinbgrad", snap / "zinbgrad",
+            REPO / "src" / "zinbgrad",
+            snap / "zinbgrad",
             ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
         )
         env = {**os.environ, "PYTHONPATH": str(snap) + os.pathsep + str(REPO)}
@@ -251,14 +306,19 @@ def run_benchmarks(argv: list[str] | None = None, log=print) -> dict[str, Any]:
             changes["scaling_sizes"] = ()
     if args.tasks:
         tasks = set(_csv_list(args.tasks) or ())
-        for t, f in (("quality", "quality_datasets"), ("imputation", "imputation_datasets"),
-                     ("batch", "batch_datasets"), ("scaling", "scaling_sizes")):
+        for t, f in (
+            ("quality", "quality_datasets"),
+            ("imputation", "imputation_datasets"),
+            ("batch", "batch_datasets"),
+            ("scaling", "scaling_sizes"),
+        ):
             if t not in tasks:
                 changes[f] = ()
     scvi_opts = dict(profile.scvi)
     if args.scvi_max_epochs is not None:
-        scvi_opts["max_epochs"] = (None if args.scvi_max_epochs == "default"
-                                   else int(args.scvi_max_epochs))
+        scvi_opts["max_epochs"] = (
+            None if args.scvi_max_epochs == "default" else int(args.scvi_max_epochs)
+        )
     if args.scvi_mc_samples is not None:
         scvi_opts["n_mc_samples"] = args.scvi_mc_samples
     changes["scvi"] = scvi_opts
@@ -271,8 +331,11 @@ def run_benchmarks(argv: list[str] | None = None, log=print) -> dict[str, Any]:
 
     out_root = Path(args.out).resolve()
     run_dir = out_root / name
-    fig_dir = Path(args.figures_dir).resolve() if args.figures_dir else (
-        REPO / "benchmarks" / "figures" if name == "full" else run_dir / "figures")
+    fig_dir = (
+        Path(args.figures_dir).resolve()
+        if args.figures_dir
+        else (REPO / "benchmarks" / "figures" if name == "full" else run_dir / "figures")
+    )
     update_md = args.update_md if args.update_md is not None else (name == "full")
     md_path = Path(args.md_path).resolve()
 
@@ -297,13 +360,14 @@ def run_benchmarks(argv: list[str] | None = None, log=print) -> dict[str, Any]:
         unavailable: dict[str, str] = {}
         for m in methods:
             if m == "scvi" and profile.isolate:
-                cands = [args.scvi_python, os.environ.get("ZINBGRAD_BENCH_PYTHON"),
-                         sys.executable]
+                cands = [args.scvi_python, os.environ.get("ZINBGRAD_BENCH_PYTHON"), sys.executable]
                 py = next((c for c in cands if c and _python_has(c, "scvi")), None)
                 if py is None:
-                    unavailable[m] = ("scvi-tools not importable (tried --scvi-python, "
-                                      "$ZINBGRAD_BENCH_PYTHON and this interpreter); install "
-                                      "'.[bench]' in a separate venv, see BENCHMARKS.md")
+                    unavailable[m] = (
+                        "scvi-tools not importable (tried --scvi-python, "
+                        "$ZINBGRAD_BENCH_PYTHON and this interpreter); install "
+                        "'.[bench]' in a separate venv, see BENCHMARKS.md"
+                    )
                 else:
                     python_for[m] = py
                     if not _python_has(py, "zinbgrad"):
@@ -323,12 +387,19 @@ def run_benchmarks(argv: list[str] | None = None, log=print) -> dict[str, Any]:
         log(f"{len(runnable)} jobs ({name} mode), data {data_dir}, output {run_dir}")
         run_dir.mkdir(parents=True, exist_ok=True)
         records_run = run_jobs(
-            runnable, profile, data_dir, run_dir, python_for=python_for, threads=args.threads,
-            log=log, pythonpath=[str(snapshot)] if snapshot else [],
+            runnable,
+            profile,
+            data_dir,
+            run_dir,
+            python_for=python_for,
+            threads=args.threads,
+            log=log,
+            pythonpath=[str(snapshot)] if snapshot else [],
         )
         by_id = {r["job"]["id"]: r for r in records_run}
-        records = [by_id.get(j["id"]) or _skip_record(j, unavailable.get(j["method"], ""))
-                   for j in jobs]
+        records = [
+            by_id.get(j["id"]) or _skip_record(j, unavailable.get(j["method"], "")) for j in jobs
+        ]
         argv_shown = argv if argv is not None else sys.argv[1:]
         meta = {
             "profile_name": name,
@@ -350,8 +421,7 @@ def run_benchmarks(argv: list[str] | None = None, log=print) -> dict[str, Any]:
             versions.setdefault(k, v)
     meta["versions"] = versions
     meta.setdefault("commit", commit_at_start)
-    meta["mean_other_busy_cores"], meta["max_other_busy_cores"] = report.mean_other_load(
-        records)
+    meta["mean_other_busy_cores"], meta["max_other_busy_cores"] = report.mean_other_load(records)
     try:
         meta["run_dir_display"] = str(run_dir.relative_to(REPO))
     except ValueError:
@@ -365,8 +435,10 @@ def run_benchmarks(argv: list[str] | None = None, log=print) -> dict[str, Any]:
         md_block = report.render_markdown(records, meta, fig_paths, md_path.parent)
         report.update_benchmarks_md(md_path, md_block, INTRO)
         log(f"updated {md_path}")
-    log(f"report: {run_dir / 'report.md'}; figures: {fig_dir}; "
-        f"total {time.perf_counter() - t_start:.1f} s")
+    log(
+        f"report: {run_dir / 'report.md'}; figures: {fig_dir}; "
+        f"total {time.perf_counter() - t_start:.1f} s"
+    )
     meta["run_dir"] = str(run_dir)
     meta["fig_dir"] = str(fig_dir)
     meta["n_failed"] = sum(1 for r in records if r.get("status") == "failed")

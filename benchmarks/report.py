@@ -233,8 +233,10 @@ def make_figures(records: list[dict], fig_dir: Path, seed: int = 0, log=print) -
             kw = {"color": METHOD_COLORS.get(m), "marker": "o", "label": METHOD_LABELS.get(m, m)}
             axes[0].plot(n, [r["metrics"]["fit_s"] for r in rs], **kw)
             axes[1].plot(n, [r["resources"].get("process_wall_s") for r in rs], **kw)
-            rss = [r["resources"].get("peak_rss_mib") if r["resources"].get("isolated") else None
-                   for r in rs]
+            rss = [
+                r["resources"].get("peak_rss_mib") if r["resources"].get("isolated") else None
+                for r in rs
+            ]
             if any(v is not None for v in rss):
                 axes[2].plot(n, [np.nan if v is None else v for v in rss], **kw)
         titles = ["fit time (s)", "end to end, process wall (s)", "peak RSS (MiB)"]
@@ -256,8 +258,14 @@ def make_figures(records: list[dict], fig_dir: Path, seed: int = 0, log=print) -
     bat = [r for r in records if r["job"]["task"] == "batch" and r.get("status") == "ok"]
     for ds in _ordered({r["job"]["dataset"] for r in bat}, []):
         rs = [r for r in bat if r["job"]["dataset"] == ds]
-        rs = sorted(rs, key=lambda r: list(METHOD_LABELS).index(r["job"]["method"])
-                    if r["job"]["method"] in METHOD_LABELS else 99)
+        rs = sorted(
+            rs,
+            key=lambda r: (
+                list(METHOD_LABELS).index(r["job"]["method"])
+                if r["job"]["method"] in METHOD_LABELS
+                else 99
+            ),
+        )
         arrays = []
         for r in rs:
             path = r["metrics"].get("arrays")
@@ -321,30 +329,57 @@ def _losses(idx: dict, records: list[dict]) -> list[str]:
     datasets = {r["job"]["dataset"] for r in records}
     for ds in sorted(datasets):
         for key, nm in (("train_nll", "train NLL"), ("heldout_nll", "held-out NLL")):
-            cmp(f"{ds} {nm}", _metric(idx, "quality", ds, "zinbgrad", key),
-                _metric(idx, "quality", ds, "scvi", key), True)
+            cmp(
+                f"{ds} {nm}",
+                _metric(idx, "quality", ds, "zinbgrad", key),
+                _metric(idx, "quality", ds, "scvi", key),
+                True,
+            )
         for key in ("ari", "nmi", "asw"):
-            cmp(f"{ds} clustering {key.upper()}", _metric(idx, "quality", ds, "zinbgrad", key),
-                _metric(idx, "quality", ds, "scvi", key), False, 0.01)
-        cmp(f"{ds} imputation median L1 (E[Y])",
+            cmp(
+                f"{ds} clustering {key.upper()}",
+                _metric(idx, "quality", ds, "zinbgrad", key),
+                _metric(idx, "quality", ds, "scvi", key),
+                False,
+                0.01,
+            )
+        cmp(
+            f"{ds} imputation median L1 (E[Y])",
             _metric(idx, "imputation", ds, "zinbgrad", "median_l1", "E[Y]"),
-            _metric(idx, "imputation", ds, "scvi", "median_l1", "px_rate"), True)
-        cmp(f"{ds} batch entropy (batch in model)",
+            _metric(idx, "imputation", ds, "scvi", "median_l1", "px_rate"),
+            True,
+        )
+        cmp(
+            f"{ds} batch entropy (batch in model)",
             _metric(idx, "batch", ds, "zinbgrad", "corrected", "entropy"),
-            _metric(idx, "batch", ds, "scvi", "corrected", "entropy"), False, 0.01)
-        cmp(f"{ds} cell-type ARI (batch in model)",
+            _metric(idx, "batch", ds, "scvi", "corrected", "entropy"),
+            False,
+            0.01,
+        )
+        cmp(
+            f"{ds} cell-type ARI (batch in model)",
             _metric(idx, "batch", ds, "zinbgrad", "corrected", "ari"),
-            _metric(idx, "batch", ds, "scvi", "corrected", "ari"), False, 0.01)
+            _metric(idx, "batch", ds, "scvi", "corrected", "ari"),
+            False,
+            0.01,
+        )
     for r in records:
         j = r["job"]
         if j["task"] == "scaling" and j["method"] == "zinbgrad":
             s = _metric(idx, "scaling", j["dataset"], "scvi", "fit_s", size=j["size"])
-            cmp(f"fit time at n={j['size']}", _metric(idx, "scaling", j["dataset"], "zinbgrad",
-                                                     "fit_s", size=j["size"]), s, True)
+            cmp(
+                f"fit time at n={j['size']}",
+                _metric(idx, "scaling", j["dataset"], "zinbgrad", "fit_s", size=j["size"]),
+                s,
+                True,
+            )
             zr = r.get("resources", {}).get("peak_rss_mib") if r.get("status") == "ok" else None
             sr_rec = idx.get(("scaling", j["dataset"], j["size"], "scvi"))
-            sr = (sr_rec or {}).get("resources", {}).get("peak_rss_mib") if (
-                sr_rec and sr_rec.get("status") == "ok") else None
+            sr = (
+                (sr_rec or {}).get("resources", {}).get("peak_rss_mib")
+                if (sr_rec and sr_rec.get("status") == "ok")
+                else None
+            )
             if r.get("resources", {}).get("isolated"):
                 cmp(f"peak RSS at n={j['size']}", zr, sr, True)
     return out
@@ -360,8 +395,10 @@ def render_markdown(records: list[dict], meta: dict, fig_paths: list[Path], md_d
     prof = meta.get("profile", {})
     L.append(f"### Run: `{meta.get('profile_name')}` mode, finished {meta.get('date')}\n")
     L.append(f"Command: `{meta.get('command')}`  ")
-    L.append(f"Total wall time: {_fmt(meta.get('total_wall_s'), 1)} s "
-             f"({_fmt((meta.get('total_wall_s') or 0) / 60, 1)} min)  ")
+    L.append(
+        f"Total wall time: {_fmt(meta.get('total_wall_s'), 1)} s "
+        f"({_fmt((meta.get('total_wall_s') or 0) / 60, 1)} min)  "
+    )
     mach = meta.get("machine", {})
     L.append(
         f"Machine: {mach.get('cpu_model', '?')}, {mach.get('nproc', '?')} CPU cores "
@@ -375,18 +412,26 @@ def render_markdown(records: list[dict], meta: dict, fig_paths: list[Path], md_d
         f"(max {_fmt(meta.get('max_other_busy_cores'), 2)}), per job in `results.json`.  "
     )
     vers = meta.get("versions", {})
-    L.append("Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(vers.items())
-                                      if not k.endswith("_path")) + ".  ")
+    L.append(
+        "Versions: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(vers.items()) if not k.endswith("_path"))
+        + ".  "
+    )
     if meta.get("commit"):
         src = f"zinbgrad source: commit `{meta['commit']}` of the work tree"
         if meta.get("zinbgrad_snapshot_sha256"):
-            src += (f", copied at the start of the run (sha256 of the copy "
-                    f"`{meta['zinbgrad_snapshot_sha256']}`, uncommitted edits included)")
+            src += (
+                f", copied at the start of the run (sha256 of the copy "
+                f"`{meta['zinbgrad_snapshot_sha256']}`, uncommitted edits included)"
+            )
         L.append(src + ".  ")
-    L.append(f"Seed {meta.get('seed')}; results: `{meta.get('run_dir_display')}` "
-             "(`results.json`, `results.csv`, per-job logs in `jobs/`).\n")
-    skipped = {(r["job"]["method"], r.get("message", "")) for r in records
-               if r.get("status") == "skipped"}
+    L.append(
+        f"Seed {meta.get('seed')}; results: `{meta.get('run_dir_display')}` "
+        "(`results.json`, `results.csv`, per-job logs in `jobs/`).\n"
+    )
+    skipped = {
+        (r["job"]["method"], r.get("message", "")) for r in records if r.get("status") == "skipped"
+    }
     for m, why in sorted(skipped):
         L.append(f"- **{METHOD_LABELS.get(m, m)} skipped:** {why}")
     failed = [r for r in records if r.get("status") == "failed"]
@@ -400,14 +445,19 @@ def render_markdown(records: list[dict], meta: dict, fig_paths: list[Path], md_d
         "Settings: zinbgrad `ZINBWaVE(n_components=10"
         + "".join(f", {k}={v}" for k, v in zb_opts.items() if v is not None)
         + ")` otherwise package defaults; scVI `SCVI(n_latent=10, gene_likelihood='zinb')`, "
-        + (f"max_epochs={scvi_opts.get('max_epochs')}" if scvi_opts.get("max_epochs")
-           else "default max_epochs rule (400 epochs below 20k cells)")
+        + (
+            f"max_epochs={scvi_opts.get('max_epochs')}"
+            if scvi_opts.get("max_epochs")
+            else "default max_epochs rule (400 epochs below 20k cells)"
+        )
         + f", marginal likelihood with {scvi_opts.get('n_mc_samples')} importance samples; "
         "PCA: 10 components of log1p(counts / library size x median library size). "
-        + ("No subsampling beyond each dataset's own gene selection."
-           if not (prof.get("max_cells") or prof.get("max_genes"))
-           else f"Subsampling: at most {prof.get('max_cells') or 'all'} cells and "
-           f"{prof.get('max_genes') or 'all'} genes per dataset.")
+        + (
+            "No subsampling beyond each dataset's own gene selection."
+            if not (prof.get("max_cells") or prof.get("max_genes"))
+            else f"Subsampling: at most {prof.get('max_cells') or 'all'} cells and "
+            f"{prof.get('max_genes') or 'all'} genes per dataset."
+        )
         + " All-zero genes and cells are removed everywhere (zinbgrad refuses them).\n"
     )
 
@@ -418,6 +468,7 @@ def render_markdown(records: list[dict], meta: dict, fig_paths: list[Path], md_d
     rows = []
     rows_mem = []
     for n in sizes:
+
         def get(m: str, *p: str, n=n) -> Any:
             return _metric(idx, "scaling", ds_scal, m, *p, size=n)
 
@@ -427,26 +478,36 @@ def render_markdown(records: list[dict], meta: dict, fig_paths: list[Path], md_d
                 return None
             return r.get("resources", {}).get(key)
 
-        shape = next((f"{get(m, 'n_cells')} x {get(m, 'n_genes')}" for m in methods
-                      if get(m, "n_cells") is not None), str(n))
+        shape = next(
+            (
+                f"{get(m, 'n_cells')} x {get(m, 'n_genes')}"
+                for m in methods
+                if get(m, "n_cells") is not None
+            ),
+            str(n),
+        )
         other = [res(m, "other_busy_cores") for m in methods]
         other = [o for o in other if o is not None]
         row = [shape]
         row += [_fmt(get(m, "fit_s"), 2) for m in methods]
         row += [_fmt(res(m, "process_wall_s"), 2) for m in methods]
         if has_both:
-            row += [_ratio(get("zinbgrad", "fit_s"), get("scvi", "fit_s")),
-                    _ratio(res("zinbgrad", "process_wall_s"), res("scvi", "process_wall_s"))]
+            row += [
+                _ratio(get("zinbgrad", "fit_s"), get("scvi", "fit_s")),
+                _ratio(res("zinbgrad", "process_wall_s"), res("scvi", "process_wall_s")),
+            ]
         row.append(_fmt(max(other), 2) if other else "n/a")
         rows.append(row)
-        mrow = [shape] + [_fmt(res(m, "peak_rss_mib") if res(m, "isolated") else None, 0)
-                          for m in methods]
+        mrow = [shape] + [
+            _fmt(res(m, "peak_rss_mib") if res(m, "isolated") else None, 0) for m in methods
+        ]
         mrow += [_fmt(res(m, "task_cpu_s"), 1) for m in methods]
         if has_both:
             mrow.append(_ratio(res("zinbgrad", "peak_rss_mib"), res("scvi", "peak_rss_mib")))
         rows_mem.append(mrow)
-    header = (["cells x genes"] + [f"{x} fit (s)" for x in lab] + [f"{x} end-to-end (s)"
-                                                                      for x in lab])
+    header = (
+        ["cells x genes"] + [f"{x} fit (s)" for x in lab] + [f"{x} end-to-end (s)" for x in lab]
+    )
     if has_both:
         header += ["fit ratio zinbgrad/scVI", "e2e ratio zinbgrad/scVI"]
     header.append("max other-process load (cores)")
@@ -455,12 +516,16 @@ def render_markdown(records: list[dict], meta: dict, fig_paths: list[Path], md_d
         "\n*fit*: the method's fit call only. *end to end*: the whole job process, i.e. Python "
         "start-up and imports, reading the `.h5ad`, filtering, subsampling, fitting and "
         "extracting the latent space. "
-        + ("Each job ran alone in its own subprocess.\n" if meta.get("profile", {}).get("isolate")
-           else "Jobs ran in one process (--in-process): end to end excludes start-up, and "
-           "peak RSS is not per method.\n")
+        + (
+            "Each job ran alone in its own subprocess.\n"
+            if meta.get("profile", {}).get("isolate")
+            else "Jobs ran in one process (--in-process): end to end excludes start-up, and "
+            "peak RSS is not per method.\n"
+        )
     )
-    header = ["cells x genes"] + [f"{x} peak RSS (MiB)" for x in lab] + [
-        f"{x} CPU (s)" for x in lab]
+    header = (
+        ["cells x genes"] + [f"{x} peak RSS (MiB)" for x in lab] + [f"{x} CPU (s)" for x in lab]
+    )
     if has_both:
         header.append("RSS ratio zinbgrad/scVI")
     L.append(_table(header, rows_mem))
@@ -486,25 +551,41 @@ def render_markdown(records: list[dict], meta: dict, fig_paths: list[Path], md_d
         "the same pairing. Train = the 90% the model was fitted on; held-out = the other 10% "
         "of the cells.\n"
     )
-    ds_q = _ordered({r["job"]["dataset"] for r in records if r["job"]["task"] == "quality"},
-                    ["zeisel", "pbmc8k", "camp", "pbmc_protein"])
+    ds_q = _ordered(
+        {r["job"]["dataset"] for r in records if r["job"]["task"] == "quality"},
+        ["zeisel", "pbmc8k", "camp", "pbmc_protein"],
+    )
     lik = [m for m in methods if m != "pca"]
     llab = [METHOD_LABELS.get(m, m) for m in lik]
     rows = []
     for ds in ds_q:
-        shape = next((f"{_metric(idx, 'quality', ds, m, 'n_train')} + "
-                      f"{_metric(idx, 'quality', ds, m, 'n_test')} x "
-                      f"{_metric(idx, 'quality', ds, m, 'n_genes')}" for m in methods
-                      if _metric(idx, "quality", ds, m, "n_train") is not None), "")
+        shape = next(
+            (
+                f"{_metric(idx, 'quality', ds, m, 'n_train')} + "
+                f"{_metric(idx, 'quality', ds, m, 'n_test')} x "
+                f"{_metric(idx, 'quality', ds, m, 'n_genes')}"
+                for m in methods
+                if _metric(idx, "quality", ds, m, "n_train") is not None
+            ),
+            "",
+        )
         row = [ds, shape]
         row += [_fmt(_metric(idx, "quality", ds, m, "train_nll"), 1) for m in lik]
         if has_both:
-            row.append(_ratio(_metric(idx, "quality", ds, "zinbgrad", "train_nll"),
-                              _metric(idx, "quality", ds, "scvi", "train_nll")))
+            row.append(
+                _ratio(
+                    _metric(idx, "quality", ds, "zinbgrad", "train_nll"),
+                    _metric(idx, "quality", ds, "scvi", "train_nll"),
+                )
+            )
         row += [_fmt(_metric(idx, "quality", ds, m, "heldout_nll"), 1) for m in lik]
         if has_both:
-            row.append(_ratio(_metric(idx, "quality", ds, "zinbgrad", "heldout_nll"),
-                              _metric(idx, "quality", ds, "scvi", "heldout_nll")))
+            row.append(
+                _ratio(
+                    _metric(idx, "quality", ds, "zinbgrad", "heldout_nll"),
+                    _metric(idx, "quality", ds, "scvi", "heldout_nll"),
+                )
+            )
         rows.append(row)
     header = ["dataset", "train + test cells x genes"] + [f"{x} train" for x in llab]
     if has_both:
@@ -526,8 +607,10 @@ def render_markdown(records: list[dict], meta: dict, fig_paths: list[Path], md_d
         "factor); PCA: rank-10 reconstruction mapped back to counts. 'zeros' = predicting 0 "
         "(the corrupted value). Ratio = zinbgrad E[Y] / scVI and zinbgrad mu / scVI.\n"
     )
-    ds_i = _ordered({r["job"]["dataset"] for r in records if r["job"]["task"] == "imputation"},
-                    ["zeisel", "pbmc8k", "camp"])
+    ds_i = _ordered(
+        {r["job"]["dataset"] for r in records if r["job"]["task"] == "imputation"},
+        ["zeisel", "pbmc8k", "camp"],
+    )
     cols: list[tuple[str, str, str]] = []
     for m in methods:
         for r in records:
@@ -538,12 +621,23 @@ def render_markdown(records: list[dict], meta: dict, fig_paths: list[Path], md_d
                         cols.append((m, v, f"{METHOD_LABELS.get(m, m)} {v}"))
     rows = []
     for ds in ds_i:
-        row = [ds, _fmt(next((_metric(idx, "imputation", ds, m, "n_corrupted") for m in methods
-                              if _metric(idx, "imputation", ds, m, "n_corrupted") is not None),
-                             None))]
+        row = [
+            ds,
+            _fmt(
+                next(
+                    (
+                        _metric(idx, "imputation", ds, m, "n_corrupted")
+                        for m in methods
+                        if _metric(idx, "imputation", ds, m, "n_corrupted") is not None
+                    ),
+                    None,
+                )
+            ),
+        ]
         row += [_fmt(_metric(idx, "imputation", ds, m, "median_l1", v)) for m, v, _ in cols]
-        row.append(_fmt(next((_metric(idx, "imputation", ds, m, "median_l1_zero")
-                              for m in methods), None)))
+        row.append(
+            _fmt(next((_metric(idx, "imputation", ds, m, "median_l1_zero") for m in methods), None))
+        )
         if has_both:
             s = _metric(idx, "imputation", ds, "scvi", "median_l1", "px_rate")
             row.append(_ratio(_metric(idx, "imputation", ds, "zinbgrad", "median_l1", "E[Y]"), s))
@@ -572,8 +666,12 @@ def render_markdown(records: list[dict], meta: dict, fig_paths: list[Path], md_d
             row = [ds, key.upper()]
             row += [_fmt(_metric(idx, "quality", ds, m, key)) for m in methods]
             if has_both:
-                row.append(_ratio(_metric(idx, "quality", ds, "zinbgrad", key),
-                                  _metric(idx, "quality", ds, "scvi", key)))
+                row.append(
+                    _ratio(
+                        _metric(idx, "quality", ds, "zinbgrad", key),
+                        _metric(idx, "quality", ds, "scvi", key),
+                    )
+                )
             rows.append(row)
     header = ["dataset", "score"] + lab + (["ratio zinbgrad/scVI"] if has_both else [])
     L.append(_table(header, rows))
@@ -594,18 +692,24 @@ def render_markdown(records: list[dict], meta: dict, fig_paths: list[Path], md_d
         for key, nm in (("entropy", "entropy"), ("ari", "cell-type ARI")):
             if key == "ari" and all(
                 _metric(idx, "batch", ds, m, v, "ari") is None
-                for m in methods for v in ("uncorrected", "corrected")
+                for m in methods
+                for v in ("uncorrected", "corrected")
             ):
                 continue
             row = [ds, nm]
             for v in ("uncorrected", "corrected"):
                 row += [_fmt(_metric(idx, "batch", ds, m, v, key)) for m in methods]
             if has_both:
-                row.append(_ratio(_metric(idx, "batch", ds, "zinbgrad", "corrected", key),
-                                  _metric(idx, "batch", ds, "scvi", "corrected", key)))
+                row.append(
+                    _ratio(
+                        _metric(idx, "batch", ds, "zinbgrad", "corrected", key),
+                        _metric(idx, "batch", ds, "scvi", "corrected", key),
+                    )
+                )
             rows.append(row)
-    header = (["dataset", "score"] + [f"{x} uncorrected" for x in lab]
-              + [f"{x} with batch" for x in lab])
+    header = (
+        ["dataset", "score"] + [f"{x} uncorrected" for x in lab] + [f"{x} with batch" for x in lab]
+    )
     if has_both:
         header.append("ratio (with batch) zinbgrad/scVI")
     L.append(_table(header, rows))
@@ -624,44 +728,58 @@ def render_markdown(records: list[dict], meta: dict, fig_paths: list[Path], md_d
         if key in seen:
             continue
         seen.append(key)
-        for variant in ((None,) if j["task"] != "batch" else ("uncorrected", "corrected")):
+        for variant in (None,) if j["task"] != "batch" else ("uncorrected", "corrected"):
             name = f"{j['task']} {j['dataset']}" + (f" n={j['size']}" if j.get("size") else "")
             name += f" ({variant})" if variant else ""
             row = [name]
             vals = {}
             for m in methods:
-                v = (_metric(idx, j["task"], j["dataset"], m, "fit_s", size=j.get("size"))
-                     if variant is None
-                     else _metric(idx, j["task"], j["dataset"], m, variant, "fit_s"))
+                v = (
+                    _metric(idx, j["task"], j["dataset"], m, "fit_s", size=j.get("size"))
+                    if variant is None
+                    else _metric(idx, j["task"], j["dataset"], m, variant, "fit_s")
+                )
                 vals[m] = v
                 row.append(_fmt(v, 2))
             if has_both:
                 row.append(_ratio(vals.get("zinbgrad"), vals.get("scvi")))
             rows.append(row)
     L.append(_table(["fit"] + lab + (["ratio zinbgrad/scVI"] if has_both else []), rows))
-    zi = [(r["job"]["id"], r["metrics"].get("info") or {}) for r in records
-          if r["job"]["method"] == "zinbgrad" and r.get("status") == "ok"
-          and r["job"]["task"] != "batch"]
-    sv = [r["metrics"].get("info") or {} for r in records
-          if r["job"]["method"] == "scvi" and r.get("status") == "ok"
-          and r["job"]["task"] != "batch"]
+    zi = [
+        (r["job"]["id"], r["metrics"].get("info") or {})
+        for r in records
+        if r["job"]["method"] == "zinbgrad"
+        and r.get("status") == "ok"
+        and r["job"]["task"] != "batch"
+    ]
+    sv = [
+        r["metrics"].get("info") or {}
+        for r in records
+        if r["job"]["method"] == "scvi" and r.get("status") == "ok" and r["job"]["task"] != "batch"
+    ]
     ep = sorted({i.get("max_epochs") for i in sv if i.get("max_epochs") is not None})
     if ep:
-        L.append(f"\nscVI: {', '.join(map(str, ep))} epochs per fit "
-                 f"({sv[0].get('max_epochs_rule', '')}).")
+        L.append(
+            f"\nscVI: {', '.join(map(str, ep))} epochs per fit "
+            f"({sv[0].get('max_epochs_rule', '')})."
+        )
     if zi:
         conv = sum(1 for _, i in zi if i.get("converged"))
         its = [i.get("n_iter") for _, i in zi if i.get("n_iter") is not None]
-        L.append(f"\nzinbgrad: {conv}/{len(zi)} fits converged (tol reached); epochs "
-                 f"{min(its) if its else '?'} to {max(its) if its else '?'}.\n")
+        L.append(
+            f"\nzinbgrad: {conv}/{len(zi)} fits converged (tol reached); epochs "
+            f"{min(its) if its else '?'} to {max(its) if its else '?'}.\n"
+        )
 
     # ---- losses
     if has_both:
         losses = _losses(idx, records)
         L.append("#### Where zinbgrad is worse than scVI in this run\n")
         L.append("\n".join(f"- {x}" for x in losses) if losses else "- nowhere")
-        L.append("\n(Automatic comparison; clustering/entropy differences under 0.01 ignored. "
-                 "See the interpretation below the generated block.)\n")
+        L.append(
+            "\n(Automatic comparison; clustering/entropy differences under 0.01 ignored. "
+            "See the interpretation below the generated block.)\n"
+        )
 
     # ---- published
     L.append("#### Published reference numbers (Lopez et al. 2018, full CORTEX / RETINA)\n")

@@ -147,9 +147,7 @@ def build_jobs(profile: Profile, methods: list[str], seed: int) -> list[dict[str
     def add(task: str, dataset: str, size: int | None = None) -> None:
         for m in methods:
             jid = f"{task}__{dataset}" + (f"__n{size}" if size else "") + f"__{m}"
-            jobs.append(
-                {"id": jid, "task": task, "dataset": dataset, "size": size, "method": m}
-            )
+            jobs.append({"id": jid, "task": task, "dataset": dataset, "size": size, "method": m})
 
     for d in profile.quality_datasets:
         add("quality", d)
@@ -228,7 +226,10 @@ def _task_quality(job, profile, method_factory, data_dir, arrays_dir) -> dict[st
 
     seed = job["seed"]
     adata = load_dataset(
-        job["dataset"], data_dir, max_cells=profile.max_cells, max_genes=profile.max_genes,
+        job["dataset"],
+        data_dir,
+        max_cells=profile.max_cells,
+        max_genes=profile.max_genes,
         seed=seed,
     )
     tr, te = train_test_split_cells(adata.n_obs, profile.test_fraction, seed)
@@ -268,7 +269,10 @@ def _task_imputation(job, profile, method_factory, data_dir, arrays_dir) -> dict
 
     seed = job["seed"]
     adata = load_dataset(
-        job["dataset"], data_dir, max_cells=profile.max_cells, max_genes=profile.max_genes,
+        job["dataset"],
+        data_dir,
+        max_cells=profile.max_cells,
+        max_genes=profile.max_genes,
         seed=seed,
     )
     cc = corrupt_counts(adata.X, rate=profile.corrupt_rate, random_state=seed)
@@ -282,7 +286,8 @@ def _task_imputation(job, profile, method_factory, data_dir, arrays_dir) -> dict
     ok = keep_c[cc.rows] & keep_g[cc.cols]
     rows, cols, vals = new_row[cc.rows[ok]], new_col[cc.cols[ok]], cc.values[ok]
     corrupted = ad.AnnData(
-        X=Xc[keep_c][:, keep_g], obs=adata.obs.iloc[np.flatnonzero(keep_c)].copy(),
+        X=Xc[keep_c][:, keep_g],
+        obs=adata.obs.iloc[np.flatnonzero(keep_c)].copy(),
         var=adata.var.iloc[np.flatnonzero(keep_g)].copy(),
     )
     m = method_factory()
@@ -309,7 +314,10 @@ def _task_batch(job, profile, method_factory, data_dir, arrays_dir) -> dict[str,
 
     seed = job["seed"]
     adata = load_dataset(
-        job["dataset"], data_dir, max_cells=profile.max_cells, max_genes=profile.max_genes,
+        job["dataset"],
+        data_dir,
+        max_cells=profile.max_cells,
+        max_genes=profile.max_genes,
         seed=seed,
     )
     batches = adata.obs["batch"].to_numpy()
@@ -345,9 +353,7 @@ def _task_scaling(job, profile, method_factory, data_dir, arrays_dir) -> dict[st
     from benchmarks.datasets import filter_empty, load_dataset, subsample
 
     t0 = time.perf_counter()
-    full = load_dataset(
-        job["dataset"], data_dir, max_genes=profile.max_genes, seed=job["seed"]
-    )
+    full = load_dataset(job["dataset"], data_dir, max_genes=profile.max_genes, seed=job["seed"])
     adata = filter_empty(subsample(full, job["size"], job["seed"]))
     del full
     t_load = time.perf_counter() - t0
@@ -380,12 +386,24 @@ def run_job(job: dict[str, Any], profile: Profile, data_dir: Path, out_dir: Path
     """Run one job in this process and return its record (never raises)."""
     import torch
 
-    from benchmarks.methods import METHODS, make_method
-
     t_proc = time.perf_counter()
     threads = int(job.get("threads") or 0)
+    threads_before = torch.get_num_threads()
     if threads > 0:
         torch.set_num_threads(threads)
+    try:
+        return _run_job(job, profile, data_dir, out_dir, t_proc)
+    finally:  # in-process runs (tests) leave the caller's thread count as it was
+        torch.set_num_threads(threads_before)
+
+
+def _run_job(
+    job: dict[str, Any], profile: Profile, data_dir: Path, out_dir: Path, t_proc: float
+) -> dict:
+    import torch
+
+    from benchmarks.methods import METHODS, make_method
+
     rec: dict[str, Any] = {"job": job, "status": "ok", "message": ""}
     cls = METHODS[job["method"]]
     ok, why = cls.available()

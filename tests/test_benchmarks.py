@@ -19,9 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _shared_data() -> Path | None:
-    env = os.environ.get("ZINBGRAD_SHARED")
-    roots = [Path(env)] if env else []
-    roots.append(Path(__file__).resolve().parents[2] / "shared")
+    env = os.environ.get("ZINBGRAD_SHARED")  # as tests/conftest.py: the variable wins
+    roots = [Path(env)] if env else [Path(__file__).resolve().parents[2] / "shared"]
     for root in roots:
         for d in (root / "data", root):
             if (d / "zeisel2015_descend_subset.h5ad").is_file():
@@ -130,7 +129,6 @@ def test_likelihood_metrics_sane(tiny_run: dict) -> None:
 
 def test_zinbgrad_beats_poisson_null(tiny_run: dict) -> None:
     """zinbgrad's training NLL is below that of a per-gene Poisson (no cell effects)."""
-    import anndata as ad  # noqa: F401 - imported for the dataset loader
     import numpy as np
     from benchmarks.datasets import filter_empty, load_dataset, train_test_split_cells
     from scipy.special import gammaln
