@@ -306,6 +306,73 @@ def make_figures(records: list[dict], fig_dir: Path, seed: int = 0, log=print) -
         plt.close(fig)
         written.append(p)
         log(f"figure {p} ({kind})")
+    written += _metric_bars(records, fig_dir, plt, log)
+    return written
+
+
+def _metric_bars(records: list[dict], fig_dir: Path, plt, log) -> list[Path]:
+    """Grouped bar charts (datasets x methods) for the likelihood, imputation, clustering and
+    batch-mixing tables."""
+    panels = {
+        "nll.png": [
+            ("quality", "train_nll", "train NLL / cell (lower better)"),
+            ("quality", "heldout_nll", "held-out NLL / cell (lower better)"),
+        ],
+        "imputation.png": [("imputation", "median_l1", "median L1 on corrupted (lower better)")],
+        "clustering.png": [
+            ("quality", "ari", "ARI (higher better)"),
+            ("quality", "nmi", "NMI (higher better)"),
+            ("quality", "asw", "ASW (higher better)"),
+        ],
+        "batch_entropy.png": [
+            ("batch", ("uncorrected", "entropy"), "entropy, batch not in model"),
+            ("batch", ("corrected", "entropy"), "entropy, batch in model (higher = mixed)"),
+        ],
+    }
+
+    def value(r: dict, key):
+        m = r.get("metrics", {})
+        if isinstance(key, tuple):
+            m = m.get(key[0]) or {}
+            key = key[1]
+        v = m.get(key)
+        if isinstance(v, dict):  # several variants (e.g. imputation): the first is the headline
+            v = next(iter(v.values()), None)
+        return float(v) if isinstance(v, int | float) else None
+
+    written = []
+    for fname, specs in panels.items():
+        fig, axes = plt.subplots(1, len(specs), figsize=(4.6 * len(specs), 3.6), squeeze=False)
+        drew = False
+        for ax, (task, key, title) in zip(axes[0], specs, strict=True):
+            rs = [r for r in records if r["job"]["task"] == task and r.get("status") == "ok"]
+            dsets = sorted({r["job"]["dataset"] for r in rs})
+            methods = _ordered({r["job"]["method"] for r in rs}, METHOD_LABELS)
+            width = 0.8 / max(len(methods), 1)
+            for k, m in enumerate(methods):
+                ys = []
+                for ds in dsets:
+                    v = [
+                        value(r, key)
+                        for r in rs
+                        if r["job"]["method"] == m and r["job"]["dataset"] == ds
+                    ]
+                    ys.append(v[0] if v and v[0] is not None else np.nan)
+                xs = np.arange(len(dsets)) + (k - (len(methods) - 1) / 2) * width
+                ax.bar(xs, ys, width, color=METHOD_COLORS.get(m), label=METHOD_LABELS.get(m, m))
+                drew = drew or bool(np.isfinite(ys).any())
+            ax.set_xticks(np.arange(len(dsets)), dsets, rotation=20, fontsize=8)
+            ax.set_title(title, fontsize=9)
+        if not drew:
+            plt.close(fig)
+            continue
+        axes[0][0].legend(fontsize=7, frameon=False)
+        fig.tight_layout()
+        p = fig_dir / fname
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        written.append(p)
+        log(f"figure {p}")
     return written
 
 
