@@ -915,33 +915,26 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         )
         return engine.design.to(dev, dt), params.to(dev, dt)
 
-    def get_mu(self, data=None, *, ignore_W: bool = False, **project_kw) -> np.ndarray:
-        """NB means ``mu`` (cells x genes) of the training cells or of new cells."""
+    def _output(self, what: str, data, ignore_W: bool, project_kw: dict) -> np.ndarray:
         from .model.outputs import compute_output
 
         design, params = self._likelihood_tensors(data, project_kw)
         return compute_output(
-            "mu",
+            what,
             design,
             params,
             zero_inflation=bool(self.zero_inflation),
             ignore_W=ignore_W,
             block_entries=self.block_entries,
         )
+
+    def get_mu(self, data=None, *, ignore_W: bool = False, **project_kw) -> np.ndarray:
+        """NB means ``mu`` (cells x genes) of the training cells or of new cells."""
+        return self._output("mu", data, ignore_W, project_kw)
 
     def get_pi(self, data=None, *, ignore_W: bool = False, **project_kw) -> np.ndarray:
         """Zero-inflation probabilities ``pi`` (cells x genes; 0 without zero inflation)."""
-        from .model.outputs import compute_output
-
-        design, params = self._likelihood_tensors(data, project_kw)
-        return compute_output(
-            "pi",
-            design,
-            params,
-            zero_inflation=bool(self.zero_inflation),
-            ignore_W=ignore_W,
-            block_entries=self.block_entries,
-        )
+        return self._output("pi", data, ignore_W, project_kw)
 
     def sample(self, n_cells: int | None = None, random_state: int | None = 0, **kw):
         """Simulate counts from the fitted model (zinbwave's ``zinbSim``).
