@@ -590,3 +590,11 @@ def test_cli_subcommands(fitted, tmp_path, capsys):
     syn = ad.read_h5ad(out)
     assert syn.shape == (500, a.n_vars) and syn.var["is_de"].sum() == 10
     capsys.readouterr()
+
+
+def test_poisson_sampler_never_wraps_to_negative_counts():
+    from zinbgrad.simulate import _poisson
+
+    rng = np.random.default_rng(0)
+    draws = _poisson(rng, np.array([3.0, 1e12, 1e19, 1e25]))
+    assert (draws >= 0).all() and draws[0] < 50 and draws[-1] == 2**62

@@ -68,7 +68,9 @@ def _poisson(rng: np.random.Generator, lam: np.ndarray) -> np.ndarray:
     small_lam = np.where(big, 0.0, lam)
     out = rng.poisson(small_lam)
     approx = np.rint(lam[big] + np.sqrt(lam[big]) * rng.standard_normal(int(big.sum())))
-    out[big] = np.clip(approx, 0, None).astype(np.int64)
+    # means beyond int64 (degenerate genes whose counts are nearly always dropped out) are
+    # capped instead of wrapping around to negative counts
+    out[big] = np.clip(approx, 0, 2.0**62).astype(np.int64)
     return out
 
 
