@@ -244,6 +244,20 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         self.batch_info_ = info
         return check_design_matrix(Xm, n, "X (cell covariates)", "cells"), names
 
+    def _default_penalty(self, design: Design) -> Penalty:
+        """zinbwave's penalty for ``design`` with this estimator's epsilon overrides."""
+        return Penalty.zinbwave_defaults(
+            design,
+            epsilon=self.epsilon,
+            epsilon_beta=self.epsilon_beta,
+            epsilon_gamma=self.epsilon_gamma,
+            epsilon_W=self.epsilon_W,
+            epsilon_alpha=self.epsilon_alpha,
+            epsilon_zeta=self.epsilon_zeta,
+            epsilon_min_logit=self.epsilon_min_logit,
+            common_dispersion=self.common_dispersion,
+        )
+
     @staticmethod
     def _offset(O, n: int, J: int, what: str) -> np.ndarray | None:
         if O is None:
@@ -350,17 +364,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
             O_mu_a = self._offset(O_mu, n, J, "O_mu")
             O_pi_a = self._offset(O_pi, n, J, "O_pi")
             design_all = self._make_design(Xm, Vm, O_mu_a, O_pi_a, dev, dt)
-            pen = Penalty.zinbwave_defaults(
-                design_all,
-                epsilon=self.epsilon,
-                epsilon_beta=self.epsilon_beta,
-                epsilon_gamma=self.epsilon_gamma,
-                epsilon_W=self.epsilon_W,
-                epsilon_alpha=self.epsilon_alpha,
-                epsilon_zeta=self.epsilon_zeta,
-                epsilon_min_logit=self.epsilon_min_logit,
-                common_dispersion=self.common_dispersion,
-            )
+            pen = self._default_penalty(design_all)
             lo, hi = shard_bounds(n, comm.rank, comm.world_size)
             design = design_all.rows(lo, hi)
             source = inp.source(lo, hi, dt, dev)
@@ -809,17 +813,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         )
         model.n_features_in_ = J
         design = model.training_design()
-        pen = Penalty.zinbwave_defaults(
-            design,
-            epsilon=model.epsilon,
-            epsilon_beta=model.epsilon_beta,
-            epsilon_gamma=model.epsilon_gamma,
-            epsilon_W=model.epsilon_W,
-            epsilon_alpha=model.epsilon_alpha,
-            epsilon_zeta=model.epsilon_zeta,
-            epsilon_min_logit=model.epsilon_min_logit,
-            common_dispersion=model.common_dispersion,
-        )
+        pen = model._default_penalty(design)
         model._store_penalty(pen)
         model.penalty_ = pen.value(model.get_params_torch())
         model.loglik_ = model.objective_ = float("nan")
