@@ -170,6 +170,13 @@ class BackedCounts:
             (self._data[lo:hi], self._indices[lo:hi], ptr - lo), shape=(stop - start, self.n_vars)
         )
 
+    def __getitem__(self, rows: slice) -> sp.csr_matrix:
+        """``source[start:stop]``: the CSR rows, read from disk (contiguous slices only)."""
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise TypeError("BackedCounts supports only contiguous row slices")
+        start, stop, _ = rows.indices(self.n_obs)
+        return self.rows_csr(start, stop)
+
     def rows_subset(self, idx: np.ndarray) -> sp.csr_matrix:
         """Rows of a sorted subset (read as runs of consecutive cells)."""
         idx = np.asarray(idx)

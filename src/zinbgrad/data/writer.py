@@ -16,8 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..model.outputs import COUNT_OUTPUTS, block_output
-from ..model.params import linear_predictors
+from ..model.outputs import COUNT_OUTPUTS, iter_output_blocks
 from .source import BackedCounts
 
 __all__ = ["write_output_layer"]
@@ -55,8 +54,6 @@ def write_output_layer(
     dev, dt = torch.device("cpu"), torch.float64
     design = model.training_design(dev, dt)
     params = model.get_params_torch(dev, dt)
-    if ignore_W:
-        params.W = torch.zeros_like(params.W)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
     os.close(fd)
@@ -73,14 +70,17 @@ def write_output_layer(
             )
             ds.attrs["encoding-type"] = "array"
             ds.attrs["encoding-version"] = "0.2.0"
-            zeta = params.zeta
-            for start in range(0, n, block_rows):
-                stop = min(start + block_rows, n)
-                a, b = linear_predictors(design, params, slice(start, stop), model.zero_inflation)
-                y = None
-                if what in COUNT_OUTPUTS:
-                    y = torch.as_tensor(src.rows_csr(start, stop).toarray(), dtype=dt)
-                ds[start:stop] = block_output(what, a, b, zeta, y).numpy().astype(out_dtype)
+            blocks = iter_output_blocks(
+                what,
+                design,
+                params,
+                src if what in COUNT_OUTPUTS else None,
+                zero_inflation=bool(model.zero_inflation),
+                ignore_W=ignore_W,
+                block_entries=block_rows * J,
+            )
+            for start, stop, values in blocks:
+                ds[start:stop] = values.numpy().astype(out_dtype)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
