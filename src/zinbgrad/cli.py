@@ -22,22 +22,17 @@ def check_output_path(inp: Path | None, out: Path, force: bool) -> None:
 
 def write_h5ad_atomic(adata, out: Path) -> None:
     """Write ``adata`` to a temporary file next to ``out`` and rename it into place."""
+    from .data.writer import publish
+
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
         adata.write_h5ad(tmp)
-        _publish(tmp, out)
+        publish(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def _publish(tmp: str, out: Path) -> None:
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
-    os.replace(tmp, out)
 
 
 def write_model_into_copy(inp: Path, out: Path, model, key_added: str) -> None:
@@ -47,6 +42,7 @@ def write_model_into_copy(inp: Path, out: Path, model, key_added: str) -> None:
 
     import anndata as ad
 
+    from .data.writer import publish
     from .tl._zinbwave import store_model
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -58,7 +54,7 @@ def write_model_into_copy(inp: Path, out: Path, model, key_added: str) -> None:
         store_model(a, model, key_added)
         a.write()
         a.file.close()
-        _publish(tmp, out)
+        publish(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -187,7 +183,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     fd, tmp = tempfile.mkstemp(prefix=png.name + ".", suffix=".png", dir=outdir)
     os.close(fd)
     fig.savefig(tmp, dpi=120)
-    os.replace(tmp, png)
+    from .data.writer import publish
+
+    publish(tmp, png)
     plt.close(fig)
     print(
         f"zinbgrad demo: pbmc_small ({adata.n_obs} cells x {adata.n_vars} genes), K=2, "

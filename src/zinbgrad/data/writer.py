@@ -19,7 +19,16 @@ import torch
 from ..model.outputs import COUNT_OUTPUTS, iter_output_blocks
 from .source import BackedCounts
 
-__all__ = ["write_output_layer"]
+__all__ = ["publish", "write_output_layer"]
+
+
+def publish(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Give a finished temporary file the usual permissions (mkstemp creates 0600) and rename
+    it onto ``out`` (atomic on one file system)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, out)
 
 
 def write_output_layer(
@@ -81,10 +90,7 @@ def write_output_layer(
             )
             for start, stop, values in blocks:
                 ds[start:stop] = values.numpy().astype(out_dtype)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, out)
+        publish(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
