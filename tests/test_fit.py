@@ -167,6 +167,62 @@ def test_stochastic_solver_reaches_the_full_batch_optimum():
     assert err(sto) < 1.25 * err(full) + 0.02
 
 
+def test_sketch_solver_reaches_the_full_batch_optimum():
+    adata, truth = _simulate(n=4000, J=150, K=2, seed=4)
+    keep = np.asarray(adata.X.sum(0)).ravel() > 0
+    adata = adata[:, keep].copy()
+    full = ZINBWaVE(n_components=2, solver="full").fit(adata)
+    sk = ZINBWaVE(n_components=2, solver="sketch", sketch_size=800).fit(adata)
+    phases = [h["phase"] for h in sk.history_]
+    n_sketch = phases.count("sketch")
+    assert (
+        n_sketch >= 3 and phases[n_sketch] == "extend" and set(phases[n_sketch + 1 :]) <= {"full"}
+    )
+    assert {h["cells"] for h in sk.history_ if h["phase"] == "sketch"} == {800}
+    assert sk.converged_
+    # the same optimum (both stop at tol=1e-4 on the relative change)
+    assert sk.objective_ == pytest.approx(full.objective_, rel=5e-4)
+    WA_true = _double_center(truth["W"] @ truth["alpha_mu"][:, keep])
+
+    def err(m):
+        return np.linalg.norm(_double_center(m.W_ @ m.alpha_mu_) - WA_true) / np.linalg.norm(
+            WA_true
+        )
+
+    assert err(sk) < 1.1 * err(full) + 0.01
+    # auto: no sketch on small data
+    assert ZINBWaVE(n_components=2, max_epochs=1).fit(adata).history_[0]["phase"] == "full"
+
+
+def test_sketch_path_schedule_composes_the_skipped_rotations():
+    from zinbgrad.model.params import Design, Params
+    from zinbgrad.optim.engine import SketchPath
+
+    torch = pytest.importorskip("torch")
+    g = torch.Generator().manual_seed(0)
+    design = Design(torch.ones(5, 1), torch.ones(5, 1), torch.ones(4, 1), torch.ones(4, 1))
+    p = Params.zeros(design, 3)
+    path = SketchPath()
+    path.start(p)
+    Ts = []
+    for t in range(9):
+        p.beta_mu = p.beta_mu + 1.0
+        Ts.append(torch.randn(3, 3, generator=g, dtype=torch.float64))
+        path.record(p, Ts[-1], 3 if t == 0 else 1)
+    sched = path.schedule(dense=2, stride=3)
+    # kept sweeps 0, 1, 2, 5, 8; each with the gene values it started from
+    assert [float(s[0]["beta_mu"][0, 0]) for s in sched] == [0.0, 1.0, 2.0, 5.0, 8.0]
+    assert [s[2] for s in sched] == [3, 1, 1, 1, 1]
+    prod = torch.eye(3, dtype=torch.float64)
+    for T in Ts:
+        prod = prod @ T
+    comp = torch.eye(3, dtype=torch.float64)
+    for _, T, _ in sched:
+        comp = comp @ T
+    torch.testing.assert_close(comp, prod)
+    torch.testing.assert_close(sched[3][1], Ts[5] @ Ts[6] @ Ts[7])
+
+
 def test_k_zero_and_no_zero_inflation_fit():
     adata = zinbgrad.datasets.pbmc_small()
     m0 = ZINBWaVE(n_components=0).fit(adata)

@@ -120,6 +120,7 @@ def _fit_and_write(args: argparse.Namespace) -> int:
             epsilon=args.epsilon,
             random_state=args.seed,
             solver=args.solver,
+            sketch_size=args.sketch_size,
             batch_size=args.batch_size,
             verbose=not args.quiet and comm.rank == 0,
         )
@@ -222,7 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--seed", type=int, default=0, help="random seed")
     f.add_argument("--force", action="store_true", help="replace an existing output")
     f.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    f.add_argument("--solver", default="auto", choices=["auto", "full", "stochastic"])
+    f.add_argument(
+        "--solver",
+        default="auto",
+        choices=["auto", "full", "sketch", "stochastic"],
+        help="auto: sketch when the sketch is at most half of the cells, else full",
+    )
+    f.add_argument("--sketch-size", type=int, default=None, help="cells in the sketch")
     f.add_argument("--batch-size", type=int, default=None, help="cells per minibatch")
     f.add_argument("--checkpoint", default=None, help="write a checkpoint (.npz) each epoch")
     f.add_argument("--checkpoint-every", type=int, default=1, help="epochs between checkpoints")

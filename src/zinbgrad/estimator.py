@@ -21,6 +21,7 @@ from .model.params import Design, Params, Penalty
 from .optim.distributed import current_comm, shard_bounds
 from .optim.engine import Engine, FitOptions
 from .optim.init import init_local_mean, init_local_zi, initialize
+from .optim.sketch import fit_sketch, sketch_size
 
 __all__ = ["ZINBWaVE", "resolve_device"]
 
@@ -112,8 +113,15 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         Stop when the relative change of the penalized log-likelihood between epochs is below
         this (zinbwave's ``stop.epsilon.optimize``).
     solver
-        ``"full"`` (block Newton sweeps over all cells), ``"stochastic"`` (minibatch epochs,
-        then full sweeps to polish) or ``"auto"`` (full up to 20,000 cells).
+        ``"full"`` (block Newton sweeps over all cells from zinbwave's initialization),
+        ``"sketch"`` (fit a subsample of ``sketch_size`` cells to convergence, then solve every
+        cell with those gene parameters and continue with full sweeps: the tens of sweeps that
+        the W/alpha coupling needs are paid on the subsample only), ``"stochastic"``
+        (minibatch epochs, then full sweeps) or ``"auto"`` (``"sketch"`` when the sketch is at
+        most half of the cells, else ``"full"``).
+    sketch_size
+        Cells in the sketch (default: max(20,000, 2^25 / n_genes), about 47,000 cells for 715
+        genes).
     batch_size
         Cells per minibatch for the stochastic solver.
     local_steps
@@ -176,6 +184,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         max_epochs: int = 100,
         tol: float = 1e-4,
         solver: str = "auto",
+        sketch_size: int | None = None,
         batch_size: int | None = None,
         local_steps: int = 1,
         block_entries: int = 2**21,
@@ -202,6 +211,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         self.max_epochs = max_epochs
         self.tol = tol
         self.solver = solver
+        self.sketch_size = sketch_size
         self.batch_size = batch_size
         self.local_steps = local_steps
         self.block_entries = block_entries
@@ -227,8 +237,12 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
             )
         if self.tol < 0 or self.max_epochs < 1:
             raise ValueError("tol must be >= 0 and max_epochs >= 1")
-        if self.solver not in ("auto", "full", "stochastic"):
-            raise ValueError(f"solver must be 'auto', 'full' or 'stochastic', got {self.solver!r}")
+        if self.solver not in ("auto", "full", "sketch", "stochastic"):
+            raise ValueError(
+                f"solver must be 'auto', 'full', 'sketch' or 'stochastic', got {self.solver!r}"
+            )
+        if self.sketch_size is not None and int(self.sketch_size) < 1:
+            raise ValueError(f"sketch_size must be a positive integer, got {self.sketch_size!r}")
 
     def _cell_design(self, obs, n: int, X, batch_key, covariate_keys) -> tuple[np.ndarray, list]:
         if X is not None:
@@ -370,53 +384,85 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
             source = inp.source(lo, hi, dt, dev)
             full_source = source if comm.world_size == 1 else inp.source(0, n, dt, dev)
             seed = 0 if self.random_state is None else int(self.random_state)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                # every rank derives the same gene initialization from the same global subsample
-                params = initialize(
-                    full_source,
-                    design_all,
-                    pen,
-                    self.n_components,
-                    zero_inflation=self.zero_inflation,
-                    common_dispersion=self.common_dispersion,
-                    seed=seed,
-                    shard=(lo, hi),
-                    shard_source=source,
-                )
-                if full_source is not source and hasattr(full_source, "close"):
-                    full_source.close()
-                cb, bar = self._progress()
-                opts = FitOptions(
-                    max_epochs=self.max_epochs,
-                    tol=self.tol,
-                    local_steps=self.local_steps,
-                    block_entries=self.block_entries,
-                    batch_size=self.batch_size,
-                    solver=self.solver,
-                    progress=cb,
-                    checkpoint_path=None if checkpoint is None else str(checkpoint),
-                    checkpoint_every=checkpoint_every,
-                    t_origin=t_start,
-                )
-                engine = Engine(
-                    source,
-                    design,
-                    params,
-                    pen,
-                    zero_inflation=self.zero_inflation,
-                    common_dispersion=self.common_dispersion,
-                    options=opts,
-                    seed=seed,
-                    comm=comm,
-                )
-                try:
-                    result = engine.fit(resume=None if resume is None else str(resume))
-                finally:
-                    if bar is not None:
-                        bar.close()
-                    if hasattr(source, "close"):
-                        source.close()
+            K = self.n_components
+            m = sketch_size(
+                n, J, K, self.sketch_size, max_fraction=1.0 if self.solver == "sketch" else None
+            )
+            solver = self.solver
+            if solver == "auto":
+                solver = "sketch" if m < n else "full"
+            elif solver == "sketch" and m >= n:
+                solver = "full"
+            cb, bar = self._progress()
+            opts = FitOptions(
+                max_epochs=self.max_epochs,
+                tol=self.tol,
+                local_steps=self.local_steps,
+                block_entries=self.block_entries,
+                batch_size=self.batch_size,
+                solver=solver,
+                progress=cb,
+                checkpoint_path=None if checkpoint is None else str(checkpoint),
+                checkpoint_every=checkpoint_every,
+                t_origin=t_start,
+            )
+            init_kw = {
+                "zero_inflation": self.zero_inflation,
+                "common_dispersion": self.common_dispersion,
+                "seed": seed,
+            }
+            history: list[dict] = []
+            path = None
+            try:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    if resume is not None and solver == "sketch":
+                        # shapes only: the checkpoint holds every value
+                        params = Params.zeros(design, K)
+                    elif solver == "sketch":
+                        params, history, path = fit_sketch(
+                            full_source,
+                            design_all,
+                            pen,
+                            K,
+                            m=m,
+                            options=opts,
+                            shard=(lo, hi),
+                            comm=comm,
+                            **init_kw,
+                        )
+                    else:
+                        # every rank derives the same gene initialization from the same subsample
+                        params = initialize(
+                            full_source,
+                            design_all,
+                            pen,
+                            K,
+                            shard=(lo, hi),
+                            shard_source=source,
+                            **init_kw,
+                        )
+                    if full_source is not source and hasattr(full_source, "close"):
+                        full_source.close()
+                    engine = Engine(
+                        source,
+                        design,
+                        params,
+                        pen,
+                        zero_inflation=self.zero_inflation,
+                        common_dispersion=self.common_dispersion,
+                        options=opts,
+                        seed=seed,
+                        comm=comm,
+                    )
+                    result = engine.fit(
+                        history, resume=None if resume is None else str(resume), path=path
+                    )
+            finally:
+                if bar is not None:
+                    bar.close()
+                if hasattr(source, "close"):
+                    source.close()
             final = engine.params
             if comm.world_size > 1:
                 final = final.clone()

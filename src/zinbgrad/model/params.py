@@ -55,6 +55,16 @@ class Design:
 
         return Design(*(mv(getattr(self, f.name)) for f in fields(self)))
 
+    def take(self, idx: Tensor) -> Design:
+        """The design of the cells ``idx`` (e.g. a subsample); gene covariates unchanged."""
+
+        def sl(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[idx]
+
+        return Design(
+            sl(self.X_mu), sl(self.X_pi), self.V_mu, self.V_pi, sl(self.O_mu), sl(self.O_pi)
+        )
+
     def rows(self, start: int, stop: int) -> Design:
         """The design of the cells ``[start, stop)`` (a shard); gene covariates unchanged."""
         if start == 0 and stop == self.n:
@@ -87,6 +97,22 @@ class Params:
     @property
     def K(self) -> int:
         return self.W.shape[1]
+
+    @classmethod
+    def zeros(cls, design: Design, K: int, n_cells: int | None = None) -> Params:
+        """All-zero parameters of the right shapes for ``design`` (``n_cells`` local cells)."""
+        kw = {"dtype": design.X_mu.dtype, "device": design.X_mu.device}
+        n, J = design.n if n_cells is None else n_cells, design.J
+        return cls(
+            beta_mu=torch.zeros(design.X_mu.shape[1], J, **kw),
+            beta_pi=torch.zeros(design.X_pi.shape[1], J, **kw),
+            alpha_mu=torch.zeros(K, J, **kw),
+            alpha_pi=torch.zeros(K, J, **kw),
+            zeta=torch.zeros(J, **kw),
+            W=torch.zeros(n, K, **kw),
+            gamma_mu=torch.zeros(design.V_mu.shape[1], n, **kw),
+            gamma_pi=torch.zeros(design.V_pi.shape[1], n, **kw),
+        )
 
     def clone(self) -> Params:
         return Params(*(getattr(self, f.name).clone() for f in fields(self)))

@@ -1,0 +1,167 @@
+"""Sketch, then extend: fit a subsample of cells to convergence, then bring in every cell.
+
+Alternating block updates of ZINB-WaVE converge linearly: the coupling of the cell factors W
+and the gene loadings alpha needs tens of sweeps however good each block update is (the
+10x brain slice at K = 10 needs about 30). On a million cells each sweep reads every matrix
+entry a few times, so those tens of sweeps are what a large fit cannot afford. But the gene
+parameters are estimated from all n cells, and a few tens of thousands of cells already pin them
+down to well below their sampling error. So for large n:
+
+1. **sketch**: draw ``m`` cells (runs of consecutive cells at random places, so a file on disk
+   is read in a few large pieces), and fit the full model to them with the full-batch solver
+   until it converges (initialization, dispersion search and all). The per-cell ridge weights
+   (``eps_W``, ``eps_gamma``) are scaled by ``n / m`` so that the sketch's W has the per-cell
+   scale of the final fit (zinbwave's defaults are ``epsilon / n``).
+2. **extend** (the first sweep over all cells, :meth:`Engine.fit_full`): the local problems
+   are not concave (the zero-inflation mixture), and solved cold from any starting point they
+   end in poorer local optima than the sketch's cells reached while W and alpha moved
+   together (about 4 nats per cell worse on the brain data). So the sketch fit is recorded
+   (:class:`~zinbgrad.optim.engine.SketchPath`: the gene parameters of every sweep and its
+   orthogonalization) and every cell, starting from zero, takes the same damped Newton steps
+   against the same gene parameters as the sketch's cells did: each block of cells is read
+   once and follows the whole path in memory. That sweep ends like any other (one Newton
+   step against the final gene parameters, then a gene update from all cells).
+3. the ordinary full-batch sweeps continue until the relative change is below ``tol``; they
+   only have to remove the sketch's sampling error.
+
+Under torch.distributed every rank fits the same sketch (same cells, same seed) and rank 0's
+gene parameters are broadcast, so all ranks start the extension from identical values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import torch
+
+from ..data.source import InMemoryCounts
+from ..model.params import Design, Params, Penalty
+from .distributed import LocalComm
+from .engine import Engine, FitOptions, SketchPath
+from .init import initialize
+
+__all__ = ["sketch_indices", "sketch_penalty", "sketch_size", "fit_sketch"]
+
+#: default size of the sketch, in matrix entries (about 47,000 cells of 715 genes)
+SKETCH_ENTRIES = 2**25
+#: the sketch is used only when it is at most this fraction of the cells
+MAX_SKETCH_FRACTION = 0.5
+
+
+def sketch_size(
+    n: int, J: int, K: int, sketch_cells: int | None = None, max_fraction: float | None = None
+) -> int:
+    """Number of cells in the sketch; ``n`` means no sketch (it would be more than
+    ``max_fraction`` of the cells, default :data:`MAX_SKETCH_FRACTION`)."""
+    if sketch_cells is None:
+        sketch_cells = max(20_000, SKETCH_ENTRIES // max(J, 1))
+    frac = MAX_SKETCH_FRACTION if max_fraction is None else max_fraction
+    m = max(int(sketch_cells), 4 * K + 10)
+    return n if m > frac * n else m
+
+
+def sketch_indices(n: int, m: int, seed: int, run: int = 256) -> np.ndarray:
+    """Sorted indices of ``m`` cells: runs of up to ``run`` consecutive cells (at least 32
+    runs), at random places."""
+    if m >= n:
+        return np.arange(n)
+    run = max(1, min(run, m // 32))
+    rng = np.random.default_rng([seed, 0x5EC7])
+    n_runs = n // run  # whole runs only
+    pick = np.sort(rng.choice(n_runs, size=min(n_runs, -(-m // run)), replace=False))
+    idx = (pick[:, None] * run + np.arange(run)[None, :]).ravel()
+    return idx[:m]
+
+
+def sketch_penalty(pen: Penalty, n: int, m: int) -> Penalty:
+    """The penalty for a fit of ``m`` of the ``n`` cells: per-cell weights scaled by n/m."""
+    f = n / m
+    return dataclasses.replace(
+        pen,
+        W=pen.W * f,
+        gamma_mu=pen.gamma_mu * f,
+        gamma_pi=pen.gamma_pi * f,
+        extra=dict(pen.extra),
+    )
+
+
+def fit_sketch(
+    full_source,
+    design: Design,
+    pen: Penalty,
+    K: int,
+    *,
+    m: int,
+    zero_inflation: bool,
+    common_dispersion: bool,
+    options: FitOptions,
+    seed: int,
+    shard: tuple[int, int],
+    comm: LocalComm,
+) -> tuple[Params, list[dict], SketchPath]:
+    """Fit the model to a sketch of ``m`` cells; return the starting point of ``shard``.
+
+    Returns the gene parameters of the sketch fit with zero local parameters for the cells
+    ``shard = (start, stop)``, the sketch's history records (``phase = "sketch"``; their
+    objective is the sketch's own penalized log-likelihood) and its recorded path, which
+    :meth:`Engine.fit` takes every cell along in its first sweep.
+    """
+    n = design.n
+    idx = sketch_indices(n, m, seed)
+    m = int(idx.size)
+    sub_source = InMemoryCounts(
+        full_source.rows_subset(idx), dtype=full_source.dtype, device=full_source.device
+    )
+    sub_design = design.take(torch.as_tensor(idx, device=design.X_mu.device))
+    sub_pen = sketch_penalty(pen, n, m)
+    params = initialize(
+        sub_source,
+        sub_design,
+        sub_pen,
+        K,
+        zero_inflation=zero_inflation,
+        common_dispersion=common_dispersion,
+        seed=seed,
+    )
+    t0 = options.t_origin if options.t_origin is not None else time.perf_counter()
+    history: list[dict] = []
+
+    def record(rec: dict) -> None:
+        rec = dict(rec, phase="sketch", cells=m)
+        history.append(rec)
+        if options.progress is not None and comm.rank == 0:
+            options.progress(rec)
+
+    sub_opts = dataclasses.replace(
+        options,
+        solver="full",
+        checkpoint_path=None,
+        progress=None,
+        t_origin=t0,
+    )
+    engine = Engine(
+        sub_source,
+        sub_design,
+        params,
+        sub_pen,
+        zero_inflation=zero_inflation,
+        common_dispersion=common_dispersion,
+        options=sub_opts,
+        seed=seed,
+    )
+    engine.opt.progress = record
+    engine.optimize_dispersion()
+    path = SketchPath()
+    path.start(engine.params)
+    engine.trajectory = path
+    engine.fit_full([])
+    p = engine.params
+    # ranks fitted the same sketch; make the path bitwise identical anyway
+    comm.broadcast_(*[getattr(p, k) for k in Params.GENE_FIELDS], *path.tensors())
+    lo, hi = shard
+    start = Params.zeros(design, K, hi - lo)
+    for name in Params.GENE_FIELDS:
+        setattr(start, name, getattr(p, name))
+    return start, history, path
