@@ -292,6 +292,7 @@ def child_main(args: argparse.Namespace) -> int:
     model = zinbgrad.ZINBWaVE(
         n_components=args.k,
         solver=args.solver,
+        sketch_size=args.sketch_size,
         batch_size=args.batch_size,
         max_epochs=args.max_epochs,
         tol=args.tol,
@@ -382,6 +383,8 @@ def run_child(path: Path, mode: str, args: argparse.Namespace, timeout: float | 
     ]
     if args.batch_size:
         cmd += ["--batch-size", str(args.batch_size)]
+    if getattr(args, "sketch_size", None):
+        cmd += ["--sketch-size", str(args.sketch_size)]
     load_before = loadavg()
     t0 = time.perf_counter()
     log_out, log_err = path.with_suffix(f".{mode}.stdout"), path.with_suffix(f".{mode}.stderr")
@@ -559,7 +562,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", default="10k,100k,1M,1.3M", help="comma-separated cell counts")
     p.add_argument("--modes", default="stream,memory", help="stream and/or memory")
     p.add_argument("--memory-max", default="100k", help="largest size also fitted in memory")
-    p.add_argument("--solver", default="stochastic", choices=["auto", "full", "stochastic"])
+    p.add_argument(
+        "--solver", default="stochastic", choices=["auto", "full", "sketch", "stochastic"]
+    )
+    p.add_argument("--sketch-size", type=int, default=None, help="cells in the sketch")
     p.add_argument("--batch-size", type=int, default=8192)
     p.add_argument("--dtype", default="float32", choices=["auto", "float32", "float64"])
     p.add_argument("--max-epochs", type=int, default=5)
@@ -581,6 +587,7 @@ def build_child_parser() -> argparse.ArgumentParser:
     p.add_argument("--path", required=True)
     p.add_argument("--mode", choices=["stream", "memory"], required=True)
     p.add_argument("--solver", default="stochastic")
+    p.add_argument("--sketch-size", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--max-epochs", type=int, default=5)

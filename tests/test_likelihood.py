@@ -149,3 +149,135 @@ def test_dispersion_derivatives_against_mpmath(y, zeta):
     # relative to the size of the terms that cancel (exact to a few ulps of those)
     assert abs(float(d.lz) - g1) <= 1e-9 * max(abs(g1), 1e-300) + 1e-15 * (1 + y)
     assert abs(float(d.lzz) - g2) <= 1e-9 * max(abs(g2), 1e-300) + 1e-15 * (1 + y)
+
+
+# ---- fused (torch.compile) evaluation of entry_derivatives ------------------------------------
+
+
+def _extreme_block(dtype: torch.dtype):
+    """A small block spanning theta 1e-4..1e20, mu 1e-26..1e17, logit pi +-30, counts to ~1e4.
+
+    Returns the inputs and, per entry, a float64 magnitude of the terms that the formulas add up
+    (the scale of their rounding error; entries near cancellation have values far below it).
+    """
+    g = torch.Generator().manual_seed(7)
+    n, J = 40, 24
+    zeta = torch.linspace(-9.0, 46.0, J, dtype=torch.float64)
+    a = torch.randn(n, J, generator=g, dtype=torch.float64) * 4
+    a[:, ::5] = torch.linspace(-60.0, 40.0, n, dtype=torch.float64)[:, None]
+    b = torch.randn(n, J, generator=g, dtype=torch.float64) * 4
+    b[:4], b[4:8] = 30.0, -30.0
+    lam = torch.exp(a).clamp(max=1e4)
+    y = torch.poisson(lam, generator=g) * (torch.rand(n, J, generator=g, dtype=torch.float64) > 0.4)
+    s = a - zeta
+    l0 = torch.exp(zeta) * torch.nn.functional.softplus(s)  # -log NB(0)
+    mq = torch.exp(a - torch.nn.functional.softplus(s))  # mu q
+    scale = (1 + y + mq + l0) ** 2 + b.abs() + y * (a.abs() + zeta.abs() + torch.log1p(y))
+    cast = (t.to(dtype) for t in (a, b, zeta, y))
+    a, b, zeta, y = cast
+    return a, b, zeta, _sparse(y), scale
+
+
+@pytest.fixture(scope="module")
+def compiler():
+    from zinbgrad.model import likelihood as lik
+
+    if not lik.fusion_available("cpu"):
+        pytest.skip("fused evaluation unavailable here (torch.compile/inductor or a C++ compiler)")
+    return lik
+
+
+# (zero inflation, order, dispersion): order 2 with dispersion yields every output; order 0
+# (line searches) and order 0 with dispersion (dispersion updates) are what the optimizer uses.
+_FUSED_CASES = {
+    torch.float64: [(True, 2, True), (False, 2, True), (False, 1, False)],
+    torch.float32: [(True, 2, True), (False, 2, True), (True, 0, False), (True, 0, True)],
+}
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # from torch internals (inductor)
+@pytest.mark.parametrize(("dtype", "rtol"), [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_fused_matches_eager_on_extreme_values(compiler, dtype, rtol):
+    a, b, zeta, counts, scale = _extreme_block(dtype)
+    for zi, order, dispersion in _FUSED_CASES[dtype]:
+        kw = dict(order=order, dispersion=dispersion)
+        bb = b if zi else None
+        got = entry_derivatives(a, bb, zeta, counts, fused=True, **kw)
+        if compiler._fused_failure is not None:
+            pytest.skip(f"torch.compile failed here: {compiler._fused_failure}")
+        assert (zi, True, order, dispersion) in compiler._compiled
+        ref = entry_derivatives(a, bb, zeta, counts, fused=False, **kw)
+        for name in compiler._TERMS:
+            e, f = getattr(ref, name), getattr(got, name)
+            assert (e is None) == (f is None), name
+            if e is None:
+                continue
+            assert f.dtype == dtype and f.shape == e.shape
+            fin = torch.isfinite(e)
+            assert torch.equal(fin, torch.isfinite(f)), (name, zi, order)
+            e, f = e.double(), f.double()
+            err = (f - e).abs()[fin] / (e.abs() + scale)[fin]
+            assert float(err.max()) <= rtol, (name, zi, order, dispersion, float(err.max()))
+            # well-conditioned entries (value comparable to its terms) agree to relative rtol
+            ok = fin & (e.abs() >= 0.1 * scale)
+            rel = float(((f - e).abs() / e.abs())[ok].max()) if ok.any() else 0.0
+            assert rel <= rtol, (name, zi, order, dispersion, rel)
+
+
+def test_fused_switch_and_env(monkeypatch):
+    from zinbgrad.model import likelihood as lik
+
+    monkeypatch.delenv("ZINBGRAD_FUSED", raising=False)
+    monkeypatch.setattr(lik, "_fused_failure", None)
+    monkeypatch.setattr(lik, "_fused_mode", "auto")  # the default (unless ZINBGRAD_FUSED=1)
+    assert not lik._want_fused(None) and lik._want_fused(True)
+    with lik.set_fused(True):
+        assert lik.get_fused() is True
+        assert lik._want_fused(None) and not lik._want_fused(False)
+        with lik.set_fused(False):
+            assert not lik._want_fused(True) and not lik.fusion_available()
+        assert lik.get_fused() is True
+    assert lik.get_fused() == "auto"
+    with pytest.raises(ValueError):
+        lik.set_fused("yes")
+    monkeypatch.setenv("ZINBGRAD_FUSED", "0")
+    assert not lik._want_fused(True) and not lik.fusion_available()
+    with lik.set_fused(True):
+        assert not lik._want_fused(None)
+
+
+def test_fused_failure_warns_once_and_falls_back(monkeypatch):
+    from zinbgrad.model import likelihood as lik
+
+    def broken_compile(fn, **kw):
+        def run(*args):
+            raise RuntimeError("no compiler in this test")
+
+        return run
+
+    monkeypatch.delenv("ZINBGRAD_FUSED", raising=False)
+    monkeypatch.setattr(lik, "_fused_failure", None)
+    monkeypatch.setattr(lik, "_fused_mode", "auto")
+    monkeypatch.setattr(lik, "_compiled", {})
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    a, b, zeta, counts, _ = _extreme_block(torch.float64)
+    ref = entry_derivatives(a, b, zeta, counts, order=2, fused=False)
+    with pytest.warns(RuntimeWarning, match="no compiler in this test") as rec:
+        got = entry_derivatives(a, b, zeta, counts, order=2, fused=True)
+        again = entry_derivatives(a, b, zeta, counts, order=0, fused=True)
+    assert len([w for w in rec if issubclass(w.category, RuntimeWarning)]) == 1
+    assert not lik.fusion_available() and not lik._want_fused(True)
+    for name in ("ll", "la", "laa", "lb", "lbb", "lab"):
+        torch.testing.assert_close(getattr(got, name), getattr(ref, name), rtol=0, atol=0)
+    torch.testing.assert_close(again.ll, ref.ll, rtol=0, atol=0)
+
+
+def test_sparse_counts_flat_is_cached_and_carried():
+    y = torch.tensor([[0.0, 2.0, 0.0], [1.0, 0.0, 5.0]])
+    c = _sparse(y)
+    flat = c.flat
+    assert c.flat is flat
+    torch.testing.assert_close(flat, torch.tensor([1, 3, 5]))
+    moved = c.to("cpu")
+    assert "flat" in moved.__dict__
+    torch.testing.assert_close(moved.flat, flat)

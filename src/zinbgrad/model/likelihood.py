@@ -26,11 +26,21 @@ Two evaluation paths share these formulas:
   then scattered. It returns the analytic first and second derivatives with respect to ``a``,
   ``b`` (and optionally ``zeta``) per entry, which the batched Newton solvers contract with the
   design matrices.
+
+The element-wise work of :func:`entry_derivatives` is written as pure tensor functions (no
+data-dependent Python control flow when traced), so it can optionally be fused into a few loops
+by ``torch.compile`` (:func:`set_fused`, the ``fused`` argument, :func:`fusion_available`;
+``ZINBGRAD_FUSED=0`` disables it): several times faster on large blocks, same formulas.
 """
 
 from __future__ import annotations
 
+import os
+import types
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +57,9 @@ __all__ = [
     "EntryDerivatives",
     "entry_derivatives",
     "nonzero_constant",
+    "set_fused",
+    "get_fused",
+    "fusion_available",
 ]
 
 #: theta above which the Stirling-series forms are used for lgamma/digamma/trigamma differences.
@@ -108,24 +121,30 @@ def _m(t: Tensor) -> Tensor:
     return torch.where(small, _horner(ts, _M_COEFFS), 1.0 - torch.log1p(tb) / tb)
 
 
-def _pow_m1(t: Tensor, m: float) -> Tensor:
-    """``(1 + t)^(-m) - 1``."""
-    return torch.expm1(-m * torch.log1p(t))
-
-
-def _theta_k_series(s: Tensor, zeta: Tensor, a: Tensor) -> Tensor:
+def _theta_k_series(s: Tensor, a: Tensor) -> Tensor:
     # theta * k = theta * u * (k/u) = mu * (k/u), u = e^s < e^-5: 12 terms reach 1e-27
     return torch.exp(a) * _horner(torch.exp(s), _K_COEFFS)
 
 
-def _theta_k_direct(s: Tensor, zeta: Tensor, a: Tensor) -> Tensor:
-    return torch.exp(zeta + torch.log(_fsp(s) - torch.sigmoid(s)))
+def _theta_k(s: Tensor, a: Tensor, theta: Tensor, sp_s: Tensor, p: Tensor) -> Tensor:
+    """``theta * k``, ``k = softplus(s) - sigmoid(s)`` (>= 0), s = a - zeta; stable for s -> -inf.
 
-
-def _theta_k(s: Tensor, zeta: Tensor, a: Tensor) -> Tensor:
-    """``theta * (softplus(s) - sigmoid(s))`` (>= 0) with s = a - zeta, stable for s -> -inf."""
-    s, zeta, a = torch.broadcast_tensors(s, zeta, a)
-    return _by_branch(s < -5.0, _theta_k_series, _theta_k_direct, s, zeta, a)
+    Given ``sp_s = softplus(s)`` and ``p = sigmoid(s)``: ``theta * (sp_s - p)`` for s >= -5, the
+    series in ``e^s`` below. No boolean-mask indexing: under ``torch.compile`` both branches are
+    evaluated (the series on safe inputs) and selected with ``torch.where``; eagerly the direct
+    form everywhere, then the series only at the (flat) positions where ``s < -5``. ``s`` and
+    ``a`` must be contiguous and of the output shape; the rest broadcast against them.
+    """
+    small = s < -5.0
+    direct = theta * (sp_s - p)  # unused (cancels) where s < -5
+    if torch.compiler.is_compiling():
+        series = _theta_k_series(torch.where(small, s, -5.0), torch.where(small, a, 0.0))
+        return torch.where(small, series, direct)
+    idx = small.view(-1).nonzero().squeeze(1)
+    if idx.numel():
+        series = _theta_k_series(s.view(-1)[idx], a.view(-1)[idx])
+        direct.view(-1).index_copy_(0, idx, series)
+    return direct
 
 
 def _by_branch(mask: Tensor, f_true, f_false, *args: Tensor) -> Tensor:
@@ -237,9 +256,15 @@ class SparseCounts:
     values: Tensor
     lgamma_y1: Tensor
 
-    @property
+    @cached_property
     def flat(self) -> Tensor:
+        """Flat (row-major) position of each nonzero in the block; computed once per block."""
         return self.rows * self.n_cols + self.cols
+
+    def _with_flat(self, out: SparseCounts, fn: Callable[[Tensor], Tensor]) -> SparseCounts:
+        if "flat" in self.__dict__:  # carry the cached flat positions along
+            out.__dict__["flat"] = fn(self.__dict__["flat"])
+        return out
 
     @classmethod
     def from_csr(
@@ -258,7 +283,7 @@ class SparseCounts:
         return cls(n_rows, n_cols, rows, indices.long(), vals, torch.lgamma(vals + 1.0))
 
     def pin_memory(self) -> SparseCounts:
-        return SparseCounts(
+        out = SparseCounts(
             self.n_rows,
             self.n_cols,
             self.rows.pin_memory(),
@@ -266,12 +291,13 @@ class SparseCounts:
             self.values.pin_memory(),
             self.lgamma_y1.pin_memory(),
         )
+        return self._with_flat(out, Tensor.pin_memory)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> SparseCounts:
         def mv(t: Tensor) -> Tensor:
             return t.to(device, non_blocking=non_blocking)
 
-        return SparseCounts(
+        out = SparseCounts(
             self.n_rows,
             self.n_cols,
             mv(self.rows),
@@ -279,6 +305,7 @@ class SparseCounts:
             mv(self.values),
             mv(self.lgamma_y1),
         )
+        return self._with_flat(out, mv)
 
 
 @dataclass
@@ -299,11 +326,6 @@ class EntryDerivatives:
     lzz: Tensor | None = None
 
 
-def _scatter(dense: Tensor, flat: Tensor, values: Tensor) -> Tensor:
-    dense.view(-1).index_copy_(0, flat, values)
-    return dense
-
-
 def _fsp(x: Tensor) -> Tensor:
     """Fused softplus (torch's kernel: log1p(exp(x)) below 40, x above; exact in float64)."""
     return F.softplus(x, beta=1.0, threshold=40.0)
@@ -319,49 +341,352 @@ def nonzero_constant(counts: SparseCounts, zeta: Tensor) -> Tensor:
     return lgamma_ratio_minus_ylog(counts.values, zk) - counts.lgamma_y1
 
 
-def _psi_direct(y: Tensor, zeta: Tensor) -> Tensor:
-    th = torch.exp(zeta)
-    d1 = th * (torch.digamma(y + th) - torch.digamma(th)) - y
-    e = th * th * (torch.polygamma(1, y + th) - torch.polygamma(1, th)) + y
-    return torch.stack([d1, e])
+def _psi_direct(y: Tensor, th: Tensor, dg_th: Tensor, tg_th: Tensor) -> tuple[Tensor, Tensor]:
+    """D1, E by the direct difference; ``dg_th``, ``tg_th`` = digamma, trigamma of ``th``."""
+    d1 = th * (torch.digamma(y + th) - dg_th) - y
+    e = th * th * (torch.polygamma(1, y + th) - tg_th) + y
+    return d1, e
 
 
-def _psi_asymptotic(y: Tensor, zeta: Tensor) -> Tensor:
+def _psi_asymptotic(y: Tensor, zeta: Tensor) -> tuple[Tensor, Tensor]:
     w = torch.exp(-zeta)
     t = y * w
     w3, w5, w7 = w**3, w**5, w**7
+    l1p = torch.log1p(t)
+
+    def pow_m1(m: float) -> Tensor:  # (1 + t)^(-m) - 1
+        return torch.expm1(-m * l1p)
+
     d1 = (
         -y * _m(t)
         + 0.5 * t / (1.0 + t)
-        - (w / 12.0) * _pow_m1(t, 2)
-        + (w3 / 120.0) * _pow_m1(t, 4)
-        - (w5 / 252.0) * _pow_m1(t, 6)
-        + (w7 / 240.0) * _pow_m1(t, 8)
+        - (w / 12.0) * pow_m1(2)
+        + (w3 / 120.0) * pow_m1(4)
+        - (w5 / 252.0) * pow_m1(6)
+        + (w7 / 240.0) * pow_m1(8)
     )
     e = (
         y * t / (1.0 + t)
         - 0.5 * t * (2.0 + t) / (1.0 + t) ** 2
-        + (w / 6.0) * _pow_m1(t, 3)
-        - (w3 / 30.0) * _pow_m1(t, 5)
-        + (w5 / 42.0) * _pow_m1(t, 7)
-        - (w7 / 30.0) * _pow_m1(t, 9)
+        + (w / 6.0) * pow_m1(3)
+        - (w3 / 30.0) * pow_m1(5)
+        + (w5 / 42.0) * pow_m1(7)
+        - (w7 / 30.0) * pow_m1(9)
     )
-    return torch.stack([d1, e])
+    return d1, e
 
 
-def _psi_diffs(y: Tensor, zeta: Tensor) -> tuple[Tensor, Tensor]:
+def _psi_diffs(y: Tensor, zeta: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
     """``D1 = theta (psi(y+theta) - psi(theta)) - y`` and
-    ``E = theta^2 (psi1(y+theta) - psi1(theta)) + y``, stable for huge theta."""
+    ``E = theta^2 (psi1(y+theta) - psi1(theta)) + y`` at the nonzeros ``(y, cols)``, with
+    ``zeta`` per gene; stable for huge theta (Stirling series above theta = 50).
+
+    The branch is chosen per gene, and the per-gene functions (``psi(theta)``, ``psi1(theta)``)
+    are evaluated once per gene. Under ``torch.compile`` both branches are evaluated (on safe
+    inputs) and selected with ``torch.where``; eagerly only the branches in use.
+    """
     big = zeta > _LOG_THETA_ASYMPTOTIC
-    if bool(big.all()):
-        out = _psi_asymptotic(y, zeta)
-    elif not bool(big.any()):
-        out = _psi_direct(y, zeta)
+    if torch.compiler.is_compiling():
+        use_asy = use_dir = True
     else:
-        out = torch.empty((2,) + y.shape, dtype=y.dtype, device=y.device)
-        out[:, big] = _psi_asymptotic(y[big], zeta[big])
-        out[:, ~big] = _psi_direct(y[~big], zeta[~big])
-    return out[0], out[1]
+        n_big = int(big.sum())
+        use_asy, use_dir = n_big > 0, n_big < big.numel()
+    mixed = use_asy and use_dir
+    if use_dir:
+        th = torch.exp(torch.where(big, 0.0, zeta) if mixed else zeta)
+        d1, e = _psi_direct(y, th[cols], torch.digamma(th)[cols], torch.polygamma(1, th)[cols])
+    if use_asy:
+        za = torch.where(big, zeta, _LOG_THETA_ASYMPTOTIC) if mixed else zeta
+        d1_a, e_a = _psi_asymptotic(y, za[cols])
+        if not mixed:
+            return d1_a, e_a
+        big_k = big[cols]
+        d1, e = torch.where(big_k, d1_a, d1), torch.where(big_k, e_a, e)
+    return d1, e
+
+
+#: Names of the per-entry arrays, in the order the tuple-valued kernels below return them.
+_TERMS = ("ll", "la", "laa", "lb", "lbb", "lab", "lz", "lzz")
+_Terms = tuple[Tensor | None, ...]
+
+
+def _dense_terms(a: Tensor, b: Tensor | None, zeta: Tensor, order: int, dispersion: bool) -> _Terms:
+    """The ``y = 0`` formulas of :func:`entry_derivatives` on the whole (cells x genes) block.
+
+    Pure tensor function (static Python arguments only, no data-dependent control flow when
+    compiled), so ``torch.compile`` fuses it into a few loops. Returns the arrays named by
+    ``_TERMS``; ``None`` for those not requested. ``b is None``: negative binomial.
+    """
+    zi = b is not None
+    theta = torch.exp(zeta)
+    s = a - zeta
+    sp_s = _fsp(s)  # -log q, q = theta / (theta + mu)
+    log_nb0 = sp_s * (-theta)
+    la = laa = lb = lbb = lab = lz = lzz = None
+    if zi:
+        t = b - log_nb0
+        ll = log_nb0 - _fsp(b) + _fsp(t)
+        if order >= 1 or dispersion:
+            one_m_r = torch.sigmoid(t)
+            r = 1.0 - one_m_r  # P(zero came from the NB component)
+    else:
+        ll = log_nb0
+    if order >= 1 or dispersion:
+        mu_q = torch.exp(a - sp_s)  # theta p = mu q
+    if order >= 1:
+        d_l0 = mu_q.neg() if dispersion else mu_q.neg_()  # d log NB(0)/da = -theta p = -mu q
+        if zi:
+            pi = torch.sigmoid(b)
+            la = r * d_l0
+            lb = one_m_r - pi
+        else:
+            la = d_l0
+        if order >= 2:
+            q = torch.exp(-sp_s)
+            if zi:
+                rr = r * one_m_r
+                laa = d_l0 * (r * q + rr * d_l0)
+                lbb = rr - pi * (1.0 - pi)
+                lab = (rr * d_l0).neg_()
+            else:
+                laa = d_l0 * q
+    if dispersion:
+        p = torch.sigmoid(s)
+        theta_k = _theta_k(s, a, theta, sp_s, p)
+        dz_l0 = -theta_k
+        d2z_l0 = -theta_k + mu_q * p  # -theta k + theta p^2
+        if zi:
+            lz = r * dz_l0
+            lzz = r * d2z_l0 + r * one_m_r * dz_l0 * dz_l0
+        else:
+            lz, lzz = dz_l0, d2z_l0
+    return ll, la, laa, lb, lbb, lab, lz, lzz
+
+
+def _sparse_terms(
+    a: Tensor,
+    b: Tensor | None,
+    zeta: Tensor,
+    flat: Tensor,
+    cols: Tensor,
+    y: Tensor,
+    const: Tensor,
+    order: int,
+    dispersion: bool,
+) -> _Terms:
+    """The ``y > 0`` values at the nonzeros (``flat`` positions of the contiguous block).
+
+    ``lab`` is ``None`` (it is zero at the nonzeros). Pure tensor function like
+    :func:`_dense_terms`.
+    """
+    zi = b is not None
+    ak = a.view(-1)[flat]
+    zk = zeta[cols]
+    thk = torch.exp(zeta)[cols]
+    sk = ak - zk
+    spk = _fsp(sk)
+    ll = y * ak + const - (y + thk) * spk
+    la = laa = lb = lbb = lz = lzz = None
+    if zi:
+        bk = b.view(-1)[flat]
+        ll = ll - _fsp(bk)
+    if order >= 1 or dispersion:
+        muq = torch.exp(ak - spk)
+    if order >= 1:
+        qk = torch.exp(-spk)
+        la = y * qk - muq
+        if zi:
+            pik = torch.sigmoid(bk)
+            lb = -pik
+        if order >= 2:
+            pk = 1.0 - qk
+            laa = -(y * pk * qk + muq * qk)
+            if zi:
+                lbb = -pik * (1.0 - pik)
+    if dispersion:
+        pk = torch.sigmoid(sk)
+        d1, e = _psi_diffs(y, zeta, cols)
+        theta_k = _theta_k(sk, ak, thk, spk, pk)
+        theta_p2 = muq * pk
+        lz = d1 + y * pk - theta_k
+        lzz = d1 + e - y * pk * (1.0 - pk) - theta_k + theta_p2
+    return ll, la, laa, lb, lbb, None, lz, lzz
+
+
+def _block_terms(
+    a: Tensor,
+    b: Tensor | None,
+    zeta: Tensor,
+    flat: Tensor | None,
+    cols: Tensor | None,
+    y: Tensor | None,
+    const: Tensor | None,
+    *,
+    order: int,
+    dispersion: bool,
+) -> _Terms:
+    """Dense ``y = 0`` terms with the ``y > 0`` values written at the nonzeros (``flat``;
+    ``None`` when the block has none). Pure tensor function: the unit that is compiled."""
+    dense = _dense_terms(a, b, zeta, order, dispersion)
+    if flat is None:
+        return dense
+    sparse = _sparse_terms(a, b, zeta, flat, cols, y, const, order, dispersion)
+    out = []
+    for name, d, v in zip(_TERMS, dense, sparse, strict=True):
+        if d is not None:
+            if name == "lab":
+                d.view(-1).index_fill_(0, flat, 0.0)
+            else:
+                d.view(-1).index_copy_(0, flat, v)
+        out.append(d)
+    return tuple(out)
+
+
+# ---- optional fusion of the element-wise work with torch.compile ----------------------------
+
+_FUSED_MODES = ("auto", True, False)
+_ENV_ON = ("1", "true", "yes", "on")
+_ENV_OFF = ("0", "false", "no", "off")
+_fused_mode: bool | str = (
+    True if os.environ.get("ZINBGRAD_FUSED", "").strip().lower() in _ENV_ON else "auto"
+)
+#: why fused evaluation was given up in this process (None: not given up)
+_fused_failure: str | None = None
+#: one compiled callable per static configuration
+_compiled: dict[tuple, Callable[..., _Terms]] = {}
+
+
+def _env_disabled() -> bool:
+    return os.environ.get("ZINBGRAD_FUSED", "").strip().lower() in _ENV_OFF
+
+
+def get_fused() -> bool | str:
+    """The module-wide fusion mode: ``"auto"`` (default), ``True`` or ``False``."""
+    return _fused_mode
+
+
+class set_fused:  # a class so that it also works as a context manager (torch.set_grad_enabled)
+    """Set the module-wide fusion mode of :func:`entry_derivatives`; also a context manager that
+    restores the previous mode on exit.
+
+    * ``"auto"`` (default): fused only where the caller passes ``fused=True``;
+    * ``True``: fused unless the caller passes ``fused=False``;
+    * ``False``: never fused (also ignores ``fused=True``).
+
+    Returns the previous mode as ``.prev``. ``with set_fused(True): ...`` restores it on exit.
+
+    Fused evaluation compiles the element-wise kernels with ``torch.compile(dynamic=True)`` on
+    first use (one compilation per configuration of zero inflation, derivative order and
+    dispersion; inductor caches them on disk across processes). The environment variable
+    ``ZINBGRAD_FUSED=0`` disables it regardless of this setting (``ZINBGRAD_FUSED=1`` makes
+    ``True`` the initial mode). If compiling or running a
+    compiled kernel fails, a single warning is issued and the process falls back to eager
+    evaluation for good. Results agree with eager evaluation to a few units of rounding.
+    """
+
+    def __init__(self, mode: bool | str) -> None:
+        global _fused_mode
+        if not any(mode is m or (isinstance(m, str) and mode == m) for m in _FUSED_MODES):
+            raise ValueError(f"fused mode must be 'auto', True or False, not {mode!r}")
+        self.prev = _fused_mode
+        _fused_mode = mode
+
+    def __enter__(self) -> set_fused:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        global _fused_mode
+        _fused_mode = self.prev
+
+
+def fusion_available(device: torch.device | str | None = None) -> bool:
+    """Whether ``entry_derivatives(..., fused=True)`` would use compiled kernels.
+
+    False where disabled (``ZINBGRAD_FUSED=0``, ``set_fused(False)``), after an earlier failure in
+    this process, where torch.compile is unsupported, or (with ``device``) where the backend
+    inductor needs for that device (a C++ compiler for CPU, triton for CUDA) is missing. It does
+    not compile anything; a failure at first use still falls back to eager with a warning.
+    """
+    if _env_disabled() or _fused_failure is not None or _fused_mode is False:
+        return False
+    if not hasattr(torch, "compile"):
+        return False
+    try:
+        from torch._dynamo import is_dynamo_supported
+
+        if not is_dynamo_supported():
+            return False
+        kind = None if device is None else torch.device(device).type
+        if kind == "cpu":
+            from torch._inductor.cpp_builder import get_cpp_compiler
+
+            get_cpp_compiler()
+        elif kind == "cuda":
+            from torch.utils._triton import has_triton
+
+            return bool(has_triton())
+    except Exception:
+        return False
+    return True
+
+
+def _want_fused(fused: bool | None) -> bool:
+    if _fused_mode is False or _fused_failure is not None or _env_disabled():
+        return False
+    if fused is None:
+        return _fused_mode is True
+    return bool(fused)
+
+
+def _compiled_block_terms(
+    zi: bool, nonzeros: bool, order: int, dispersion: bool
+) -> Callable[..., _Terms]:
+    """The compiled :func:`_block_terms` for one static configuration (created on first use).
+
+    Each configuration gets its own code object: dynamo keeps its compiled graphs (and counts
+    them against its recompile limit) per code object, so sharing one closure would pile all
+    configurations onto one cache.
+    """
+    key = (zi, nonzeros, order, dispersion)
+    fn = _compiled.get(key)
+    if fn is None:
+
+        def block_terms(a, b, zeta, flat, cols, y, const):
+            return _block_terms(
+                a, b, zeta, flat, cols, y, const, order=order, dispersion=dispersion
+            )
+
+        name = f"block_terms_{'zinb' if zi else 'nb'}_o{order}{'_disp' if dispersion else ''}"
+        name += "" if nonzeros else "_allzero"
+        code = block_terms.__code__.replace(co_name=name)
+        fresh = types.FunctionType(
+            code, block_terms.__globals__, name, None, block_terms.__closure__
+        )
+        fn = _compiled[key] = torch.compile(fresh, dynamic=True)
+    return fn
+
+
+def _plain(x: Tensor | None) -> Tensor | None:
+    """``x`` as a contiguous tensor at storage offset 0 (views are copied): compiled graphs are
+    guarded on strides and storage offsets, and a view's offset that happens to equal a size
+    would be specialized on ("duck sizing") and force a recompilation later."""
+    if x is None or (x.is_contiguous() and x.storage_offset() == 0):
+        return x
+    return x.clone(memory_format=torch.contiguous_format)
+
+
+def _give_up_fusion(exc: BaseException) -> None:
+    global _fused_failure
+    msg = str(exc).strip().splitlines()
+    reason = f"{type(exc).__name__}: {msg[0][:300] if msg else ''}"
+    _fused_failure = reason
+    _compiled.clear()
+    warnings.warn(
+        f"zinbgrad: fused (torch.compile) likelihood kernels failed ({reason}); "
+        "using eager evaluation for the rest of this process (set ZINBGRAD_FUSED=0 to skip).",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def entry_derivatives(
@@ -373,6 +698,7 @@ def entry_derivatives(
     order: int = 2,
     dispersion: bool = False,
     nz_const: Tensor | None = None,
+    fused: bool | None = None,
 ) -> EntryDerivatives:
     """Log-likelihood and derivatives of every entry of a block, sparse-aware.
 
@@ -392,6 +718,11 @@ def entry_derivatives(
         Also return the first and second derivatives with respect to ``zeta``.
     nz_const
         Optional cached :func:`nonzero_constant` for these counts and ``zeta``.
+    fused
+        Evaluate the element-wise work with kernels compiled by ``torch.compile`` (several times
+        faster on large blocks; the first call of each configuration compiles, seconds to tens
+        of seconds, cached on disk). ``None``: the module setting (:func:`set_fused`, by default
+        not fused). Falls back to eager evaluation where unavailable (:func:`fusion_available`).
 
     Returns
     -------
@@ -406,84 +737,25 @@ def entry_derivatives(
     with :func:`log_zinb` to float64 rounding in absolute terms; :func:`log_zinb` is the form
     with full relative accuracy for tiny probabilities.
     """
-    zi = b is not None
-    zeta = zeta.expand(a.shape[1])
-    theta = torch.exp(zeta)
-    s = a - zeta
-    sp_s = _fsp(s)  # -log q, q = theta / (theta + mu)
-    log_nb0 = sp_s * (-theta)
-    if zi:
-        t = b - log_nb0
-        sp_b = _fsp(b)
-        ll = log_nb0 - sp_b + _fsp(t)
-    else:
-        ll = log_nb0
-    out = EntryDerivatives(ll=ll)
-    if zi and (order >= 1 or dispersion):
-        one_m_r = torch.sigmoid(t)
-        r = 1.0 - one_m_r  # P(zero came from the NB component)
-    if order >= 1:
-        d_l0 = torch.exp(a - sp_s).neg_()  # d log NB(0)/da = -theta p = -mu q
-        if zi:
-            pi = torch.sigmoid(b)
-            out.la = r * d_l0
-            out.lb = one_m_r - pi
-        else:
-            out.la = d_l0
-        if order >= 2:
-            q = torch.exp(-sp_s)
-            if zi:
-                rr = r * one_m_r
-                out.laa = d_l0 * (r * q + rr * d_l0)
-                out.lbb = rr - pi * (1.0 - pi)
-                out.lab = (rr * d_l0).neg_()
-            else:
-                out.laa = d_l0 * q
-    if dispersion:
-        theta_k = _theta_k(s, zeta.expand_as(a), a)
-        dz_l0 = -theta_k
-        d2z_l0 = -theta_k + torch.exp(a - sp_s + log_sigmoid(s))  # -theta k + theta p^2
-        if zi:
-            out.lz = r * dz_l0
-            out.lzz = r * d2z_l0 + r * one_m_r * dz_l0 * dz_l0
-        else:
-            out.lz, out.lzz = dz_l0, d2z_l0
-
-    # ---- the y > 0 entries -------------------------------------------------------------------
+    a = a.contiguous()
+    b = None if b is None else b.contiguous()
+    zeta = zeta.expand(a.shape[1]).contiguous()
     flat = counts.flat
     if flat.numel() == 0:
-        return out
-    y = counts.values
-    ak = a.reshape(-1)[flat]
-    zk = zeta[counts.cols]
-    thk = theta[counts.cols]
-    sk = ak - zk
-    spk = _fsp(sk)
-    const = nonzero_constant(counts, zeta) if nz_const is None else nz_const
-    ll_k = y * ak + const - (y + thk) * spk
-    if zi:
-        bk = b.reshape(-1)[flat]
-        ll_k = ll_k - _fsp(bk)
-    _scatter(out.ll, flat, ll_k)
-    if order >= 1:
-        qk = torch.exp(-spk)
-        muq = torch.exp(ak - spk)
-        _scatter(out.la, flat, y * qk - muq)
-        if zi:
-            pik = torch.sigmoid(bk)
-            _scatter(out.lb, flat, -pik)
-        if order >= 2:
-            pk = 1.0 - qk
-            _scatter(out.laa, flat, -(y * pk * qk + muq * qk))
-            if zi:
-                _scatter(out.lbb, flat, -pik * (1.0 - pik))
-                _scatter(out.lab, flat, torch.zeros_like(y))
-    if dispersion:
-        pk = torch.sigmoid(sk)
-        lqk = -spk
-        d1, e = _psi_diffs(y, zk)
-        theta_k = _theta_k(sk, zk, ak)
-        theta_p2 = torch.exp(ak + lqk + log_sigmoid(sk))
-        _scatter(out.lz, flat, d1 + y * pk - theta_k)
-        _scatter(out.lzz, flat, d1 + e - y * pk * (1.0 - pk) - theta_k + theta_p2)
-    return out
+        flat = cols = y = const = None
+    else:
+        cols, y = counts.cols, counts.values
+        const = nonzero_constant(counts, zeta) if nz_const is None else nz_const
+    args = (a, b, zeta, flat, cols, y, const)
+    # blocks with a dimension of 0 or 1 stay eager (compiling would specialize on that size)
+    if _want_fused(fused) and min(a.shape) > 1 and (flat is None or flat.numel() > 1):
+        args = tuple(_plain(x) for x in args)
+        try:
+            fn = _compiled_block_terms(b is not None, flat is not None, order, dispersion)
+            terms = fn(*args)
+        except Exception as exc:  # no compiler, unsupported platform, ...
+            _give_up_fusion(exc)
+        else:
+            return EntryDerivatives(**dict(zip(_TERMS, terms, strict=True)))
+    terms = _block_terms(*args, order=order, dispersion=dispersion)
+    return EntryDerivatives(**dict(zip(_TERMS, terms, strict=True)))

@@ -58,6 +58,9 @@ class FitOptions:
     batch_size: int | None = None
     solver: str = "auto"
     stochastic_epochs: int = 3
+    #: evaluate the per-entry derivatives with fused (torch.compile) kernels (None: the
+    #: module's setting, see zinbgrad.model.likelihood.set_fused)
+    fused: bool | None = None
     zeta_bounds: tuple[float, float] = (ZETA_MIN, ZETA_MAX)
     progress: Callable[[dict], None] | None = None
     checkpoint_path: str | None = None
@@ -267,7 +270,7 @@ class Engine:
     ) -> EntryDerivatives:
         zeta = self.params.zeta if zeta is None else zeta
         nzc = self._nz_const(counts, zeta)
-        return entry_derivatives(a, b, zeta, counts, nz_const=nzc, **kw)
+        return entry_derivatives(a, b, zeta, counts, nz_const=nzc, fused=self.opt.fused, **kw)
 
     def cell_newton(
         self, rows: slice, counts: SparseCounts, n_steps: int, feats=None, tol: float = 0.0
