@@ -281,3 +281,27 @@ def test_sparse_counts_flat_is_cached_and_carried():
     moved = c.to("cpu")
     assert "flat" in moved.__dict__
     torch.testing.assert_close(moved.flat, flat)
+
+
+def test_nonzero_constant_on_distinct_counts_matches_every_entry():
+    """A common dispersion evaluates the lgamma terms once per distinct count."""
+    from zinbgrad.model.likelihood import SparseCounts, lgamma_ratio_minus_ylog, nonzero_constant
+
+    g = torch.Generator().manual_seed(3)
+    n, J = 40, 30
+    Y = torch.poisson(torch.rand(n, J, generator=g, dtype=torch.float64) * 20.0, generator=g)
+    Y[Y < 3] = 0.0
+    idx = Y.nonzero()
+    vals = Y[idx[:, 0], idx[:, 1]]
+    counts = SparseCounts(n, J, idx[:, 0], idx[:, 1], vals, torch.lgamma(vals + 1.0))
+    assert counts.distinct_values[0].numel() < vals.numel()
+    for z in (-3.0, 1.5, 8.0, 45.0):  # direct and Stirling branches
+        zeta = torch.full((J,), z, dtype=torch.float64)
+        expect = lgamma_ratio_minus_ylog(vals, zeta[idx[:, 1]]) - counts.lgamma_y1
+        torch.testing.assert_close(nonzero_constant(counts, zeta), expect, rtol=1e-14, atol=0)
+        torch.testing.assert_close(
+            nonzero_constant(counts, torch.tensor(z, dtype=torch.float64)),
+            expect,
+            rtol=1e-14,
+            atol=0,
+        )

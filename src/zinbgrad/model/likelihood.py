@@ -261,6 +261,12 @@ class SparseCounts:
         """Flat (row-major) position of each nonzero in the block; computed once per block."""
         return self.rows * self.n_cols + self.cols
 
+    @cached_property
+    def distinct_values(self) -> tuple[Tensor, Tensor]:
+        """``(u, inverse)`` with ``values = u[inverse]``: counts take few distinct values, so
+        functions of the count alone (for a common dispersion) are evaluated on ``u``."""
+        return torch.unique(self.values, return_inverse=True)
+
     def _with_flat(self, out: SparseCounts, fn: Callable[[Tensor], Tensor]) -> SparseCounts:
         if "flat" in self.__dict__:  # carry the cached flat positions along
             out.__dict__["flat"] = fn(self.__dict__["flat"])
@@ -335,8 +341,12 @@ def nonzero_constant(counts: SparseCounts, zeta: Tensor) -> Tensor:
     """``lgamma(y + theta) - lgamma(theta) - y*zeta - lgamma(y + 1)`` at the nonzero entries.
 
     Depends only on the counts and the dispersion, so the optimizer caches it while zeta is
-    unchanged.
+    unchanged. For one common dispersion it is evaluated once per distinct count.
     """
+    if zeta.numel() == 1 or bool((zeta == zeta.reshape(-1)[0]).all()):
+        u, inverse = counts.distinct_values
+        z = zeta.reshape(-1)[:1].expand_as(u)
+        return lgamma_ratio_minus_ylog(u, z)[inverse] - counts.lgamma_y1
     zk = zeta.expand(counts.n_cols)[counts.cols]
     return lgamma_ratio_minus_ylog(counts.values, zk) - counts.lgamma_y1
 
