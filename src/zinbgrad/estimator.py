@@ -112,7 +112,8 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
     which_X_mu, which_X_pi, which_V_mu, which_V_pi
         Column indices of X / V used in the mean and zero-inflation models (default: all).
     max_epochs
-        Maximum number of epochs (full sweeps over the cells).
+        Maximum number of epochs (full sweeps over the cells). The sketch's own fit
+        (``solver="sketch"``) is not counted; it stops at ``tol`` or after 100 epochs.
     tol
         Stop when the relative change of the penalized log-likelihood between epochs is below
         this (zinbwave's ``stop.epsilon.optimize``).

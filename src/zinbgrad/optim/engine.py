@@ -58,6 +58,9 @@ class FitOptions:
     batch_size: int | None = None
     solver: str = "auto"
     stochastic_epochs: int = 3
+    #: epochs at most of the sketch's own fit (solver "sketch"; ``max_epochs`` counts the
+    #: sweeps over all cells)
+    sketch_max_epochs: int = 100
     #: evaluate the per-entry derivatives with fused (torch.compile) kernels (None: the
     #: module's setting, see zinbgrad.model.likelihood.set_fused)
     fused: bool | None = None

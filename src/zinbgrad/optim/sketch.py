@@ -137,6 +137,7 @@ def fit_sketch(
     sub_opts = dataclasses.replace(
         options,
         solver="full",
+        max_epochs=options.sketch_max_epochs,
         checkpoint_path=None,
         progress=None,
         t_origin=t0,
