@@ -310,7 +310,9 @@ def child_main(args: argparse.Namespace) -> int:
     by_phase: dict[str, list[float]] = {}
     for ph, s in zip(phases, per_epoch, strict=False):
         by_phase.setdefault(ph, []).append(s)
-    mean_epoch = float(np.mean(per_epoch)) if per_epoch else float("nan")
+    # epochs over all cells (a sketch's epochs cover a subsample; see by_phase for them)
+    own = [s for ph, s in zip(phases, per_epoch, strict=False) if ph != "sketch"]
+    mean_epoch = float(np.mean(own)) if own else float("nan")
     ru = resource.getrusage(resource.RUSAGE_SELF)
     out = {
         "n_cells": n,
@@ -459,7 +461,7 @@ def markdown_table(runs: list[dict], roofline: dict | None) -> str:
             )
             continue
         ph = r.get("epoch_phases", [])
-        phs = f"{ph.count('stochastic')} sto + {ph.count('full')} full"
+        phs = " + ".join(f"{ph.count(k)} {k}" for k in dict.fromkeys(ph))
         rows.append(
             f"| {r['n_cells']:,} | {r['n_genes']} | {r['mode']} | {r['epochs']} ({phs}) "
             f"| {r['seconds_per_epoch']:.2f} | {r['us_per_cell_epoch']:.1f} "
