@@ -256,6 +256,8 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
             )
         if self.sketch_size is not None and int(self.sketch_size) < 1:
             raise ValueError(f"sketch_size must be a positive integer, got {self.sketch_size!r}")
+        if self.fused not in ("auto", True, False):
+            raise ValueError(f"fused must be 'auto', True or False, got {self.fused!r}")
 
     def _cell_design(self, obs, n: int, X, batch_key, covariate_keys) -> tuple[np.ndarray, list]:
         if X is not None:
@@ -407,8 +409,6 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
             elif solver == "sketch" and m >= n:
                 solver = "full"
             cb, bar = self._progress()
-            if self.fused not in ("auto", True, False):
-                raise ValueError(f"fused must be 'auto', True or False, got {self.fused!r}")
             fused = n * J >= FUSED_MIN_ENTRIES if self.fused == "auto" else bool(self.fused)
             opts = FitOptions(
                 fused=fused,

@@ -23,7 +23,8 @@ arrays; counts are only touched as sparse blocks.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -197,11 +198,8 @@ class Engine:
         # dispersion updates pause while zeta does not move (checkpointed)
         self.zeta_quiet = 0
         self.zeta_skip = 0
-        self.last_T: Tensor | None = None
         #: when set, every sweep is recorded into it (the sketch of zinbgrad.optim.sketch)
         self.trajectory: SketchPath | None = None
-        #: the sketch path the first sweep takes every cell along (solver "sketch")
-        self.path: SketchPath | None = None
 
     # ------------------------------------------------------------------ cell-level pieces
     def _cell_features(self) -> tuple[Tensor, Tensor | None, dict]:
@@ -490,20 +488,22 @@ class Engine:
         return ll
 
     # ------------------------------------------------------------------ orthogonalization
-    def orthogonalize(self) -> None:
-        """zinbwave's orthogonalizeTraceNorm on (W, [alpha_mu, alpha_pi]); keeps W alpha."""
+    def orthogonalize(self) -> Tensor | None:
+        """zinbwave's orthogonalizeTraceNorm on (W, [alpha_mu, alpha_pi]); keeps W alpha.
+
+        Returns the K x K matrix T applied to W (``None`` for K = 0)."""
         if self.K == 0:
-            return
+            return None
         p = self.params
         gram = p.W.T @ p.W
         self.comm.all_reduce_(gram)
         alpha = torch.cat([p.alpha_mu, p.alpha_pi], 1) if self.zi else p.alpha_mu
         T, alpha_new = orthogonalization_transform(gram, alpha, self.pen.W, self.pen.alpha)
-        self.last_T = T
         p.W = p.W @ T
         p.alpha_mu = alpha_new[:, : self.J].contiguous()
         if self.zi:
             p.alpha_pi = alpha_new[:, self.J :].contiguous()
+        return T
 
     # ------------------------------------------------------------------ objective
     def loglik(self) -> float:
@@ -535,42 +535,43 @@ class Engine:
         if self.zeta_quiet >= 2:
             self.zeta_quiet, self.zeta_skip = 0, 4
 
+    @contextmanager
+    def _genes_restored(self) -> Iterator[None]:
+        """Gene parameters set inside the block are put back to the current ones on exit."""
+        p = self.params
+        saved = {k: getattr(p, k) for k in Params.GENE_FIELDS}
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                setattr(p, k, v)
+
+    def _set_genes(self, genes: dict) -> None:
+        for k, v in genes.items():
+            setattr(self.params, k, v)
+
     def _path_features(self, path: SketchPath) -> list:
         """Per step of a sketch path: its gene parameters, their cell features, T, steps."""
-        p, out = self.params, []
-        final = {k: getattr(p, k) for k in Params.GENE_FIELDS}
-        try:
+        out = []
+        with self._genes_restored():
             for genes, T, steps in path.schedule():
-                for k, v in genes.items():
-                    setattr(p, k, v)
+                self._set_genes(genes)
                 out.append((genes, self._cell_features(), T, steps))
-        finally:
-            for k, v in final.items():
-                setattr(p, k, v)
         return out
 
     def _follow(self, rows: slice, counts: SparseCounts, path_feats: list) -> None:
         """Take the cells ``rows`` along a sketch path: at each step the Newton steps the
         sketch's own cells took with the same gene parameters, then its orthogonalization."""
         p = self.params
-        final = {k: getattr(p, k) for k in Params.GENE_FIELDS}
-        try:
+        with self._genes_restored():
             for genes, feats, T, steps in path_feats:
-                for k, v in genes.items():
-                    setattr(p, k, v)
+                self._set_genes(genes)
                 self.cell_newton(rows, counts, steps, feats)
                 if T is not None:
                     p.W[rows] = p.W[rows] @ T
-        finally:
-            for k, v in final.items():
-                setattr(p, k, v)
 
     def _sweep(
-        self,
-        local_steps: int,
-        update_genes: bool = True,
-        tol: float = 0.0,
-        path: SketchPath | None = None,
+        self, local_steps: int, update_genes: bool = True, path: SketchPath | None = None
     ) -> float:
         stats = self._new_stats()
         feats = self._cell_features()
@@ -580,7 +581,7 @@ class Engine:
             rows = slice(start, stop)
             if path_feats is not None:
                 self._follow(rows, counts, path_feats)
-            d, a, b = self.cell_newton(rows, counts, local_steps, feats, tol=tol)
+            d, a, b = self.cell_newton(rows, counts, local_steps, feats)
             if update_genes:
                 self.accumulate(stats, rows, d, a, b, counts, dispersion=disp)
             else:
@@ -592,9 +593,9 @@ class Engine:
         ll = self.gene_update(stats, update_zeta=disp)
         if disp:
             self._zeta_moved(zeta_before)
-        self.orthogonalize()
+        T = self.orthogonalize()
         if self.trajectory is not None:
-            self.trajectory.record(self.params, self.last_T, local_steps)
+            self.trajectory.record(self.params, T, local_steps)
         return float(ll.sum())
 
     def _record(self, history: list[dict], rec: dict) -> None:
@@ -605,20 +606,26 @@ class Engine:
         if path and (len(history) % max(1, self.opt.checkpoint_every) == 0):
             save_checkpoint(self, history, path)
 
-    def fit_full(self, history: list[dict], start_epoch: int = 0) -> FitResult:
-        """Full-batch block Newton sweeps until the relative change is below ``tol``."""
+    def fit_full(
+        self, history: list[dict], start_epoch: int = 0, path: SketchPath | None = None
+    ) -> FitResult:
+        """Full-batch block Newton sweeps until the relative change is below ``tol``.
+
+        ``path``: the recorded sketch the first sweep takes every cell along, when ``history``
+        holds only the sketch's epochs (solver ``"sketch"``).
+        """
         opt = self.opt
         own = [h for h in history if h["phase"] != "sketch"]
         prev = own[-1]["objective"] if own else None
-        extend = not own and len(own) < len(history)
+        extend = bool(history) and not own
         converged = False
         epoch = start_epoch
         t0 = opt.t_origin if opt.t_origin is not None else time.perf_counter()
         while epoch < opt.max_epochs:
             phase = "extend" if extend else "full"
             if extend:  # after a sketch: every cell follows the sketch's path (see sketch.py)
-                ll = self._sweep(opt.local_steps, path=self.path)
-                extend, self.path = False, None
+                ll = self._sweep(opt.local_steps, path=path)
+                extend = False
             else:  # the first epoch adapts every cell to the initialization with more steps
                 ll = self._sweep(opt.local_steps if epoch > 0 else max(opt.local_steps, 3))
             obj = self.penalized(ll)
@@ -759,7 +766,6 @@ class Engine:
         ``path``: with solver ``"sketch"``, the recorded sketch fit the first sweep follows.
         """
         history = [] if history is None else history
-        self.path = path
         opt = self.opt
         if resume is not None:
             history[:] = load_checkpoint(self, resume)
@@ -768,7 +774,7 @@ class Engine:
         solver = opt.solver
         if solver == "sketch":  # the sketch (zinbgrad.optim.sketch) has been fitted already
             done = sum(1 for h in history if h["phase"] != "sketch")
-            return self.fit_full(history, start_epoch=done)
+            return self.fit_full(history, start_epoch=done, path=path)
         if solver == "auto":
             solver = "full" if self.comm.sum(self.n) <= 20000 else "stochastic"
         if solver == "stochastic":
