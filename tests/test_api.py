@@ -188,3 +188,31 @@ def test_which_columns_select_the_design(pbmc):
     assert m.transform(pbmc[:4]).shape == (4, 2)
     with pytest.raises(ValueError, match="which_X_mu"):
         ZINBWaVE(n_components=2, which_X_mu=[3]).fit(pbmc)
+
+
+def test_non_canonical_csr_input_is_never_modified(fitted, pbmc):
+    """Unsorted column indices and explicit zeros are canonicalized on copies: the caller's
+    arrays stay as they were (validation used to sort the shared index array in place, which
+    scrambled a column-subset AnnData passed to fit/score)."""
+    X = pbmc.X.tocsr().astype(np.int32)
+    rng = np.random.default_rng(0)
+    indices, data = X.indices.copy(), X.data.copy()
+    for i in range(X.shape[0]):  # reverse each row's entries: valid CSR, unsorted indices
+        lo, hi = X.indptr[i], X.indptr[i + 1]
+        indices[lo:hi], data[lo:hi] = indices[lo:hi][::-1], data[lo:hi][::-1]
+    data[rng.choice(data.size, 25, replace=False)] = 0  # explicit zeros
+    import scipy.sparse as sp
+
+    messy = sp.csr_matrix((data, indices, X.indptr.copy()), shape=X.shape)
+    messy.has_sorted_indices = False
+    a = ad.AnnData(messy, obs=pbmc.obs.copy(), var=pbmc.var.copy())
+    before = (messy.data.copy(), messy.indices.copy(), messy.indptr.copy())
+    clean = ad.AnnData(sp.csr_matrix(messy.toarray()), obs=pbmc.obs.copy(), var=pbmc.var.copy())
+    assert (np.asarray(clean.X.sum(0)).ravel() > 0).all()  # no gene emptied by the zeros
+    scores = fitted.score_samples(a)
+    m1 = ZINBWaVE(n_components=2, max_epochs=3).fit(a)
+    for arr, ref in zip((messy.data, messy.indices, messy.indptr), before, strict=True):
+        np.testing.assert_array_equal(arr, ref)
+    np.testing.assert_allclose(scores, fitted.score_samples(clean), rtol=1e-12)
+    m2 = ZINBWaVE(n_components=2, max_epochs=3).fit(clean)
+    np.testing.assert_allclose(m1.W_, m2.W_, rtol=1e-12, atol=1e-12)

@@ -91,7 +91,14 @@ def validate_counts(
         if not allow_non_integer:
             raise ValueError(msg + " (pass allow_non_integer=True to fit them anyway)")
         warnings.warn(msg + "; fitting anyway (allow_non_integer=True)", stacklevel=3)
-    M = sp.csr_matrix((data, M.indices, M.indptr), shape=M.shape)
+    # M still shares its arrays with the caller's matrix: canonicalize (drop explicit zeros,
+    # sort the column indices, both in place) only on copies, never on the user's arrays
+    indices, indptr = M.indices, M.indptr
+    if not M.has_sorted_indices or (data == 0).any():
+        indices, indptr = indices.copy(), indptr.copy()
+        if np.shares_memory(data, M.data):
+            data = data.copy()
+    M = sp.csr_matrix((data, indices, indptr), shape=M.shape)
     M.eliminate_zeros()
     M.sort_indices()
     if check_empty:
