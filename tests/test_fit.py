@@ -196,13 +196,13 @@ def test_sketch_solver_reaches_the_full_batch_optimum():
 
 def test_sketch_path_schedule_composes_the_skipped_rotations():
     from zinbgrad.model.params import Design, Params
-    from zinbgrad.optim.engine import SketchPath
+    from zinbgrad.optim.engine import FitPath
 
     torch = pytest.importorskip("torch")
     g = torch.Generator().manual_seed(0)
     design = Design(torch.ones(5, 1), torch.ones(5, 1), torch.ones(4, 1), torch.ones(4, 1))
     p = Params.zeros(design, 3)
-    path = SketchPath()
+    path = FitPath()
     path.start(p)
     Ts = []
     for t in range(9):

@@ -96,6 +96,10 @@ def test_checkpoint_survives_sigkill_and_resume_matches(tmp_path, h5, extra):
     assert len(resumed.history_) == len(straight.history_) and len(own) == 40
     np.testing.assert_allclose(resumed.W_, straight.W_, rtol=1e-10, atol=1e-12)
     assert resumed.objective_ == pytest.approx(straight.objective_, rel=1e-12)
+    # the path new cells follow survives the kill too (it is in the checkpoint)
+    assert resumed.fit_path_.keys() == straight.fit_path_.keys()
+    for k, v in straight.fit_path_.items():
+        np.testing.assert_allclose(resumed.fit_path_[k], v, rtol=1e-10, atol=1e-12)
     # the checkpoint on disk is always a complete, loadable file
     np.load(ckpt, allow_pickle=False)["metadata"]
 

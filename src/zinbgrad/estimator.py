@@ -19,7 +19,7 @@ from .data.open import open_counts
 from .data.validate import build_cell_design, check_design_matrix
 from .model.params import Design, Params, Penalty
 from .optim.distributed import current_comm, shard_bounds
-from .optim.engine import Engine, FitOptions
+from .optim.engine import Engine, FitOptions, FitPath
 from .optim.init import init_local_mean, init_local_zi, initialize
 from .optim.sketch import fit_sketch, sketch_size
 
@@ -173,6 +173,13 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         Gene names of the training data (new data is aligned on them).
     penalty_params_ : dict
         Every epsilon as used.
+    fit_path_ : dict of ndarray or None
+        The gene parameters the fit passed through (at most 24 of its sweeps, see
+        :class:`zinbgrad.optim.engine.FitPath`). :meth:`transform` and :meth:`score` take new
+        cells along it from zero before solving their local problems at the fitted genes: the
+        local problems are not concave, and a cold solve lands in poorer local optima. ``None``
+        for models built by :meth:`from_params` or fitted with ``solver="stochastic"`` (then
+        zinbwave's initialization is the starting point).
     """
 
     def __init__(
@@ -472,6 +479,8 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
                         seed=seed,
                         comm=comm,
                     )
+                    if path is not None:  # the full sweeps continue the sketch's path
+                        engine.trajectory = path
                     result = engine.fit(
                         history, resume=None if resume is None else str(resume), path=path
                     )
@@ -487,6 +496,12 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
                 final.gamma_mu = comm.all_gather_rows(final.gamma_mu.T, n).T
                 final.gamma_pi = comm.all_gather_rows(final.gamma_pi.T, n).T
             self._store(final, pen, design_all, Xm, xnames, Vm, inp)
+            traj = engine.trajectory
+            self.fit_path_ = (
+                traj.compact().to_arrays(np.float64)
+                if traj is not None and len(traj) and solver != "stochastic"
+                else None
+            )
             self.loglik_ = float(result.loglik)
             self.penalty_ = float(result.penalty)
             self.objective_ = self.loglik_ - self.penalty_
@@ -650,12 +665,18 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         pen = self._penalty_obj(design)
         source = counts.source(0, n, dt, dev)  # in memory, or streamed from an .h5ad on disk
         g = self._gene_params(dev, dt)
-        W, gmu = init_local_mean(source, design, pen, g["beta_mu"], g["alpha_mu"], 8192)
-        if self.zero_inflation:
-            gpi = init_local_zi(source, design, pen, g["beta_pi"], g["alpha_pi"], W, 8192)
-        else:
-            gpi = torch.zeros(design.V_pi.shape[1], n, dtype=dt, device=dev)
-        params = Params(**g, W=W, gamma_mu=gmu, gamma_pi=gpi)
+        path = self._fit_path(dev, dt)
+        if path is not None:  # new cells start at zero and follow the fit's path
+            params = Params.zeros(design, self.n_components)
+            for k, v in g.items():
+                setattr(params, k, v)
+        else:  # no recorded path (e.g. from_params): zinbwave's initialization, then solve
+            W, gmu = init_local_mean(source, design, pen, g["beta_mu"], g["alpha_mu"], 8192)
+            if self.zero_inflation:
+                gpi = init_local_zi(source, design, pen, g["beta_pi"], g["alpha_pi"], W, 8192)
+            else:
+                gpi = torch.zeros(design.V_pi.shape[1], n, dtype=dt, device=dev)
+            params = Params(**g, W=W, gamma_mu=gmu, gamma_pi=gpi)
         engine = Engine(
             source,
             design,
@@ -665,10 +686,16 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
             common_dispersion=self.common_dispersion,
             options=FitOptions(block_entries=self.block_entries),
         )
-        ll_cells = engine.optimize_cells(max_steps=max_steps)
+        ll_cells = engine.optimize_cells(max_steps=max_steps, path=path)
         if hasattr(source, "close"):
             source.close()
         return engine.params, ll_cells.cpu().numpy(), engine
+
+    def _fit_path(self, dev, dt) -> FitPath | None:
+        arrays = getattr(self, "fit_path_", None)
+        if not arrays:
+            return None
+        return FitPath.from_arrays(arrays, dt, dev)
 
     def transform(
         self,
@@ -753,6 +780,8 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
             arrays["O_mu"] = self.O_mu_
         if self.O_pi_ is not None:
             arrays["O_pi"] = self.O_pi_
+        for k, v in (getattr(self, "fit_path_", None) or {}).items():
+            arrays["path_" + k] = v
         arrays["metadata"] = np.array(json.dumps(self._metadata()))
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
@@ -789,6 +818,8 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         model.X_, model.V_ = z["X"], z["V"]
         model.O_mu_ = z["O_mu"] if "O_mu" in z.files else None
         model.O_pi_ = z["O_pi"] if "O_pi" in z.files else None
+        path = {k[5:]: z[k] for k in z.files if k.startswith("path_")}
+        model.fit_path_ = path or None
         model.var_names_ = z["var_names"].astype(str)
         model.obs_names_ = z["obs_names"].astype(str)
         model.n_features_in_ = len(model.var_names_)
@@ -856,6 +887,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
             model.gamma_pi_ = np.zeros_like(model.gamma_pi_)
         model.X_, model.V_ = Xm, Vm
         model.O_mu_ = model.O_pi_ = None
+        model.fit_path_ = None
         model.X_columns_ = (
             list(X_columns)
             if X_columns

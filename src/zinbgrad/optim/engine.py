@@ -83,17 +83,24 @@ class FitResult:
     n_epochs: int = 0
 
 
-class SketchPath:
+class FitPath:
     """The gene parameters a fit passed through, recorded after every sweep.
 
     ``steps[t] = (gene parameters used in sweep t, orthogonalization T of sweep t, Newton
     steps per cell in sweep t)``: replaying it takes new cells along the same path as the
-    sketch's own cells (:meth:`Engine._follow`).
+    fit's own cells (:meth:`Engine._follow`). The sketch solver's extension replays the
+    sketch's path for every cell; projections of new cells (``transform``, ``score``) replay
+    the fitted model's path before solving each cell's problem at the final genes, since the
+    cells' local problems are not concave and a cold solve ends in poorer local optima.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, dense: int = 10, stride: int = 3) -> None:
         self.steps: list[tuple[dict, Tensor | None, int]] = []
         self._genes: dict | None = None
+        self.dense, self.stride = dense, stride
+
+    def __len__(self) -> int:
+        return len(self.steps)
 
     def start(self, params: Params) -> None:
         """The gene parameters the first recorded sweep starts from."""
@@ -101,11 +108,13 @@ class SketchPath:
 
     def record(self, params: Params, T: Tensor | None, local_steps: int) -> None:
         if self._genes is None:
-            raise RuntimeError("SketchPath.start must be called before the first sweep")
+            raise RuntimeError("FitPath.start must be called before the first sweep")
         self.steps.append((self._genes, None if T is None else T.clone(), local_steps))
         self._genes = {k: getattr(params, k).clone() for k in Params.GENE_FIELDS}
 
-    def schedule(self, dense: int = 10, stride: int = 3) -> list[tuple[dict, Tensor | None, int]]:
+    def schedule(
+        self, dense: int | None = None, stride: int | None = None
+    ) -> list[tuple[dict, Tensor | None, int]]:
         """The steps to replay: every sweep of the first ``dense``, then every ``stride``-th.
 
         The first sweeps move the cells most; later ones creep, and skipping some of them
@@ -113,6 +122,8 @@ class SketchPath:
         schedule's 20 -176.25, the first 15 alone -178.16). The orthogonalizations of skipped
         sweeps are composed into the preceding kept step's ``T``.
         """
+        dense = self.dense if dense is None else dense
+        stride = self.stride if stride is None else stride
         keep = [t for t in range(len(self.steps)) if t < dense or (t - dense) % stride == 0]
         out = []
         for i, t in enumerate(keep):
@@ -125,6 +136,15 @@ class SketchPath:
             out.append((genes, T, steps))
         return out
 
+    def compact(self, max_steps: int = 24) -> FitPath:
+        """The replayed steps only, at most ``max_steps`` of them (what a saved model keeps):
+        the first ``dense`` sweeps, then a stride that fits the rest into the budget."""
+        n = len(self.steps)
+        stride = max(self.stride, -(-(n - self.dense) // max(max_steps - self.dense, 1)))
+        out = FitPath(dense=n, stride=1)
+        out.steps = self.schedule(self.dense, stride)
+        return out
+
     def tensors(self) -> list[Tensor]:
         """Every tensor of the path (for a broadcast from rank 0)."""
         out = []
@@ -133,6 +153,40 @@ class SketchPath:
             if T is not None:
                 out.append(T)
         return out
+
+    def to_arrays(self, dtype=None) -> dict[str, np.ndarray]:
+        """The path as stacked numpy arrays (``steps`` x ...): the gene fields, ``T`` (identity
+        where a sweep had none) and ``n_newton``; plus ``dense``/``stride``."""
+        if not self.steps:
+            return {}
+        out = {}
+        for k in Params.GENE_FIELDS:
+            out[k] = torch.stack([g[k] for g, _, _ in self.steps]).cpu().numpy()
+        K = self.steps[0][0]["alpha_mu"].shape[0]
+        eye = torch.eye(K, dtype=self.steps[0][0]["zeta"].dtype)
+        out["T"] = torch.stack([eye if T is None else T.cpu() for _, T, _ in self.steps]).numpy()
+        if dtype is not None:
+            out = {k: v.astype(dtype) for k, v in out.items()}
+        out["n_newton"] = np.array([s for _, _, s in self.steps], dtype=np.int64)
+        out["schedule"] = np.array([self.dense, self.stride], dtype=np.int64)
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays: dict, dtype: torch.dtype, device) -> FitPath:
+        """Inverse of :meth:`to_arrays` (validated shapes; no pickled objects)."""
+        dense, stride = (int(v) for v in np.asarray(arrays["schedule"]).ravel()[:2])
+        path = cls(dense, stride)
+        n_newton = np.asarray(arrays["n_newton"]).ravel()
+        S = len(n_newton)
+        kw = {"dtype": dtype, "device": device}
+        fields = {k: torch.as_tensor(np.asarray(arrays[k]), **kw) for k in Params.GENE_FIELDS}
+        T = torch.as_tensor(np.asarray(arrays["T"]), **kw)
+        if any(v.shape[0] != S for v in fields.values()) or T.shape[0] != S:
+            raise ValueError("inconsistent fit path arrays")
+        for t in range(S):
+            genes = {k: v[t].contiguous() for k, v in fields.items()}
+            path.steps.append((genes, T[t].contiguous(), int(n_newton[t])))
+        return path
 
 
 class _GeneStats:
@@ -199,7 +253,7 @@ class Engine:
         self.zeta_quiet = 0
         self.zeta_skip = 0
         #: when set, every sweep is recorded into it (the sketch of zinbgrad.optim.sketch)
-        self.trajectory: SketchPath | None = None
+        self.trajectory: FitPath | None = None
 
     # ------------------------------------------------------------------ cell-level pieces
     def _cell_features(self) -> tuple[Tensor, Tensor | None, dict]:
@@ -550,7 +604,7 @@ class Engine:
         for k, v in genes.items():
             setattr(self.params, k, v)
 
-    def _path_features(self, path: SketchPath) -> list:
+    def _path_features(self, path: FitPath) -> list:
         """Per step of a sketch path: its gene parameters, their cell features, T, steps."""
         out = []
         with self._genes_restored():
@@ -571,7 +625,7 @@ class Engine:
                     p.W[rows] = p.W[rows] @ T
 
     def _sweep(
-        self, local_steps: int, update_genes: bool = True, path: SketchPath | None = None
+        self, local_steps: int, update_genes: bool = True, path: FitPath | None = None
     ) -> float:
         stats = self._new_stats()
         feats = self._cell_features()
@@ -607,7 +661,7 @@ class Engine:
             save_checkpoint(self, history, path)
 
     def fit_full(
-        self, history: list[dict], start_epoch: int = 0, path: SketchPath | None = None
+        self, history: list[dict], start_epoch: int = 0, path: FitPath | None = None
     ) -> FitResult:
         """Full-batch block Newton sweeps until the relative change is below ``tol``.
 
@@ -615,6 +669,9 @@ class Engine:
         holds only the sketch's epochs (solver ``"sketch"``).
         """
         opt = self.opt
+        if self.trajectory is None:  # the path of this fit (kept by the model, see FitPath)
+            self.trajectory = FitPath()
+            self.trajectory.start(self.params)
         own = [h for h in history if h["phase"] != "sketch"]
         prev = own[-1]["objective"] if own else None
         extend = bool(history) and not own
@@ -759,7 +816,7 @@ class Engine:
         self,
         history: list[dict] | None = None,
         resume: str | None = None,
-        path: SketchPath | None = None,
+        path: FitPath | None = None,
     ) -> FitResult:
         """Run the solver; with ``resume``, continue from a checkpoint written by this engine.
 
@@ -788,16 +845,23 @@ class Engine:
         return self.fit_full(history, start_epoch=len(history))
 
     # ------------------------------------------------------------------ projection
-    def optimize_cells(self, max_steps: int = 100, tol: float = 1e-10) -> Tensor:
+    def optimize_cells(
+        self, max_steps: int = 100, tol: float = 1e-10, path: FitPath | None = None
+    ) -> Tensor:
         """Optimize only the local parameters (gene parameters fixed); returns per-cell loglik.
 
         This is zinbwave's projection of new cells and the inner problem of the held-out
-        likelihood.
+        likelihood. With ``path`` (a fitted model's :class:`FitPath`), each block of cells
+        first follows the path from its current values (zero for new cells), as the fit's own
+        cells did, then is solved at the final gene parameters.
         """
         feats = self._cell_features()
+        path_feats = self._path_features(path) if path is not None and len(path) else None
         ll_cells = torch.zeros(self.n, dtype=self.dtype, device=self.device)
         for start, stop, counts in self.source.iter_blocks(self.bounds):
             rows = slice(start, stop)
+            if path_feats is not None:
+                self._follow(rows, counts, path_feats)
             d, _, _ = self.cell_newton(rows, counts, max_steps, feats, tol=tol)
             ll_cells[rows] = d.ll.sum(1)
         return ll_cells

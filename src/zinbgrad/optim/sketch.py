@@ -16,7 +16,7 @@ down to well below their sampling error. So for large n:
    are not concave (the zero-inflation mixture), and solved cold from any starting point they
    end in poorer local optima than the sketch's cells reached while W and alpha moved
    together (about 4 nats per cell worse on the brain data). So the sketch fit is recorded
-   (:class:`~zinbgrad.optim.engine.SketchPath`: the gene parameters of every sweep and its
+   (:class:`~zinbgrad.optim.engine.FitPath`: the gene parameters of every sweep and its
    orthogonalization) and every cell, starting from zero, takes the same damped Newton steps
    against the same gene parameters as the sketch's cells did: each block of cells is read
    once and follows the whole path in memory. That sweep ends like any other (one Newton
@@ -39,7 +39,7 @@ import torch
 from ..data.source import InMemoryCounts
 from ..model.params import Design, Params, Penalty
 from .distributed import LocalComm
-from .engine import Engine, FitOptions, SketchPath
+from .engine import Engine, FitOptions, FitPath
 from .init import initialize
 
 __all__ = ["sketch_indices", "sketch_penalty", "sketch_size", "fit_sketch"]
@@ -100,7 +100,7 @@ def fit_sketch(
     seed: int,
     shard: tuple[int, int],
     comm: LocalComm,
-) -> tuple[Params, list[dict], SketchPath]:
+) -> tuple[Params, list[dict], FitPath]:
     """Fit the model to a sketch of ``m`` cells; return the starting point of ``shard``.
 
     Returns the gene parameters of the sketch fit with zero local parameters for the cells
@@ -154,7 +154,7 @@ def fit_sketch(
     )
     engine.opt.progress = record
     engine.optimize_dispersion()
-    path = SketchPath()
+    path = FitPath()
     path.start(engine.params)
     engine.trajectory = path
     engine.fit_full([])

@@ -47,6 +47,9 @@ def store_model(adata, model: ZINBWaVE, key_added: str = "X_zinbwave") -> None:
             for k in ("epoch", "loglik", "objective", "seconds")
         },
     }
+    path = getattr(model, "fit_path_", None)
+    if path:  # the fit's path, which projections of new cells follow (see ZINBWaVE.transform)
+        adata.uns[key_added]["fit_path"] = dict(path)
 
 
 def model_from_anndata(adata, key: str = "X_zinbwave") -> ZINBWaVE:
@@ -75,6 +78,8 @@ def model_from_anndata(adata, key: str = "X_zinbwave") -> ZINBWaVE:
     model.aic_, model.bic_ = float(u["aic"]), float(u["bic"])
     model.n_params_, model.n_iter_ = int(u["n_params"]), int(u["n_iter"])
     model.converged_, model.fit_time_ = bool(u["converged"]), float(u["fit_time"])
+    path = u.get("fit_path")
+    model.fit_path_ = {k: np.asarray(v) for k, v in path.items()} if path else None
     h = u["history"]
     model.history_ = [
         {k: float(h[k][i]) for k in ("epoch", "loglik", "objective", "seconds")}
