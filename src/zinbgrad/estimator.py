@@ -20,6 +20,7 @@ from .data.validate import build_cell_design, check_design_matrix
 from .model.params import Design, Params, Penalty
 from .optim.distributed import current_comm, shard_bounds
 from .optim.engine import Engine, FitOptions, FitPath
+from .optim.fpenv import flush_denormals
 from .optim.init import init_local_mean, init_local_zi, initialize
 from .optim.sketch import fit_sketch, sketch_size
 
@@ -393,7 +394,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         dev, dt = self._torch_setup()
         inp = open_counts(data, layer, allow_non_integer=self.allow_non_integer)
         n, J = inp.shape
-        with cpu_threads(dev, n * J):
+        with cpu_threads(dev, n * J), flush_denormals(dev.type == "cpu"):
             self._check_hyperparameters(n, J)
             Xm, xnames = self._cell_design(inp.obs, n, X, batch_key, covariate_keys)
             Vm = np.ones((J, 1)) if V is None else check_design_matrix(V, J, "V", "genes")
@@ -686,7 +687,8 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
             common_dispersion=self.common_dispersion,
             options=FitOptions(block_entries=self.block_entries),
         )
-        ll_cells = engine.optimize_cells(max_steps=max_steps, path=path)
+        with flush_denormals(dev.type == "cpu"):
+            ll_cells = engine.optimize_cells(max_steps=max_steps, path=path)
         if hasattr(source, "close"):
             source.close()
         return engine.params, ll_cells.cpu().numpy(), engine
