@@ -175,7 +175,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
     penalty_params_ : dict
         Every epsilon as used.
     fit_path_ : dict of ndarray or None
-        The gene parameters the fit passed through (at most 24 of its sweeps, see
+        The gene parameters the fit passed through (at most 24 of its sweeps, float32, see
         :class:`zinbgrad.optim.engine.FitPath`). :meth:`transform` and :meth:`score` take new
         cells along it from zero before solving their local problems at the fitted genes: the
         local problems are not concave, and a cold solve lands in poorer local optima. ``None``
@@ -499,7 +499,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
             self._store(final, pen, design_all, Xm, xnames, Vm, inp)
             traj = engine.trajectory
             self.fit_path_ = (
-                traj.compact().to_arrays(np.float64)
+                traj.compact().to_arrays(np.float32)
                 if traj is not None and len(traj) and solver != "stochastic"
                 else None
             )
