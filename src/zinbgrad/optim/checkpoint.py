@@ -39,13 +39,9 @@ def save_checkpoint(engine, history: list[dict], path: str | os.PathLike) -> Pat
     if engine.sto_H is not None:
         arrays["state_sto_H"] = engine.sto_H.detach().cpu().numpy()
         arrays["state_sto_lam"] = engine.sto_lam.detach().cpu().numpy()
-    if engine.trajectory is not None:
-        for k, v in engine.trajectory.to_arrays().items():
+    if engine.trajectory is not None:  # the fit's path (kept by the model), in full precision
+        for k, v in engine.trajectory.to_arrays(with_start=True).items():
             arrays[f"path_{k}"] = v
-        start = engine.trajectory._genes
-        if start is not None:
-            for k, v in start.items():
-                arrays[f"pathnext_{k}"] = v.detach().cpu().numpy()
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -109,18 +105,11 @@ def load_checkpoint(engine, path: str | os.PathLike) -> list[dict]:
     engine.sto_t = int(meta.get("sto_t", 0))
     engine.zeta_quiet = int(meta.get("zeta_quiet", 0))
     engine.zeta_skip = int(meta.get("zeta_skip", 0))
-    if "path_n_newton" in z.files or "pathnext_zeta" in z.files:
+    if "path_n_newton" in z.files:
         from .engine import FitPath
 
-        if "path_n_newton" in z.files:
-            arr = {k[5:]: z[k] for k in z.files if k.startswith("path_")}
-            engine.trajectory = FitPath.from_arrays(arr, engine.dtype, engine.device)
-        else:
-            engine.trajectory = FitPath()
-        if "pathnext_zeta" in z.files:
-            engine.trajectory._genes = {
-                k[9:]: torch.as_tensor(z[k], **kw) for k in z.files if k.startswith("pathnext_")
-            }
+        arr = {k[5:]: z[k] for k in z.files if k.startswith("path_")}
+        engine.trajectory = FitPath.from_arrays(arr, engine.dtype, engine.device)
     if "state_sto_H" in z.files:
         engine.sto_H = torch.as_tensor(z["state_sto_H"], **kw)
         engine.sto_lam = torch.as_tensor(z["state_sto_lam"], **kw)

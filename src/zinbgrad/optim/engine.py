@@ -154,17 +154,22 @@ class FitPath:
                 out.append(T)
         return out
 
-    def to_arrays(self, dtype=None) -> dict[str, np.ndarray]:
-        """The path as stacked numpy arrays (``steps`` x ...): the gene fields, ``T`` (identity
-        where a sweep had none) and ``n_newton``; plus ``dense``/``stride``."""
-        if not self.steps:
-            return {}
-        out = {}
-        for k in Params.GENE_FIELDS:
-            out[k] = torch.stack([g[k] for g, _, _ in self.steps]).cpu().numpy()
-        K = self.steps[0][0]["alpha_mu"].shape[0]
-        eye = torch.eye(K, dtype=self.steps[0][0]["zeta"].dtype)
-        out["T"] = torch.stack([eye if T is None else T.cpu() for _, T, _ in self.steps]).numpy()
+    def to_arrays(self, dtype=None, with_start: bool = False) -> dict[str, np.ndarray]:
+        """The path as numpy arrays: per gene field the values of every step stacked
+        (``steps`` x ...), ``T`` (identity where a sweep had none), ``n_newton`` and
+        ``schedule`` (``dense``, ``stride``). ``with_start``: also ``start_<field>``, the
+        gene values the next recorded sweep starts from (a checkpoint needs them)."""
+        out: dict[str, np.ndarray] = {}
+        if self.steps:
+            for k in Params.GENE_FIELDS:
+                out[k] = torch.stack([g[k] for g, _, _ in self.steps]).cpu().numpy()
+            K = self.steps[0][0]["alpha_mu"].shape[0]
+            eye = torch.eye(K, dtype=self.steps[0][0]["zeta"].dtype)
+            Ts = [eye if T is None else T.cpu() for _, T, _ in self.steps]
+            out["T"] = torch.stack(Ts).numpy()
+        if with_start and self._genes is not None:
+            for k, v in self._genes.items():
+                out["start_" + k] = v.detach().cpu().numpy()
         if dtype is not None:
             out = {k: v.astype(dtype) for k, v in out.items()}
         out["n_newton"] = np.array([s for _, _, s in self.steps], dtype=np.int64)
@@ -174,18 +179,26 @@ class FitPath:
     @classmethod
     def from_arrays(cls, arrays: dict, dtype: torch.dtype, device) -> FitPath:
         """Inverse of :meth:`to_arrays` (validated shapes; no pickled objects)."""
-        dense, stride = (int(v) for v in np.asarray(arrays["schedule"]).ravel()[:2])
+        try:
+            dense, stride = (int(v) for v in np.asarray(arrays["schedule"]).ravel()[:2])
+            n_newton = np.asarray(arrays["n_newton"]).ravel()
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"incomplete fit path arrays ({err})") from err
         path = cls(dense, stride)
-        n_newton = np.asarray(arrays["n_newton"]).ravel()
         S = len(n_newton)
         kw = {"dtype": dtype, "device": device}
-        fields = {k: torch.as_tensor(np.asarray(arrays[k]), **kw) for k in Params.GENE_FIELDS}
-        T = torch.as_tensor(np.asarray(arrays["T"]), **kw)
-        if any(v.shape[0] != S for v in fields.values()) or T.shape[0] != S:
-            raise ValueError("inconsistent fit path arrays")
-        for t in range(S):
-            genes = {k: v[t].contiguous() for k, v in fields.items()}
-            path.steps.append((genes, T[t].contiguous(), int(n_newton[t])))
+        if S:
+            fields = {k: torch.as_tensor(np.asarray(arrays[k]), **kw) for k in Params.GENE_FIELDS}
+            T = torch.as_tensor(np.asarray(arrays["T"]), **kw)
+            if any(v.shape[0] != S for v in fields.values()) or T.shape[0] != S:
+                raise ValueError("inconsistent fit path arrays")
+            for t in range(S):
+                genes = {k: v[t].contiguous() for k, v in fields.items()}
+                path.steps.append((genes, T[t].contiguous(), int(n_newton[t])))
+        if "start_zeta" in arrays:
+            path._genes = {
+                k: torch.as_tensor(arrays["start_" + k], **kw) for k in Params.GENE_FIELDS
+            }
         return path
 
 
