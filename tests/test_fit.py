@@ -223,6 +223,48 @@ def test_sketch_path_schedule_composes_the_skipped_rotations():
     torch.testing.assert_close(sched[3][1], Ts[5] @ Ts[6] @ Ts[7])
 
 
+def test_fit_path_compact_keeps_a_bounded_schedule_and_round_trips():
+    from zinbgrad.model.params import Design, Params
+    from zinbgrad.optim.engine import FitPath
+
+    torch = pytest.importorskip("torch")
+    g = torch.Generator().manual_seed(1)
+    one = {"dtype": torch.float64}
+    design = Design(
+        torch.ones(5, 1, **one),
+        torch.ones(5, 1, **one),
+        torch.ones(4, 1, **one),
+        torch.ones(4, 1, **one),
+    )
+    p = Params.zeros(design, 2)
+    path = FitPath()
+    path.start(p)
+    Ts = []
+    for _ in range(100):
+        p.beta_mu = p.beta_mu + 1.0
+        Ts.append(torch.eye(2, **one) + 0.1 * torch.randn(2, 2, generator=g, **one))
+        path.record(p, Ts[-1], 1)
+    small = path.compact(max_steps=24)
+    starts = [float(s[0]["beta_mu"][0, 0]) for s in small.steps]
+    assert len(small) <= 24 and starts[:10] == list(range(10))
+    assert small.schedule() == small.steps  # a compacted path replays every kept step
+    comp = torch.eye(2, dtype=torch.float64)
+    for _, T, _ in small.steps:
+        comp = comp @ T
+    prod = torch.eye(2, dtype=torch.float64)
+    for T in Ts:
+        prod = prod @ T
+    torch.testing.assert_close(comp, prod)  # skipped rotations are composed, none lost
+    back = FitPath.from_arrays(small.to_arrays(), torch.float64, "cpu")
+    assert [s[2] for s in back.steps] == [s[2] for s in small.steps]
+    for (ga, Ta, _), (gb, Tb, _) in zip(back.steps, small.steps, strict=True):
+        torch.testing.assert_close(Ta, Tb)
+        for k in Params.GENE_FIELDS:
+            torch.testing.assert_close(ga[k], gb[k])
+    with pytest.raises(ValueError, match="fit path"):
+        FitPath.from_arrays({"n_newton": np.ones(3)}, torch.float64, "cpu")
+
+
 def test_k_zero_and_no_zero_inflation_fit():
     adata = zinbgrad.datasets.pbmc_small()
     m0 = ZINBWaVE(n_components=0).fit(adata)
