@@ -223,7 +223,6 @@ def test_fit_path_is_kept_and_bounded(fitted, pbmc, tmp_path):
     S = len(path["n_newton"])
     assert 1 <= S <= 24 and path["alpha_mu"].shape == (S, 2, pbmc.n_vars)
     assert path["T"].shape == (S, 2, 2) and path["zeta"].shape == (S, pbmc.n_vars)
-    # the last recorded gene values are the fit's own up to the last sweep's update
     assert np.isfinite(path["beta_mu"]).all()
     loaded = ZINBWaVE.load(fitted.save(tmp_path / "m.npz"))
     assert loaded.fit_path_.keys() == path.keys()
@@ -247,18 +246,16 @@ def test_projection_follows_the_fit_path_to_better_optima(shared):
     """New cells taken along the fit's path end in better local optima than a cold solve
     (the cells' problems are not concave): real 10x brain cells, 200 top-variance genes."""
     a = ad.read_h5ad(shared / "data" / "brain1m_10x_first10k_cells_first1000_genes.h5ad")
-    import scipy.sparse as sp
+    from zinbgrad.data.readers import select_top_variance_genes
 
-    X = sp.csr_matrix(a.X[:2500])
-    var = np.asarray(X.multiply(X).mean(0)).ravel() - np.asarray(X.mean(0)).ravel() ** 2
-    b = a[:2500, np.sort(np.argsort(-var)[:200])].copy()
+    b = select_top_variance_genes(a[:2500].copy(), 200)
     b = b[np.asarray(b.X.sum(1)).ravel() > 0].copy()
     train, test = b[:2000].copy(), b[2000:].copy()
     model = ZINBWaVE(n_components=6, random_state=0).fit(train)
     with_path = model.score_samples(test)
     model.fit_path_ = None
     cold = model.score_samples(test)
-    # 0.33 nats per held-out cell when written; every cell finite, most cells better
+    # 0.40 nats per held-out cell and 86 % of cells >= cold when written
     assert np.isfinite(with_path).all()
     assert with_path.mean() > cold.mean() + 0.1
     assert (with_path >= cold - 1e-6).mean() > 0.6

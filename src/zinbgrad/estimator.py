@@ -668,9 +668,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         g = self._gene_params(dev, dt)
         path = self._fit_path(dev, dt)
         if path is not None:  # new cells start at zero and follow the fit's path
-            params = Params.zeros(design, self.n_components)
-            for k, v in g.items():
-                setattr(params, k, v)
+            params = Params.zeros(design, self.n_components, genes=g)
         else:  # no recorded path (e.g. from_params): zinbwave's initialization, then solve
             W, gmu = init_local_mean(source, design, pen, g["beta_mu"], g["alpha_mu"], 8192)
             if self.zero_inflation:

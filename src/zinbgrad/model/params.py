@@ -99,11 +99,14 @@ class Params:
         return self.W.shape[1]
 
     @classmethod
-    def zeros(cls, design: Design, K: int, n_cells: int | None = None) -> Params:
-        """All-zero parameters of the right shapes for ``design`` (``n_cells`` local cells)."""
+    def zeros(
+        cls, design: Design, K: int, n_cells: int | None = None, genes: dict | None = None
+    ) -> Params:
+        """All-zero parameters of the right shapes for ``design`` (``n_cells`` local cells);
+        ``genes``: given gene parameters (name -> tensor) instead of zeros for those."""
         kw = {"dtype": design.X_mu.dtype, "device": design.X_mu.device}
         n, J = design.n if n_cells is None else n_cells, design.J
-        return cls(
+        out = cls(
             beta_mu=torch.zeros(design.X_mu.shape[1], J, **kw),
             beta_pi=torch.zeros(design.X_pi.shape[1], J, **kw),
             alpha_mu=torch.zeros(K, J, **kw),
@@ -113,6 +116,11 @@ class Params:
             gamma_mu=torch.zeros(design.V_mu.shape[1], n, **kw),
             gamma_pi=torch.zeros(design.V_pi.shape[1], n, **kw),
         )
+        for name, value in (genes or {}).items():
+            if name not in cls.GENE_FIELDS:
+                raise KeyError(f"{name!r} is not a gene parameter ({cls.GENE_FIELDS})")
+            setattr(out, name, value)
+        return out
 
     def clone(self) -> Params:
         return Params(*(getattr(self, f.name).clone() for f in fields(self)))

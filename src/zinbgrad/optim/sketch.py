@@ -162,7 +162,5 @@ def fit_sketch(
     # ranks fitted the same sketch; make the path bitwise identical anyway
     comm.broadcast_(*[getattr(p, k) for k in Params.GENE_FIELDS], *path.tensors())
     lo, hi = shard
-    start = Params.zeros(design, K, hi - lo)
-    for name in Params.GENE_FIELDS:
-        setattr(start, name, getattr(p, name))
-    return start, history, path
+    genes = {name: getattr(p, name) for name in Params.GENE_FIELDS}
+    return Params.zeros(design, K, hi - lo, genes=genes), history, path
