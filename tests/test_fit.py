@@ -78,6 +78,13 @@ def _double_center(M: np.ndarray) -> np.ndarray:
     return M - M.mean(0, keepdims=True) - M.mean(1, keepdims=True) + M.mean()
 
 
+def _wa_error(model, truth: dict, keep: np.ndarray) -> float:
+    """Relative error of the model's double-centred W alpha_mu against the planted one."""
+    WA_true = _double_center(truth["W"] @ truth["alpha_mu"][:, keep])
+    WA = _double_center(model.W_ @ model.alpha_mu_)
+    return float(np.linalg.norm(WA - WA_true) / np.linalg.norm(WA_true))
+
+
 def test_planted_parameters_are_recovered():
     adata, truth = _simulate()
     keep = np.asarray(adata.X.sum(0)).ravel() > 0
@@ -156,15 +163,8 @@ def test_stochastic_solver_reaches_the_full_batch_optimum():
     phases = [h["phase"] for h in sto.history_]
     assert phases[0] == "stochastic" and phases[-1] == "full"
     assert sto.objective_ == pytest.approx(full.objective_, rel=2e-3)
-    WA_true = _double_center(truth["W"] @ truth["alpha_mu"][:, keep])
-
-    def err(m):
-        return np.linalg.norm(_double_center(m.W_ @ m.alpha_mu_) - WA_true) / np.linalg.norm(
-            WA_true
-        )
-
     # recovers the planted structure as well as the full-batch solver
-    assert err(sto) < 1.25 * err(full) + 0.02
+    assert _wa_error(sto, truth, keep) < 1.25 * _wa_error(full, truth, keep) + 0.02
 
 
 def test_sketch_solver_reaches_the_full_batch_optimum():
@@ -182,79 +182,67 @@ def test_sketch_solver_reaches_the_full_batch_optimum():
     assert sk.converged_
     # the same optimum (both stop at tol=1e-4 on the relative change)
     assert sk.objective_ == pytest.approx(full.objective_, rel=5e-4)
-    WA_true = _double_center(truth["W"] @ truth["alpha_mu"][:, keep])
-
-    def err(m):
-        return np.linalg.norm(_double_center(m.W_ @ m.alpha_mu_) - WA_true) / np.linalg.norm(
-            WA_true
-        )
-
-    assert err(sk) < 1.1 * err(full) + 0.01
+    assert _wa_error(sk, truth, keep) < 1.1 * _wa_error(full, truth, keep) + 0.01
     # auto: no sketch on small data
     assert ZINBWaVE(n_components=2, max_epochs=1).fit(adata).history_[0]["phase"] == "full"
 
 
-def test_sketch_path_schedule_composes_the_skipped_rotations():
+def _recorded_path(Ts: list, newton_steps: list[int]):
+    """A FitPath of ``len(Ts)`` sweeps on a tiny design: sweep t starts from beta_mu = t,
+    ends with the rotation ``Ts[t]`` and took ``newton_steps[t]`` Newton steps per cell."""
+    import torch
+
     from zinbgrad.model.params import Design, Params
     from zinbgrad.optim.engine import FitPath
 
-    torch = pytest.importorskip("torch")
-    g = torch.Generator().manual_seed(0)
-    design = Design(torch.ones(5, 1), torch.ones(5, 1), torch.ones(4, 1), torch.ones(4, 1))
-    p = Params.zeros(design, 3)
+    ones = [torch.ones(r, 1, dtype=torch.float64) for r in (5, 5, 4, 4)]
+    p = Params.zeros(Design(*ones), Ts[0].shape[0])
     path = FitPath()
     path.start(p)
-    Ts = []
-    for t in range(9):
+    for T, steps in zip(Ts, newton_steps, strict=True):
         p.beta_mu = p.beta_mu + 1.0
-        Ts.append(torch.randn(3, 3, generator=g, dtype=torch.float64))
-        path.record(p, Ts[-1], 3 if t == 0 else 1)
+        path.record(p, T, steps)
+    return path
+
+
+def _chain(Ts):
+    """The product ``Ts[0] @ Ts[1] @ ...``."""
+    import torch
+
+    out = torch.eye(Ts[0].shape[0], dtype=torch.float64)
+    for T in Ts:
+        out = out @ T
+    return out
+
+
+def test_sketch_path_schedule_composes_the_skipped_rotations():
+    torch = pytest.importorskip("torch")
+    g = torch.Generator().manual_seed(0)
+    Ts = [torch.randn(3, 3, generator=g, dtype=torch.float64) for _ in range(9)]
+    path = _recorded_path(Ts, [3] + [1] * 8)
     sched = path.schedule(dense=2, stride=3)
     # kept sweeps 0, 1, 2, 5, 8; each with the gene values it started from
     assert [float(s[0]["beta_mu"][0, 0]) for s in sched] == [0.0, 1.0, 2.0, 5.0, 8.0]
     assert [s[2] for s in sched] == [3, 1, 1, 1, 1]
-    prod = torch.eye(3, dtype=torch.float64)
-    for T in Ts:
-        prod = prod @ T
-    comp = torch.eye(3, dtype=torch.float64)
-    for _, T, _ in sched:
-        comp = comp @ T
-    torch.testing.assert_close(comp, prod)
+    torch.testing.assert_close(_chain([T for _, T, _ in sched]), _chain(Ts))
     torch.testing.assert_close(sched[3][1], Ts[5] @ Ts[6] @ Ts[7])
 
 
 def test_fit_path_compact_keeps_a_bounded_schedule_and_round_trips():
-    from zinbgrad.model.params import Design, Params
+    from zinbgrad.model.params import Params
     from zinbgrad.optim.engine import FitPath
 
     torch = pytest.importorskip("torch")
     g = torch.Generator().manual_seed(1)
-    one = {"dtype": torch.float64}
-    design = Design(
-        torch.ones(5, 1, **one),
-        torch.ones(5, 1, **one),
-        torch.ones(4, 1, **one),
-        torch.ones(4, 1, **one),
-    )
-    p = Params.zeros(design, 2)
-    path = FitPath()
-    path.start(p)
-    Ts = []
-    for _ in range(100):
-        p.beta_mu = p.beta_mu + 1.0
-        Ts.append(torch.eye(2, **one) + 0.1 * torch.randn(2, 2, generator=g, **one))
-        path.record(p, Ts[-1], 1)
+    eye = torch.eye(2, dtype=torch.float64)
+    Ts = [eye + 0.1 * torch.randn(2, 2, generator=g, dtype=torch.float64) for _ in range(100)]
+    path = _recorded_path(Ts, [1] * 100)
     small = path.compact(max_steps=24)
     starts = [float(s[0]["beta_mu"][0, 0]) for s in small.steps]
     assert len(small) <= 24 and starts[:10] == list(range(10))
     assert small.schedule() == small.steps  # a compacted path replays every kept step
-    comp = torch.eye(2, dtype=torch.float64)
-    for _, T, _ in small.steps:
-        comp = comp @ T
-    prod = torch.eye(2, dtype=torch.float64)
-    for T in Ts:
-        prod = prod @ T
-    torch.testing.assert_close(comp, prod)  # skipped rotations are composed, none lost
+    # skipped rotations are composed, none lost
+    torch.testing.assert_close(_chain([T for _, T, _ in small.steps]), _chain(Ts))
     back = FitPath.from_arrays(small.to_arrays(), torch.float64, "cpu")
     assert [s[2] for s in back.steps] == [s[2] for s in small.steps]
     for (ga, Ta, _), (gb, Tb, _) in zip(back.steps, small.steps, strict=True):
