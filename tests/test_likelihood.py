@@ -283,6 +283,23 @@ def test_sparse_counts_flat_is_cached_and_carried():
     torch.testing.assert_close(moved.flat, flat)
 
 
+@pytest.mark.parametrize("top", [7, 5_000, 10**9])
+def test_distinct_values_match_torch_unique(top):
+    """The presence-table distinct counts equal torch.unique's, also for a huge count (which
+    falls back to the sort)."""
+    g = torch.Generator().manual_seed(11)
+    vals = torch.randint(1, 8, (500,), generator=g).to(torch.float32)
+    vals[::97] = float(top)
+    rows = torch.arange(500) // 10
+    cols = torch.arange(500) % 10
+    counts = SparseCounts(50, 10, rows, cols, vals, torch.lgamma(vals + 1.0))
+    u, inverse = counts.distinct_values
+    u_ref, inv_ref = torch.unique(vals, return_inverse=True)
+    assert torch.equal(u, u_ref) and u.dtype == vals.dtype
+    assert torch.equal(inverse, inv_ref)
+    assert torch.equal(u[inverse], vals)
+
+
 def test_nonzero_constant_on_distinct_counts_matches_every_entry():
     """A common dispersion evaluates the lgamma terms once per distinct count."""
     from zinbgrad.model.likelihood import SparseCounts, lgamma_ratio_minus_ylog, nonzero_constant

@@ -264,8 +264,21 @@ class SparseCounts:
     @cached_property
     def distinct_values(self) -> tuple[Tensor, Tensor]:
         """``(u, inverse)`` with ``values = u[inverse]``: counts take few distinct values, so
-        functions of the count alone (for a common dispersion) are evaluated on ``u``."""
-        return torch.unique(self.values, return_inverse=True)
+        functions of the count alone (for a common dispersion) are evaluated on ``u``.
+
+        Counts are integers: a presence table over ``0..max`` (linear time) replaces the sort
+        of :func:`torch.unique` unless the largest count dwarfs the number of nonzeros."""
+        v = self.values
+        if v.numel() == 0:
+            return torch.unique(v, return_inverse=True)
+        top = int(v.max())
+        if top > 4 * v.numel() + 65536:
+            return torch.unique(v, return_inverse=True)
+        vl = v.long()
+        present = torch.bincount(vl, minlength=top + 1) > 0
+        u = present.nonzero().squeeze(1).to(v.dtype)
+        slot = torch.cumsum(present, 0) - 1
+        return u, slot[vl]
 
     def _with_flat(self, out: SparseCounts, fn: Callable[[Tensor], Tensor]) -> SparseCounts:
         if "flat" in self.__dict__:  # carry the cached flat positions along

@@ -137,16 +137,22 @@ class Params:
 def linear_predictors(
     design: Design, params: Params, rows: slice | Tensor, zero_inflation: bool = True
 ) -> tuple[Tensor, Tensor | None]:
-    """``(log mu, logit pi)`` of the cells ``rows`` (all genes); logit pi is None without ZI."""
+    """``(log mu, logit pi)`` of the cells ``rows`` (all genes); logit pi is None without ZI.
+
+    Each predictor is one matrix product ``[X, gamma^T, W] @ [beta; V^T; alpha]`` (the dense
+    cells x genes arrays are the memory traffic; the terms are not materialized one by one).
+    """
     W = params.W[rows]
-    a = design.X_mu[rows] @ params.beta_mu + (design.V_mu @ params.gamma_mu[:, rows]).T
-    a = a + W @ params.alpha_mu
+    a = torch.cat([design.X_mu[rows], params.gamma_mu[:, rows].T, W], 1) @ torch.cat(
+        [params.beta_mu, design.V_mu.T, params.alpha_mu], 0
+    )
     if design.O_mu is not None:
         a = a + design.O_mu[rows]
     if not zero_inflation:
         return a, None
-    b = design.X_pi[rows] @ params.beta_pi + (design.V_pi @ params.gamma_pi[:, rows]).T
-    b = b + W @ params.alpha_pi
+    b = torch.cat([design.X_pi[rows], params.gamma_pi[:, rows].T, W], 1) @ torch.cat(
+        [params.beta_pi, design.V_pi.T, params.alpha_pi], 0
+    )
     if design.O_pi is not None:
         b = b + design.O_pi[rows]
     return a, b

@@ -221,6 +221,43 @@ class _GeneStats:
         return (self.ga, self.gb, self.haa, self.hbb, self.hab, self.ll, self.gz, self.hz)
 
 
+@dataclass
+class _Cells:
+    """Working state of a block of cells in :meth:`Engine.cell_newton`: local parameters
+    ``u``, the fixed part of the predictors, the predictors ``a``/``b``, the entry derivatives
+    ``d`` at ``u``, each cell's penalized objective ``f`` and its damping ``lam``."""
+
+    u: Tensor
+    base_a: Tensor
+    base_b: Tensor | None
+    a: Tensor | None
+    b: Tensor | None
+    d: EntryDerivatives | None
+    f: Tensor | None
+    lam: Tensor
+
+    _FIELDS = ("u", "base_a", "base_b", "a", "b", "f", "lam")
+
+    def take(self, idx: Tensor) -> _Cells:
+        """The cells ``idx`` (copies)."""
+        vals = {
+            k: None if getattr(self, k) is None else getattr(self, k)[idx] for k in self._FIELDS
+        }
+        d = EntryDerivatives(**{k: None if v is None else v[idx] for k, v in vars(self.d).items()})
+        return _Cells(d=d, **vals)
+
+    def put(self, idx: Tensor, other: _Cells) -> None:
+        """Overwrite the cells ``idx`` with ``other`` (derivatives present in both only)."""
+        for k in self._FIELDS:
+            mine = getattr(self, k)
+            if mine is not None:
+                mine[idx] = getattr(other, k)
+        for k, v in vars(self.d).items():
+            w = getattr(other.d, k)
+            if v is not None and w is not None:
+                v[idx] = w
+
+
 class Engine:
     """Holds data, design, parameters and penalty; runs the solvers in place on ``params``."""
 
@@ -334,10 +371,16 @@ class Engine:
         return val
 
     def _derivs(
-        self, a: Tensor, b: Tensor | None, counts: SparseCounts, zeta: Tensor | None = None, **kw
+        self,
+        a: Tensor,
+        b: Tensor | None,
+        counts: SparseCounts,
+        zeta: Tensor | None = None,
+        nz_const: Tensor | None = None,
+        **kw,
     ) -> EntryDerivatives:
         zeta = self.params.zeta if zeta is None else zeta
-        nzc = self._nz_const(counts, zeta)
+        nzc = self._nz_const(counts, zeta) if nz_const is None else nz_const
         return entry_derivatives(a, b, zeta, counts, nz_const=nzc, fused=self.opt.fused, **kw)
 
     def cell_newton(
@@ -356,48 +399,56 @@ class Engine:
         with ``derivs=False`` possibly only ``ll``: the last trial point is then evaluated
         without derivatives, which saves a third of a step) and the final predictors.
         """
-        Fa, Fb, prods = feats if feats is not None else self._cell_features()
-        eps = self.eps_cell
+        feats = feats if feats is not None else self._cell_features()
+        nzc = self._nz_const(counts, self.params.zeta)
         u = self._get_cell_vec(rows)
         base_a, base_b = self._cell_base(rows)
-        a = base_a + u @ Fa.T
-        b = base_b + u @ Fb.T if self.zi else None
-        d = self._derivs(a, b, counts, order=2)
-        f = d.ll.sum(1) - 0.5 * (eps * u * u).sum(1)
-        lam = self.lam_cells[rows]
-        nb, pdim = u.shape
+        st = _Cells(u, base_a, base_b, None, None, None, None, self.lam_cells[rows])
+        self._predict(st, feats)
+        st.d = self._derivs(st.a, st.b, counts, order=2, nz_const=nzc)
+        st.f = self._cell_objective(st)
         for step in range(n_steps):
-            f_sum = float(f.sum()) if tol > 0 else 0.0
-            g = d.la @ Fa - eps * u
-            H = d.laa @ prods["aa"]
-            if self.zi:
-                g = g + d.lb @ Fb
-                H = H + d.lbb @ prods["bb"] + d.lab @ prods["ab"]
-            A = -H.view(nb, pdim, pdim) + torch.diag(eps)
-            delta, lam = damped_newton_step(A, g, lam)
-            u_new = u + delta
-            a_new = base_a + u_new @ Fa.T
-            b_new = base_b + u_new @ Fb.T if self.zi else None
+            f_sum = float(st.f.sum()) if tol > 0 else 0.0
             last = step == n_steps - 1
-            d_new = self._derivs(a_new, b_new, counts, order=0 if last and not derivs else 2)
-            f_new = d_new.ll.sum(1) - 0.5 * (eps * u_new * u_new).sum(1)
-            acc = (f_new >= f) & torch.isfinite(f_new)
-            lam = update_damping(lam, acc)
-            rej = (~acc).nonzero().squeeze(1)
-            if rej.numel():  # keep the old values of the rejected cells (usually few)
-                u_new[rej], f_new[rej], a_new[rej] = u[rej], f[rej], a[rej]
-                if self.zi:
-                    b_new[rej] = b[rej]
-                for name in ("ll", "la", "laa", "lb", "lbb", "lab"):
-                    new = getattr(d_new, name)
-                    if new is not None:
-                        new[rej] = getattr(d, name)[rej]
-            u, f, a, b, d = u_new, f_new, a_new, b_new, d_new
-            if tol > 0 and float(f.sum()) - f_sum <= tol * abs(f_sum):
+            self._cell_step(st, counts, nzc, feats, order=0 if last and not derivs else 2)
+            if tol > 0 and float(st.f.sum()) - f_sum <= tol * abs(f_sum):
                 break
-        self.lam_cells[rows] = lam
-        self._set_cell_vec(rows, u)
-        return d, a, b
+        self.lam_cells[rows] = st.lam
+        self._set_cell_vec(rows, st.u)
+        return st.d, st.a, st.b
+
+    def _predict(self, st: _Cells, feats) -> None:
+        Fa, Fb, _ = feats
+        st.a = torch.addmm(st.base_a, st.u, Fa.T)
+        st.b = torch.addmm(st.base_b, st.u, Fb.T) if self.zi else None
+
+    def _cell_objective(self, st: _Cells) -> Tensor:
+        return st.d.ll.sum(1) - 0.5 * (self.eps_cell * st.u * st.u).sum(1)
+
+    def _cell_step(self, st: _Cells, counts: SparseCounts, nzc: Tensor, feats, order: int) -> None:
+        """One damped Newton step of the cells in ``st`` (updated in place, per cell only where
+        it does not lower the cell's objective); the new point is evaluated at ``order``."""
+        Fa, Fb, prods = feats
+        eps = self.eps_cell
+        d, u = st.d, st.u
+        nb, pdim = u.shape
+        g = d.la @ Fa - eps * u
+        H = d.laa @ prods["aa"]
+        if self.zi:
+            g = g + d.lb @ Fb
+            H = H + d.lbb @ prods["bb"] + d.lab @ prods["ab"]
+        A = -H.view(nb, pdim, pdim) + torch.diag(eps)
+        delta, lam = damped_newton_step(A, g, st.lam)
+        new = _Cells(u + delta, st.base_a, st.base_b, None, None, None, None, lam)
+        self._predict(new, feats)
+        new.d = self._derivs(new.a, new.b, counts, order=order, nz_const=nzc)
+        new.f = self._cell_objective(new)
+        acc = (new.f >= st.f) & torch.isfinite(new.f)
+        rej = (~acc).nonzero().squeeze(1)
+        if rej.numel():  # keep the old values of the rejected cells (usually few)
+            new.put(rej, st.take(rej))
+        new.lam = update_damping(lam, acc)
+        st.u, st.a, st.b, st.d, st.f, st.lam = new.u, new.a, new.b, new.d, new.f, new.lam
 
     # ------------------------------------------------------------------ gene-level pieces
     def _gene_features(self, rows: slice) -> tuple[Tensor, Tensor | None]:
