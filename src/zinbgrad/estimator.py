@@ -163,7 +163,10 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
     loglik_, penalty_, objective_ : float
         Log-likelihood, penalty and penalized log-likelihood at the fitted parameters.
     history_ : list of dict
-        Per epoch: ``epoch``, ``loglik``, ``objective``, ``seconds``, ``phase``.
+        Per epoch: ``epoch``, ``loglik``, ``objective``, ``seconds``, ``phase``. ``loglik`` and
+        ``objective`` are those of one parameter state the epoch passed through: after the
+        gene step, or (when the gene step is checked in the next epoch) the epoch's new cell
+        values with the gene values they were fitted to.
     n_iter_ : int
     converged_ : bool
     n_params_, aic_, bic_ : as zinbwave's ``nParams``, ``zinbAIC``, ``zinbBIC``.

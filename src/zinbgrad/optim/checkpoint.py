@@ -39,6 +39,9 @@ def save_checkpoint(engine, history: list[dict], path: str | os.PathLike) -> Pat
     if engine.sto_H is not None:
         arrays["state_sto_H"] = engine.sto_H.detach().cpu().numpy()
         arrays["state_sto_lam"] = engine.sto_lam.detach().cpu().numpy()
+    if engine.proposal is not None:  # a gene step awaiting its check
+        for k in engine.proposal.FIELDS:
+            arrays[f"proposal_{k}"] = getattr(engine.proposal, k).detach().cpu().numpy()
     if engine.trajectory is not None:  # the fit's path (kept by the model), in full precision
         for k, v in engine.trajectory.to_arrays(with_start=True).items():
             arrays[f"path_{k}"] = v
@@ -57,6 +60,7 @@ def save_checkpoint(engine, history: list[dict], path: str | os.PathLike) -> Pat
         "sto_t": engine.sto_t,
         "zeta_quiet": engine.zeta_quiet,
         "zeta_skip": engine.zeta_skip,
+        "gene_rejected": engine.gene_rejected,
     }
     arrays["metadata"] = np.array(json.dumps(meta, default=float))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -105,11 +109,19 @@ def load_checkpoint(engine, path: str | os.PathLike) -> list[dict]:
     engine.sto_t = int(meta.get("sto_t", 0))
     engine.zeta_quiet = int(meta.get("zeta_quiet", 0))
     engine.zeta_skip = int(meta.get("zeta_skip", 0))
+    engine.gene_rejected = float(meta.get("gene_rejected", 1.0))
     if "path_n_newton" in z.files:
         from .engine import FitPath
 
         arr = {k[5:]: z[k] for k in z.files if k.startswith("path_")}
         engine.trajectory = FitPath.from_arrays(arr, engine.dtype, engine.device)
+    engine.proposal = None
+    if "proposal_v_old" in z.files:
+        from .engine import _Proposal
+
+        engine.proposal = _Proposal(
+            **{k: torch.as_tensor(z[f"proposal_{k}"], **kw) for k in _Proposal.FIELDS}
+        )
     if "state_sto_H" in z.files:
         engine.sto_H = torch.as_tensor(z["state_sto_H"], **kw)
         engine.sto_lam = torch.as_tensor(z["state_sto_lam"], **kw)

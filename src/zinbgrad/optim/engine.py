@@ -9,7 +9,11 @@ One *sweep* (an epoch of the full-batch solver) streams the cells in blocks:
 2. the per-entry derivatives at the accepted cell values are contracted into per-gene gradients
    and Hessians (and dispersion derivatives) and accumulated over blocks;
 3. one damped Newton step for every gene's ``(beta_mu, alpha_mu, beta_pi, alpha_pi)`` (and its
-   dispersion), checked in a second streaming pass and accepted per gene;
+   dispersion), accepted per gene only if it does not lower the gene's penalized
+   log-likelihood at the new cells. Early on the step is checked in a second streaming pass;
+   once few steps fail (at most 2 %), it is taken at once, with its size capped, and checked
+   in the next sweep's first evaluation, which sees the same cells (:class:`_Proposal`): a
+   sweep then reads the data once instead of twice;
 4. W and alpha are re-balanced by zinbwave's ``orthogonalizeTraceNorm``.
 
 The stochastic solver (:meth:`Engine.fit_stochastic`) does the same on minibatches of cells, with
@@ -46,6 +50,13 @@ from .newton import damped_newton_step, outer_flat, update_damping
 __all__ = ["Engine", "FitOptions", "FitResult"]
 
 ZETA_MIN, ZETA_MAX = -15.0, 60.0
+#: gene steps are checked lagged (see _Proposal) only while at most this fraction of the
+#: genes' last steps was rejected: early on, steps that would be rejected are common and
+#: costly to have taken for a sweep
+LAGGED_MAX_REJECTED = 0.02
+#: largest entry of a lagged gene step (log scale; a checked step may take 10): a step taken
+#: for a sweep before its check must not be able to ruin a gene
+LAGGED_MAX_STEP = 1.0
 
 
 @dataclass
@@ -55,6 +66,9 @@ class FitOptions:
     max_epochs: int = 100
     tol: float = 1e-4
     local_steps: int = 1
+    #: check each gene step in the next sweep's first evaluation (which sees the same cells)
+    #: instead of in a pass of its own; see :class:`_Proposal`
+    lagged_check: bool = True
     block_entries: int = 2**21
     batch_size: int | None = None
     solver: str = "auto"
@@ -258,6 +272,29 @@ class _Cells:
                 v[idx] = w
 
 
+@dataclass
+class _Proposal:
+    """A gene step taken before it is checked (``FitOptions.lagged_check``).
+
+    The check of a gene step needs each gene's log-likelihood at the new gene parameters and
+    the cells that produced the step. The next sweep's first evaluation of every block is at
+    exactly that point, so instead of a pass of its own the step is taken at once and checked
+    there, per gene, against its objective before the step: a rejected gene returns to
+    ``v_old`` (its statistics of that sweep were gathered at the rejected values, so it takes
+    no step in that sweep). Everything is kept in the basis of the current W (the
+    orthogonalization after the step rotates ``v_old`` too).
+    """
+
+    v_old: Tensor  #: gene vectors before the step (J x q)
+    zeta_old: Tensor
+    f_old: Tensor  #: per-gene objective at ``v_old``; -inf where there is nothing to check
+    ll_old: Tensor  #: per-gene log-likelihood at ``v_old`` (the same cells)
+    lam: Tensor  #: the gene damping the step was taken with
+    center: Tensor  #: center of the dispersion surrogate (gene-wise dispersion)
+
+    FIELDS = ("v_old", "zeta_old", "f_old", "ll_old", "lam", "center")
+
+
 class Engine:
     """Holds data, design, parameters and penalty; runs the solvers in place on ``params``."""
 
@@ -304,6 +341,10 @@ class Engine:
         self.zeta_skip = 0
         #: when set, every sweep is recorded into it (the sketch of zinbgrad.optim.sketch)
         self.trajectory: FitPath | None = None
+        #: the last gene step, when it awaits its check (checkpointed)
+        self.proposal: _Proposal | None = None
+        #: fraction of the genes whose last step was rejected (checkpointed)
+        self.gene_rejected = 1.0
 
     # ------------------------------------------------------------------ cell-level pieces
     def _cell_features(self) -> tuple[Tensor, Tensor | None, dict]:
@@ -391,6 +432,7 @@ class Engine:
         feats=None,
         tol: float = 0.0,
         derivs: bool = True,
+        ll_start: Tensor | None = None,
     ) -> tuple[EntryDerivatives, Tensor, Tensor | None]:
         """Damped Newton steps on the local parameters of cells ``rows``; updates in place.
 
@@ -398,6 +440,7 @@ class Engine:
         ``tol`` (relative). Returns the per-entry derivatives at the final cell values (order 2;
         with ``derivs=False`` possibly only ``ll``: the last trial point is then evaluated
         without derivatives, which saves a third of a step) and the final predictors.
+        ``ll_start``: the per-gene log-likelihood at the starting values is added into it.
         """
         feats = feats if feats is not None else self._cell_features()
         nzc = self._nz_const(counts, self.params.zeta)
@@ -407,6 +450,8 @@ class Engine:
         self._predict(st, feats)
         st.d = self._derivs(st.a, st.b, counts, order=2, nz_const=nzc)
         st.f = self._cell_objective(st)
+        if ll_start is not None:
+            ll_start += st.d.ll.sum(0)
         for step in range(n_steps):
             f_sum = float(st.f.sum()) if tol > 0 else 0.0
             last = step == n_steps - 1
@@ -556,18 +601,32 @@ class Engine:
         self.comm.all_reduce_(*out)
         return out
 
-    def gene_update(self, stats: _GeneStats, update_zeta: bool) -> Tensor:
-        """One damped Newton step for all genes (and dispersion), verified by a data pass.
-
-        Returns the per-gene log-likelihood at the accepted parameters.
-        """
-        p = self.params
+    def _gene_proposal(
+        self, stats: _GeneStats, frozen: Tensor | None, max_step: float = 10.0
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(v_old, v_new, lam)``: one damped Newton step for every gene not ``frozen``."""
         v_old = self._get_gene_vec()
         A, g = self._gene_system(stats, v_old)
-        delta, lam = damped_newton_step(A, g, self.lam_genes)
-        v_new = v_old + delta
+        delta, lam = damped_newton_step(A, g, self.lam_genes, max_step=max_step)
+        if frozen is not None:
+            delta[frozen] = 0.0
+        return v_old, v_old + delta, lam
+
+    def gene_update(
+        self, stats: _GeneStats, update_zeta: bool, frozen: Tensor | None = None
+    ) -> Tensor:
+        """One damped Newton step for all genes (and dispersion), verified by a data pass.
+
+        ``frozen``: genes whose statistics are not at their current values (see
+        :class:`_Proposal`); they keep their values. Returns the per-gene log-likelihood at the
+        accepted parameters.
+        """
+        p = self.params
+        v_old, v_new, lam = self._gene_proposal(stats, frozen)
         zeta_old = p.zeta.clone()
         zeta_new = self._zeta_step(stats) if update_zeta else zeta_old
+        if frozen is not None and not self.common:
+            zeta_new = torch.where(frozen, zeta_old, zeta_new)
         pen_old = self.pen.gene_values(p)
         center = zeta_old.mean()
         f_old = stats.ll - pen_old - self._zeta_surrogate(zeta_old, center)
@@ -585,6 +644,9 @@ class Engine:
             (ll_keep,) = self._eval_ll([zeta_new])
             f_new = ll_keep - pen_new - self._zeta_surrogate(zeta_new, center)
         acc = (f_new >= f_old) & torch.isfinite(f_new)
+        if frozen is not None:  # unchanged; ll_keep is their log-likelihood
+            acc = acc | frozen
+        self.gene_rejected = float((~acc).float().mean())
         self.lam_genes = update_damping(lam, acc)
         v = torch.where(acc[:, None], v_new, v_old)
         self._set_gene_vec(v)
@@ -613,6 +675,101 @@ class Engine:
                 self.zeta_cap = torch.clamp(self.zeta_cap / 4, min=1e-3)
         return ll
 
+    def _gene_objective(self, ll: Tensor, center: Tensor) -> Tensor:
+        """Per-gene penalized log-likelihood at the current gene parameters (the dispersion
+        penalty by its separable surrogate around ``center``)."""
+        p = self.params
+        return ll - self.pen.gene_values(p) - self._zeta_surrogate(p.zeta, center)
+
+    def propose_genes(self, stats: _GeneStats, update_zeta: bool, frozen: Tensor | None) -> None:
+        """Take a gene step (and a gene-wise dispersion step) now and leave its check to the
+        next sweep (:class:`_Proposal`); call :meth:`check_proposal` or the final pass then."""
+        p = self.params
+        v_old, v_new, lam = self._gene_proposal(stats, frozen, LAGGED_MAX_STEP)
+        zeta_old = p.zeta.clone()
+        center = zeta_old.mean()
+        f_old = self._gene_objective(stats.ll, center)
+        if frozen is not None:
+            f_old = torch.where(frozen, float("-inf"), f_old)
+        if self.common and frozen is not None and bool(frozen.any()):
+            update_zeta = False  # the sums over genes include statistics at rejected values
+        if update_zeta:
+            zeta_new = self._zeta_step(stats)
+            if frozen is not None and not self.common:
+                zeta_new = torch.where(frozen, zeta_old, zeta_new)
+            p.zeta = zeta_new
+        self._set_gene_vec(v_new)
+        self.proposal = _Proposal(v_old, zeta_old, f_old, stats.ll.clone(), lam, center)
+
+    def check_proposal(self, ll_new: Tensor) -> tuple[Tensor, Tensor]:
+        """Accept or undo the pending gene step per gene, given each gene's log-likelihood
+        ``ll_new`` at the proposed values (and the cells the step came from).
+
+        Returns ``(rejected, ll)``: the genes put back, and the per-gene log-likelihood at the
+        resulting parameters.
+        """
+        prop, p = self.proposal, self.params
+        self.proposal = None
+        f_new = self._gene_objective(ll_new, prop.center)
+        better = (f_new >= prop.f_old) & torch.isfinite(f_new)
+        self.lam_genes = update_damping(prop.lam, better)
+        acc = better
+        if self.common and not torch.equal(p.zeta, prop.zeta_old):
+            # the genes moved with a new common dispersion: a gene cannot go back alone (its
+            # log-likelihood at the new dispersion and old values is unknown), so all stay or
+            # all go back, by the total objective
+            keep = torch.isfinite(prop.f_old)
+            gain = float((f_new[keep] - prop.f_old[keep]).sum())
+            ok = bool(torch.isfinite(f_new).all()) and gain >= 0
+            acc = torch.full_like(better, ok)
+            if not ok:
+                p.zeta = prop.zeta_old
+            cap = self.zeta_cap * 2 if ok else self.zeta_cap / 4
+            self.zeta_cap = torch.clamp(cap, min=1e-3, max=8.0)
+        rejected = ~acc
+        self.gene_rejected = float((~better).float().mean())
+        self._set_gene_vec(torch.where(acc[:, None], self._get_gene_vec(), prop.v_old))
+        if not self.common:
+            zeta_new = p.zeta
+            p.zeta = torch.where(acc, zeta_new, prop.zeta_old)
+            moved = (zeta_new != prop.zeta_old) & torch.isfinite(prop.f_old)
+            self.zeta_cap = torch.where(
+                moved & acc, torch.clamp(self.zeta_cap * 2, max=8.0), self.zeta_cap
+            )
+            self.zeta_cap = torch.where(
+                moved & ~acc, torch.clamp(self.zeta_cap / 4, min=1e-3), self.zeta_cap
+            )
+        return rejected, torch.where(acc, ll_new, prop.ll_old)
+
+    def _rotate_proposal(self, T: Tensor | None) -> None:
+        """Express the pending step's old gene values in the basis of W after ``W <- W T``
+        (``alpha <- T^-1 alpha`` keeps W alpha), and their objective with it."""
+        prop = self.proposal
+        if prop is None or T is None:
+            return
+        K, Mmu = self.K, self.params.beta_mu.shape[0]
+        cols = [torch.arange(Mmu, Mmu + K)]
+        if self.zi:
+            o = Mmu + K + self.params.beta_pi.shape[0]
+            cols.append(torch.arange(o, o + K))
+        v = prop.v_old.clone()
+        Td = T.double()
+        for c in cols:
+            c = c.to(v.device)
+            alpha = v[:, c].T.double()
+            try:
+                rot = torch.linalg.solve(Td, alpha)
+            except RuntimeError:  # singular T (a factor without signal)
+                rot = torch.linalg.pinv(Td) @ alpha
+            v[:, c] = rot.T.to(v.dtype)
+        keep = torch.isfinite(prop.f_old)
+        with self._genes_restored():
+            self._set_gene_vec(v)
+            self.params.zeta = prop.zeta_old
+            f_old = self._gene_objective(prop.ll_old, prop.center)
+        prop.v_old = v
+        prop.f_old = torch.where(keep, f_old, prop.f_old)
+
     # ------------------------------------------------------------------ orthogonalization
     def orthogonalize(self) -> Tensor | None:
         """zinbwave's orthogonalizeTraceNorm on (W, [alpha_mu, alpha_pi]); keeps W alpha.
@@ -632,10 +789,6 @@ class Engine:
         return T
 
     # ------------------------------------------------------------------ objective
-    def loglik(self) -> float:
-        (ll,) = self._eval_ll([self.params.zeta])
-        return float(ll.sum())
-
     def penalty_value(self) -> float:
         """zinbwave's penalty; the per-cell part is summed over all ranks."""
         p = self.params
@@ -696,33 +849,46 @@ class Engine:
                 if T is not None:
                     p.W[rows] = p.W[rows] @ T
 
-    def _sweep(
-        self, local_steps: int, update_genes: bool = True, path: FitPath | None = None
-    ) -> float:
+    def _sweep(self, local_steps: int, path: FitPath | None = None) -> tuple[float, float]:
+        """One pass of cell steps and one gene step; returns the log-likelihood and the
+        penalized objective of one parameter state the sweep passed through (with a lagged
+        check: the new cells with the genes they were fitted to)."""
         stats = self._new_stats()
         feats = self._cell_features()
         path_feats = self._path_features(path) if path is not None else None
-        disp = update_genes and self._zeta_due()
+        disp = self._zeta_due()
+        lagged = self.proposal is not None
+        ll_start = torch.zeros_like(stats.ll) if lagged else None
         for start, stop, counts in self.source.iter_blocks(self.bounds):
             rows = slice(start, stop)
             if path_feats is not None:
                 self._follow(rows, counts, path_feats)
-            d, a, b = self.cell_newton(rows, counts, local_steps, feats, derivs=update_genes)
-            if update_genes:
-                self.accumulate(stats, rows, d, a, b, counts, dispersion=disp)
-            else:
-                stats.ll += d.ll.sum(0)
-        self.comm.all_reduce_(*stats.tensors())
-        if not update_genes:
-            return float(stats.ll.sum())
+            d, a, b = self.cell_newton(rows, counts, local_steps, feats, ll_start=ll_start)
+            self.accumulate(stats, rows, d, a, b, counts, dispersion=disp)
+        self.comm.all_reduce_(*stats.tensors(), *(() if ll_start is None else (ll_start,)))
+        # the state the statistics were gathered at: the new cells, the genes they were fitted to
+        ll = float(stats.ll.sum())
+        obj = ll - self.penalty_value()
+        frozen = None
+        if lagged:
+            if path_feats is not None:
+                raise RuntimeError("a lagged gene check cannot follow a path")
+            frozen, _ = self.check_proposal(ll_start)
         zeta_before = self.params.zeta.clone()
-        ll = self.gene_update(stats, update_zeta=disp)
+        if self.opt.lagged_check and self.gene_rejected <= LAGGED_MAX_REJECTED:
+            self.propose_genes(stats, update_zeta=disp, frozen=frozen)
+        else:
+            ll_genes = self.gene_update(stats, update_zeta=disp, frozen=frozen)
         if disp:
             self._zeta_moved(zeta_before)
         T = self.orthogonalize()
+        self._rotate_proposal(T)
         if self.trajectory is not None:
             self.trajectory.record(self.params, T, local_steps)
-        return float(ll.sum())
+        if self.proposal is None:  # checked: the state after the gene step
+            ll = float(ll_genes.sum())
+            obj = ll - self.penalty_value()
+        return ll, obj
 
     def _record(self, history: list[dict], rec: dict) -> None:
         history.append(rec)
@@ -753,11 +919,10 @@ class Engine:
         while epoch < opt.max_epochs:
             phase = "extend" if extend else "full"
             if extend:  # after a sketch: every cell follows the sketch's path (see sketch.py)
-                ll = self._sweep(opt.local_steps, path=path)
+                ll, obj = self._sweep(opt.local_steps, path=path)
                 extend = False
             else:  # the first epoch adapts every cell to the initialization with more steps
-                ll = self._sweep(opt.local_steps if epoch > 0 else max(opt.local_steps, 3))
-            obj = self.penalized(ll)
+                ll, obj = self._sweep(opt.local_steps if epoch > 0 else max(opt.local_steps, 3))
             epoch += 1
             rec = {
                 "epoch": epoch,
@@ -773,6 +938,14 @@ class Engine:
             prev = obj
         ll = self.loglik()
         return FitResult(ll, self.penalty_value(), history, converged, epoch)
+
+    def loglik(self) -> float:
+        """Log-likelihood at the current parameters (one pass); a pending gene step
+        (:class:`_Proposal`) is checked in the same pass first."""
+        (ll,) = self._eval_ll([self.params.zeta])
+        if self.proposal is not None:
+            _, ll = self.check_proposal(ll)
+        return float(ll.sum())
 
     def fit_stochastic(self, history: list[dict], batch_size: int, epochs: int) -> None:
         """Minibatch epochs over blocks of cells visited in a random order.
