@@ -154,8 +154,9 @@ def test_dispersion_derivatives_against_mpmath(y, zeta):
 # ---- fused (torch.compile) evaluation of entry_derivatives ------------------------------------
 
 
-def _extreme_block(dtype: torch.dtype):
-    """A small block spanning theta 1e-4..1e20, mu 1e-26..1e17, logit pi +-30, counts to ~1e4.
+def _extreme_block(dtype: torch.dtype, common_zeta: float | None = None):
+    """A small block spanning theta 1e-4..1e20, mu 1e-26..1e17, logit pi +-30, counts to ~1e4
+    (``common_zeta``: one dispersion for all genes instead).
 
     Returns the inputs and, per entry, a float64 magnitude of the terms that the formulas add up
     (the scale of their rounding error; entries near cancellation have values far below it).
@@ -163,6 +164,8 @@ def _extreme_block(dtype: torch.dtype):
     g = torch.Generator().manual_seed(7)
     n, J = 40, 24
     zeta = torch.linspace(-9.0, 46.0, J, dtype=torch.float64)
+    if common_zeta is not None:
+        zeta = torch.full_like(zeta, common_zeta)
     a = torch.randn(n, J, generator=g, dtype=torch.float64) * 4
     a[:, ::5] = torch.linspace(-60.0, 40.0, n, dtype=torch.float64)[:, None]
     b = torch.randn(n, J, generator=g, dtype=torch.float64) * 4
@@ -197,9 +200,13 @@ _FUSED_CASES = {
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # from torch internals (inductor)
 @pytest.mark.parametrize(("dtype", "rtol"), [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-def test_fused_matches_eager_on_extreme_values(compiler, dtype, rtol):
-    a, b, zeta, counts, scale = _extreme_block(dtype)
-    for zi, order, dispersion in _FUSED_CASES[dtype]:
+@pytest.mark.parametrize("common_zeta", [None, 2.5, 46.0])
+def test_fused_matches_eager_on_extreme_values(compiler, dtype, rtol, common_zeta):
+    a, b, zeta, counts, scale = _extreme_block(dtype, common_zeta)
+    cases = _FUSED_CASES[dtype]
+    if common_zeta is not None:  # the dispersion constants come per distinct count
+        cases = [c for c in cases if c[2]]
+    for zi, order, dispersion in cases:
         kw = dict(order=order, dispersion=dispersion)
         bb = b if zi else None
         got = entry_derivatives(a, bb, zeta, counts, fused=True, **kw)
@@ -298,6 +305,27 @@ def test_distinct_values_match_torch_unique(top):
     assert torch.equal(u, u_ref) and u.dtype == vals.dtype
     assert torch.equal(inverse, inv_ref)
     assert torch.equal(u[inverse], vals)
+
+
+@pytest.mark.parametrize("z", [-3.0, 1.5, 8.0, 45.0])
+def test_dispersion_constants_on_distinct_counts_match_every_entry(z):
+    """For a common dispersion the digamma/trigamma differences are evaluated once per
+    distinct count; they equal the per-nonzero evaluation (direct and Stirling branches)."""
+    from zinbgrad.model.likelihood import _psi_diffs, dispersion_constants
+
+    g = torch.Generator().manual_seed(5)
+    Y = torch.poisson(torch.rand(30, 20, generator=g, dtype=torch.float64) * 40.0, generator=g)
+    Y[Y < 4] = 0.0
+    idx = Y.nonzero()
+    vals = Y[idx[:, 0], idx[:, 1]]
+    counts = SparseCounts(30, 20, idx[:, 0], idx[:, 1], vals, torch.lgamma(vals + 1.0))
+    zeta = torch.full((20,), z, dtype=torch.float64)
+    d1, e = dispersion_constants(counts, zeta)
+    d1_ref, e_ref = _psi_diffs(vals, zeta, idx[:, 1])
+    torch.testing.assert_close(d1, d1_ref, rtol=1e-14, atol=0)
+    torch.testing.assert_close(e, e_ref, rtol=1e-14, atol=0)
+    zeta[3] += 0.5  # gene-wise: left to the kernels
+    assert dispersion_constants(counts, zeta) is None
 
 
 def test_nonzero_constant_on_distinct_counts_matches_every_entry():

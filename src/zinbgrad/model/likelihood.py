@@ -356,12 +356,27 @@ def nonzero_constant(counts: SparseCounts, zeta: Tensor) -> Tensor:
     Depends only on the counts and the dispersion, so the optimizer caches it while zeta is
     unchanged. For one common dispersion it is evaluated once per distinct count.
     """
-    if zeta.numel() == 1 or bool((zeta == zeta.reshape(-1)[0]).all()):
+    if _common_zeta(zeta):
         u, inverse = counts.distinct_values
         z = zeta.reshape(-1)[:1].expand_as(u)
         return lgamma_ratio_minus_ylog(u, z)[inverse] - counts.lgamma_y1
     zk = zeta.expand(counts.n_cols)[counts.cols]
     return lgamma_ratio_minus_ylog(counts.values, zk) - counts.lgamma_y1
+
+
+def _common_zeta(zeta: Tensor) -> bool:
+    return zeta.numel() == 1 or bool((zeta == zeta.reshape(-1)[0]).all())
+
+
+def dispersion_constants(counts: SparseCounts, zeta: Tensor) -> tuple[Tensor, Tensor] | None:
+    """The digamma/trigamma differences ``(D1, E)`` of :func:`_psi_diffs` at the nonzeros, for
+    one common dispersion (once per distinct count); ``None`` for gene-wise dispersions (the
+    kernels then evaluate them per nonzero)."""
+    if not _common_zeta(zeta):
+        return None
+    u, inverse = counts.distinct_values
+    d1, e = _psi_diffs(u, zeta.reshape(-1)[:1], torch.zeros_like(inverse[: u.numel()]))
+    return d1[inverse], e[inverse]
 
 
 def _psi_direct(y: Tensor, th: Tensor, dg_th: Tensor, tg_th: Tensor) -> tuple[Tensor, Tensor]:
@@ -496,11 +511,12 @@ def _sparse_terms(
     const: Tensor,
     order: int,
     dispersion: bool,
+    psi: tuple[Tensor, Tensor] | None = None,
 ) -> _Terms:
     """The ``y > 0`` values at the nonzeros (``flat`` positions of the contiguous block).
 
-    ``lab`` is ``None`` (it is zero at the nonzeros). Pure tensor function like
-    :func:`_dense_terms`.
+    ``lab`` is ``None`` (it is zero at the nonzeros). ``psi``: precomputed
+    :func:`dispersion_constants`. Pure tensor function like :func:`_dense_terms`.
     """
     zi = b is not None
     ak = a.view(-1)[flat]
@@ -528,7 +544,7 @@ def _sparse_terms(
                 lbb = -pik * (1.0 - pik)
     if dispersion:
         pk = torch.sigmoid(sk)
-        d1, e = _psi_diffs(y, zeta, cols)
+        d1, e = _psi_diffs(y, zeta, cols) if psi is None else psi
         theta_k = _theta_k(sk, ak, thk, spk, pk)
         theta_p2 = muq * pk
         lz = d1 + y * pk - theta_k
@@ -544,16 +560,20 @@ def _block_terms(
     cols: Tensor | None,
     y: Tensor | None,
     const: Tensor | None,
+    d1: Tensor | None = None,
+    e: Tensor | None = None,
     *,
     order: int,
     dispersion: bool,
 ) -> _Terms:
     """Dense ``y = 0`` terms with the ``y > 0`` values written at the nonzeros (``flat``;
-    ``None`` when the block has none). Pure tensor function: the unit that is compiled."""
+    ``None`` when the block has none); ``d1``, ``e``: optional :func:`dispersion_constants`.
+    Pure tensor function: the unit that is compiled."""
     dense = _dense_terms(a, b, zeta, order, dispersion)
     if flat is None:
         return dense
-    sparse = _sparse_terms(a, b, zeta, flat, cols, y, const, order, dispersion)
+    psi = None if d1 is None else (d1, e)
+    sparse = _sparse_terms(a, b, zeta, flat, cols, y, const, order, dispersion, psi)
     out = []
     for name, d, v in zip(_TERMS, dense, sparse, strict=True):
         if d is not None:
@@ -674,9 +694,9 @@ def _compiled_block_terms(
     fn = _compiled.get(key)
     if fn is None:
 
-        def block_terms(a, b, zeta, flat, cols, y, const):
+        def block_terms(a, b, zeta, flat, cols, y, const, d1, e):
             return _block_terms(
-                a, b, zeta, flat, cols, y, const, order=order, dispersion=dispersion
+                a, b, zeta, flat, cols, y, const, d1, e, order=order, dispersion=dispersion
             )
 
         name = f"block_terms_{'zinb' if zi else 'nb'}_o{order}{'_disp' if dispersion else ''}"
@@ -764,12 +784,15 @@ def entry_derivatives(
     b = None if b is None else b.contiguous()
     zeta = zeta.expand(a.shape[1]).contiguous()
     flat = counts.flat
+    d1 = e = None
     if flat.numel() == 0:
         flat = cols = y = const = None
     else:
         cols, y = counts.cols, counts.values
         const = nonzero_constant(counts, zeta) if nz_const is None else nz_const
-    args = (a, b, zeta, flat, cols, y, const)
+        if dispersion:
+            d1, e = dispersion_constants(counts, zeta) or (None, None)
+    args = (a, b, zeta, flat, cols, y, const, d1, e)
     # blocks with a dimension of 0 or 1 stay eager (compiling would specialize on that size)
     if _want_fused(fused) and min(a.shape) > 1 and (flat is None or flat.numel() > 1):
         args = tuple(_plain(x) for x in args)
