@@ -26,6 +26,9 @@ class LocalComm:
     def all_reduce_(self, *tensors: Tensor) -> None:
         return None
 
+    def all_reduce_max_(self, *tensors: Tensor) -> None:
+        return None
+
     def sum(self, x: float) -> float:
         return float(x)
 
@@ -61,14 +64,17 @@ class TorchComm(LocalComm):
             return t.cpu()
         return t
 
-    def all_reduce_(self, *tensors: Tensor) -> None:
+    def all_reduce_(self, *tensors: Tensor, op=None) -> None:
         for t in tensors:
             if t is None or t.numel() == 0:
                 continue
             buf = self._dev(t)
-            self.dist.all_reduce(buf)
+            self.dist.all_reduce(buf, op=self.dist.ReduceOp.SUM if op is None else op)
             if buf is not t:
                 t.copy_(buf)
+
+    def all_reduce_max_(self, *tensors: Tensor) -> None:
+        self.all_reduce_(*tensors, op=self.dist.ReduceOp.MAX)
 
     def _scalar(self, x: float, op) -> float:
         t = torch.tensor([float(x)], dtype=torch.float64)

@@ -11,9 +11,10 @@ One *sweep* (an epoch of the full-batch solver) streams the cells in blocks:
 3. one damped Newton step for every gene's ``(beta_mu, alpha_mu, beta_pi, alpha_pi)`` (and its
    dispersion), accepted per gene only if it does not lower the gene's penalized
    log-likelihood at the new cells. Early on the step is checked in a second streaming pass;
-   once few steps fail (at most 2 %), it is taken at once, with its size capped, and checked
-   in the next sweep's first evaluation, which sees the same cells (:class:`_Proposal`): a
-   sweep then reads the data once instead of twice;
+   once few steps fail (at most 2 %), it is taken at once (scaled so that it changes no
+   cell's log mu or logit pi by more than 1) and checked in the next sweep's first
+   evaluation, which sees the same cells (:class:`_Proposal`): a sweep then reads the data
+   once instead of twice;
 4. W and alpha are re-balanced by zinbwave's ``orthogonalizeTraceNorm``.
 
 The stochastic solver (:meth:`Engine.fit_stochastic`) does the same on minibatches of cells, with
@@ -54,9 +55,9 @@ ZETA_MIN, ZETA_MAX = -15.0, 60.0
 #: genes' last steps was rejected: early on, steps that would be rejected are common and
 #: costly to have taken for a sweep
 LAGGED_MAX_REJECTED = 0.02
-#: largest entry of a lagged gene step (log scale; a checked step may take 10): a step taken
-#: for a sweep before its check must not be able to ruin a gene
-LAGGED_MAX_STEP = 1.0
+#: a lagged gene step is scaled down until it changes no cell's log mu or logit pi by more
+#: than this: a step taken for a sweep before its check must not be able to ruin a gene
+LAGGED_MAX_CHANGE = 3.0
 
 
 @dataclass
@@ -602,15 +603,37 @@ class Engine:
         return out
 
     def _gene_proposal(
-        self, stats: _GeneStats, frozen: Tensor | None, max_step: float = 10.0
+        self, stats: _GeneStats, frozen: Tensor | None, max_change: float | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """``(v_old, v_new, lam)``: one damped Newton step for every gene not ``frozen``."""
+        """``(v_old, v_new, lam)``: one damped Newton step for every gene not ``frozen``;
+        with ``max_change``, each gene's step is scaled so that no cell's log mu or logit pi
+        changes by more than that."""
         v_old = self._get_gene_vec()
         A, g = self._gene_system(stats, v_old)
-        delta, lam = damped_newton_step(A, g, self.lam_genes, max_step=max_step)
+        delta, lam = damped_newton_step(A, g, self.lam_genes)
         if frozen is not None:
             delta[frozen] = 0.0
+        if max_change is not None:
+            delta = delta * self._step_scale(delta, max_change)[:, None]
         return v_old, v_old + delta, lam
+
+    def _step_scale(self, delta: Tensor, max_change: float) -> Tensor:
+        """Per gene, the factor (<= 1) that keeps the change of every cell's log mu and logit
+        pi below ``max_change``: the change at cell i is ``(X_i, W_i)`` times the gene's step,
+        its largest size over the cells is found block by block (no data is read)."""
+        p, d = self.params, self.design
+        Mmu, K = p.beta_mu.shape[0], self.K
+        change = torch.zeros(self.J, dtype=self.dtype, device=self.device)
+        parts = [(d.X_mu, delta[:, : Mmu + K])]
+        if self.zi:
+            parts.append((d.X_pi, delta[:, Mmu + K :]))
+        for start, stop in self.bounds:
+            W = p.W[start:stop]
+            for X, step in parts:
+                c = torch.cat([X[start:stop], W], 1) @ step.T
+                change = torch.maximum(change, c.abs().amax(0))
+        self.comm.all_reduce_max_(change)
+        return torch.clamp(max_change / change.clamp(min=1e-300), max=1.0)
 
     def gene_update(
         self, stats: _GeneStats, update_zeta: bool, frozen: Tensor | None = None
@@ -685,7 +708,7 @@ class Engine:
         """Take a gene step (and a gene-wise dispersion step) now and leave its check to the
         next sweep (:class:`_Proposal`); call :meth:`check_proposal` or the final pass then."""
         p = self.params
-        v_old, v_new, lam = self._gene_proposal(stats, frozen, LAGGED_MAX_STEP)
+        v_old, v_new, lam = self._gene_proposal(stats, frozen, LAGGED_MAX_CHANGE)
         zeta_old = p.zeta.clone()
         center = zeta_old.mean()
         f_old = self._gene_objective(stats.ll, center)
