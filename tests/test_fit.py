@@ -399,3 +399,27 @@ def test_pending_step_old_genes_follow_the_orthogonalization():
     torch.testing.assert_close(b1, b0, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(prop.f_old, expect)
     assert not torch.allclose(prop.v_old, v)  # alpha did change basis
+
+
+def test_lagged_gene_step_scale_bounds_every_cells_change():
+    """A lagged gene step is scaled per gene so that no cell's log mu or logit pi moves by more
+    than the cap (the bound is attained where it scales); small steps are left alone."""
+    import torch
+
+    eng = _engine(_planted_genes(n=500, J=60), 3, True, tol=0.0, block_entries=6000)
+    assert len(eng.bounds) > 3  # the maximum is taken over several blocks
+    eng._sweep(1)
+    v = eng._get_gene_vec()
+    g = torch.Generator().manual_seed(1)
+    delta = torch.randn(v.shape, generator=g, dtype=v.dtype) * 0.5
+    delta[:10] *= 1e-4
+    scale = eng._step_scale(delta, 3.0)
+    step = delta * scale[:, None]
+    p, d = eng.params, eng.design
+    q = d.X_mu.shape[1] + eng.K
+    change_mu = (torch.cat([d.X_mu, p.W], 1) @ step[:, :q].T).abs().amax(0)
+    change_pi = (torch.cat([d.X_pi, p.W], 1) @ step[:, q:].T).abs().amax(0)
+    worst = torch.maximum(change_mu, change_pi)
+    assert bool((worst <= 3.0 * (1 + 1e-12)).all())
+    assert bool((scale[:10] == 1.0).all()) and bool((scale < 1).any())
+    torch.testing.assert_close(worst[scale < 1], torch.full_like(worst[scale < 1], 3.0))
