@@ -881,6 +881,8 @@ class Engine:
         path_feats = self._path_features(path) if path is not None else None
         disp = self._zeta_due()
         lagged = self.proposal is not None
+        if lagged and path is not None:
+            raise RuntimeError("a pending gene step cannot be checked in a sweep along a path")
         ll_start = torch.zeros_like(stats.ll) if lagged else None
         for start, stop, counts in self.source.iter_blocks(self.bounds):
             rows = slice(start, stop)
@@ -894,8 +896,6 @@ class Engine:
         obj = ll - self.penalty_value()
         frozen = None
         if lagged:
-            if path_feats is not None:
-                raise RuntimeError("a lagged gene check cannot follow a path")
             frozen, _ = self.check_proposal(ll_start)
         zeta_before = self.params.zeta.clone()
         if self.opt.lagged_check and self.gene_rejected <= LAGGED_MAX_REJECTED:
