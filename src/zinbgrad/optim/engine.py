@@ -583,6 +583,16 @@ class Engine:
         step = torch.clamp(step, -cap, cap)
         return torch.clamp(zeta + step, lo, hi)
 
+    def _adapt_zeta_cap(self, moved: Tensor | bool, accepted: Tensor | bool) -> None:
+        """The dispersion steps' trust region, per gene: doubled (up to 8) after an accepted
+        move, quartered (down to 1e-3) after a rejected one, unchanged where zeta did not
+        move (bool tensors, or one bool for all genes)."""
+        moved = torch.as_tensor(moved, device=self.device)
+        accepted = torch.as_tensor(accepted, device=self.device)
+        grow = torch.clamp(self.zeta_cap * 2, max=8.0)
+        shrink = torch.clamp(self.zeta_cap / 4, min=1e-3)
+        self.zeta_cap = torch.where(moved, torch.where(accepted, grow, shrink), self.zeta_cap)
+
     def _zeta_surrogate(self, zeta: Tensor, center: Tensor) -> Tensor:
         """Separable majorizer of the var(zeta) penalty (exact at zeta = old zeta)."""
         if self.common or self.J < 2:
@@ -678,12 +688,7 @@ class Engine:
             p.zeta = torch.where(acc, zeta_new, zeta_old)
             if update_zeta:
                 moved = zeta_new != zeta_old
-                self.zeta_cap = torch.where(
-                    moved & acc, torch.clamp(self.zeta_cap * 2, max=8.0), self.zeta_cap
-                )
-                self.zeta_cap = torch.where(
-                    moved & ~acc, torch.clamp(self.zeta_cap / 4, min=1e-3), self.zeta_cap
-                )
+                self._adapt_zeta_cap(moved, acc)
         elif update_zeta and not torch.equal(zeta_new, zeta_old):
             # two fully evaluated states: per-gene choice under the old zeta (ll, v) versus all
             # genes moved together with the new zeta; keep the better one
@@ -693,9 +698,7 @@ class Engine:
                 self._set_gene_vec(v_new)
                 p.zeta = zeta_new
                 ll = ll_z
-                self.zeta_cap = torch.clamp(self.zeta_cap * 2, max=8.0)
-            else:
-                self.zeta_cap = torch.clamp(self.zeta_cap / 4, min=1e-3)
+            self._adapt_zeta_cap(True, f_b >= f_a)
         return ll
 
     def _gene_objective(self, ll: Tensor, center: Tensor) -> Tensor:
@@ -747,8 +750,7 @@ class Engine:
             acc = torch.full_like(better, ok)
             if not ok:
                 p.zeta = prop.zeta_old
-            cap = self.zeta_cap * 2 if ok else self.zeta_cap / 4
-            self.zeta_cap = torch.clamp(cap, min=1e-3, max=8.0)
+            self._adapt_zeta_cap(True, ok)
         rejected = ~acc
         self.gene_rejected = float((~better).float().mean())
         self._set_gene_vec(torch.where(acc[:, None], self._get_gene_vec(), prop.v_old))
@@ -756,12 +758,7 @@ class Engine:
             zeta_new = p.zeta
             p.zeta = torch.where(acc, zeta_new, prop.zeta_old)
             moved = (zeta_new != prop.zeta_old) & torch.isfinite(prop.f_old)
-            self.zeta_cap = torch.where(
-                moved & acc, torch.clamp(self.zeta_cap * 2, max=8.0), self.zeta_cap
-            )
-            self.zeta_cap = torch.where(
-                moved & ~acc, torch.clamp(self.zeta_cap / 4, min=1e-3), self.zeta_cap
-            )
+            self._adapt_zeta_cap(moved, acc)
         return rejected, torch.where(acc, ll_new, prop.ll_old)
 
     def _rotate_proposal(self, T: Tensor | None) -> None:
@@ -1018,7 +1015,7 @@ class Engine:
                 zeta_new = self._zeta_step(stats, data_scale=scale)
                 self.params.zeta = self.params.zeta + rho * (zeta_new - self.params.zeta)
                 if self.common:
-                    self.zeta_cap = torch.clamp(self.zeta_cap * 2, max=8.0)
+                    self._adapt_zeta_cap(True, True)
             self.orthogonalize()
             rec = {
                 "epoch": len(history) + 1,
@@ -1071,12 +1068,7 @@ class Engine:
                 acc = ll_new - self._zeta_surrogate(zeta_new, center) >= f_old
             self.params.zeta = torch.where(acc, zeta_new, zeta_old)
             moved = zeta_new != zeta_old
-            self.zeta_cap = torch.where(
-                moved & acc, torch.clamp(self.zeta_cap * 2, max=8.0), self.zeta_cap
-            )
-            self.zeta_cap = torch.where(
-                moved & ~acc, torch.clamp(self.zeta_cap / 4, min=1e-3), self.zeta_cap
-            )
+            self._adapt_zeta_cap(moved, acc)
             if not bool(moved.any()):
                 break
 
