@@ -375,7 +375,8 @@ def dispersion_constants(counts: SparseCounts, zeta: Tensor) -> tuple[Tensor, Te
     if not _common_zeta(zeta):
         return None
     u, inverse = counts.distinct_values
-    d1, e = _psi_diffs(u, zeta.reshape(-1)[:1], torch.zeros_like(inverse[: u.numel()]))
+    cols = torch.zeros(u.numel(), dtype=torch.long, device=u.device)  # one "gene": the zeta
+    d1, e = _psi_diffs(u, zeta.reshape(-1)[:1], cols)
     return d1[inverse], e[inverse]
 
 

@@ -11,10 +11,10 @@ One *sweep* (an epoch of the full-batch solver) streams the cells in blocks:
 3. one damped Newton step for every gene's ``(beta_mu, alpha_mu, beta_pi, alpha_pi)`` (and its
    dispersion), accepted per gene only if it does not lower the gene's penalized
    log-likelihood at the new cells. Early on the step is checked in a second streaming pass;
-   once few steps fail (at most 2 %), it is taken at once (scaled so that it changes no
-   cell's log mu or logit pi by more than 1) and checked in the next sweep's first
-   evaluation, which sees the same cells (:class:`_Proposal`): a sweep then reads the data
-   once instead of twice;
+   once few steps fail (``LAGGED_MAX_REJECTED``), it is taken at once (scaled so that it
+   changes no cell's log mu or logit pi by more than ``LAGGED_MAX_CHANGE``) and checked in
+   the next sweep's first evaluation, which sees the same cells (:class:`_Proposal`): a
+   sweep then reads the data once instead of twice;
 4. W and alpha are re-balanced by zinbwave's ``orthogonalizeTraceNorm``.
 
 The stochastic solver (:meth:`Engine.fit_stochastic`) does the same on minibatches of cells, with
@@ -251,18 +251,20 @@ class _Cells:
     f: Tensor | None
     lam: Tensor
 
-    _FIELDS = ("u", "base_a", "base_b", "a", "b", "f", "lam")
+    _FIELDS = ("u", "a", "b", "f", "lam")  # per step; base_a/base_b are fixed in a block
 
     def take(self, idx: Tensor) -> _Cells:
         """The cells ``idx`` (copies)."""
         vals = {
-            k: None if getattr(self, k) is None else getattr(self, k)[idx] for k in self._FIELDS
+            k: None if getattr(self, k) is None else getattr(self, k)[idx]
+            for k in self._FIELDS + ("base_a", "base_b")
         }
         d = EntryDerivatives(**{k: None if v is None else v[idx] for k, v in vars(self.d).items()})
         return _Cells(d=d, **vals)
 
     def put(self, idx: Tensor, other: _Cells) -> None:
-        """Overwrite the cells ``idx`` with ``other`` (derivatives present in both only)."""
+        """Overwrite the cells ``idx`` with ``other`` (derivatives present in both only; the
+        fixed parts of the predictors are the same in both)."""
         for k in self._FIELDS:
             mine = getattr(self, k)
             if mine is not None:
@@ -538,16 +540,20 @@ class Engine:
             parts += [p.beta_pi.T, p.alpha_pi.T]
         return torch.cat(parts, 1)
 
-    def _set_gene_vec(self, v: Tensor) -> None:
+    def _gene_slices(self) -> dict[str, slice]:
+        """Where each gene field lies in the columns of :meth:`_get_gene_vec`."""
         p, K = self.params, self.K
         Mmu = p.beta_mu.shape[0]
-        p.beta_mu = v[:, :Mmu].T.contiguous()
-        p.alpha_mu = v[:, Mmu : Mmu + K].T.contiguous()
+        out = {"beta_mu": slice(0, Mmu), "alpha_mu": slice(Mmu, Mmu + K)}
         if self.zi:
-            Mpi = p.beta_pi.shape[0]
-            o = Mmu + K
-            p.beta_pi = v[:, o : o + Mpi].T.contiguous()
-            p.alpha_pi = v[:, o + Mpi : o + Mpi + K].T.contiguous()
+            o, Mpi = Mmu + K, p.beta_pi.shape[0]
+            out["beta_pi"] = slice(o, o + Mpi)
+            out["alpha_pi"] = slice(o + Mpi, o + Mpi + K)
+        return out
+
+    def _set_gene_vec(self, v: Tensor) -> None:
+        for name, cols in self._gene_slices().items():
+            setattr(self.params, name, v[:, cols].T.contiguous())
 
     def _gene_system(self, stats: _GeneStats, v: Tensor, data_scale: float = 1.0):
         J, qa, qb = self.J, stats.qa, stats.qb
@@ -631,12 +637,11 @@ class Engine:
         """Per gene, the factor (<= 1) that keeps the change of every cell's log mu and logit
         pi below ``max_change``: the change at cell i is ``(X_i, W_i)`` times the gene's step,
         its largest size over the cells is found block by block (no data is read)."""
-        p, d = self.params, self.design
-        Mmu, K = p.beta_mu.shape[0], self.K
+        p, d, at = self.params, self.design, self._gene_slices()
         change = torch.zeros(self.J, dtype=self.dtype, device=self.device)
-        parts = [(d.X_mu, delta[:, : Mmu + K])]
+        parts = [(d.X_mu, delta[:, : at["alpha_mu"].stop])]
         if self.zi:
-            parts.append((d.X_pi, delta[:, Mmu + K :]))
+            parts.append((d.X_pi, delta[:, at["beta_pi"].start :]))
         for start, stop in self.bounds:
             W = p.W[start:stop]
             for X, step in parts:
@@ -660,9 +665,8 @@ class Engine:
         zeta_new = self._zeta_step(stats) if update_zeta else zeta_old
         if frozen is not None and not self.common:
             zeta_new = torch.where(frozen, zeta_old, zeta_new)
-        pen_old = self.pen.gene_values(p)
         center = zeta_old.mean()
-        f_old = stats.ll - pen_old - self._zeta_surrogate(zeta_old, center)
+        f_old = self._gene_objective(stats.ll, center)
 
         self._set_gene_vec(v_new)
         pen_new = self.pen.gene_values(p)
@@ -671,11 +675,10 @@ class Engine:
                 ll_keep, ll_z = self._eval_ll([zeta_old, zeta_new])
             else:
                 (ll_keep,) = self._eval_ll([zeta_old])
-            f_new = ll_keep - pen_new
         else:
             p.zeta = zeta_new
             (ll_keep,) = self._eval_ll([zeta_new])
-            f_new = ll_keep - pen_new - self._zeta_surrogate(zeta_new, center)
+        f_new = self._gene_objective(ll_keep, center)
         acc = (f_new >= f_old) & torch.isfinite(f_new)
         if frozen is not None:  # unchanged; ll_keep is their log-likelihood
             acc = acc | frozen
@@ -767,15 +770,10 @@ class Engine:
         prop = self.proposal
         if prop is None or T is None:
             return
-        K, Mmu = self.K, self.params.beta_mu.shape[0]
-        cols = [torch.arange(Mmu, Mmu + K)]
-        if self.zi:
-            o = Mmu + K + self.params.beta_pi.shape[0]
-            cols.append(torch.arange(o, o + K))
         v = prop.v_old.clone()
         Td = T.double()
-        for c in cols:
-            c = c.to(v.device)
+        for name in ("alpha_mu", "alpha_pi") if self.zi else ("alpha_mu",):
+            c = self._gene_slices()[name]
             alpha = v[:, c].T.double()
             try:
                 rot = torch.linalg.solve(Td, alpha)
