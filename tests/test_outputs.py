@@ -266,7 +266,9 @@ def test_blocks_do_not_change_results(fitted):
     a, model = fitted
     ref = O.model_output(model, "pearson", a.X)
     small = O.model_output(model, "pearson", a.X, block_entries=7 * a.n_vars)
-    np.testing.assert_array_equal(ref, small)
+    # equal up to rounding: the matrix kernels may sum in another order for other row counts
+    # (bitwise equal on an Intel Xeon, 3.6e-15 apart on an AMD EPYC)
+    np.testing.assert_allclose(ref, small, rtol=1e-12, atol=1e-12)
     blocks = list(
         O.iter_output_blocks(
             "mu", model.training_design(), model.get_params_torch(), block_entries=1000
@@ -287,8 +289,11 @@ def test_batch_correction_invariants(fitted):
     # cells of the reference batch are unchanged, the others lose exactly their batch effect
     np.testing.assert_array_equal(to_ref[in_ref], mu[in_ref])
     col = model.X_columns_.index(f"batch[{other}]")
-    np.testing.assert_allclose(
-        np.log(to_ref[~in_ref]), np.log(mu[~in_ref]) - model.beta_mu_[col], rtol=1e-12
+    np.testing.assert_allclose(  # atol: log values that happen to sit near 0 (rounding)
+        np.log(to_ref[~in_ref]),
+        np.log(mu[~in_ref]) - model.beta_mu_[col],
+        rtol=1e-12,
+        atol=1e-14,
     )
     to_other = O.batch_corrected(model, other)
     np.testing.assert_allclose(to_other[~in_ref], mu[~in_ref], rtol=1e-14)
