@@ -46,7 +46,7 @@ from ..model.likelihood import (
 from ..model.params import Design, Params, Penalty, linear_predictors, orthogonalization_transform
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import LocalComm
-from .newton import damped_newton_step, outer_flat, update_damping
+from .newton import SymmetricPacking, damped_newton_step, outer_flat, update_damping
 
 __all__ = ["Engine", "FitOptions", "FitResult"]
 
@@ -218,14 +218,19 @@ class FitPath:
 
 
 class _GeneStats:
-    """Per-gene gradient, Hessian, log-likelihood and dispersion derivatives, accumulated."""
+    """Per-gene gradient, Hessian, log-likelihood and dispersion derivatives, accumulated.
 
-    def __init__(self, J: int, qa: int, qb: int, ref: Tensor) -> None:
+    The symmetric Hessian blocks ``haa``/``hbb`` are packed (:class:`SymmetricPacking`
+    ``pa``/``pb``); the cross block ``hab`` is a full ``qa x qb`` matrix per gene.
+    """
+
+    def __init__(self, J: int, pa: SymmetricPacking, pb: SymmetricPacking | None, ref) -> None:
         kw = {"dtype": ref.dtype, "device": ref.device}
+        qa, qb = pa.p, 0 if pb is None else pb.p
         self.ga = torch.zeros(J, qa, **kw)
         self.gb = torch.zeros(J, qb, **kw)
-        self.haa = torch.zeros(J, qa * qa, **kw)
-        self.hbb = torch.zeros(J, qb * qb, **kw)
+        self.haa = torch.zeros(J, pa.width, **kw)
+        self.hbb = torch.zeros(J, 0 if pb is None else pb.width, **kw)
         self.hab = torch.zeros(J, qa * qb, **kw)
         self.ll = torch.zeros(J, **kw)
         self.gz = torch.zeros(J, **kw)
@@ -335,6 +340,13 @@ class Engine:
         self.eps_cell = penalty.cell_vector(self.K, self.zi)
         self.eps_gene = penalty.gene_vector(self.K, self.zi)
         self._nzc: dict = {}
+        # packed symmetric Hessians: of the cells' problems and of the genes' two blocks
+        Lmu, Lpi = design.V_mu.shape[1], design.V_pi.shape[1] if self.zi else 0
+        self.pack_cell = SymmetricPacking(self.K + Lmu + Lpi, self.device)
+        self.pack_ga = SymmetricPacking(design.X_mu.shape[1] + self.K, self.device)
+        self.pack_gb = (
+            SymmetricPacking(design.X_pi.shape[1] + self.K, self.device) if self.zi else None
+        )
         # stochastic solver state (checkpointed): averaged gene Hessians, damping, step count
         self.sto_H: Tensor | None = None
         self.sto_lam: Tensor | None = None
@@ -351,7 +363,8 @@ class Engine:
 
     # ------------------------------------------------------------------ cell-level pieces
     def _cell_features(self) -> tuple[Tensor, Tensor | None, dict]:
-        """Gene-side design of the cell problems: Fa, Fb (J x p) and their outer products."""
+        """Gene-side design of the cell problems: Fa, Fb (J x p) and their packed outer
+        products (``"ab"``: the symmetric cross term ``Fa Fb^T + Fb Fa^T``)."""
         p = self.params
         Lmu = self.design.V_mu.shape[1]
         Lpi = self.design.V_pi.shape[1] if self.zi else 0
@@ -359,14 +372,13 @@ class Engine:
         z = torch.zeros
         kw = {"dtype": self.dtype, "device": self.device}
         Fa = torch.cat([p.alpha_mu.T, self.design.V_mu, z(J, Lpi, **kw)], 1)
-        prods = {"aa": outer_flat(Fa)}
+        pack = self.pack_cell
+        prods = {"aa": pack.outer(Fa)}
         Fb = None
         if self.zi:
             Fb = torch.cat([p.alpha_pi.T, z(J, Lmu, **kw), self.design.V_pi], 1)
-            prods["bb"] = outer_flat(Fb)
-            ab = outer_flat(Fa, Fb)
-            pp = Fa.shape[1]
-            prods["ab"] = ab + ab.view(J, pp, pp).transpose(1, 2).reshape(J, -1)
+            prods["bb"] = pack.outer(Fb)
+            prods["ab"] = pack.outer(Fa, Fb)
         return Fa, Fb, prods
 
     def _get_cell_vec(self, rows: slice) -> Tensor:
@@ -473,21 +485,24 @@ class Engine:
     def _cell_objective(self, st: _Cells) -> Tensor:
         return st.d.ll.sum(1) - 0.5 * (self.eps_cell * st.u * st.u).sum(1)
 
+    def _cell_system(self, d: EntryDerivatives, u: Tensor, feats) -> tuple[Tensor, Tensor]:
+        """The cells' Newton systems ``(A, g)``: minus the Hessian and the gradient of each
+        cell's penalized objective in its local parameters ``u`` (B x p x p, B x p)."""
+        Fa, Fb, prods = feats
+        eps = self.eps_cell
+        g = torch.addmm(eps * u, d.la, Fa, beta=-1)
+        H = d.laa @ prods["aa"]
+        if self.zi:
+            g.addmm_(d.lb, Fb)
+            H.addmm_(d.lbb, prods["bb"]).addmm_(d.lab, prods["ab"])
+        return torch.diag(eps) - self.pack_cell.unpack(H), g
+
     def _cell_step(self, st: _Cells, counts: SparseCounts, nzc: Tensor, feats, order: int) -> None:
         """One damped Newton step of the cells in ``st`` (updated in place, per cell only where
         it does not lower the cell's objective); the new point is evaluated at ``order``."""
-        Fa, Fb, prods = feats
-        eps = self.eps_cell
-        d, u = st.d, st.u
-        nb, pdim = u.shape
-        g = d.la @ Fa - eps * u
-        H = d.laa @ prods["aa"]
-        if self.zi:
-            g = g + d.lb @ Fb
-            H = H + d.lbb @ prods["bb"] + d.lab @ prods["ab"]
-        A = -H.view(nb, pdim, pdim) + torch.diag(eps)
+        A, g = self._cell_system(st.d, st.u, feats)
         delta, lam = damped_newton_step(A, g, st.lam)
-        new = _Cells(u + delta, st.base_a, st.base_b, None, None, None, None, lam)
+        new = _Cells(st.u + delta, st.base_a, st.base_b, None, None, None, None, lam)
         self._predict(new, feats)
         new.d = self._derivs(new.a, new.b, counts, order=order, nz_const=nzc)
         new.f = self._cell_objective(new)
@@ -506,9 +521,7 @@ class Engine:
         return Ga, Gb
 
     def _new_stats(self) -> _GeneStats:
-        qa = self.design.X_mu.shape[1] + self.K
-        qb = self.design.X_pi.shape[1] + self.K if self.zi else 0
-        return _GeneStats(self.J, qa, qb, self.params.beta_mu)
+        return _GeneStats(self.J, self.pack_ga, self.pack_gb, self.params.beta_mu)
 
     def accumulate(
         self,
@@ -521,12 +534,12 @@ class Engine:
         dispersion: bool,
     ) -> None:
         Ga, Gb = self._gene_features(rows)
-        stats.ga += d.la.T @ Ga
-        stats.haa += d.laa.T @ outer_flat(Ga)
+        stats.ga.addmm_(d.la.T, Ga)
+        stats.haa.addmm_(d.laa.T, self.pack_ga.outer(Ga))
         if self.zi:
-            stats.gb += d.lb.T @ Gb
-            stats.hbb += d.lbb.T @ outer_flat(Gb)
-            stats.hab += d.lab.T @ outer_flat(Ga, Gb)
+            stats.gb.addmm_(d.lb.T, Gb)
+            stats.hbb.addmm_(d.lbb.T, self.pack_gb.outer(Gb))
+            stats.hab.addmm_(d.lab.T, outer_flat(Ga, Gb))
         stats.ll += d.ll.sum(0)
         if dispersion:
             dz = self._derivs(a, b, counts, order=0, dispersion=True)
@@ -558,16 +571,16 @@ class Engine:
     def _gene_system(self, stats: _GeneStats, v: Tensor, data_scale: float = 1.0):
         J, qa, qb = self.J, stats.qa, stats.qb
         eps = self.eps_gene
+        haa = self.pack_ga.unpack(stats.haa)
         if self.zi:
             g = torch.cat([stats.ga, stats.gb], 1) * data_scale - eps * v
-            top = torch.cat([stats.haa.view(J, qa, qa), stats.hab.view(J, qa, qb)], 2)
-            bot = torch.cat(
-                [stats.hab.view(J, qa, qb).transpose(1, 2), stats.hbb.view(J, qb, qb)], 2
-            )
+            hab = stats.hab.view(J, qa, qb)
+            top = torch.cat([haa, hab], 2)
+            bot = torch.cat([hab.transpose(1, 2), self.pack_gb.unpack(stats.hbb)], 2)
             H = torch.cat([top, bot], 1) * data_scale
         else:
             g = stats.ga * data_scale - eps * v
-            H = stats.haa.view(J, qa, qa) * data_scale
+            H = haa * data_scale
         A = -H + torch.diag(eps)
         return A, g
 

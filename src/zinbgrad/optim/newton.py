@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["damped_newton_step", "outer_flat", "update_damping"]
+__all__ = ["SymmetricPacking", "damped_newton_step", "outer_flat", "update_damping"]
 
 LAM_MIN = 1e-9
 LAM_MAX = 1e8
@@ -23,6 +23,42 @@ def outer_flat(F: Tensor, G: Tensor | None = None) -> Tensor:
     """Row-wise outer products ``F[r] G[r]^T`` flattened: (R, p) x (R, q) -> (R, p*q)."""
     G = F if G is None else G
     return (F[:, :, None] * G[:, None, :]).reshape(F.shape[0], -1)
+
+
+class SymmetricPacking:
+    """Symmetric ``p x p`` matrices stored by their upper triangle, one row per matrix.
+
+    The Hessians of the cell and gene problems are sums over entries of weights times outer
+    products, ``H = sum_j w_j F_j F_j^T``: one matrix product ``w @ outer(F)`` for a whole block.
+    Contracting with the ``p (p + 1) / 2`` packed outer products instead of all ``p^2`` halves
+    the work of those products (the largest matrix products of a sweep). The packed width is
+    rounded up to a multiple of 16 with zero columns, the shapes the CPU matrix kernels run at
+    full speed (78 columns ran 30 % slower than 80 on AVX-512).
+    """
+
+    def __init__(self, p: int, device: torch.device | str | None = None) -> None:
+        rows, cols = torch.triu_indices(p, p, device=device)
+        m = rows.numel()
+        self.p, self.rows, self.cols, self.m = p, rows, cols, m
+        self.width = -(-m // 16) * 16
+        pos = torch.arange(m, device=device)
+        full = torch.empty(p, p, dtype=torch.long, device=device)
+        full[rows, cols] = pos
+        full[cols, rows] = pos
+        self._unpack = full.reshape(-1)
+
+    def outer(self, F: Tensor, G: Tensor | None = None) -> Tensor:
+        """Packed ``F[r] F[r]^T`` (or the symmetric ``F[r] G[r]^T + G[r] F[r]^T``): (R, width)."""
+        out = F.new_zeros(F.shape[0], self.width)
+        if G is None:
+            out[:, : self.m] = F[:, self.rows] * F[:, self.cols]
+        else:
+            out[:, : self.m] = F[:, self.rows] * G[:, self.cols] + G[:, self.rows] * F[:, self.cols]
+        return out
+
+    def unpack(self, H: Tensor) -> Tensor:
+        """(..., width) packed matrices -> (..., p, p)."""
+        return H[..., self._unpack].view(*H.shape[:-1], self.p, self.p)
 
 
 def damped_newton_step(
