@@ -298,6 +298,7 @@ def child_main(args: argparse.Namespace) -> int:
         tol=args.tol,
         dtype=args.dtype,
         device="cpu",
+        **({"block_entries": args.block_entries} if args.block_entries else {}),
     )
     model.fit(data)
     t_end = time.perf_counter()
@@ -387,6 +388,8 @@ def run_child(path: Path, mode: str, args: argparse.Namespace, timeout: float | 
         cmd += ["--batch-size", str(args.batch_size)]
     if getattr(args, "sketch_size", None):
         cmd += ["--sketch-size", str(args.sketch_size)]
+    if getattr(args, "block_entries", None):
+        cmd += ["--block-entries", str(args.block_entries)]
     load_before = loadavg()
     t0 = time.perf_counter()
     log_out, log_err = path.with_suffix(f".{mode}.stdout"), path.with_suffix(f".{mode}.stderr")
@@ -568,6 +571,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--solver", default="stochastic", choices=["auto", "full", "sketch", "stochastic"]
     )
     p.add_argument("--sketch-size", type=int, default=None, help="cells in the sketch")
+    p.add_argument(
+        "--block-entries", type=int, default=None, help="entries per block (estimator default)"
+    )
     p.add_argument("--batch-size", type=int, default=8192)
     p.add_argument("--dtype", default="float32", choices=["auto", "float32", "float64"])
     p.add_argument("--max-epochs", type=int, default=5)
@@ -590,6 +596,7 @@ def build_child_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["stream", "memory"], required=True)
     p.add_argument("--solver", default="stochastic")
     p.add_argument("--sketch-size", type=int, default=None)
+    p.add_argument("--block-entries", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--max-epochs", type=int, default=5)
