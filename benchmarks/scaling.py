@@ -210,6 +210,7 @@ class _Timer:
         self.calls: dict[str, int] = {}
         self.epoch_stamps: list[float] = []
         self.solver_start: float | None = None
+        self.sweeps: list[dict] = []
 
     def event(self, name: str, t: float) -> None:
         """Progress line for the parent (kept when the run is killed at its timeout)."""
@@ -281,6 +282,34 @@ def child_main(args: argparse.Namespace) -> int:
 
     eng.Engine._record = record
 
+    # per sweep: its seconds, whether its gene step was checked lagged or in a pass of its own,
+    # whether it moved the dispersion, and the rejection rate of the gene steps
+    sweep_fn, due_fn = eng.Engine._sweep, eng.Engine._zeta_due
+
+    def zeta_due(self):
+        due = due_fn(self)
+        self._bench_due = due
+        return due
+
+    def sweep(self, *a, **kw):
+        t0, passes = time.perf_counter(), timer.calls.get("eval_ll_pass", 0)
+        lagged = self.proposal is not None
+        out = sweep_fn(self, *a, **kw)
+        timer.sweeps.append(
+            {
+                "seconds": round(time.perf_counter() - t0, 3),
+                "lagged": lagged,
+                "dispersion": bool(getattr(self, "_bench_due", False)),
+                "check_passes": timer.calls.get("eval_ll_pass", 0) - passes,
+                "rejected": round(float(self.gene_rejected), 5),
+                "zeta_gain": float(getattr(self, "zeta_gain", float("nan"))),
+                "n": self.n,
+            }
+        )
+        return out
+
+    eng.Engine._sweep, eng.Engine._zeta_due = sweep, zeta_due
+
     t0 = time.perf_counter()
     if args.mode == "memory":
         import anndata as ad
@@ -341,6 +370,7 @@ def child_main(args: argparse.Namespace) -> int:
         "end_to_end_seconds": t_end - t0,
         "phase_seconds": timer.totals,
         "phase_calls": timer.calls,
+        "sweeps": timer.sweeps,
         "objective": float(model.objective_),
         "loglik_history": [float(h["loglik"]) for h in hist],
         "objective_history": [float(h["objective"]) for h in hist],

@@ -55,6 +55,12 @@ ZETA_MIN, ZETA_MAX = -15.0, 60.0
 #: genes' last steps was rejected: early on, steps that would be rejected are common and
 #: costly to have taken for a sweep
 LAGGED_MAX_REJECTED = 0.02
+#: the dispersion counts as quiet in a sweep whose dispersion step was predicted to gain less
+#: than this fraction of ``tol * |objective|``: its derivatives (a kernel evaluation of every
+#: block) cost a fifth of a sweep, for gains far below what the stopping rule measures
+ZETA_QUIET_GAIN = 0.01
+#: sweeps the dispersion pauses for after two quiet ones
+ZETA_PAUSE = 4
 #: a lagged gene step is scaled down until it changes no cell's log mu or logit pi by more
 #: than this: a step taken for a sweep before its check must not be able to ruin a gene
 LAGGED_MAX_CHANGE = 3.0
@@ -354,6 +360,7 @@ class Engine:
         # dispersion updates pause while zeta does not move (checkpointed)
         self.zeta_quiet = 0
         self.zeta_skip = 0
+        self.zeta_gain = float("inf")  # predicted gain of the last dispersion step
         #: when set, every sweep is recorded into it (the sketch of zinbgrad.optim.sketch)
         self.trajectory: FitPath | None = None
         #: the last gene step, when it awaits its check (checkpointed)
@@ -600,7 +607,10 @@ class Engine:
         newton = -G / torch.where(C < 0, C, -torch.ones_like(C))
         step = torch.where(C < 0, newton, torch.sign(G) * cap)
         step = torch.clamp(step, -cap, cap)
-        return torch.clamp(zeta + step, lo, hi)
+        new = torch.clamp(zeta + step, lo, hi)
+        d = new - zeta  # the gain the quadratic model predicts for it (see _zeta_moved)
+        self.zeta_gain = float((G * d + 0.5 * C * d * d).sum())
+        return new
 
     def _adapt_zeta_cap(self, moved: Tensor | bool, accepted: Tensor | bool) -> None:
         """The dispersion steps' trust region, per gene: doubled (up to 8) after an accepted
@@ -831,19 +841,26 @@ class Engine:
 
     # ------------------------------------------------------------------ solvers
     def _zeta_due(self) -> bool:
-        """Whether this sweep updates the dispersion: it pauses for a few sweeps after two in
-        which zeta did not move (e.g. a common dispersion at its bound, theta -> infinity),
-        which saves the dispersion-derivative pass."""
+        """Whether this sweep updates the dispersion: it pauses for a few sweeps once its
+        steps stop mattering (:meth:`_zeta_moved`), which saves the dispersion-derivative
+        evaluation of every block."""
         if self.zeta_skip > 0:
             self.zeta_skip -= 1
             return False
         return True
 
-    def _zeta_moved(self, before: Tensor) -> None:
+    def _zeta_moved(self, before: Tensor, objective: float) -> None:
+        """Count the dispersion as quiet after a sweep in which it did not move (e.g. a common
+        dispersion at its bound, theta -> infinity) or in which its step was predicted to gain
+        less than :data:`ZETA_QUIET_GAIN` of the change the stopping rule counts as progress
+        (``tol * |objective|``); after two quiet sweeps in a row it pauses for
+        :data:`ZETA_PAUSE` sweeps."""
         change = float((self.params.zeta - before).abs().max())
-        self.zeta_quiet = self.zeta_quiet + 1 if change < 1e-6 else 0
+        tol = self.opt.tol
+        small = tol > 0 and self.zeta_gain <= ZETA_QUIET_GAIN * tol * abs(objective)
+        self.zeta_quiet = self.zeta_quiet + 1 if change < 1e-6 or small else 0
         if self.zeta_quiet >= 2:
-            self.zeta_quiet, self.zeta_skip = 0, 4
+            self.zeta_quiet, self.zeta_skip = 0, ZETA_PAUSE
 
     @contextmanager
     def _genes_restored(self) -> Iterator[None]:
@@ -911,7 +928,7 @@ class Engine:
         else:
             ll_genes = self.gene_update(stats, update_zeta=disp, frozen=frozen)
         if disp:
-            self._zeta_moved(zeta_before)
+            self._zeta_moved(zeta_before, obj)
         T = self.orthogonalize()
         self._rotate_proposal(T)
         if self.trajectory is not None:
