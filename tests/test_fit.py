@@ -425,6 +425,16 @@ def test_lagged_gene_step_scale_bounds_every_cells_change():
     torch.testing.assert_close(worst[scale < 1], torch.full_like(worst[scale < 1], 3.0))
 
 
+def _assert_newton_system(f, x, grad, A) -> None:
+    """``grad`` and ``A`` are autograd's gradient and minus its Hessian of ``f`` at ``x``."""
+    import torch
+
+    xg = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(f(xg), xg)
+    torch.testing.assert_close(grad, g, rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(A, -torch.autograd.functional.hessian(f, x), rtol=1e-8, atol=1e-8)
+
+
 def test_newton_systems_equal_autograd_hessians():
     """The cells' and the genes' Newton systems, assembled from packed outer products and the
     fused entry derivatives, equal the gradient and Hessian that autograd gives of the penalized
@@ -483,11 +493,7 @@ def test_newton_systems_equal_autograd_hessians():
             ll = log_zinb(Y[i : i + 1], ai, bi, p.zeta[None, :]).sum()
             return ll - 0.5 * (eng.eps_cell * ui * ui).sum()
 
-        ui = u[i].clone().requires_grad_(True)
-        (gi,) = torch.autograd.grad(f_cell(ui), ui)
-        Hi = torch.autograd.functional.hessian(f_cell, u[i])
-        torch.testing.assert_close(grad[i], gi, rtol=1e-8, atol=1e-8)
-        torch.testing.assert_close(A[i], -Hi, rtol=1e-8, atol=1e-8)
+        _assert_newton_system(f_cell, u[i], grad[i], A[i])
 
     # genes: v_j = (beta_mu_j, alpha_mu_j, beta_pi_j, alpha_pi_j), statistics over two blocks
     eng.bounds = [(0, 40), (40, n)]
@@ -518,11 +524,7 @@ def test_newton_systems_equal_autograd_hessians():
             ll = log_zinb(Y[:, j : j + 1], a, b, p.zeta[j : j + 1]).sum()
             return ll - 0.5 * (eng.eps_gene * vj * vj).sum()
 
-        vj = v[j].clone().requires_grad_(True)
-        (gj,) = torch.autograd.grad(f_gene(vj), vj)
-        Hj = torch.autograd.functional.hessian(f_gene, v[j])
-        torch.testing.assert_close(grad[j], gj, rtol=1e-8, atol=1e-8)
-        torch.testing.assert_close(A[j], -Hj, rtol=1e-8, atol=1e-8)
+        _assert_newton_system(f_gene, v[j], grad[j], A[j])
 
 
 @pytest.mark.parametrize("common", [True, False])

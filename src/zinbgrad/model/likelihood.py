@@ -596,27 +596,6 @@ def _merge(dense: _Terms, sparse: _Terms | None, flat: Tensor | None) -> _Terms:
     return dense
 
 
-def _block_terms(
-    a: Tensor,
-    b: Tensor | None,
-    zeta: Tensor,
-    flat: Tensor | None,
-    cols: Tensor | None,
-    y: Tensor | None,
-    const: Tensor | None,
-    d1: Tensor | None = None,
-    e: Tensor | None = None,
-    *,
-    order: int,
-    dispersion: bool,
-) -> _Terms:
-    """Dense ``y = 0`` terms with the ``y > 0`` values written at the nonzeros."""
-    parts = _block_parts(
-        a, b, zeta, flat, cols, y, const, d1, e, order=order, dispersion=dispersion
-    )
-    return _merge(*parts, flat)
-
-
 # ---- optional fusion of the element-wise work with torch.compile ----------------------------
 
 _FUSED_MODES = ("auto", True, False)
@@ -836,5 +815,5 @@ def entry_derivatives(
         else:
             terms = _merge(*parts, args[3])
             return EntryDerivatives(**dict(zip(_TERMS, terms, strict=True)))
-    terms = _block_terms(*args, order=order, dispersion=dispersion)
+    terms = _merge(*_block_parts(*args, order=order, dispersion=dispersion), args[3])
     return EntryDerivatives(**dict(zip(_TERMS, terms, strict=True)))
