@@ -804,16 +804,15 @@ def entry_derivatives(
         if dispersion:
             d1, e = dispersion_constants(counts, zeta) or (None, None)
     args = (a, b, zeta, flat, cols, y, const, d1, e)
+    parts = None
     # blocks with a dimension of 0 or 1 stay eager (compiling would specialize on that size)
     if _want_fused(fused) and min(a.shape) > 1 and (flat is None or flat.numel() > 1):
-        args = tuple(_plain(x) for x in args)
         try:
             fn = _compiled_block_parts(b is not None, flat is not None, order, dispersion)
-            parts = fn(*args)
+            parts = fn(*(_plain(x) for x in args))
         except Exception as exc:  # no compiler, unsupported platform, ...
             _give_up_fusion(exc)
-        else:
-            terms = _merge(*parts, args[3])
-            return EntryDerivatives(**dict(zip(_TERMS, terms, strict=True)))
-    terms = _merge(*_block_parts(*args, order=order, dispersion=dispersion), args[3])
+    if parts is None:
+        parts = _block_parts(*args, order=order, dispersion=dispersion)
+    terms = _merge(*parts, flat)
     return EntryDerivatives(**dict(zip(_TERMS, terms, strict=True)))

@@ -357,7 +357,8 @@ class Engine:
         self.sto_H: Tensor | None = None
         self.sto_lam: Tensor | None = None
         self.sto_t = 0
-        # dispersion updates pause while zeta does not move (checkpointed)
+        # dispersion updates pause once their steps stop mattering (_zeta_moved; the counters
+        # are checkpointed; zeta_gain only matters in the sweep that set it)
         self.zeta_quiet = 0
         self.zeta_skip = 0
         self.zeta_gain = float("inf")  # predicted gain of the last dispersion step
