@@ -559,3 +559,51 @@ def test_dispersion_pauses_once_its_steps_stop_mattering(common, monkeypatch):
     # log-dispersions within 0.02 (measured 1e-4 common, 0.01 gene-wise): far below the
     # sampling error of a gene-wise log theta from 3,000 cells
     torch.testing.assert_close(z_q, z_all, rtol=0, atol=2e-2)
+
+
+def test_damped_newton_step_solves_each_problem_at_its_own_damping():
+    """Each problem's step solves ``(A + lam D) x = g`` with ``D = |diag A| + 1e-6 mean|diag A|``
+    at the damping returned for it: unchanged where ``A + lam D`` is positive definite, raised
+    tenfold per failed factorization (from at least 1e-4) where it is not; a problem that never
+    factors (NaN) falls back to a scaled gradient step; steps are capped at ``max_step``."""
+    import torch
+
+    from zinbgrad.optim.newton import damped_newton_step
+
+    g = torch.Generator().manual_seed(0)
+    B, p = 40, 6
+    R = torch.randn(B, p, p, generator=g, dtype=torch.float64)
+    A = R @ R.transpose(1, 2) + torch.eye(p, dtype=torch.float64)  # positive definite
+    indefinite = torch.arange(B) % 3 == 1
+    A[indefinite] -= (
+        4.0
+        * torch.eye(p, dtype=torch.float64)
+        * A[indefinite].diagonal(dim1=1, dim2=2).abs().mean(1)[:, None, None]
+    )
+    A[7] = float("nan")
+    grad = torch.randn(B, p, generator=g, dtype=torch.float64)
+    lam0 = torch.full((B,), 1e-3, dtype=torch.float64)
+    x, lam = damped_newton_step(A, grad, lam0, max_step=1e6)
+
+    diag = A.diagonal(dim1=1, dim2=2).abs()
+    D = diag + 1e-6 * diag.mean(1, keepdim=True)
+    solved = torch.ones(B, dtype=torch.bool)
+    solved[7] = False
+    M = A + torch.diag_embed(lam[:, None] * D)
+    torch.testing.assert_close(
+        (M[solved] @ x[solved].unsqueeze(-1)).squeeze(-1), grad[solved], rtol=1e-10, atol=1e-10
+    )
+    assert bool((torch.linalg.cholesky_ex(M[solved]).info == 0).all())
+    definite = ~indefinite & solved
+    assert bool((lam[definite] == 1e-3).all())
+    # indefinite problems: the first factorable damping of the sequence max(1e-4, 10 lam), ...
+    for i in indefinite.nonzero().squeeze(1).tolist():
+        assert lam[i] > 1e-3
+        prev = lam[i] / 10.0
+        if prev > 1e-4 * (1 + 1e-12):
+            Mp = A[i] + torch.diag(prev * D[i])
+            assert int(torch.linalg.cholesky_ex(Mp).info) != 0
+    assert float(lam[7]) == 1e8  # LAM_MAX after 16 failed factorizations
+    # the cap on the largest entry of a step
+    xc, _ = damped_newton_step(A[solved], grad[solved] * 1e6, lam0[solved], max_step=2.0)
+    torch.testing.assert_close(xc.abs().amax(1), torch.full((int(solved.sum()),), 2.0).double())

@@ -264,26 +264,17 @@ class _Cells:
 
     _FIELDS = ("u", "a", "b", "f", "lam")  # per step; base_a/base_b are fixed in a block
 
-    def take(self, idx: Tensor) -> _Cells:
-        """The cells ``idx`` (copies)."""
-        vals = {
-            k: None if getattr(self, k) is None else getattr(self, k)[idx]
-            for k in self._FIELDS + ("base_a", "base_b")
-        }
-        d = EntryDerivatives(**{k: None if v is None else v[idx] for k, v in vars(self.d).items()})
-        return _Cells(d=d, **vals)
-
-    def put(self, idx: Tensor, other: _Cells) -> None:
-        """Overwrite the cells ``idx`` with ``other`` (derivatives present in both only; the
-        fixed parts of the predictors are the same in both)."""
+    def restore(self, idx: Tensor, old: _Cells) -> None:
+        """Put the cells ``idx`` back to their values in ``old`` (derivatives present in both
+        only; the fixed parts of the predictors are the same in both)."""
         for k in self._FIELDS:
             mine = getattr(self, k)
             if mine is not None:
-                mine[idx] = getattr(other, k)
+                mine[idx] = getattr(old, k)[idx]
         for k, v in vars(self.d).items():
-            w = getattr(other.d, k)
+            w = getattr(old.d, k)
             if v is not None and w is not None:
-                v[idx] = w
+                v[idx] = w[idx]
 
 
 @dataclass
@@ -517,7 +508,7 @@ class Engine:
         acc = (new.f >= st.f) & torch.isfinite(new.f)
         rej = (~acc).nonzero().squeeze(1)
         if rej.numel():  # keep the old values of the rejected cells (usually few)
-            new.put(rej, st.take(rej))
+            new.restore(rej, st)
         new.lam = update_damping(lam, acc)
         st.u, st.a, st.b, st.d, st.f, st.lam = new.u, new.a, new.b, new.d, new.f, new.lam
 

@@ -82,31 +82,44 @@ def damped_newton_step(
     (x, lam)
         Steps (B, p) and the damping actually used.
     """
-    B, p, _ = A.shape
-    diag = A.diagonal(dim1=1, dim2=2)
-    scale = diag.abs().mean(1, keepdim=True).clamp(min=1e-12)
-    D = diag.abs() + 1e-6 * scale
+    diag = A.diagonal(dim1=1, dim2=2).abs()
+    scale = diag.mean(1, keepdim=True).clamp(min=1e-12)
+    D = diag + 1e-6 * scale
     x = torch.zeros_like(g)
-    done = torch.zeros(B, dtype=torch.bool, device=A.device)
     lam = lam.clone()
+    # the problems still unsolved (``idx``; None: all) and their slices, shrunk each round: the
+    # first round factors every matrix, later ones only the (usually few) indefinite ones
+    idx: Tensor | None = None
+    A_t, D_t, g_t, lam_t = A, D, g, lam
     for _ in range(16):
-        todo = ~done
-        idx = todo.nonzero().squeeze(1)
-        M = A[idx] + torch.diag_embed(lam[idx, None] * D[idx])
+        M = A_t.clone()
+        M.diagonal(dim1=1, dim2=2).add_(lam_t[:, None] * D_t)
         L, info = torch.linalg.cholesky_ex(M)
         ok = info == 0
-        if ok.any():
-            sol = torch.cholesky_solve(g[idx[ok]].unsqueeze(-1), L[ok]).squeeze(-1)
+        n_ok = int(ok.sum())
+        if n_ok == ok.numel():
+            sol = torch.cholesky_solve(g_t.unsqueeze(-1), L).squeeze(-1)
             good = torch.isfinite(sol).all(1)
-            sel = idx[ok][good]
-            x[sel] = sol[good]
-            done[sel] = True
-        if bool(done.all()):
+        else:
+            good = torch.zeros_like(ok)
+            sol = torch.zeros_like(g_t)
+            if n_ok:
+                s = torch.cholesky_solve(g_t[ok].unsqueeze(-1), L[ok]).squeeze(-1)
+                good[ok] = torch.isfinite(s).all(1)
+                sol[ok] = s
+        if idx is None:
+            x = torch.where(good[:, None], sol, x)
+        else:
+            x[idx[good]] = sol[good]
+        rest = (~good).nonzero().squeeze(1)
+        if rest.numel() == 0:
             break
-        lam = torch.where(done, lam, torch.clamp(lam * 10.0, min=1e-4, max=LAM_MAX))
-    if not bool(done.all()):  # fall back to a small scaled gradient step
-        rest = ~done
-        x[rest] = g[rest] / (D[rest] * (1.0 + lam[rest, None]))
+        idx = rest if idx is None else idx[rest]
+        A_t, D_t, g_t = A_t[rest], D_t[rest], g_t[rest]
+        lam_t = torch.clamp(lam_t[rest] * 10.0, min=1e-4, max=LAM_MAX)
+        lam[idx] = lam_t
+    else:  # fall back to a small scaled gradient step
+        x[idx] = g[idx] / (D[idx] * (1.0 + lam[idx, None]))
     big = x.abs().amax(1, keepdim=True)
     x = x * torch.clamp(max_step / big.clamp(min=1e-300), max=1.0)
     return x, lam
