@@ -169,3 +169,32 @@ def test_layer_commands_stream_into_chunks(tmp_path, h5, cmd):
     (key,) = list(b.layers.keys())
     np.testing.assert_allclose(b.layers[key], a.layers[key], rtol=1e-5, atol=1e-6)
     assert b.X.nnz == a.X.nnz
+
+
+def test_each_rank_gets_its_own_gpu(monkeypatch):
+    """A CUDA device without an index is the GPU of the process's LOCAL_RANK (modulo the GPUs
+    visible) when it is one of several ranks, else the current device; an explicit index or
+    the CPU is left alone. (Mocked CUDA: runs without a GPU.)"""
+    import torch
+
+    from zinbgrad.estimator import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert resolve_device("cuda") == torch.device("cuda", 2)
+    assert resolve_device("auto") == torch.device("cuda", 2)
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    assert resolve_device("auto") == torch.device("cuda", 1)
+    assert resolve_device("cuda") == torch.device("cuda", 1)
+    assert resolve_device("cuda:3") == torch.device("cuda", 3)
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setenv("WORLD_SIZE", "1")  # a single process keeps the current device
+    assert resolve_device("cuda") == torch.device("cuda", 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        resolve_device("cuda")

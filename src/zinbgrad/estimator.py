@@ -18,7 +18,7 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from .data.open import open_counts
 from .data.validate import build_cell_design, check_design_matrix
 from .model.params import Design, Params, Penalty
-from .optim.distributed import current_comm, shard_bounds
+from .optim.distributed import current_comm, local_gpu, shard_bounds
 from .optim.engine import Engine, FitOptions, FitPath
 from .optim.fpenv import flush_denormals
 from .optim.init import init_local_mean, init_local_zi, initialize
@@ -55,14 +55,22 @@ def cpu_threads(device: torch.device, entries: int):
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; otherwise ``torch.device(device)``."""
+    """``"auto"`` -> CUDA when available, else CPU; otherwise ``torch.device(device)``.
+
+    A CUDA device without an index is this process's GPU: under torch.distributed (``torchrun``
+    or ``zinbgrad fit --nproc``, ``WORLD_SIZE`` > 1) the one of its ``LOCAL_RANK`` (modulo the
+    visible GPUs), so that the ranks on one host use different GPUs; else the current device.
+    """
     if isinstance(device, torch.device):
         return device
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available")
+        if dev.index is None:
+            dev = torch.device("cuda", local_gpu())
     return dev
 
 

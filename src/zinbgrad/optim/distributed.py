@@ -14,7 +14,7 @@ import os
 import torch
 from torch import Tensor
 
-__all__ = ["LocalComm", "TorchComm", "shard_bounds", "current_comm"]
+__all__ = ["LocalComm", "TorchComm", "shard_bounds", "current_comm", "local_gpu"]
 
 
 class LocalComm:
@@ -130,6 +130,16 @@ def current_comm() -> LocalComm:
     return LocalComm()
 
 
+def local_gpu() -> int:
+    """Index of this process's GPU: its ``LOCAL_RANK`` modulo the visible GPUs when it is one
+    of several ranks (``WORLD_SIZE`` > 1, as torchrun and :func:`launch` set), else the current
+    CUDA device. NCCL needs one GPU per rank."""
+    local = os.environ.get("LOCAL_RANK")
+    if local is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return int(local) % max(torch.cuda.device_count(), 1)
+    return torch.cuda.current_device()
+
+
 def init_from_env(backend: str | None = None) -> LocalComm:
     """Initialize the default process group from torchrun's environment variables."""
     import torch.distributed as dist
@@ -139,6 +149,8 @@ def init_from_env(backend: str | None = None) -> LocalComm:
     if not dist.is_initialized():
         if backend is None:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_gpu())
         dist.init_process_group(backend=backend)
     return TorchComm()
 
@@ -164,6 +176,8 @@ def _worker(rank: int, world_size: int, port: int, backend: str, fn, args) -> No
     )
     threads = max(1, (os.cpu_count() or 1) // world_size)
     torch.set_num_threads(threads)
+    if backend == "nccl":
+        torch.cuda.set_device(local_gpu())
     dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
     try:
         fn(*args)
