@@ -198,3 +198,30 @@ def test_each_rank_gets_its_own_gpu(monkeypatch):
     assert resolve_device("auto") == torch.device("cpu")
     with pytest.raises(ValueError, match="CUDA is not available"):
         resolve_device("cuda")
+
+
+def test_gpu_check_script_runs_on_cpu(tmp_path):
+    """benchmarks/gpu_check.py (the prepared run for a lent GPU machine) works end to end on
+    the CPU: its kernel and fit-parity checks pass and a tiny timing run is recorded."""
+    import json
+
+    repo = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(repo))
+    try:
+        from benchmarks import gpu_check
+    finally:
+        sys.path.remove(str(repo))
+    from zinbgrad.datasets import pbmc_small
+
+    model_path = tmp_path / "model.npz"
+    ZINBWaVE(n_components=2, random_state=0, verbose=False).fit(pbmc_small()).save(model_path)
+    out = tmp_path / "out"
+    args = ["--device", "cpu", "--model", str(model_path), "--sizes", "400", "--out", str(out)]
+    args += ["--warmup-cells", "100", "--block-entries", "2**14,2**16", "--max-epochs", "5"]
+    assert gpu_check.main(args) == 0
+    res = json.loads((out / "gpu_check.json").read_text())
+    assert all("error" not in res[k] for k in ("env", "kernels", "fit_parity", "nccl", "timing"))
+    assert res["kernels"]["ok"] and res["fit_parity"]["ok"]
+    runs = res["timing"]["runs"]
+    assert [r["block_entries"] for r in runs] == [2**14, 2**16]
+    assert all(r["n_cells"] > 350 and r["epochs"] >= 1 and r["seconds"] > 0 for r in runs)

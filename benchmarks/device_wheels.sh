@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Wheels that a GPU machine of the `device` tool lacks (its image has torch, triton, numpy,
+# scipy, pandas, h5py, scikit-learn, tqdm, matplotlib, pyyaml, but not anndata), for its Python
+# 3.12, into .whl/ (git-ignored; ~6 MB). Run here once before benchmarks/gpu_check.sh; the
+# device call carries .whl (see benchmarks/gpu_check.py).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p .whl
+python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+  --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl \
+  "anndata==0.12.*" array-api-compat legacy-api-wrap natsort scverse-misc \
+  "zarr>=3" donfig google-crc32c numcodecs msgspec session-info2
+ls -la .whl
