@@ -24,8 +24,10 @@ failed):
 3. ``fit_parity``: the bundled pbmc_small fitted on the CPU and on the GPU (float64, same seed):
    objectives and the principal angles between the latent spaces; the same fit streamed from
    the ``.h5ad`` path on the GPU (pinned host memory, non-blocking copies).
-4. ``nccl``: a one-rank NCCL process group driving zinbgrad's collective wrapper
-   (all-reduce, broadcast, row gather) on CUDA tensors (one GPU: two NCCL ranks need two).
+4. ``collectives``: zinbgrad's launcher (as ``zinbgrad fit --nproc``) starts one NCCL rank per
+   GPU, and each drives zinbgrad's collective wrapper (all-reduce, broadcast, row gather,
+   scalar sum) on CUDA tensors of its own GPU (on one GPU, one rank: NCCL needs a GPU per
+   rank). On the CPU: two gloo ranks.
 5. ``timing``: synthetic data drawn on the GPU from the reference fit (the model of
    :func:`zinbgrad.simulate.make_synthetic`, its counts sampled by torch), a warm-up fit
    (compiles the kernels), then the sizes of ``--sizes`` (default 100k and 1.3M cells x 715
@@ -218,58 +220,48 @@ def step_fit_parity(device: str) -> dict:
     return rec
 
 
-def _nccl_worker(rank: int, world: int, port: int, out: str) -> None:
+def _collectives_body(out: str) -> None:
+    """Run in every rank of :func:`zinbgrad.optim.distributed.launch`."""
     import torch
     import torch.distributed as dist
 
     from zinbgrad.optim.distributed import TorchComm, local_gpu
 
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )
-    torch.cuda.set_device(local_gpu())
-    dist.init_process_group("nccl", rank=rank, world_size=world)
-    try:
-        comm = TorchComm()
-        dev = torch.device("cuda", local_gpu())
-        x = torch.full((5, 3), float(rank + 1), device=dev)
-        comm.all_reduce_(x)
-        y = torch.arange(4.0, device=dev) * (rank + 1)
-        comm.broadcast_(y)
-        rows = torch.full((2 + rank, 2), float(rank), device=dev)
-        gathered = comm.all_gather_rows(rows, sum(2 + r for r in range(world)))
-        s = comm.sum(1.5)
-        if rank == 0:
-            expect = sum(r + 1 for r in range(world))
-            rec = {
-                "world_size": world,
-                "backend": dist.get_backend(),
-                "all_reduce_ok": bool((x == expect).all()),
-                "broadcast_ok": bool((y.cpu() == torch.arange(4.0)).all()),
-                "gather_shape": list(gathered.shape),
-                "sum_ok": s == 1.5 * world,
-            }
-            Path(out).write_text(json.dumps(rec))
-    finally:
-        dist.destroy_process_group()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    comm = TorchComm()
+    dev = torch.device("cuda", local_gpu()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    x = torch.full((5, 3), float(rank + 1), device=dev)
+    comm.all_reduce_(x)
+    y = torch.arange(4.0, device=dev) * (rank + 1)
+    comm.broadcast_(y)
+    rows = torch.full((2 + rank, 2), float(rank), device=dev)
+    gathered = comm.all_gather_rows(rows, sum(2 + r for r in range(world)))
+    s = comm.sum(1.5)
+    if rank == 0:
+        rec = {
+            "world_size": world,
+            "backend": dist.get_backend(),
+            "device_of_rank0": str(dev),
+            "all_reduce_ok": bool((x == sum(r + 1 for r in range(world))).all()),
+            "broadcast_ok": bool((y.cpu() == torch.arange(4.0)).all()),
+            "gather_shape": list(gathered.shape),
+            "sum_ok": s == 1.5 * world,
+        }
+        Path(out).write_text(json.dumps(rec))
 
 
-def step_nccl(device: str) -> dict:
+def step_collectives(device: str) -> dict:
+    """zinbgrad's own launcher (as ``zinbgrad fit --nproc``): NCCL with one rank per GPU on
+    CUDA, gloo with two ranks on the CPU."""
     import torch
-    import torch.multiprocessing as mp
 
-    from zinbgrad.optim.distributed import free_port
+    from zinbgrad.optim.distributed import launch
 
-    if torch.device(device).type != "cuda":
-        return {"skipped": "not a CUDA run"}
-    world = torch.cuda.device_count()
+    cuda = torch.device(device).type == "cuda"
+    world = torch.cuda.device_count() if cuda else 2
     with tempfile.TemporaryDirectory() as tmp:
-        out = str(Path(tmp) / "nccl.json")
-        mp.spawn(_nccl_worker, args=(world, free_port(), out), nprocs=world, join=True)
+        out = str(Path(tmp) / "collectives.json")
+        launch(_collectives_body, world, out, backend="nccl" if cuda else "gloo")
         rec = json.loads(Path(out).read_text())
     rec["ok"] = all(rec[k] for k in ("all_reduce_ok", "broadcast_ok", "sum_ok"))
     return rec
@@ -439,13 +431,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block-entries", default="2**21,2**24", help="tried at the first size")
     p.add_argument("--max-epochs", type=int, default=30)
     p.add_argument("--budget", type=float, default=540.0, help="seconds for the whole run")
-    p.add_argument("--steps", default="env,kernels,fit_parity,nccl,timing")
+    p.add_argument("--steps", default="env,kernels,fit_parity,collectives,timing")
     p.add_argument("--out", default=os.environ.get("OUT", "gpu_out"))
     args = p.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     res = Results(Path(args.out) / "gpu_check.json")
     steps = args.steps.split(",")
-    for name in ("env", "kernels", "fit_parity", "nccl"):
+    for name in ("env", "kernels", "fit_parity", "collectives"):
         if name in steps:
             res.step(name, globals()[f"step_{name}"], args.device)
     if "timing" in steps:
