@@ -170,6 +170,25 @@ def test_bad_designs_and_keys_are_rejected(pbmc):
         m.fit(pbmc, O_mu=np.zeros(5))
 
 
+@pytest.mark.parametrize("bad", [0, -5, 2.5, "big", True])
+def test_bad_block_entries_are_rejected(pbmc, bad):
+    with pytest.raises(ValueError, match="block_entries must be None or a positive integer"):
+        ZINBWaVE(n_components=2, block_entries=bad).fit(pbmc)
+
+
+def test_block_entries_default_depends_on_the_device():
+    import torch
+
+    from zinbgrad.estimator import CPU_BLOCK_ENTRIES, GPU_BLOCK_ENTRIES
+
+    m = ZINBWaVE()
+    assert m.block_entries is None
+    assert m._block_entries(torch.device("cpu")) == CPU_BLOCK_ENTRIES == 2**21
+    assert m._block_entries(torch.device("cuda", 0)) == GPU_BLOCK_ENTRIES == 2**24
+    explicit = ZINBWaVE(block_entries=12345)
+    assert explicit._block_entries(torch.device("cuda", 0)) == 12345
+
+
 def test_batch_key_and_offsets(pbmc):
     m = ZINBWaVE(n_components=2).fit(pbmc, batch_key="batch")
     assert m.X_columns_ == ["intercept", "batch[g2]"]

@@ -54,6 +54,11 @@ def cpu_threads(device: torch.device, entries: int):
         torch.set_num_threads(before)
 
 
+#: default ``block_entries`` on the CPU and on a GPU
+CPU_BLOCK_ENTRIES = 2**21
+GPU_BLOCK_ENTRIES = 2**24
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``"auto"`` -> CUDA when available, else CPU; otherwise ``torch.device(device)``.
 
@@ -141,7 +146,11 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
     local_steps
         Newton steps on the cells' local parameters per epoch.
     block_entries
-        Cells are processed in blocks of about this many matrix entries (bounds memory).
+        Cells are processed in blocks of about this many matrix entries (bounds memory: a
+        block's working arrays take ~20 x ``block_entries`` floats). ``None``: 2^21 on the CPU
+        (larger blocks leave the cache, smaller ones pay per-block overhead; see
+        BENCHMARKS.md), 2^24 on a GPU (fewer, larger kernels; ~1.3 GB of working arrays in
+        float32).
     device
         ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
     fused
@@ -217,7 +226,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         sketch_size: int | None = None,
         batch_size: int | None = None,
         local_steps: int = 1,
-        block_entries: int = 2**21,
+        block_entries: int | None = None,
         device: str = "auto",
         fused: bool | str = "auto",
         dtype: str = "auto",
@@ -277,6 +286,17 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
             raise ValueError(f"sketch_size must be a positive integer, got {self.sketch_size!r}")
         if self.fused not in ("auto", True, False):
             raise ValueError(f"fused must be 'auto', True or False, got {self.fused!r}")
+        be = self.block_entries
+        if be is not None and (
+            isinstance(be, bool) or not isinstance(be, int | np.integer) or be < 1
+        ):
+            raise ValueError(f"block_entries must be None or a positive integer, got {be!r}")
+
+    def _block_entries(self, device: torch.device) -> int:
+        """``block_entries``, or its default for ``device`` (see the class docstring)."""
+        if self.block_entries is not None:
+            return int(self.block_entries)
+        return GPU_BLOCK_ENTRIES if device.type == "cuda" else CPU_BLOCK_ENTRIES
 
     def _cell_design(self, obs, n: int, X, batch_key, covariate_keys) -> tuple[np.ndarray, list]:
         if X is not None:
@@ -434,7 +454,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
                 max_epochs=self.max_epochs,
                 tol=self.tol,
                 local_steps=self.local_steps,
-                block_entries=self.block_entries,
+                block_entries=self._block_entries(dev),
                 batch_size=self.batch_size,
                 solver=solver,
                 progress=cb,
@@ -694,7 +714,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
             pen,
             zero_inflation=self.zero_inflation,
             common_dispersion=self.common_dispersion,
-            options=FitOptions(block_entries=self.block_entries),
+            options=FitOptions(block_entries=self._block_entries(dev)),
         )
         with flush_denormals(dev.type == "cpu"):
             ll_cells = engine.optimize_cells(max_steps=max_steps, path=path)
@@ -985,7 +1005,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         kw = {
             "zero_inflation": bool(self.zero_inflation),
             "ignore_W": ignore_W,
-            "block_entries": self.block_entries,
+            "block_entries": self._block_entries(torch.device("cpu")),
         }
         return {
             "mu": compute_output("mu", design, params, **kw),
@@ -1025,7 +1045,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
             params,
             zero_inflation=bool(self.zero_inflation),
             ignore_W=ignore_W,
-            block_entries=self.block_entries,
+            block_entries=self._block_entries(torch.device("cpu")),
         )
 
     def get_mu(self, data=None, *, ignore_W: bool = False, **project_kw) -> np.ndarray:
