@@ -199,6 +199,32 @@ def test_batch_key_and_offsets(pbmc):
     assert mo.transform(pbmc[:5], O_mu=lib[:5]).shape == (5, 2)
 
 
+def test_per_cell_offsets_equal_their_full_matrix(pbmc):
+    """A per-cell offset (n,) enters the cells' predictors as a design column; the same offsets
+    given as a full (n x J) matrix go the other way (added to the predictors). Both fits,
+    and their projections of new cells, agree to rounding (float64)."""
+    n, J = pbmc.shape
+    lib = np.log(np.asarray(pbmc.X.sum(1)).ravel())
+    lib -= lib.mean()
+    logit = np.linspace(-0.5, 0.5, n)
+    kw = {"n_components": 2, "max_epochs": 8, "tol": 0.0, "dtype": "float64"}
+    a = ZINBWaVE(**kw).fit(pbmc, batch_key="batch", O_mu=lib, O_pi=logit)
+    full = ZINBWaVE(**kw).fit(
+        pbmc,
+        batch_key="batch",
+        O_mu=np.repeat(lib[:, None], J, 1),
+        O_pi=np.repeat(logit[:, None], J, 1),
+    )
+    assert a.objective_ == pytest.approx(full.objective_, rel=1e-10)
+    np.testing.assert_allclose(a.W_, full.W_, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(a.get_mu(), full.get_mu(), rtol=1e-8)
+    Wa = a.transform(pbmc[:6], O_mu=lib[:6], O_pi=logit[:6])
+    Wf = full.transform(
+        pbmc[:6], O_mu=np.repeat(lib[:6, None], J, 1), O_pi=np.repeat(logit[:6, None], J, 1)
+    )
+    np.testing.assert_allclose(Wa, Wf, rtol=1e-6, atol=1e-8)
+
+
 def test_which_columns_select_the_design(pbmc):
     m = ZINBWaVE(n_components=2, which_X_pi=[0], max_epochs=5).fit(pbmc, batch_key="batch")
     assert m.beta_mu_.shape == (2, 230) and m.beta_pi_.shape == (1, 230)
