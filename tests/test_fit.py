@@ -187,6 +187,31 @@ def test_sketch_solver_reaches_the_full_batch_optimum():
     assert ZINBWaVE(n_components=2, max_epochs=1).fit(adata).history_[0]["phase"] == "full"
 
 
+def test_full_fit_continues_the_sketch_dispersion_pause(monkeypatch):
+    """After a sketch, the sweeps over all cells continue its dispersion-pause counters: a
+    dispersion the sketch had paused is not derived over every cell in the extension."""
+    from zinbgrad.optim import engine as E
+
+    adata, _ = _simulate(n=1500, J=60, K=2, seed=4)
+    adata = adata[:, np.asarray(adata.X.sum(0)).ravel() > 0].copy()
+    ended = {"zeta_quiet": 0, "zeta_skip": 3, "zeta_pause": 8}  # as if the sketch ended paused
+    orig_state = E.Engine.dispersion_state
+    monkeypatch.setattr(
+        E.Engine,
+        "dispersion_state",
+        lambda self: dict(ended) if self.n < 1500 else orig_state(self),
+    )
+    due: list[tuple[int, bool]] = []
+    orig_due = E.Engine._zeta_due
+    monkeypatch.setattr(
+        E.Engine, "_zeta_due", lambda self: due.append((self.n, orig_due(self))) or due[-1][1]
+    )
+    m = ZINBWaVE(n_components=2, solver="sketch", sketch_size=400, max_epochs=6, tol=0.0)
+    m.fit(adata)
+    full = [d for n, d in due if n == adata.n_obs]
+    assert full[:4] == [False, False, False, True]  # extension + 2 sweeps paused, then checks
+
+
 def _recorded_path(Ts: list, newton_steps: list[int]):
     """A FitPath of ``len(Ts)`` sweeps on a tiny design: sweep t starts from beta_mu = t,
     ends with the rotation ``Ts[t]`` and took ``newton_steps[t]`` Newton steps per cell."""
@@ -559,6 +584,37 @@ def test_dispersion_pauses_once_its_steps_stop_mattering(common, monkeypatch):
     # log-dispersions within 0.02 (measured 1e-4 common, 0.01 gene-wise): far below the
     # sampling error of a gene-wise log theta from 3,000 cells
     torch.testing.assert_close(z_q, z_all, rtol=0, atol=2e-2)
+
+
+def test_dispersion_pauses_double_while_it_stays_quiet(tmp_path):
+    """Each pause that ends in two more quiet sweeps doubles the next (4, 8, 16, 32, 32 with
+    two checking sweeps between pauses); a sweep in which the dispersion moves and its step
+    mattered resets the pause length; the counters survive a checkpoint."""
+    from zinbgrad.optim import engine as E
+    from zinbgrad.optim.checkpoint import load_checkpoint, save_checkpoint
+
+    eng = _engine(_planted_genes(n=200, J=40), 2, True)
+    z = eng.params.zeta.clone()
+    due = []
+    for _ in range(110):
+        due.append(eng._zeta_due())
+        if due[-1]:
+            eng._zeta_moved(z, -1e6)  # the dispersion did not move: a quiet sweep
+    runs, k = [], 0
+    for d in due:
+        if d and k:
+            runs.append(k)
+        k = 0 if d else k + 1
+    assert runs[:5] == [4, 8, 16, 32, 32]  # pauses, each after two checking sweeps
+    eng.zeta_gain = float("inf")  # a step predicted to matter, of a dispersion that moved
+    eng.params.zeta = z + 0.1
+    eng._zeta_moved(z, -1e6)
+    assert (eng.zeta_quiet, eng.zeta_pause) == (0, E.ZETA_PAUSE)
+    eng.zeta_pause, eng.zeta_skip = 16, 5
+    save_checkpoint(eng, [], tmp_path / "ckpt.npz")
+    other = _engine(_planted_genes(n=200, J=40), 2, True)
+    load_checkpoint(other, tmp_path / "ckpt.npz")
+    assert other.dispersion_state() == eng.dispersion_state()
 
 
 def test_damped_newton_step_solves_each_problem_at_its_own_damping():

@@ -469,6 +469,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
             }
             history: list[dict] = []
             path = None
+            zeta_state = None
             try:
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(seed)
@@ -476,7 +477,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
                         # shapes only: the checkpoint holds every value
                         params = Params.zeros(design, K)
                     elif solver == "sketch":
-                        params, history, path = fit_sketch(
+                        params, history, path, zeta_state = fit_sketch(
                             full_source,
                             design_all,
                             pen,
@@ -513,6 +514,8 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
                     )
                     if path is not None:  # the full sweeps continue the sketch's path
                         engine.trajectory = path
+                    if zeta_state is not None:  # ... and its dispersion pauses
+                        engine.set_dispersion_state(zeta_state)
                     result = engine.fit(
                         history, resume=None if resume is None else str(resume), path=path
                     )

@@ -58,8 +58,7 @@ def save_checkpoint(engine, history: list[dict], path: str | os.PathLike) -> Pat
         "rank": engine.comm.rank,
         "world_size": engine.comm.world_size,
         "sto_t": engine.sto_t,
-        "zeta_quiet": engine.zeta_quiet,
-        "zeta_skip": engine.zeta_skip,
+        **engine.dispersion_state(),
         "gene_rejected": engine.gene_rejected,
     }
     arrays["metadata"] = np.array(json.dumps(meta, default=float))
@@ -107,8 +106,7 @@ def load_checkpoint(engine, path: str | os.PathLike) -> list[dict]:
         setattr(engine, k, torch.as_tensor(z[f"state_{k}"], **kw))
     engine.rng.bit_generator.state = meta["rng"]
     engine.sto_t = int(meta.get("sto_t", 0))
-    engine.zeta_quiet = int(meta.get("zeta_quiet", 0))
-    engine.zeta_skip = int(meta.get("zeta_skip", 0))
+    engine.set_dispersion_state(meta)
     engine.gene_rejected = float(meta.get("gene_rejected", 1.0))
     if "path_n_newton" in z.files:
         from .engine import FitPath

@@ -59,8 +59,10 @@ LAGGED_MAX_REJECTED = 0.02
 #: than this fraction of ``tol * |objective|``: its derivatives (a kernel evaluation of every
 #: block) cost a fifth of a sweep, for gains far below what the stopping rule measures
 ZETA_QUIET_GAIN = 0.01
-#: sweeps the dispersion pauses for after two quiet ones
+#: sweeps the dispersion pauses for after two quiet ones; each pause that ends in two more
+#: quiet sweeps doubles the next one, up to ZETA_PAUSE_MAX (a sweep that is not quiet resets it)
 ZETA_PAUSE = 4
+ZETA_PAUSE_MAX = 32
 #: a lagged gene step is scaled down until it changes no cell's log mu or logit pi by more
 #: than this: a step taken for a sweep before its check must not be able to ruin a gene
 LAGGED_MAX_CHANGE = 3.0
@@ -352,6 +354,7 @@ class Engine:
         # are checkpointed; zeta_gain only matters in the sweep that set it)
         self.zeta_quiet = 0
         self.zeta_skip = 0
+        self.zeta_pause = ZETA_PAUSE
         self.zeta_gain = float("inf")  # predicted gain of the last dispersion step
         #: when set, every sweep is recorded into it (the sketch of zinbgrad.optim.sketch)
         self.trajectory: FitPath | None = None
@@ -845,14 +848,31 @@ class Engine:
         """Count the dispersion as quiet after a sweep in which it did not move (e.g. a common
         dispersion at its bound, theta -> infinity) or in which its step was predicted to gain
         less than :data:`ZETA_QUIET_GAIN` of the change the stopping rule counts as progress
-        (``tol * |objective|``); after two quiet sweeps in a row it pauses for
-        :data:`ZETA_PAUSE` sweeps."""
+        (``tol * |objective|``); after two quiet sweeps in a row it pauses, for
+        :data:`ZETA_PAUSE` sweeps the first time and twice as long after each pause that ends
+        quiet again (at most :data:`ZETA_PAUSE_MAX`)."""
         change = float((self.params.zeta - before).abs().max())
         tol = self.opt.tol
         small = tol > 0 and self.zeta_gain <= ZETA_QUIET_GAIN * tol * abs(objective)
-        self.zeta_quiet = self.zeta_quiet + 1 if change < 1e-6 or small else 0
+        if change < 1e-6 or small:
+            self.zeta_quiet += 1
+        else:
+            self.zeta_quiet, self.zeta_pause = 0, ZETA_PAUSE
         if self.zeta_quiet >= 2:
-            self.zeta_quiet, self.zeta_skip = 0, ZETA_PAUSE
+            self.zeta_quiet, self.zeta_skip = 0, self.zeta_pause
+            self.zeta_pause = min(2 * self.zeta_pause, ZETA_PAUSE_MAX)
+
+    #: the dispersion-pause counters (checkpointed; handed from a sketch fit to the full fit)
+    ZETA_STATE = ("zeta_quiet", "zeta_skip", "zeta_pause")
+
+    def dispersion_state(self) -> dict[str, int]:
+        """The dispersion-pause counters (see :meth:`_zeta_moved`)."""
+        return {k: int(getattr(self, k)) for k in self.ZETA_STATE}
+
+    def set_dispersion_state(self, state: dict) -> None:
+        for k in self.ZETA_STATE:
+            if k in state:
+                setattr(self, k, int(state[k]))
 
     @contextmanager
     def _genes_restored(self) -> Iterator[None]:

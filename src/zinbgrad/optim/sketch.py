@@ -100,13 +100,16 @@ def fit_sketch(
     seed: int,
     shard: tuple[int, int],
     comm: LocalComm,
-) -> tuple[Params, list[dict], FitPath]:
+) -> tuple[Params, list[dict], FitPath, dict]:
     """Fit the model to a sketch of ``m`` cells; return the starting point of ``shard``.
 
     Returns the gene parameters of the sketch fit with zero local parameters for the cells
     ``shard = (start, stop)``, the sketch's history records (``phase = "sketch"``; their
-    objective is the sketch's own penalized log-likelihood) and its recorded path, which
-    :meth:`Engine.fit` takes every cell along in its first sweep.
+    objective is the sketch's own penalized log-likelihood), its recorded path, which
+    :meth:`Engine.fit` takes every cell along in its first sweep, and its dispersion-pause
+    counters (:meth:`Engine.dispersion_state`): the full fit continues them, so a dispersion
+    that had settled in the sketch (its steps worth far less than the stopping rule measures)
+    is not re-derived over every cell in the extension and the sweeps right after it.
     """
     n = design.n
     idx = sketch_indices(n, m, seed)
@@ -163,4 +166,5 @@ def fit_sketch(
     comm.broadcast_(*[getattr(p, k) for k in Params.GENE_FIELDS], *path.tensors())
     lo, hi = shard
     genes = {name: getattr(p, name) for name in Params.GENE_FIELDS}
-    return Params.zeros(design, K, hi - lo, genes=genes), history, path
+    zeros = Params.zeros(design, K, hi - lo, genes=genes)
+    return zeros, history, path, engine.dispersion_state()
