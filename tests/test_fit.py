@@ -188,28 +188,31 @@ def test_sketch_solver_reaches_the_full_batch_optimum():
 
 
 def test_full_fit_continues_the_sketch_dispersion_pause(monkeypatch):
-    """After a sketch, the sweeps over all cells continue its dispersion-pause counters: a
-    dispersion the sketch had paused is not derived over every cell in the extension."""
+    """After a sketch, the sweeps over all cells update the dispersion from all cells in the
+    extension and the sweep after it, then, if it stays quiet, pause as long as the sketch's
+    next pause would have been (not the first pause's 4 sweeps)."""
     from zinbgrad.optim import engine as E
 
     adata, _ = _simulate(n=1500, J=60, K=2, seed=4)
     adata = adata[:, np.asarray(adata.X.sum(0)).ravel() > 0].copy()
-    ended = {"zeta_quiet": 0, "zeta_skip": 3, "zeta_pause": 8}  # as if the sketch ended paused
+    ended = {"zeta_quiet": 1, "zeta_skip": 3, "zeta_pause": 8}  # as if the sketch ended paused
     orig_state = E.Engine.dispersion_state
     monkeypatch.setattr(
         E.Engine,
         "dispersion_state",
         lambda self: dict(ended) if self.n < 1500 else orig_state(self),
     )
+    monkeypatch.setattr(E, "ZETA_QUIET_GAIN", 1e300)  # every dispersion step counts as quiet
     due: list[tuple[int, bool]] = []
     orig_due = E.Engine._zeta_due
     monkeypatch.setattr(
         E.Engine, "_zeta_due", lambda self: due.append((self.n, orig_due(self))) or due[-1][1]
     )
-    m = ZINBWaVE(n_components=2, solver="sketch", sketch_size=400, max_epochs=6, tol=0.0)
+    m = ZINBWaVE(n_components=2, solver="sketch", sketch_size=400, max_epochs=11, tol=1e-12)
     m.fit(adata)
     full = [d for n, d in due if n == adata.n_obs]
-    assert full[:4] == [False, False, False, True]  # extension + 2 sweeps paused, then checks
+    # extension and first sweep update it, then the sketch's pause of 8, then checks again
+    assert full[:11] == [True, True] + [False] * 8 + [True]
 
 
 def _recorded_path(Ts: list, newton_steps: list[int]):

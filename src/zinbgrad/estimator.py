@@ -514,7 +514,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
                     )
                     if path is not None:  # the full sweeps continue the sketch's path
                         engine.trajectory = path
-                    if zeta_state is not None:  # ... and its dispersion pauses
+                    if zeta_state is not None:  # ... and its dispersion-pause length
                         engine.set_dispersion_state(zeta_state)
                     result = engine.fit(
                         history, resume=None if resume is None else str(resume), path=path

@@ -106,10 +106,12 @@ def fit_sketch(
     Returns the gene parameters of the sketch fit with zero local parameters for the cells
     ``shard = (start, stop)``, the sketch's history records (``phase = "sketch"``; their
     objective is the sketch's own penalized log-likelihood), its recorded path, which
-    :meth:`Engine.fit` takes every cell along in its first sweep, and its dispersion-pause
-    counters (:meth:`Engine.dispersion_state`): the full fit continues them, so a dispersion
-    that had settled in the sketch (its steps worth far less than the stopping rule measures)
-    is not re-derived over every cell in the extension and the sweeps right after it.
+    :meth:`Engine.fit` takes every cell along in its first sweep, and the length of its next
+    dispersion pause (:meth:`Engine.dispersion_state`). The full fit starts with that length:
+    it still updates the dispersion from all cells in the extension and the sweep after it,
+    and if those steps are quiet too, a dispersion that had settled in the sketch pauses as
+    long as it would have there, instead of being derived over every cell again after 4
+    sweeps.
     """
     n = design.n
     idx = sketch_indices(n, m, seed)
@@ -167,4 +169,4 @@ def fit_sketch(
     lo, hi = shard
     genes = {name: getattr(p, name) for name in Params.GENE_FIELDS}
     zeros = Params.zeros(design, K, hi - lo, genes=genes)
-    return zeros, history, path, engine.dispersion_state()
+    return zeros, history, path, {"zeta_pause": engine.dispersion_state()["zeta_pause"]}
