@@ -51,7 +51,14 @@ import time
 import traceback
 from pathlib import Path
 
-import numpy as np
+if __package__ in (None, ""):  # run as a script: make ``benchmarks`` and ``zinbgrad`` importable
+    _repo = Path(__file__).resolve().parents[1]
+    sys.path[:0] = [str(_repo), str(_repo / "src")]
+
+import numpy as np  # noqa: E402
+
+from benchmarks.datasets import filter_empty  # noqa: E402
+from benchmarks.scaling import parse_size  # noqa: E402
 
 T0 = time.perf_counter()
 
@@ -302,12 +309,7 @@ def synthetic(model, n: int, device: str, seed: int = 0):
         adata = sim.make_synthetic(model, n, random_state=seed)
     finally:
         sim.sample_zinb = orig
-    X = adata.X.tocsr()
-    keep_c = np.diff(X.indptr) > 0
-    keep_g = np.asarray(X.getnnz(axis=0)) > 0
-    if not keep_c.all() or not keep_g.all():
-        adata = adata[keep_c][:, keep_g].copy()
-    return adata
+    return filter_empty(adata)  # cells drawn without a count, genes that stayed at zero
 
 
 def fit_timed(
@@ -363,12 +365,6 @@ def fit_timed(
     if torch.device(device).type == "cuda":
         rec["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return rec
-
-
-def parse_size(s: str) -> int:
-    s = s.strip().lower()
-    mult = {"k": 1_000, "m": 1_000_000}.get(s[-1], 1)
-    return int(float(s[:-1] if s[-1] in "km" else s) * mult)
 
 
 def parse_entries(s: str) -> int:
@@ -442,7 +438,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", default="env,kernels,fit_parity,collectives,timing")
     p.add_argument("--out", default=os.environ.get("OUT", "gpu_out"))
     args = p.parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     res = Results(Path(args.out) / "gpu_check.json")
     steps = args.steps.split(",")
     for name in ("env", "kernels", "fit_parity", "collectives"):
