@@ -350,3 +350,42 @@ def test_nonzero_constant_on_distinct_counts_matches_every_entry():
             rtol=1e-14,
             atol=0,
         )
+
+
+@pytest.mark.parametrize("b", [-50.0, -3.0, 0.0, 20.0])
+def test_zero_entries_keep_pi_where_nb0_vanishes(b):
+    # mu ~ 1e18 and theta ~ 6e19: |log NB(0)| ~ 1e18, far beyond b; log(pi + (1-pi) NB(0))
+    # is then log(pi) = log sigmoid(b), which a form adding b to log NB(0) would round away
+    a = torch.full((2, 3), 41.4, dtype=torch.float64)
+    bb = torch.full((2, 3), b, dtype=torch.float64)
+    zeta = torch.full((3,), 45.5, dtype=torch.float64)
+    d = entry_derivatives(a, bb, zeta, _sparse(torch.zeros(2, 3, dtype=torch.float64)), order=0)
+    with mpmath.workdps(50):
+        ref = float(mpmath.log(1 / (1 + mpmath.e ** (-mpmath.mpf(b)))))
+    torch.testing.assert_close(d.ll, torch.full_like(d.ll, ref), rtol=1e-12, atol=1e-12)
+
+
+def test_autograd_gradients_at_the_kinks():
+    # a - zeta = 0 and b = 0 are where max(x, 0) has a kink; the exact derivative of
+    # softplus there is 1/2, and autograd of log_zinb must give the true gradient
+    def mp_ll(y, args):
+        a, b, z = args
+        mu, th, pi = mpmath.e**a, mpmath.e**z, 1 / (1 + mpmath.e ** (-b))
+        lnb = (
+            mpmath.loggamma(y + th)
+            - mpmath.loggamma(th)
+            - mpmath.loggamma(y + 1)
+            + th * mpmath.log(th / (th + mu))
+            + y * mpmath.log(mu / (th + mu))
+        )
+        return mpmath.log(pi + (1 - pi) * mpmath.e**lnb) if y == 0 else mpmath.log(1 - pi) + lnb
+
+    def partial(y, i):
+        return float(mpmath.diff(lambda t: mp_ll(y, [t if j == i else 0 for j in range(3)]), 0))
+
+    for y in (0.0, 2.0):
+        x = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+        log_zinb(torch.tensor(y, dtype=torch.float64), x[0], x[1], x[2]).backward()
+        with mpmath.workdps(40):
+            ref = [partial(y, i) for i in range(3)]
+        np.testing.assert_allclose(x.grad.numpy(), ref, rtol=1e-10, atol=1e-12)

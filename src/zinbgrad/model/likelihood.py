@@ -69,8 +69,12 @@ _T_SERIES = 0.05
 
 
 def softplus(x: Tensor) -> Tensor:
-    """``log(1 + exp(x))`` without overflow or the threshold approximation of torch's softplus."""
-    return torch.clamp(x, min=0) + torch.log1p(torch.exp(-torch.abs(x)))
+    """``log(1 + exp(x))`` without overflow or the threshold approximation of torch's softplus.
+
+    Autograd gives its exact derivative ``sigmoid(x)`` everywhere, 1/2 at ``x = 0`` included
+    (``max(x, 0) + log1p(exp(-|x|))``, the same value, would give 1 there).
+    """
+    return torch.logaddexp(x, torch.zeros_like(x))
 
 
 def log_sigmoid(x: Tensor) -> Tensor:
@@ -464,7 +468,9 @@ def _dense_terms(a: Tensor, b: Tensor | None, zeta: Tensor, order: int, dispersi
     la = laa = lb = lbb = lab = lz = lzz = None
     if zi:
         t = b - log_nb0
-        ll = log_nb0 - _fsp(b) + _fsp(t)
+        # log(pi + (1 - pi) NB(0)) = logaddexp(b, log NB(0)) - softplus(b), with the max taken
+        # out exactly: log_nb0 + softplus(t) would cancel b away where |log NB(0)| >> |b|
+        ll = torch.maximum(b, log_nb0) + torch.log1p(torch.exp(-torch.abs(t))) - _fsp(b)
         if order >= 1 or dispersion:
             one_m_r = torch.sigmoid(t)
             r = 1.0 - one_m_r  # P(zero came from the NB component)
@@ -787,9 +793,10 @@ def entry_derivatives(
     -----
     The dense part is written for speed (few fused kernels, ``theta`` formed per gene only):
     ``log NB(0) = -theta * softplus(a - zeta)`` and, at zeros,
-    ``log(pi + (1-pi) NB(0)) = log NB(0) - softplus(b) + softplus(b - log NB(0))``. These agree
-    with :func:`log_zinb` to float64 rounding in absolute terms; :func:`log_zinb` is the form
-    with full relative accuracy for tiny probabilities.
+    ``log(pi + (1-pi) NB(0)) = max(b, log NB(0)) + log1p(exp(-|b - log NB(0)|)) - softplus(b)``.
+    These agree with :func:`log_zinb` to a few float64 roundings of the larger of ``|b|`` and
+    ``|log NB(0)|`` (absolute, not relative, accuracy); :func:`log_zinb` is the form with full
+    relative accuracy for tiny probabilities.
     """
     a = a.contiguous()
     b = None if b is None else b.contiguous()
