@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import tempfile
 import time
@@ -70,7 +71,12 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(
+            f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or a torch.device, got {device!r}"
+        ) from err
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {device!r} requested but CUDA is not available")
@@ -88,6 +94,32 @@ def _resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtyp
     if dtype not in table:
         raise ValueError(f"dtype must be 'auto', 'float32' or 'float64', got {dtype!r}")
     return table[dtype]
+
+
+def _is_int(v) -> bool:
+    """An integer, numpy's included, but not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool | np.bool_)
+
+
+def _jsonable(v):
+    """``v`` with numpy scalars and arrays turned into Python values (for JSON)."""
+    if isinstance(v, np.ndarray | np.generic):
+        return v.tolist()
+    if isinstance(v, np.random.RandomState):  # its seed was drawn at fit time; not saved
+        return None
+    return v
+
+
+#: The penalty hyper-parameters (each None or a non-negative number).
+_EPSILONS = (
+    "epsilon",
+    "epsilon_beta",
+    "epsilon_gamma",
+    "epsilon_W",
+    "epsilon_alpha",
+    "epsilon_zeta",
+    "epsilon_min_logit",
+)
 
 
 def _select_columns(M: np.ndarray, which, what: str) -> np.ndarray:
@@ -164,7 +196,9 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
     allow_non_integer
         Accept non-integer counts (with a warning), e.g. ambient-corrected data.
     random_state
-        Seed of the initialization subsample, the randomized SVD and the minibatch order.
+        Seed of the initialization subsample, the randomized SVD and the minibatch order: an
+        integer (the default 0 makes fits reproducible), or ``None`` / a numpy
+        ``RandomState`` to draw the seed from numpy's random state, as in scikit-learn.
     verbose
         Show a progress bar (tqdm) on fits that take longer than two seconds.
 
@@ -192,6 +226,10 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
     V_ : ndarray (n_genes, L)
     var_names_ : ndarray
         Gene names of the training data (new data is aligned on them).
+    batch_info_ : dict
+        ``categories``: the levels (reference first) of every categorical ``obs`` column in
+        X, against which new cells are encoded; with a ``batch_key`` also ``batch_key``, its
+        ``levels`` and ``reference``.
     penalty_params_ : dict
         Every epsilon as used.
     fit_path_ : dict of ndarray or None
@@ -231,7 +269,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         fused: bool | str = "auto",
         dtype: str = "auto",
         allow_non_integer: bool = False,
-        random_state: int | None = 0,
+        random_state: int | np.random.RandomState | None = 0,
         verbose: bool = True,
     ) -> None:
         self.n_components = n_components
@@ -269,28 +307,54 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
 
     def _check_hyperparameters(self, n: int, J: int) -> None:
         K = self.n_components
-        if not isinstance(K, int | np.integer) or K < 0:
+        if not _is_int(K) or K < 0:
             raise ValueError(f"n_components must be a non-negative integer, got {K!r}")
         if K >= min(n, J):
             raise ValueError(
                 f"n_components={K} is too large for {n} cells x {J} genes: it must be smaller "
                 f"than min(n_cells, n_genes) = {min(n, J)}"
             )
-        if self.tol < 0 or self.max_epochs < 1:
-            raise ValueError("tol must be >= 0 and max_epochs >= 1")
+        for name in _EPSILONS + ("tol",):
+            v = getattr(self, name)
+            if name != "tol" and v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not v >= 0:
+                raise ValueError(f"{name} must be a non-negative number, got {v!r}")
+        for name, optional in (
+            ("max_epochs", False),
+            ("local_steps", False),
+            ("batch_size", True),
+            ("sketch_size", True),
+            ("block_entries", True),
+        ):
+            v = getattr(self, name)
+            if optional and v is None:
+                continue
+            if not _is_int(v) or v < 1:
+                raise ValueError(
+                    f"{name} must be {'None or ' if optional else ''}a positive integer, got {v!r}"
+                )
         if self.solver not in ("auto", "full", "sketch", "stochastic"):
             raise ValueError(
                 f"solver must be 'auto', 'full', 'sketch' or 'stochastic', got {self.solver!r}"
             )
-        if self.sketch_size is not None and int(self.sketch_size) < 1:
-            raise ValueError(f"sketch_size must be a positive integer, got {self.sketch_size!r}")
         if self.fused not in ("auto", True, False):
             raise ValueError(f"fused must be 'auto', True or False, got {self.fused!r}")
-        be = self.block_entries
-        if be is not None and (
-            isinstance(be, bool) or not isinstance(be, int | np.integer) or be < 1
-        ):
-            raise ValueError(f"block_entries must be None or a positive integer, got {be!r}")
+        rs = self.random_state
+        if not (rs is None or _is_int(rs) or isinstance(rs, np.random.RandomState)):
+            raise ValueError(
+                f"random_state must be None, an integer or a numpy RandomState, got {rs!r}"
+            )
+
+    def _seed(self, comm) -> int:
+        """The integer seed of ``random_state``; one drawn from numpy's random state for
+        ``None`` or a ``RandomState`` (as in scikit-learn), the same on every process."""
+        if _is_int(self.random_state):
+            return int(self.random_state)
+        from sklearn.utils import check_random_state
+
+        seed = int(check_random_state(self.random_state).randint(2**31 - 1))
+        return int(comm.max(float(seed)))  # rank 0's draw need not equal the others'
 
     def _block_entries(self, device: torch.device) -> int:
         """``block_entries``, or its default for ``device`` (see the class docstring)."""
@@ -298,19 +362,18 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
             return int(self.block_entries)
         return GPU_BLOCK_ENTRIES if device.type == "cuda" else CPU_BLOCK_ENTRIES
 
-    def _cell_design(self, obs, n: int, X, batch_key, covariate_keys) -> tuple[np.ndarray, list]:
+    @staticmethod
+    def _cell_design(obs, n: int, X, batch_key, covariate_keys) -> tuple[np.ndarray, list, dict]:
+        """The training cells' design, its column names and its ``batch_info_``."""
         if X is not None:
             if batch_key is not None or covariate_keys:
                 raise ValueError("pass either X or batch_key/covariate_keys, not both")
             Xm = check_design_matrix(X, n, "X", "cells")
-            names = [f"x{m}" for m in range(Xm.shape[1])]
-            self.batch_info_ = {}
-            return Xm, names
+            return Xm, [f"x{m}" for m in range(Xm.shape[1])], {}
         Xm, names, info = build_cell_design(
             obs, n, batch_key=batch_key, covariate_keys=covariate_keys
         )
-        self.batch_info_ = info
-        return check_design_matrix(Xm, n, "X (cell covariates)", "cells"), names
+        return check_design_matrix(Xm, n, "X (cell covariates)", "cells"), names, info
 
     def _default_penalty(self, design: Design) -> Penalty:
         """zinbwave's penalty for ``design`` with this estimator's epsilon overrides."""
@@ -333,7 +396,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         A = np.asarray(O, dtype=np.float64)
         if A.ndim == 1:
             A = A[:, None]
-        if A.shape[0] != n or A.shape[1] not in (1, J):
+        if A.ndim != 2 or A.shape[0] != n or A.shape[1] not in (1, J):
             raise ValueError(
                 f"{what} must have shape ({n},), ({n}, 1) or ({n}, {J}); got {A.shape}"
             )
@@ -394,7 +457,8 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
             AnnData (counts in ``.X`` or ``layer``), numpy array, scipy.sparse matrix or
             DataFrame of raw counts, cells x genes (never modified); or the path of an
             ``.h5ad`` file / a backed AnnData (``backed="r"``) with CSR counts, which is then
-            streamed from disk in blocks of cells and never loaded whole.
+            streamed from disk in blocks of cells and never loaded whole. A view of a backed
+            AnnData (``adata[cells, genes]``) reads just the selected part, into memory.
         y
             Ignored (scikit-learn API).
         layer
@@ -427,7 +491,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         n, J = inp.shape
         with cpu_threads(dev, n * J), flush_denormals(dev.type == "cpu"):
             self._check_hyperparameters(n, J)
-            Xm, xnames = self._cell_design(inp.obs, n, X, batch_key, covariate_keys)
+            Xm, xnames, batch_info = self._cell_design(inp.obs, n, X, batch_key, covariate_keys)
             Vm = np.ones((J, 1)) if V is None else check_design_matrix(V, J, "V", "genes")
             O_mu_a = self._offset(O_mu, n, J, "O_mu")
             O_pi_a = self._offset(O_pi, n, J, "O_pi")
@@ -437,7 +501,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
             design = design_all.rows(lo, hi)
             source = inp.source(lo, hi, dt, dev)
             full_source = source if comm.world_size == 1 else inp.source(0, n, dt, dev)
-            seed = 0 if self.random_state is None else int(self.random_state)
+            seed = self._seed(comm)
             K = self.n_components
             m = sketch_size(
                 n, J, K, self.sketch_size, max_fraction=1.0 if self.solver == "sketch" else None
@@ -531,6 +595,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
                 final.gamma_mu = comm.all_gather_rows(final.gamma_mu.T, n).T
                 final.gamma_pi = comm.all_gather_rows(final.gamma_pi.T, n).T
             self._store(final, pen, design_all, Xm, xnames, Vm, inp)
+            self.batch_info_ = batch_info
             traj = engine.trajectory
             self.fit_path_ = (
                 traj.compact().to_arrays(np.float32)
@@ -638,9 +703,25 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ new cells
     def _align_genes(self, counts) -> None:
+        J = len(self.var_names_)
+        if not counts.named:  # an array or sparse matrix: its columns are the model's genes
+            if counts.shape[1] != J:
+                raise ValueError(
+                    f"the new counts have {counts.shape[1]} columns but the model has {J} genes; "
+                    "pass an AnnData or DataFrame with gene names to align genes by name"
+                )
+            counts.var_names = self.var_names_
+            return
         names = np.asarray(counts.var_names).astype(str)
         if names.shape == self.var_names_.shape and (names == self.var_names_).all():
             return
+        for what, nm in (("the model's", self.var_names_), ("the new data's", names)):
+            if len(np.unique(nm)) < len(nm):
+                raise ValueError(
+                    f"{what} gene names are not unique, so genes cannot be aligned by name; "
+                    "make them unique (e.g. adata.var_names_make_unique()) or pass the genes "
+                    "in the model's order"
+                )
         missing = np.setdiff1d(self.var_names_, names)
         if missing.size:
             raise ValueError(
@@ -658,14 +739,33 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         counts.var_names = self.var_names_
         counts.shape = counts.X.shape
 
+    def _categories(self) -> dict[str, list[str]]:
+        """The fitted levels of each categorical obs column (older files: the batch only)."""
+        info = self.batch_info_ or {}
+        if "categories" in info:
+            return info["categories"]
+        return {info["batch_key"]: info["levels"]} if "levels" in info else {}
+
     def _new_cell_design(self, counts, X, batch_key, covariate_keys, O_mu, O_pi):
         n = counts.shape[0]
         J = len(self.var_names_)
         if X is not None:
             Xm = check_design_matrix(X, n, "X", "cells")
         elif batch_key is not None or covariate_keys:
+            fitted_batch = (self.batch_info_ or {}).get("batch_key")
+            if batch_key is not None and batch_key != fitted_batch:
+                raise ValueError(
+                    f"batch_key={batch_key!r}, but the model was fitted "
+                    + (f"with batch_key={fitted_batch!r}" if fitted_batch else "without one")
+                )
+            # new cells are encoded against the fitted levels: any subset of them, with the
+            # fit's reference level
             Xb, names, _ = build_cell_design(
-                counts.obs, n, batch_key=batch_key, covariate_keys=covariate_keys
+                counts.obs,
+                n,
+                batch_key=batch_key,
+                covariate_keys=covariate_keys,
+                categories=self._categories(),
             )
             Xm = np.zeros((n, len(self.X_columns_)))
             for k, nm in enumerate(names):
@@ -745,27 +845,36 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         """Latent factors W of new cells (gene parameters fixed; zinbwave's projection).
 
         Genes are aligned by name with the training data (extra genes are ignored, missing
-        genes are an error). New cells get the reference batch unless ``batch_key`` (with the
-        same levels) or ``X`` is given.
+        genes are an error); an array or sparse matrix without names must have the model's
+        genes as its columns. New cells get the reference batch unless ``batch_key`` or ``X``
+        is given. With ``batch_key`` (the fit's) and ``covariate_keys``, categorical columns
+        are encoded against the fitted levels: the new cells may hold any of them, and a level
+        the fit did not see is an error.
         """
         params, _, _ = self._project(data, layer, X, batch_key, covariate_keys, O_mu, O_pi)
         return params.W.cpu().numpy()
 
-    def score_samples(self, data, **kw) -> np.ndarray:
-        """Held-out log-likelihood of each new cell, its local parameters re-optimized."""
-        _, ll, _ = self._project(
-            data,
-            kw.get("layer"),
-            kw.get("X"),
-            kw.get("batch_key"),
-            kw.get("covariate_keys"),
-            kw.get("O_mu"),
-            kw.get("O_pi"),
-        )
+    def score_samples(
+        self,
+        data,
+        *,
+        layer: str | None = None,
+        X=None,
+        batch_key: str | None = None,
+        covariate_keys: list[str] | None = None,
+        O_mu=None,
+        O_pi=None,
+    ) -> np.ndarray:
+        """Held-out log-likelihood of each new cell, its local parameters re-optimized.
+
+        The keywords are those of :meth:`transform`.
+        """
+        _, ll, _ = self._project(data, layer, X, batch_key, covariate_keys, O_mu, O_pi)
         return ll
 
     def score(self, data, y=None, **kw) -> float:
-        """Mean held-out log-likelihood per cell (higher is better)."""
+        """Mean held-out log-likelihood per cell (higher is better); keywords as in
+        :meth:`transform`."""
         return float(np.mean(self.score_samples(data, **kw)))
 
     def fit_transform(self, data, y=None, **fit_params) -> np.ndarray:
@@ -777,10 +886,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "zinbgrad_version": __import__("zinbgrad").__version__,
-            "hyperparameters": {
-                k: (v.tolist() if isinstance(v, np.ndarray) else v)
-                for k, v in self.get_params().items()
-            },
+            "hyperparameters": {k: _jsonable(v) for k, v in self.get_params().items()},
             "X_columns": self.X_columns_,
             "batch_info": self.batch_info_,
             "penalty_params": self.penalty_params_,
@@ -839,37 +945,94 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
             meta = json.loads(str(z["metadata"]))
         except Exception as err:  # noqa: BLE001 - report any unreadable file the same way
             raise ValueError(f"{path} is not a zinbgrad model file ({err})") from err
-        if meta.get("format") != FORMAT_NAME:
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
             raise ValueError(f"{path} is not a zinbgrad model file")
-        if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        version = meta.get("format_version", 0)
+        if not _is_int(version):
+            raise ValueError(f"{path} is not a valid zinbgrad model file (format_version)")
+        if version > FORMAT_VERSION:
             raise ValueError(
-                f"{path} was written by a newer zinbgrad (format {meta['format_version']}); "
+                f"{path} was written by a newer zinbgrad (format {version}); "
                 "upgrade zinbgrad to read it"
             )
-        model = cls(**meta["hyperparameters"])
+        try:
+            model = cls._from_archive(z, meta)
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ValueError(f"{path} is not a valid zinbgrad model file: {err}") from err
+        return model
+
+    @classmethod
+    def _from_archive(cls, z, meta: dict) -> ZINBWaVE:
+        files = set(z.files)
+        required = {*(k for k in _GENE_ARRAYS + _CELL_ARRAYS), "X", "V", "var_names", "obs_names"}
+        missing = sorted(required - files)
+        if missing:
+            raise KeyError(f"missing arrays {missing}")
+        params = meta["hyperparameters"]
+        if not isinstance(params, dict):
+            raise TypeError("hyperparameters must be a mapping")
+        model = cls(**params)
         for k in _GENE_ARRAYS + _CELL_ARRAYS:
-            setattr(model, k + "_", z[k])
-        model.X_, model.V_ = z["X"], z["V"]
-        model.O_mu_ = z["O_mu"] if "O_mu" in z.files else None
-        model.O_pi_ = z["O_pi"] if "O_pi" in z.files else None
+            setattr(model, k + "_", np.asarray(z[k], dtype=np.float64))
+        model.X_ = np.asarray(z["X"], dtype=np.float64)
+        model.V_ = np.asarray(z["V"], dtype=np.float64)
+        model.O_mu_ = np.asarray(z["O_mu"], dtype=np.float64) if "O_mu" in files else None
+        model.O_pi_ = np.asarray(z["O_pi"], dtype=np.float64) if "O_pi" in files else None
         path = {k[5:]: z[k] for k in z.files if k.startswith("path_")}
         model.fit_path_ = path or None
         model.var_names_ = z["var_names"].astype(str)
         model.obs_names_ = z["obs_names"].astype(str)
         model.n_features_in_ = len(model.var_names_)
-        model.X_columns_ = list(meta["X_columns"])
-        model.batch_info_ = meta.get("batch_info", {})
-        model.penalty_params_ = meta["penalty_params"]
-        model.loglik_, model.penalty_ = meta["loglik"], meta["penalty"]
-        model.objective_ = meta["objective"]
-        model.history_ = meta["history"]
-        model.n_iter_, model.converged_ = meta["n_iter"], meta["converged"]
-        model.fit_time_ = meta.get("fit_time", float("nan"))
-        model.n_params_ = meta["n_params"]
+        model.X_columns_ = [str(c) for c in meta["X_columns"]]
+        model.batch_info_ = dict(meta.get("batch_info") or {})
+        model.penalty_params_ = dict(meta["penalty_params"])
+        model.loglik_, model.penalty_ = float(meta["loglik"]), float(meta["penalty"])
+        model.objective_ = float(meta["objective"])
+        model.history_ = list(meta["history"])
+        model.n_iter_, model.converged_ = int(meta["n_iter"]), bool(meta["converged"])
+        model.fit_time_ = float(meta.get("fit_time", float("nan")))
+        model.n_params_ = int(meta["n_params"])
+        model._check_consistency()
         n = model.W_.shape[0]
         model.aic_ = 2.0 * model.n_params_ - 2.0 * model.loglik_
         model.bic_ = math.log(n) * model.n_params_ - 2.0 * model.loglik_
         return model
+
+    def _check_consistency(self) -> None:
+        """Every fitted array has the shape the others imply, and finite values."""
+        n, K = self.W_.shape if self.W_.ndim == 2 else (-1, -1)
+        J = len(self.var_names_)
+        M, L = self.X_.shape[-1], self.V_.shape[-1]
+        expected = {
+            "W": (n, self.n_components),
+            "alpha_mu": (K, J),
+            "alpha_pi": (K, J),
+            "zeta": (J,),
+            "X": (n, M),
+            "V": (J, L),
+            "obs_names": (n,),
+        }
+        for name, shape in expected.items():
+            a = getattr(self, name + "_")
+            if a.shape != shape:
+                raise ValueError(f"{name} has shape {a.shape}, expected {shape}")
+        for name, rows in (("beta_mu", M), ("beta_pi", M), ("gamma_mu", L), ("gamma_pi", L)):
+            a = getattr(self, name + "_")
+            cols = n if name.startswith("gamma") else J
+            if a.ndim != 2 or a.shape[1] != cols or a.shape[0] > rows:
+                raise ValueError(f"{name} has shape {a.shape}, expected (<= {rows}, {cols})")
+        path = getattr(self, "fit_path_", None) or {}
+        if "zeta" in path and np.shape(path["zeta"])[-1] != J:
+            raise ValueError(f"the fit path has {np.shape(path['zeta'])[-1]} genes, not {J}")
+        if len(self.X_columns_) != M:
+            raise ValueError(f"{len(self.X_columns_)} X column names for {M} columns")
+        for name in ("O_mu", "O_pi"):
+            a = getattr(self, name + "_")
+            if a is not None and (a.ndim != 2 or a.shape[0] != n or a.shape[1] not in (1, J)):
+                raise ValueError(f"{name} has shape {a.shape}, expected ({n}, 1) or ({n}, {J})")
+        for name in _GENE_ARRAYS + _CELL_ARRAYS + ("X", "V"):
+            if not np.isfinite(getattr(self, name + "_")).all():
+                raise ValueError(f"{name} has NaN or infinite values")
 
     # ------------------------------------------------------------------ from given parameters
     @classmethod

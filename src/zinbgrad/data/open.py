@@ -28,6 +28,7 @@ class CountsHandle:
     X: sp.csr_matrix | None = None
     path: str | None = None
     layer: str | None = None
+    named: bool = True  # see CountsInput.named
 
     def source(self, start: int, stop: int, dtype: torch.dtype, device: torch.device):
         """A block source over the cells ``[start, stop)`` (all of them by default)."""
@@ -45,7 +46,9 @@ def _backed_path(data) -> str | None:
     except ImportError:  # pragma: no cover
         return None
     if isinstance(data, ad.AnnData) and getattr(data, "isbacked", False):
-        return str(data.filename)
+        # a view (adata[cells, genes]) selects part of the file: only that part is read, into
+        # memory; the whole file is streamed only when the whole file is meant
+        return None if data.is_view else str(data.filename)
     return None
 
 
@@ -58,7 +61,7 @@ def open_counts(
         c = extract_counts(
             data, layer, allow_non_integer=allow_non_integer, check_empty=check_empty
         )
-        return CountsHandle(c.X.shape, c.obs, c.obs_names, c.var_names, X=c.X)
+        return CountsHandle(c.X.shape, c.obs, c.obs_names, c.var_names, X=c.X, named=c.named)
     import anndata as ad
 
     p = Path(path)

@@ -30,6 +30,8 @@ class CountsInput:
     obs_names: np.ndarray
     var_names: np.ndarray
     obs: pd.DataFrame | None = None
+    #: False where the input had no gene names (arrays, sparse matrices) and they were made up
+    named: bool = True
 
 
 def _first(idx: np.ndarray, k: int = 5) -> str:
@@ -152,7 +154,8 @@ def extract_counts(data, layer: str | None = None, **kw) -> CountsInput:
         return CountsInput(M, obs_names, var_names, None)
     M = validate_counts(data, **kw)
     n, J = M.shape
-    return CountsInput(M, np.arange(n).astype(str), np.array([f"gene{j}" for j in range(J)]))
+    var_names = np.array([f"gene{j}" for j in range(J)])
+    return CountsInput(M, np.arange(n).astype(str), var_names, named=False)
 
 
 def check_design_matrix(M, n_rows: int, what: str, rows_are: str) -> np.ndarray:
@@ -179,27 +182,55 @@ def check_design_matrix(M, n_rows: int, what: str, rows_are: str) -> np.ndarray:
     return A
 
 
+def _is_categorical(col: pd.Series) -> bool:
+    """Whether an obs column becomes indicator columns (non-numeric or boolean)."""
+    return not pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col)
+
+
 def build_cell_design(
     obs: pd.DataFrame | None,
     n: int,
     *,
     batch_key: str | None = None,
-    covariate_keys: list[str] | tuple[str, ...] | None = None,
+    covariate_keys: str | list[str] | tuple[str, ...] | None = None,
     intercept: bool = True,
+    categories: dict[str, list[str]] | None = None,
 ) -> tuple[np.ndarray, list[str], dict]:
     """Cell-level design X: intercept, batch indicators (first level as reference), covariates.
+
+    Parameters
+    ----------
+    obs, n
+        Cell annotations and the number of cells.
+    batch_key
+        Column whose levels become indicator columns, whatever its dtype (integer batch codes
+        included); the first level is the reference.
+    covariate_keys
+        Further columns: categorical, string and boolean ones as indicators, numeric ones as
+        they are.
+    intercept
+        Start with a column of ones.
+    categories
+        The levels (reference first) a fit saw for each categorical column. New cells are
+        encoded against them: a cell may come from any subset of the levels, and a level the
+        fit did not see is an error. Without it (a fit), the levels come from ``obs``.
 
     Returns
     -------
     (X, column_names, info)
-        ``info`` holds the batch levels and their reference, for batch correction later.
+        ``info["categories"]`` holds the levels of every categorical column; with a
+        ``batch_key``, ``info`` also holds ``batch_key``, its ``levels`` and ``reference``,
+        for batch correction later.
     """
     cols: list[np.ndarray] = []
     names: list[str] = []
     info: dict = {}
+    seen: dict[str, list[str]] = {}
     if intercept:
         cols.append(np.ones(n))
         names.append("intercept")
+    if isinstance(covariate_keys, str):
+        covariate_keys = [covariate_keys]
     keys = list(covariate_keys or [])
     if batch_key is not None:
         keys = [batch_key] + [k for k in keys if k != batch_key]
@@ -211,28 +242,42 @@ def build_cell_design(
         col = obs[key]
         if col.isna().any():
             raise ValueError(f"adata.obs[{key!r}] has {int(col.isna().sum())} missing values")
-        if isinstance(col.dtype, pd.CategoricalDtype) or col.dtype == object or col.dtype == bool:
-            cat = pd.Categorical(col.astype(str) if col.dtype == bool else col)
-            cat = cat.remove_unused_categories()
-            levels = list(cat.categories.astype(str))
-            counts = np.bincount(cat.codes, minlength=len(levels))
+        known = None if categories is None else categories.get(key)
+        if known is None and not (key == batch_key or _is_categorical(col)):
+            cols.append(np.asarray(col, dtype=np.float64))
+            names.append(key)
+            continue
+        values = np.asarray(col.astype(str))
+        if known is not None:
+            levels = [str(lv) for lv in known]
+            unseen = sorted(set(values) - set(levels))
+            if unseen:
+                raise ValueError(
+                    f"adata.obs[{key!r}] has levels the model was not fitted with: "
+                    f"{_first(np.asarray(unseen))} (fitted levels: {levels})"
+                )
+        else:
+            # levels in the column's own order (numeric order for integer batch codes)
+            cat = pd.Categorical(col.astype(str) if pd.api.types.is_bool_dtype(col) else col)
+            levels = [str(lv) for lv in cat.remove_unused_categories().categories]
             if key == batch_key:
                 if len(levels) < 2:
                     raise ValueError(
                         f"batch_key {key!r} has a single level ({levels[0]!r}); nothing to correct"
                     )
-                small = [lv for lv, c in zip(levels, counts, strict=True) if c < 2]
+                counts = pd.Series(values).value_counts()
+                small = [lv for lv in levels if counts[lv] < 2]
                 if small:
                     raise ValueError(
                         f"batch(es) {small} of {key!r} have fewer than 2 cells; a batch effect "
                         "cannot be estimated from one cell"
                     )
-                info = {"batch_key": key, "levels": levels, "reference": levels[0]}
-            for lv in levels[1:]:
-                cols.append((np.asarray(cat.astype(str)) == lv).astype(np.float64))
-                names.append(f"{key}[{lv}]")
-        else:
-            cols.append(np.asarray(col, dtype=np.float64))
-            names.append(key)
+        if key == batch_key:
+            info.update(batch_key=key, levels=levels, reference=levels[0])
+        seen[key] = levels
+        for lv in levels[1:]:
+            cols.append((values == lv).astype(np.float64))
+            names.append(f"{key}[{lv}]")
+    info["categories"] = seen
     X = np.column_stack(cols) if cols else np.zeros((n, 0))
     return X, names, info

@@ -15,7 +15,7 @@ import numpy as np
 from ..data.validate import extract_counts
 from ..estimator import ZINBWaVE
 from ..model import outputs as _out
-from ._zinbwave import model_from_anndata
+from ._zinbwave import _check_anndata, model_from_anndata
 
 __all__ = [
     "normalize",
@@ -28,6 +28,7 @@ __all__ = [
 
 
 def _resolve_model(adata, key: str, model: ZINBWaVE | None) -> ZINBWaVE:
+    _check_anndata(adata)
     if model is None:
         return model_from_anndata(adata, key)
     if not isinstance(model, ZINBWaVE):
@@ -336,12 +337,14 @@ def project(
     key
         Model key when ``model`` is an AnnData.
     batch_key, covariate_keys
-        ``adata_query.obs`` columns with the same levels as in the fit (default: every query
-        cell in the reference batch).
+        ``adata_query.obs`` columns, encoded against the levels of the fit (the query may
+        hold any of them; default: every query cell in the reference batch).
     copy
         Return a modified copy instead of writing into ``adata_query``.
     """
+    _check_anndata(adata_query, "adata_query")
     if not isinstance(model, ZINBWaVE):
+        _check_anndata(model, "model (a fitted ZINBWaVE or the reference AnnData)")
         model = model_from_anndata(model, key)
     model._check_fitted()
     query_genes = set(np.asarray(adata_query.var_names).astype(str))

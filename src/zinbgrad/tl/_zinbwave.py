@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 
@@ -19,16 +20,9 @@ def store_model(adata, model: ZINBWaVE, key_added: str = "X_zinbwave") -> None:
     * ``var[key_added + "_zeta"]`` (log inverse dispersion);
     * ``uns[key_added]``: settings, X column names, penalties, log-likelihood, history, ...
     """
-    adata.obsm[key_added] = model.W_
-    adata.obsm[key_added + "_gamma_mu"] = model.gamma_mu_.T
-    adata.obsm[key_added + "_gamma_pi"] = model.gamma_pi_.T
-    adata.obsm[key_added + "_X"] = model.X_
-    for name in ("alpha_mu", "alpha_pi", "beta_mu", "beta_pi"):
-        adata.varm[f"{key_added}_{name}"] = getattr(model, name + "_").T
-    adata.varm[f"{key_added}_V"] = model.V_
-    adata.var[f"{key_added}_zeta"] = model.zeta_
-    meta = model._metadata()
-    adata.uns[key_added] = {
+    _check_anndata(adata)
+    meta = model._metadata()  # serialized before anything is written: a failure leaves no keys
+    uns = {
         "params": json.dumps(meta["hyperparameters"]),
         "X_columns": np.asarray(model.X_columns_, dtype=str),
         "penalty_params": json.dumps(model.penalty_params_),
@@ -49,11 +43,66 @@ def store_model(adata, model: ZINBWaVE, key_added: str = "X_zinbwave") -> None:
     }
     path = getattr(model, "fit_path_", None)
     if path:  # the fit's path, which projections of new cells follow (see ZINBWaVE.transform)
-        adata.uns[key_added]["fit_path"] = dict(path)
+        uns["fit_path"] = dict(path)
+        uns["fit_path_var_names"] = np.asarray(model.var_names_, dtype=str)
+    adata.obsm[key_added] = model.W_
+    adata.obsm[key_added + "_gamma_mu"] = model.gamma_mu_.T
+    adata.obsm[key_added + "_gamma_pi"] = model.gamma_pi_.T
+    adata.obsm[key_added + "_X"] = model.X_
+    for name in ("alpha_mu", "alpha_pi", "beta_mu", "beta_pi"):
+        adata.varm[f"{key_added}_{name}"] = getattr(model, name + "_").T
+    adata.varm[f"{key_added}_V"] = model.V_
+    adata.var[f"{key_added}_zeta"] = model.zeta_
+    adata.uns[key_added] = uns
+
+
+def _check_anndata(adata, what: str = "adata") -> None:
+    import anndata as ad
+
+    if not isinstance(adata, ad.AnnData):
+        raise TypeError(
+            f"{what} must be an AnnData, got {type(adata).__name__}; for a path or an array use "
+            "zinbgrad.ZINBWaVE().fit(...) or read it with anndata.read_h5ad first"
+        )
+
+
+def _fit_path(u, var_names: np.ndarray) -> dict | None:
+    """The stored fit path, restricted to the genes ``adata`` still has.
+
+    Genes may have been subset after the fit (e.g. mitochondrial genes dropped): the path's
+    gene axis (the last) is then cut to the remaining genes, by name.
+    """
+    path = u.get("fit_path")
+    if not path:
+        return None
+    path = {k: np.asarray(v) for k, v in path.items()}
+    J = path["zeta"].shape[-1] if "zeta" in path else len(var_names)
+    if J == len(var_names) and "fit_path_var_names" not in u:
+        return path
+    fitted = np.asarray(u.get("fit_path_var_names", []), dtype=str)
+    if len(fitted) != J:
+        warnings.warn(
+            "the stored fit path does not match adata's genes (subset after the fit?); new "
+            "cells will start from zinbwave's initialization instead of following it",
+            stacklevel=3,
+        )
+        return None
+    pos = {g: j for j, g in enumerate(fitted)}
+    if len(pos) < J or any(g not in pos for g in var_names):
+        warnings.warn(
+            "adata's genes are not a subset of the fitted genes; new cells will start from "
+            "zinbwave's initialization instead of following the fit's path",
+            stacklevel=3,
+        )
+        return None
+    idx = np.array([pos[g] for g in var_names], dtype=np.int64)
+    gene_fields = ("beta_mu", "beta_pi", "alpha_mu", "alpha_pi", "zeta")
+    return {k: (v[..., idx] if k in gene_fields else v) for k, v in path.items()}
 
 
 def model_from_anndata(adata, key: str = "X_zinbwave") -> ZINBWaVE:
     """Rebuild the fitted :class:`ZINBWaVE` stored by :func:`zinbwave` / :func:`store_model`."""
+    _check_anndata(adata)
     if key not in adata.uns or key not in adata.obsm:
         raise KeyError(f"no zinbgrad model under key {key!r}; run zinbgrad.tl.zinbwave first")
     u = adata.uns[key]
@@ -78,8 +127,7 @@ def model_from_anndata(adata, key: str = "X_zinbwave") -> ZINBWaVE:
     model.aic_, model.bic_ = float(u["aic"]), float(u["bic"])
     model.n_params_, model.n_iter_ = int(u["n_params"]), int(u["n_iter"])
     model.converged_, model.fit_time_ = bool(u["converged"]), float(u["fit_time"])
-    path = u.get("fit_path")
-    model.fit_path_ = {k: np.asarray(v) for k, v in path.items()} if path else None
+    model.fit_path_ = _fit_path(u, model.var_names_)
     h = u["history"]
     model.history_ = [
         {k: float(h[k][i]) for k in ("epoch", "loglik", "objective", "seconds")}
@@ -126,6 +174,7 @@ def zinbwave(
     -------
     The AnnData copy if ``copy=True``, else the fitted :class:`zinbgrad.ZINBWaVE` model.
     """
+    _check_anndata(adata)
     target = adata.copy() if copy else adata
     model = ZINBWaVE(n_components, **kwargs)
     model.fit(target, layer=layer, batch_key=batch_key, covariate_keys=covariate_keys)
