@@ -382,3 +382,94 @@ def test_read_counts_dispatch_and_errors(tmp_path: Path) -> None:
         f["junk"] = np.zeros(2)
     with pytest.raises(ValueError, match=r"empty\.h5ad"):
         read_counts(empty)
+
+
+# ---- zinbgrad convert: dense / CSC counts on disk rewritten as CSR, in chunks ------------------
+
+
+def _annotated(X) -> ad.AnnData:
+    n, J = X.shape
+    a = ad.AnnData(
+        X,
+        obs=pd.DataFrame(
+            {"batch": pd.Categorical(["a", "b"] * (n // 2))}, index=[f"c{i}" for i in range(n)]
+        ),
+        var=pd.DataFrame(
+            {"gene_symbol": [f"S{j}" for j in range(J)]}, index=[f"g{j}" for j in range(J)]
+        ),
+    )
+    a.obsm["X_pca"] = np.arange(2 * n, dtype=float).reshape(n, 2)
+    a.uns["note"] = "kept"
+    return a
+
+
+def _counts(seed: int = 0, n: int = 40, J: int = 23) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.poisson(1.0, (n, J)) * (rng.random((n, J)) < 0.4)).astype(np.float32)
+
+
+@pytest.mark.parametrize("layout", ["dense", "csc"])
+@pytest.mark.parametrize("chunk_entries", [7, 97, 2**24])
+def test_convert_to_csr_keeps_counts_and_annotations(tmp_path: Path, layout, chunk_entries) -> None:
+    from zinbgrad.data.convert import to_csr
+
+    Y = _counts()
+    Y[5] = 0  # an empty row and an empty column
+    Y[:, 3] = 0
+    a = _annotated(Y if layout == "dense" else sp.csc_matrix(Y))
+    a.layers["other"] = sp.csr_matrix(Y * 2)
+    src = tmp_path / "in.h5ad"
+    a.write_h5ad(src)
+    before = src.read_bytes()
+    out = to_csr(src, tmp_path / "out.h5ad", chunk_entries=chunk_entries)
+    assert src.read_bytes() == before
+    with h5py.File(out, "r") as f:
+        assert f["X"].attrs["encoding-type"] == "csr_matrix"
+    b = ad.read_h5ad(out)
+    assert sp.isspmatrix_csr(b.X) and b.X.has_sorted_indices
+    np.testing.assert_array_equal(b.X.toarray(), Y)
+    pd.testing.assert_frame_equal(b.obs, a.obs)
+    pd.testing.assert_frame_equal(b.var, a.var)
+    np.testing.assert_array_equal(b.obsm["X_pca"], a.obsm["X_pca"])
+    np.testing.assert_array_equal(b.layers["other"].toarray(), Y * 2)
+    assert b.uns["note"] == "kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.h5ad", "out.h5ad"]  # no scratch
+
+
+def test_convert_a_layer_and_stream_a_fit_from_it(tmp_path: Path) -> None:
+    from zinbgrad import ZINBWaVE
+    from zinbgrad.cli import main
+
+    Y = _counts(1, n=60, J=30)
+    Y = Y[Y.sum(1) > 0][:, Y.sum(0) > 0]
+    a = _annotated(Y[: Y.shape[0] // 2 * 2])
+    a.layers["counts"] = sp.csc_matrix(a.X)
+    src, out = tmp_path / "in.h5ad", tmp_path / "out.h5ad"
+    a.write_h5ad(src)
+    with pytest.raises(ValueError, match=r"zinbgrad convert IN.h5ad OUT.h5ad --layer counts"):
+        ZINBWaVE(2, verbose=False).fit(str(src), layer="counts")
+    assert main(["convert", str(src), str(out), "--layer", "counts"]) == 0
+    with h5py.File(out, "r") as f:
+        assert f["layers/counts"].attrs["encoding-type"] == "csr_matrix"
+        assert isinstance(f["X"], h5py.Dataset)  # X itself is copied as it was
+    streamed = ZINBWaVE(2, verbose=False).fit(str(out), layer="counts")
+    in_memory = ZINBWaVE(2, verbose=False).fit(a, layer="counts")
+    np.testing.assert_allclose(streamed.W_, in_memory.W_, atol=1e-8)
+
+
+def test_convert_errors_leave_no_output(tmp_path: Path) -> None:
+    from zinbgrad.cli import main
+    from zinbgrad.data.convert import to_csr
+
+    src = tmp_path / "in.h5ad"
+    _annotated(sp.csr_matrix(_counts())).write_h5ad(src)
+    with pytest.raises(ValueError, match="csr_matrix; it can be streamed as it is"):
+        to_csr(src, tmp_path / "out.h5ad")
+    with pytest.raises(KeyError, match="layers/nope"):
+        to_csr(src, tmp_path / "out.h5ad", layer="nope")
+    with pytest.raises(SystemExit, match="is the input file"):
+        main(["convert", str(src), str(src)])
+    (tmp_path / "junk.h5ad").write_text("not hdf5")
+    with pytest.raises(SystemExit, match="cannot open"):
+        main(["convert", str(tmp_path / "junk.h5ad"), str(tmp_path / "out.h5ad")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.h5ad", "junk.h5ad"]

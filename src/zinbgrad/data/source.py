@@ -89,6 +89,12 @@ class InMemoryCounts:
         return self.X[idx]
 
 
+def h5_encoding(node) -> str:
+    """anndata's ``encoding-type`` of an HDF5 group or dataset ("" where it has none)."""
+    enc = node.attrs.get("encoding-type", "")
+    return enc.decode() if isinstance(enc, bytes) else str(enc)
+
+
 class BackedCounts:
     """CSR counts of an ``.h5ad`` file read from disk in blocks of cells (never loaded whole).
 
@@ -129,17 +135,20 @@ class BackedCounts:
         if key not in self._f:
             raise KeyError(f"{key!r} not found in {self.path}")
         g = self._f[key]
+        convert = (
+            "Convert it once with `zinbgrad convert IN.h5ad OUT.h5ad"
+            + ("" if layer is None else f" --layer {layer}")
+            + "` (writes CSR in chunks, never loading the counts whole)"
+        )
         if isinstance(g, h5py.Dataset):
             raise ValueError(
-                f"{key} in {self.path} is stored dense; streaming needs CSR. Convert once with "
-                "`zinbgrad convert IN.h5ad OUT.h5ad` (writes CSR in chunks)"
+                f"{key} in {self.path} is stored dense; streaming needs CSR. {convert}"
             )
-        enc = g.attrs.get("encoding-type", "")
-        enc = enc.decode() if isinstance(enc, bytes) else str(enc)
+        enc = h5_encoding(g)
         if enc != "csr_matrix":
             raise ValueError(
                 f"{key} in {self.path} is {enc or 'not CSR'}; streaming over cells needs CSR "
-                "(cells x genes, row-compressed). Convert once with `zinbgrad convert`"
+                f"(cells x genes, row-compressed). {convert}"
             )
         shape = tuple(int(v) for v in g.attrs["shape"])
         self._indptr_all = np.asarray(g["indptr"][:], dtype=np.int64)
