@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import anndata as ad
 import numpy as np
 import pytest
@@ -71,3 +74,89 @@ def test_demo(tmp_path, capsys):
     assert (tmp_path / "demo" / "pbmc_small_zinbwave.png").stat().st_size > 1000
     res = ad.read_h5ad(tmp_path / "demo" / "pbmc_small_zinbwave.h5ad")
     assert np.isfinite(res.obsm["X_zinbwave"]).all()
+
+
+def _model_file(tmp_path, h5):
+    m = tmp_path / "m.npz"
+    assert main(["fit", str(h5), "-o", str(tmp_path / "fit.h5ad"), "-k", "2", "-q",
+                 "--save-model", str(m)]) == 0  # fmt: skip
+    return m
+
+
+def test_bad_outputs_are_refused_before_any_work(tmp_path, h5, monkeypatch):
+    def never(*a, **k):
+        raise AssertionError("the fit ran although its output cannot be written")
+
+    monkeypatch.setattr("zinbgrad.cli._fit_and_write", never)
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "m.npz").write_text("x")
+    cases = [
+        (["-o", str(tmp_path / "adir")], "is a directory"),
+        (["-o", str(tmp_path / "afile" / "out.h5ad")], "is not a directory"),
+        (["-o", str(tmp_path / "o.h5ad"), "--save-model", str(tmp_path / "m")], "m.npz exists"),
+        (["-o", str(tmp_path / "o.h5ad"), "--nproc", "0"], "--nproc must be at least 1"),
+    ]
+    for extra, match in cases:
+        with pytest.raises(SystemExit, match=match):
+            main(["fit", str(h5), "-q", *extra])
+    with pytest.raises(SystemExit, match="is a file"):
+        main(["demo", "-o", str(tmp_path / "afile")])
+    assert (tmp_path / "m.npz").read_text() == "x" and not (tmp_path / "o.h5ad").exists()
+
+
+def test_saved_files_follow_the_umask(tmp_path, h5):
+    old = os.umask(0o022)
+    try:
+        out, ck = tmp_path / "o.h5ad", tmp_path / "ck.npz"
+        assert main(["fit", str(h5), "-o", str(out), "-k", "2", "-q", "--save-model",
+                     str(tmp_path / "m.npz"), "--checkpoint", str(ck)]) == 0  # fmt: skip
+    finally:
+        os.umask(old)
+    for f in (out, ck, tmp_path / "m.npz"):
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
+
+
+def test_streamed_outputs_check_the_counts(tmp_path, h5):
+    m = _model_file(tmp_path, h5)
+    a = ad.read_h5ad(h5)
+    a.X = a.X.copy()
+    a.X.data[0] = -3
+    neg = tmp_path / "neg.h5ad"
+    a.write_h5ad(neg)
+    for cmd in ("weights", "residuals"):
+        out = tmp_path / f"{cmd}.h5ad"
+        with pytest.raises(SystemExit, match="negative"):
+            main([cmd, str(neg), "-o", str(out), "--model", str(m), "--stream"])
+        assert not out.exists()
+
+
+def test_non_integer_counts_flag(tmp_path, h5):
+    a = ad.read_h5ad(h5)
+    a.X = a.X.astype(np.float64)
+    a.X.data[:5] += 0.5
+    frac = tmp_path / "frac.h5ad"
+    a.write_h5ad(frac)
+    out = tmp_path / "o.h5ad"
+    with pytest.raises(SystemExit, match="--allow-non-integer"):
+        main(["fit", str(frac), "-o", str(out), "-k", "2", "-q"])
+    with pytest.warns(UserWarning, match="non-integer"):
+        assert main(["fit", str(frac), "-o", str(out), "-k", "2", "-q",
+                     "--allow-non-integer"]) == 0  # fmt: skip
+    assert ad.read_h5ad(out).uns["X_zinbwave"]["converged"]
+
+
+def test_interrupt_exits_130_without_a_traceback(tmp_path, h5, monkeypatch, capsys):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("zinbgrad.cli._fit_and_write", interrupted)
+    assert main(["fit", str(h5), "-o", str(tmp_path / "o.h5ad"), "-q"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+
+
+def test_failing_rank_of_nproc_is_one_clean_error(tmp_path, h5):
+    with pytest.raises(SystemExit, match=r"--nproc 2 failed"):
+        main(["fit", str(h5), "-o", str(tmp_path / "o.h5ad"), "-q", "--nproc", "2",
+              "--batch-key", "nope"])  # fmt: skip
+    assert not (tmp_path / "o.h5ad").exists()

@@ -104,6 +104,20 @@ def test_checkpoint_survives_sigkill_and_resume_matches(tmp_path, h5, extra):
     np.load(ckpt, allow_pickle=False)["metadata"]
 
 
+def test_resume_from_a_finished_fit_returns_that_fit(tmp_path):
+    # a process killed after its last checkpoint (e.g. while writing its output) is resumed
+    # from the converged state: no further sweeps, the same model
+    a = _synthetic(n=300, J=40)
+    ckpt = tmp_path / "done.npz"
+    straight = ZINBWaVE(n_components=2, verbose=False).fit(a, checkpoint=ckpt)
+    assert straight.converged_ and straight.n_iter_ < straight.max_epochs
+    resumed = ZINBWaVE(n_components=2, verbose=False).fit(a, resume=ckpt)
+    assert resumed.converged_ and resumed.n_iter_ == straight.n_iter_
+    assert len(resumed.history_) == len(straight.history_)
+    np.testing.assert_array_equal(resumed.W_, straight.W_)
+    assert resumed.objective_ == straight.objective_
+
+
 def test_resume_rejects_a_foreign_checkpoint(tmp_path, h5):
     ckpt = tmp_path / "k.npz"
     ZINBWaVE(n_components=2, max_epochs=2).fit(str(h5), checkpoint=ckpt)

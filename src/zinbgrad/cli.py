@@ -12,12 +12,23 @@ from pathlib import Path
 __all__ = ["main", "write_h5ad_atomic", "check_output_path"]
 
 
-def check_output_path(inp: Path | None, out: Path, force: bool) -> None:
-    """Refuse to overwrite the input, or an existing output without ``--force``."""
+def check_output_path(inp: Path | None, out: Path, force: bool, what: str = "output") -> None:
+    """Refuse, before any work is done, an output that could not be written: the input
+    itself, an existing file without ``--force``, a directory, or a place without write
+    permission (missing folders are created later)."""
     if inp is not None and out.resolve() == inp.resolve():
-        raise SystemExit(f"error: output {out} is the input file; choose another path")
+        raise SystemExit(f"error: {what} {out} is the input file; choose another path")
+    if out.is_dir():
+        raise SystemExit(f"error: {what} {out} is a directory; give a file name")
     if out.exists() and not force:
         raise SystemExit(f"error: {out} exists; pass --force to replace it")
+    folder = out.resolve().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise SystemExit(f"error: cannot write {what} {out}: {folder} is not a directory")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise SystemExit(f"error: cannot write {what} {out}: no write permission in {folder}")
 
 
 def write_h5ad_atomic(adata, out: Path) -> None:
@@ -75,14 +86,29 @@ def read_h5ad_checked(path: Path):
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
+    from .estimator import model_file
+
     inp, out = Path(args.input), Path(args.output)
     check_output_path(inp, out, args.force)
+    if args.save_model:
+        saved = model_file(args.save_model)
+        if saved.resolve() == out.resolve():
+            raise SystemExit("error: --save-model must differ from the output")
+        check_output_path(inp, saved, args.force, "--save-model")
+    if args.nproc < 1:
+        raise SystemExit(f"error: --nproc must be at least 1, got {args.nproc}")
     if args.nproc > 1:
+        from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
+
         from .optim.distributed import launch
 
         if not inp.exists():
             raise SystemExit(f"error: input file {inp} does not exist")
-        launch(_fit_worker, args.nproc, args)
+        try:
+            launch(_fit_worker, args.nproc, args)
+        except (ProcessExitedException, ProcessRaisedException) as err:  # the failing rank
+            # has printed its error already
+            raise SystemExit(f"error: zinbgrad fit --nproc {args.nproc} failed ({err})") from None
         return 0
     return _fit_and_write(args)
 
@@ -122,6 +148,7 @@ def _fit_and_write(args: argparse.Namespace) -> int:
             solver=args.solver,
             sketch_size=args.sketch_size,
             batch_size=args.batch_size,
+            allow_non_integer=args.allow_non_integer,
             verbose=not args.quiet and comm.rank == 0,
         )
         model.fit(
@@ -178,6 +205,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from . import datasets, tl
 
     outdir = Path(args.output)
+    if outdir.exists() and not outdir.is_dir():
+        raise SystemExit(f"error: {outdir} is a file; the demo writes into a directory")
     outdir.mkdir(parents=True, exist_ok=True)
     adata = datasets.pbmc_small()
     t0 = time.perf_counter()
@@ -237,6 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--save-model", default=None, help="also save the model (.npz)")
     f.add_argument("--seed", type=int, default=0, help="random seed")
     f.add_argument("--force", action="store_true", help="replace an existing output")
+    f.add_argument(
+        "--allow-non-integer",
+        action="store_true",
+        help="fit non-integer counts (e.g. ambient-corrected), with a warning",
+    )
     f.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     f.add_argument(
         "--solver",
@@ -286,7 +320,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:  # outputs are written atomically: nothing half-written remains
+        print("zinbgrad: interrupted", file=sys.stderr)
+        return 130
+    except OSError as err:  # a full disk, a file removed under our feet, ...
+        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":  # pragma: no cover

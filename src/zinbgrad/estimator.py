@@ -18,6 +18,7 @@ from sklearn.base import BaseEstimator, TransformerMixin
 
 from .data.open import open_counts
 from .data.validate import build_cell_design, check_design_matrix
+from .data.writer import publish
 from .model.params import Design, Params, Penalty
 from .optim.distributed import current_comm, local_gpu, shard_bounds
 from .optim.engine import Engine, FitOptions, FitPath
@@ -94,6 +95,14 @@ def _resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtyp
     if dtype not in table:
         raise ValueError(f"dtype must be 'auto', 'float32' or 'float64', got {dtype!r}")
     return table[dtype]
+
+
+def model_file(path: str | os.PathLike) -> Path:
+    """Where :meth:`ZINBWaVE.save` writes ``path``: with ``.npz`` appended unless present."""
+    path = Path(path)
+    if path.suffix == ".npz":
+        return path
+    return path.with_suffix(path.suffix + ".npz") if path.suffix else path.with_suffix(".npz")
 
 
 def _is_int(v) -> bool:
@@ -907,11 +916,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         leaves a half-written model.
         """
         self._check_fitted()
-        path = Path(path)
-        if path.suffix != ".npz":
-            path = (
-                path.with_suffix(path.suffix + ".npz") if path.suffix else path.with_suffix(".npz")
-            )
+        path = model_file(path)
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
         arrays = {k: getattr(self, k + "_") for k in _GENE_ARRAYS + _CELL_ARRAYS}
@@ -928,7 +933,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         try:
             with os.fdopen(fd, "wb") as fh:
                 np.savez_compressed(fh, **arrays)
-            os.replace(tmp, path)
+            publish(tmp, path)  # the umask's permissions, not mkstemp's 0600
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

@@ -14,6 +14,7 @@ import scipy.sparse as sp
 import torch
 
 from ..model.likelihood import SparseCounts
+from .validate import NON_INTEGER_HINT
 
 __all__ = ["InMemoryCounts", "block_bounds"]
 
@@ -240,7 +241,7 @@ class BackedCounts:
             if (d != np.round(d)).any():
                 msg = f"counts in {self.path} contain non-integer values"
                 if not allow_non_integer:
-                    raise ValueError(msg + " (pass allow_non_integer=True to fit them anyway)")
+                    raise ValueError(msg + NON_INTEGER_HINT)
                 warnings.warn(msg, stacklevel=2)
             nonzero = d != 0
             gene_nnz += np.bincount(M.indices[nonzero], minlength=self.n_vars)

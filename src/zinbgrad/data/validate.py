@@ -34,6 +34,12 @@ class CountsInput:
     named: bool = True
 
 
+#: How to fit non-integer counts anyway, in Python and on the command line.
+NON_INTEGER_HINT = (
+    " (pass allow_non_integer=True, or --allow-non-integer to `zinbgrad fit`, to fit them anyway)"
+)
+
+
 def _first(idx: np.ndarray, k: int = 5) -> str:
     shown = ", ".join(str(i) for i in idx[:k])
     return shown + (", ..." if len(idx) > k else "")
@@ -91,7 +97,7 @@ def validate_counts(
             "ZINB-WaVE models raw counts, not normalized or log-transformed values"
         )
         if not allow_non_integer:
-            raise ValueError(msg + " (pass allow_non_integer=True to fit them anyway)")
+            raise ValueError(msg + NON_INTEGER_HINT)
         warnings.warn(msg + "; fitting anyway (allow_non_integer=True)", stacklevel=3)
     # M still shares its arrays with the caller's matrix: canonicalize (drop explicit zeros,
     # sort the column indices, both in place) only on copies, never on the user's arrays

@@ -60,6 +60,12 @@ def write_output_layer(
             f"{inp} has {n} cells x {J} genes; the model was fitted on "
             f"{model.W_.shape[0]} x {model.n_features_in_}"
         )
+    if what in COUNT_OUTPUTS:  # the same checks as the in-memory path, one pass over the file
+        try:
+            src.validate(allow_non_integer=bool(model.allow_non_integer), check_empty=False)
+        except BaseException:
+            src.close()
+            raise
     dev, dt = torch.device("cpu"), torch.float64
     design = model.training_design(dev, dt)
     params = model.get_params_torch(dev, dt)

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.writer import publish
+
 __all__ = ["save_checkpoint", "load_checkpoint", "checkpoint_file"]
 
 FORMAT = "zinbgrad-checkpoint"
@@ -69,7 +71,7 @@ def save_checkpoint(engine, history: list[dict], path: str | os.PathLike) -> Pat
             np.savez(fh, **arrays)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, out)
+        publish(tmp, out)  # the umask's permissions, not mkstemp's 0600
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -106,6 +106,11 @@ class FitResult:
     n_epochs: int = 0
 
 
+def _stalled(prev: float, obj: float, tol: float) -> bool:
+    """The stopping rule: the objective changed by at most ``tol`` relative to ``prev``."""
+    return abs(obj - prev) <= tol * abs(prev)
+
+
 class FitPath:
     """The gene parameters a fit passed through, recorded after every sweep.
 
@@ -973,10 +978,15 @@ class Engine:
         own = [h for h in history if h["phase"] != "sketch"]
         prev = own[-1]["objective"] if own else None
         extend = bool(history) and not own
-        converged = False
+        # resumed from the checkpoint of a fit's last sweep: it has converged already
+        converged = (
+            len(own) >= 2
+            and own[-1]["phase"] == "full"
+            and _stalled(own[-2]["objective"], own[-1]["objective"], opt.tol)
+        )
         epoch = start_epoch
         t0 = opt.t_origin if opt.t_origin is not None else time.perf_counter()
-        while epoch < opt.max_epochs:
+        while not converged and epoch < opt.max_epochs:
             phase = "extend" if extend else "full"
             if extend:  # after a sketch: every cell follows the sketch's path (see sketch.py)
                 ll, obj = self._sweep(opt.local_steps, path=path)
@@ -992,7 +1002,7 @@ class Engine:
                 "phase": phase,
             }
             self._record(history, rec)
-            if prev is not None and abs(obj - prev) <= opt.tol * abs(prev):
+            if prev is not None and _stalled(prev, obj, opt.tol):
                 converged = True
                 break
             prev = obj
