@@ -406,3 +406,31 @@ def test_engine_input_checks():
         glm_weighted_f(y, x, 5, dispersion=0.1)
     with pytest.raises(ValueError, match="dispersion"):
         weighted_nb_glm(y, x, dispersion=-1.0)
+
+
+def test_wrapper_input_edge_cases(small_adata, tmp_path):
+    # a string covariate is one covariate, not its characters
+    a = differential_expression(small_adata, "grp", covariates="batch", key_added="s")
+    b = differential_expression(small_adata, "grp", covariates=["batch"], key_added="l")
+    pd.testing.assert_frame_equal(a, b)
+    # a backed AnnData is read into memory for the test (the counts are needed whole)
+    path = tmp_path / "de.h5ad"
+    small_adata.write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    try:
+        res = differential_expression(backed, "grp", key_added="b")
+        res_copy, _ = differential_expression(backed, "grp", key_added="b", copy=True)
+    finally:
+        backed.file.close()
+    ref = differential_expression(small_adata, "grp", key_added="m")
+    pd.testing.assert_frame_equal(res, ref)
+    pd.testing.assert_frame_equal(res_copy, ref)
+    # levels that coincide as text are refused with a message that says so
+    mixed = small_adata.copy()
+    mixed.obs["grp"] = pd.Categorical([0] * 10 + [1] * 10 + ["1"] * 10, categories=[0, 1, "1"])
+    with pytest.raises(ValueError, match="coincide as text"):
+        differential_expression(mixed, "grp", group="1", reference="0")
+    with pytest.raises(ValueError, match="prior_df"):
+        differential_expression(small_adata, "grp", prior_df=-5.0)
+    with pytest.raises(ValueError, match="one per gene"):
+        differential_expression(small_adata, "grp", dispersion=np.full(3, 0.1))

@@ -603,3 +603,43 @@ def test_poisson_sampler_never_wraps_to_negative_counts():
     rng = np.random.default_rng(0)
     draws = _poisson(rng, np.array([3.0, 1e12, 1e19, 1e25]))
     assert (draws >= 0).all() and draws[0] < 50 and draws[-1] == 2**62
+
+
+def test_synthetic_data_arguments(fitted):
+    _, model = fitted
+    # a null control: DE genes flagged, with no planted effect
+    s = make_synthetic(model, 40, None, de_genes=5, de_lfc=0.0)
+    assert s.var["is_de"].sum() == 5 and (s.var["true_log2fc"] == 0).all()
+    assert set(s.obs["condition"]) <= {"A", "B"} and s.uns["synthetic"]["de_genes"] == 5
+    # one batch with a planted shift is recorded
+    shift = np.full((1, 230), 2.0)
+    s = make_synthetic(model, 40, None, n_batches=1, batch_effect=shift)
+    assert (s.obs["batch"] == "batch0").all()
+    np.testing.assert_array_equal(s.varm["true_batch_shift"], shift.T)
+    for kw, match in [
+        ({"n_cells": 2.5}, "n_cells must be an integer"),
+        ({"de_genes": 1.5}, "de_genes must be a whole number"),
+        ({"jitter": float("nan")}, "jitter must be"),
+        ({"n_mixture": 0, "latent": "gmm"}, "n_mixture"),
+    ]:
+        args = {"n_cells": 40, **kw}
+        with pytest.raises(ValueError, match=match):
+            make_synthetic(model, args.pop("n_cells"), None, **args)
+    assert make_synthetic(model, 40, None, de_genes=np.float32(0.05)).var["is_de"].sum() == 12
+    with pytest.raises(ValueError, match="n_cells must be an integer"):
+        zinb_sim(model, n_cells=2.5)
+
+
+def test_simulate_cli_synthetic_flags_need_n_cells(fitted, tmp_path):
+    from zinbgrad.cli import main
+
+    a, _ = fitted
+    src = tmp_path / "fit.h5ad"
+    a.write_h5ad(src)
+    out = tmp_path / "sim.h5ad"
+    with pytest.raises(SystemExit, match="--n-batches, --de-genes only apply with --n-cells"):
+        main(["simulate", str(src), "-o", str(out), "--de-genes", "10", "--n-batches", "3"])
+    assert not out.exists()
+    argv = ["simulate", str(src), "-o", str(out), "--n-cells", "50", "--de-genes", "10"]
+    assert main(argv) == 0
+    assert ad.read_h5ad(out).var["is_de"].sum() == 10

@@ -196,6 +196,19 @@ def _cmd_project(args) -> int:
     return 0
 
 
+#: ``zinbgrad simulate`` options of :func:`zinbgrad.simulate.make_synthetic` (with --n-cells).
+_SYNTHETIC = (
+    "n_batches",
+    "batch_effect",
+    "de_genes",
+    "de_lfc",
+    "latent",
+    "jitter",
+    "chunk_cells",
+    "compression",
+)
+
+
 def _cmd_simulate(args) -> int:
     from .simulate import make_synthetic, zinb_sim
 
@@ -204,6 +217,12 @@ def _cmd_simulate(args) -> int:
     adata = read_h5ad_checked(inp)
     model = _load_model(args.model, args.key, adata if args.model is None else None)
     del adata
+    given = {k: getattr(args, k) for k in _SYNTHETIC if getattr(args, k) is not None}
+    if args.n_cells is None and given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise SystemExit(f"error: {flags} only apply with --n-cells (a synthetic dataset)")
+    if "de_genes" in given and float(given["de_genes"]).is_integer():
+        given["de_genes"] = int(given["de_genes"])  # a count; a fraction stays a float
     t0 = time.perf_counter()
     try:
         if args.n_cells is None:
@@ -215,17 +234,10 @@ def _cmd_simulate(args) -> int:
                 model,
                 args.n_cells,
                 out,
-                n_batches=args.n_batches,
-                batch_effect=args.batch_effect,
-                de_genes=args.de_genes,
-                de_lfc=args.de_lfc,
-                latent=args.latent,
-                jitter=args.jitter,
-                chunk_cells=args.chunk_cells,
                 count_dtype=args.count_dtype,
-                compression=args.compression,
                 overwrite=args.force,
                 random_state=args.seed,
+                **given,
             )
             n = args.n_cells
     except (ValueError, OverflowError, FileExistsError) as err:
@@ -328,14 +340,15 @@ def add_subcommands(subparsers) -> None:
         model_help="use this model (.npz, or an .h5ad holding one) instead of the input's",
     )
     p.add_argument("--n-cells", type=int, default=None, help="number of synthetic cells")
-    p.add_argument("--n-batches", type=int, default=2, help="synthetic batches")
-    p.add_argument("--batch-effect", type=float, default=0.5, help="sd of log batch shifts")
-    p.add_argument("--de-genes", type=float, default=0, help="number or fraction of DE genes")
-    p.add_argument("--de-lfc", type=float, default=1.0, help="planted |log2 fold change|")
-    p.add_argument("--latent", default="resample", choices=["resample", "gmm"])
-    p.add_argument("--jitter", type=float, default=0.1, help="jitter of resampled cells")
-    p.add_argument("--chunk-cells", type=int, default=50_000, help="cells per write")
+    g = p.add_argument_group("synthetic data (only with --n-cells)")
+    g.add_argument("--n-batches", type=int, help="synthetic batches (default 2)")
+    g.add_argument("--batch-effect", type=float, help="sd of log batch shifts (default 0.5)")
+    g.add_argument("--de-genes", type=float, help="number or fraction of DE genes (default 0)")
+    g.add_argument("--de-lfc", type=float, help="planted |log2 fold change| (default 1)")
+    g.add_argument("--latent", choices=["resample", "gmm"], help="(default resample)")
+    g.add_argument("--jitter", type=float, help="jitter of resampled cells (default 0.1)")
+    g.add_argument("--chunk-cells", type=int, help="cells per write (default 50000)")
+    g.add_argument("--compression", choices=["gzip", "lzf"], help="of X (default none)")
     p.add_argument("--count-dtype", default="int32", choices=["int32", "int64"])
-    p.add_argument("--compression", default=None, choices=["gzip", "lzf"])
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.set_defaults(func=_cmd_simulate)

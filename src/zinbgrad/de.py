@@ -86,6 +86,17 @@ def _to_dense(x: Any, name: str = "counts") -> np.ndarray:
     return arr
 
 
+def _gene_dispersion(dispersion, ng: int) -> np.ndarray:
+    """A given NB dispersion (one number, or one per gene) as a finite, non-negative vector."""
+    d = np.asarray(dispersion, dtype=np.float64)
+    if d.ndim > 1 or (d.ndim == 1 and d.shape[0] not in (1, ng)):
+        raise ValueError(f"dispersion must be a number or one per gene ({ng}), got shape {d.shape}")
+    disp = np.broadcast_to(d.ravel() if d.ndim else d, (ng,)).copy()
+    if np.any(~np.isfinite(disp)) or np.any(disp < 0):
+        raise ValueError("dispersion must be finite and non-negative")
+    return disp
+
+
 def _check_counts(y: np.ndarray, name: str = "counts") -> None:
     """Raise ``ValueError`` for NaN, infinite, negative or non-integer counts."""
     if not np.all(np.isfinite(y)):
@@ -582,9 +593,7 @@ def weighted_nb_glm(
         est = estimate_disp(y.T, x, offset=off.T, weights=None if weights is None else w.T)
         disp = est.tagwise
     else:
-        disp = np.broadcast_to(np.asarray(dispersion, dtype=np.float64), (ng,)).copy()
-        if np.any(~np.isfinite(disp)) or np.any(disp < 0):
-            raise ValueError("dispersion must be finite and non-negative")
+        disp = _gene_dispersion(dispersion, ng)
     dmat = _disp_matrix(disp, y.shape)
     ow = _oneway_layout(x)
     if ow is not None:
@@ -1493,6 +1502,8 @@ def glm_weighted_f(
     y = _to_dense(counts).T.copy()
     _check_counts(y)
     ng, nlib = y.shape
+    if prior_df is not None and not (np.isfinite(prior_df) and prior_df >= 0):
+        raise ValueError(f"prior_df must be None or a finite number >= 0, got {prior_df!r}")
     x = np.asarray(design, dtype=np.float64)
     if x.ndim == 1:
         x = x[:, None]
@@ -1527,9 +1538,7 @@ def glm_weighted_f(
         pdf = disp_est.prior_df
         a_cpm = disp_est.ave_log_cpm  # aveLogCPM with the common dispersion and the weights
     else:
-        disp = np.broadcast_to(np.asarray(dispersion, dtype=np.float64), (ng,)).copy()
-        if np.any(~np.isfinite(disp)) or np.any(disp < 0):
-            raise ValueError("dispersion must be finite and non-negative")
+        disp = _gene_dispersion(dispersion, ng)
         pdf = 20.0 if prior_df is None else float(prior_df)
         d0 = np.asarray(dispersion, dtype=np.float64)
         a_cpm = _ave_log_cpm_gn(y, off, w, dispersion=float(d0) if d0.ndim == 0 else 0.05)
@@ -1680,13 +1689,20 @@ def differential_expression(
     ValueError
         Missing levels, empty groups, invalid counts or weights.
     """
+    if isinstance(covariates, str):
+        covariates = [covariates]
     if copy:
-        adata = adata.copy()
+        adata = adata.to_memory() if adata.isbacked else adata.copy()
     labels = _obs_column(adata, groupby, "groupby")
     if labels.isna().any():
         raise ValueError(f"adata.obs[{groupby!r}] contains missing values")
     cat = labels.astype("category")
     levels = [str(lv) for lv in cat.cat.categories]
+    if len(set(levels)) < len(levels):
+        raise ValueError(
+            f"levels of adata.obs[{groupby!r}] coincide as text ({list(cat.cat.categories)}); "
+            "give them distinct names"
+        )
     lab = cat.astype(str).to_numpy()
     present = [lv for lv in levels if np.any(lab == lv)]
     if reference is None:
@@ -1745,6 +1761,8 @@ def differential_expression(
         counts = adata.layers[layer]
     if counts is None:
         raise ValueError("no count matrix found (adata.X is None)")
+    if not (sp.issparse(counts) or isinstance(counts, np.ndarray)):
+        counts = counts[:]  # a backed AnnData's matrix on disk: read it (DE is in memory)
     y = _to_dense(counts)  # a copy or a float view; adata is never written to
     _check_counts(y)
     lib = y.sum(axis=1)

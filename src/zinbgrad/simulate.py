@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 import tempfile
 from pathlib import Path
@@ -55,6 +56,17 @@ def _seed(random_state: int | None) -> int:
     if isinstance(random_state, np.integer | int) and random_state >= 0:
         return int(random_state)
     raise ValueError(f"random_state must be a non-negative integer or None, got {random_state!r}")
+
+
+def _whole(v, name: str, minimum: int = 1) -> int:
+    """``v`` as an integer of at least ``minimum``; a fractional value is an error, not
+    truncated."""
+    ok = isinstance(v, numbers.Integral) and not isinstance(v, bool)
+    if not ok and isinstance(v, numbers.Real) and np.isfinite(v) and float(v).is_integer():
+        ok = True
+    if not ok or int(v) < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {v!r}")
+    return int(v)
 
 
 def _poisson(rng: np.random.Generator, lam: np.ndarray) -> np.ndarray:
@@ -183,7 +195,8 @@ def zinb_sim(
         A fitted :class:`~zinbgrad.ZINBWaVE`.
     n_cells
         ``None``: one draw for each training cell (zinbwave's behaviour). Otherwise this many
-        cells drawn with replacement from the training cells (``obs["source_cell"]``).
+        cells drawn with replacement from the training cells (``obs["source_cell"]``), in the
+        training cells' order (shuffle the result for a random subset of it).
     ignore_W
         Simulate with the latent factors set to 0.
     random_state
@@ -209,11 +222,10 @@ def zinb_sim(
         idx = np.arange(n_train)
         obs = pd.DataFrame(index=pd.Index(np.asarray(model.obs_names_).astype(str)))
     else:
-        if int(n_cells) < 1:
-            raise ValueError(f"n_cells must be positive, got {n_cells}")
+        n_cells = _whole(n_cells, "n_cells")
         pick = np.random.default_rng([seed, _STREAM_GLOBAL])
-        idx = np.sort(pick.integers(n_train, size=int(n_cells)))
-        obs = pd.DataFrame(index=pd.Index([f"sim{i}" for i in range(int(n_cells))]))
+        idx = np.sort(pick.integers(n_train, size=n_cells))
+        obs = pd.DataFrame(index=pd.Index([f"sim{i}" for i in range(n_cells)]))
         obs["source_cell"] = np.asarray(model.obs_names_).astype(str)[idx]
     W = np.zeros_like(model.W_[idx]) if ignore_W else model.W_[idx]
     n = len(idx)
@@ -395,19 +407,33 @@ def _batch_shifts(batch_effect, n_batches: int, J: int, rng: np.random.Generator
     return shifts
 
 
-def _de_genes(de_genes, de_lfc: float, J: int, rng: np.random.Generator) -> np.ndarray:
-    """Planted log2 fold changes per gene (0 for non-DE genes)."""
-    if isinstance(de_genes, float) and de_genes < 1:
-        n_de = int(round(de_genes * J))
+def _de_genes(
+    de_genes, de_lfc: float, J: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """The genes with planted differential expression, and their log2 fold changes (0 for
+    the others, and for all of them with ``de_lfc=0``: a null control)."""
+    frac = isinstance(de_genes, numbers.Real) and not isinstance(de_genes, numbers.Integral)
+    if frac and 0 < de_genes < 1:
+        n_de = int(round(float(de_genes) * J))
     else:
-        n_de = int(de_genes)
+        try:
+            n_de = _whole(de_genes, "de_genes", 0)
+        except ValueError:
+            n_de = -1
     if not 0 <= n_de <= J:
-        raise ValueError(f"de_genes must be between 0 and {J} (or a fraction), got {de_genes}")
+        raise ValueError(
+            f"de_genes must be a whole number between 0 and {J}, or a fraction in (0, 1); "
+            f"got {de_genes!r}"
+        )
+    if not np.isfinite(de_lfc):
+        raise ValueError(f"de_lfc must be finite, got {de_lfc!r}")
+    is_de = np.zeros(J, dtype=bool)
     lfc = np.zeros(J)
     if n_de:
         genes = rng.choice(J, size=n_de, replace=False)
+        is_de[genes] = True
         lfc[genes] = float(de_lfc) * rng.choice([-1.0, 1.0], size=n_de)
-    return lfc
+    return is_de, lfc
 
 
 def _atomic_target(path: Path, overwrite: bool) -> Path:
@@ -496,22 +522,22 @@ def make_synthetic(
     import anndata as ad
 
     model._check_fitted()
-    n_cells = int(n_cells)
-    if n_cells < 1:
-        raise ValueError(f"n_cells must be positive, got {n_cells}")
-    n_batches = int(n_batches)
-    if n_batches < 1:
-        raise ValueError(f"n_batches must be >= 1, got {n_batches}")
-    if int(chunk_cells) < 1:
-        raise ValueError(f"chunk_cells must be positive, got {chunk_cells}")
+    n_cells = _whole(n_cells, "n_cells")
+    n_batches = _whole(n_batches, "n_batches")
+    chunk_cells = _whole(chunk_cells, "chunk_cells")
+    n_mixture = _whole(n_mixture, "n_mixture")
+    if not (np.isfinite(jitter) and jitter >= 0):
+        raise ValueError(f"jitter must be a finite number >= 0, got {jitter!r}")
     seed = _seed(random_state)
     dtype = np.dtype(count_dtype)
     J = len(model.zeta_)
     K = model.W_.shape[1]
     grng = np.random.default_rng([seed, _STREAM_GLOBAL])
     shifts = _batch_shifts(batch_effect, n_batches, J, grng)
-    lfc = _de_genes(de_genes, de_lfc, J, grng)
-    has_de = bool((lfc != 0).any())
+    is_de, lfc = _de_genes(de_genes, de_lfc, J, grng)
+    has_de = bool(is_de.any())
+    # batches are recorded where there are several, or one with a planted shift
+    has_batch = n_batches > 1 or bool(np.any(shifts))
     lat = _Latent(model, latent, jitter, n_mixture, grng)
     gen = _Generator(model)
 
@@ -571,7 +597,7 @@ def make_synthetic(
             writer.append(sp.vstack(pending, format="csr"))
 
         obs = pd.DataFrame(index=pd.Index([f"cell{i}" for i in range(n_cells)]))
-        if n_batches > 1:
+        if has_batch:
             obs["batch"] = pd.Categorical.from_codes(
                 batch, categories=[f"batch{k}" for k in range(n_batches)]
             )
@@ -585,16 +611,16 @@ def make_synthetic(
         var = pd.DataFrame(index=pd.Index(np.asarray(model.var_names_).astype(str)))
         var["true_zeta"] = np.asarray(model.zeta_, dtype=np.float64)
         if has_de:
-            var["is_de"] = lfc != 0
+            var["is_de"] = is_de
             var["true_log2fc"] = lfc
-        varm = {"true_batch_shift": shifts.T.copy()} if n_batches > 1 else {}
+        varm = {"true_batch_shift": shifts.T.copy()} if has_batch else {}
         settings = {
             "n_cells": n_cells,
             "n_batches": n_batches,
             "batch_effect": (
                 float(batch_effect) if np.ndim(batch_effect) == 0 else "explicit array"
             ),
-            "de_genes": int((lfc != 0).sum()),
+            "de_genes": int(is_de.sum()),
             "de_lfc": float(de_lfc),
             "latent": latent,
             "jitter": float(jitter),
