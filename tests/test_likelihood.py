@@ -18,9 +18,8 @@ THETA = [1e-4, 1e-2, 0.7, 10.0, 49.0, 51.0, 1e3, 1e6, 1e12, 1e20]
 LOGIT_PI = [-30.0, -4.0, 0.0, 3.0, 30.0]
 
 
-def _mp_reference(y, mu, theta, lp):
-    y, mu, th, lp = (mpmath.mpf(v) for v in (y, mu, theta, lp))
-    pi = 1 / (1 + mpmath.e ** (-lp))
+def _mp_log_zinb(y, mu, th, pi):
+    """log ZINB(y) and log NB(y) in mpmath's precision (mpf arguments)."""
     lnb = (
         mpmath.loggamma(y + th)
         - mpmath.loggamma(th)
@@ -29,6 +28,12 @@ def _mp_reference(y, mu, theta, lp):
         + y * mpmath.log(mu / (th + mu))
     )
     lzinb = mpmath.log(pi + (1 - pi) * mpmath.e**lnb) if y == 0 else mpmath.log(1 - pi) + lnb
+    return lzinb, lnb
+
+
+def _mp_reference(y, mu, theta, lp):
+    y, mu, th, lp = (mpmath.mpf(v) for v in (y, mu, theta, lp))
+    lzinb, lnb = _mp_log_zinb(y, mu, th, 1 / (1 + mpmath.e ** (-lp)))
     return float(lzinb), float(lnb)
 
 
@@ -124,15 +129,7 @@ def test_dispersion_derivatives_against_mpmath(y, zeta):
 
     def f(z):
         th, mu = mpmath.e**z, mpmath.e ** mpmath.mpf(a)
-        pi = 1 / (1 + mpmath.e ** (-mpmath.mpf(b)))
-        lnb = (
-            mpmath.loggamma(y + th)
-            - mpmath.loggamma(th)
-            - mpmath.loggamma(y + 1)
-            + th * mpmath.log(th / (th + mu))
-            + y * mpmath.log(mu / (th + mu))
-        )
-        return mpmath.log(pi + (1 - pi) * mpmath.e**lnb) if y == 0 else mpmath.log(1 - pi) + lnb
+        return _mp_log_zinb(y, mu, th, 1 / (1 + mpmath.e ** (-mpmath.mpf(b))))[0]
 
     yt = torch.tensor([[y]], dtype=torch.float64)
     d = entry_derivatives(
@@ -370,15 +367,7 @@ def test_autograd_gradients_at_the_kinks():
     # softplus there is 1/2, and autograd of log_zinb must give the true gradient
     def mp_ll(y, args):
         a, b, z = args
-        mu, th, pi = mpmath.e**a, mpmath.e**z, 1 / (1 + mpmath.e ** (-b))
-        lnb = (
-            mpmath.loggamma(y + th)
-            - mpmath.loggamma(th)
-            - mpmath.loggamma(y + 1)
-            + th * mpmath.log(th / (th + mu))
-            + y * mpmath.log(mu / (th + mu))
-        )
-        return mpmath.log(pi + (1 - pi) * mpmath.e**lnb) if y == 0 else mpmath.log(1 - pi) + lnb
+        return _mp_log_zinb(y, mpmath.e**a, mpmath.e**z, 1 / (1 + mpmath.e ** (-b)))[0]
 
     def partial(y, i):
         return float(mpmath.diff(lambda t: mp_ll(y, [t if j == i else 0 for j in range(3)]), 0))
