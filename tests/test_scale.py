@@ -242,3 +242,89 @@ def test_gpu_check_script_runs_on_cpu(tmp_path):
     runs = res["timing"]["runs"]
     assert [r["block_entries"] for r in runs] == [2**14, 2**16]
     assert all(r["n_cells"] > 350 and r["epochs"] >= 1 and r["seconds"] > 0 for r in runs)
+
+
+def test_backed_anndata_uses_its_own_annotations(h5):
+    backed = ad.read_h5ad(h5, backed="r")
+    try:
+        backed.obs["grp"] = np.where(np.arange(backed.n_obs) < 700, "early", "late")
+        backed.obs_names = [f"renamed{i}" for i in range(backed.n_obs)]
+        m = ZINBWaVE(n_components=2, max_epochs=2, verbose=False).fit(backed, batch_key="grp")
+    finally:
+        backed.file.close()
+    assert m.X_columns_ == ["intercept", "grp[late]"] and m.obs_names_[0] == "renamed0"
+
+
+def test_streamed_fit_output_keeps_layers_and_adds_the_model(tmp_path):
+    a = _synthetic(n=200, J=30)
+    a.layers["dense"] = a.X.toarray()
+    src, out = tmp_path / "in.h5ad", tmp_path / "out.h5ad"
+    a.write_h5ad(src)
+    argv = ["fit", str(src), "-o", str(out), "-k", "2", "-q", "--stream"]
+    assert main(argv) == 0
+    res = ad.read_h5ad(out)
+    np.testing.assert_array_equal(res.layers["dense"], a.layers["dense"])
+    assert res.obsm["X_zinbwave"].shape == (200, 2) and "X_zinbwave_zeta" in res.var
+    ref = ZINBWaVE(n_components=2, verbose=False).fit(a)
+    np.testing.assert_allclose(res.obsm["X_zinbwave"], ref.W_, atol=1e-8)
+    back = zinbgrad.tl._zinbwave.model_from_anndata(res)
+    np.testing.assert_allclose(back.transform(a), ref.transform(a), atol=1e-8)
+
+
+def test_streamed_layers_check_the_cells_and_genes(tmp_path):
+    from zinbgrad.data.writer import write_output_layer
+
+    a = _synthetic(n=200, J=30)
+    src = tmp_path / "in.h5ad"
+    a.write_h5ad(src)
+    model = ZINBWaVE(n_components=2, verbose=False).fit(a)
+    out = write_output_layer(model, "weights", src, tmp_path / "w.h5ad", "w")
+    assert ad.read_h5ad(out).uns["zinbgrad_outputs"]["w"]["output"] == "weights"
+    for name, perm in (("genes", a[:, ::-1]), ("cells", a[::-1])):
+        p = tmp_path / f"perm_{name}.h5ad"
+        perm.copy().write_h5ad(p)
+        with pytest.raises(ValueError, match=f"the {name} of"):
+            write_output_layer(model, "weights", p, tmp_path / "x.h5ad", "w")
+    assert not (tmp_path / "x.h5ad").exists()
+
+
+def test_resume_refuses_other_data_or_settings(tmp_path, h5):
+    ckpt = tmp_path / "k.npz"
+    a = ad.read_h5ad(h5)
+    a.obs["grp"] = np.where(np.arange(a.n_obs) % 2, "x", "y")
+    ZINBWaVE(n_components=2, max_epochs=2).fit(a, batch_key="grp", checkpoint=ckpt)
+    cases = [
+        (a[::-1].copy(), {"batch_key": "grp"}, {}, "cells"),
+        (a, {}, {}, "X_columns"),
+        (a, {"batch_key": "grp"}, {"epsilon": 10.0}, "penalty"),
+    ]
+    for data, fit_kw, est_kw, what in cases:
+        with pytest.raises(ValueError, match=f"other data or settings: its .*{what}"):
+            ZINBWaVE(n_components=2, max_epochs=4, **est_kw).fit(data, resume=ckpt, **fit_kw)
+    resumed = ZINBWaVE(n_components=2, max_epochs=4).fit(a, batch_key="grp", resume=ckpt)
+    assert resumed.n_iter_ == 4
+
+
+def test_files_of_old_anndata_stream_and_convert(tmp_path):
+    import h5py
+
+    from zinbgrad.data.convert import to_csr
+
+    a = _synthetic(n=120, J=25)
+    for fmt in ("csr", "csc"):
+        b = a.copy()
+        b.X = sp.csr_matrix(b.X) if fmt == "csr" else sp.csc_matrix(b.X)
+        path = tmp_path / f"old_{fmt}.h5ad"
+        b.write_h5ad(path)
+        with h5py.File(path, "r+") as f:  # X as anndata < 0.7 wrote it
+            g = f["X"]
+            shape = g.attrs["shape"]
+            for k in ("encoding-type", "encoding-version", "shape"):
+                del g.attrs[k]
+            g.attrs["h5sparse_format"] = fmt
+            g.attrs["h5sparse_shape"] = shape
+        if fmt == "csc":
+            path = to_csr(path, tmp_path / "converted.h5ad")
+        m = ZINBWaVE(n_components=2, verbose=False).fit(str(path))
+        ref = ZINBWaVE(n_components=2, verbose=False).fit(a)
+        np.testing.assert_allclose(m.W_, ref.W_, atol=1e-8)

@@ -47,24 +47,21 @@ def write_h5ad_atomic(adata, out: Path) -> None:
 
 
 def write_model_into_copy(inp: Path, out: Path, model, key_added: str) -> None:
-    """Copy ``inp`` to a temporary file, add the model (obsm/varm/var/uns) in backed mode
-    (the counts are never loaded), then rename it to ``out``: memory-bounded and atomic."""
+    """Copy ``inp`` to a temporary file, add the model (obsm/varm/var/uns) through anndata's
+    element I/O (neither the counts nor any layer is loaded), then rename it to ``out``:
+    memory-bounded and atomic."""
     import shutil
 
-    import anndata as ad
+    from .data.writer import add_elements, publish
+    from .tl._zinbwave import model_elements
 
-    from .data.writer import publish
-    from .tl._zinbwave import store_model
-
+    elements = model_elements(model, key_added)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
         shutil.copyfile(inp, tmp)
-        a = ad.read_h5ad(tmp, backed="r+")
-        store_model(a, model, key_added)
-        a.write()
-        a.file.close()
+        add_elements(tmp, elements)
         publish(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import numbers
@@ -117,6 +118,19 @@ def _jsonable(v):
     if isinstance(v, np.random.RandomState):  # its seed was drawn at fit time; not saved
         return None
     return v
+
+
+def _penalty_params(pen: Penalty) -> dict:
+    """Every epsilon of a penalty, as plain Python values."""
+    return {
+        "epsilon_beta_mu": pen.beta_mu.cpu().numpy().tolist(),
+        "epsilon_beta_pi": pen.beta_pi.cpu().numpy().tolist(),
+        "epsilon_gamma_mu": pen.gamma_mu.cpu().numpy().tolist(),
+        "epsilon_gamma_pi": pen.gamma_pi.cpu().numpy().tolist(),
+        "epsilon_W": pen.W,
+        "epsilon_alpha": pen.alpha,
+        "epsilon_zeta": pen.zeta,
+    }
 
 
 #: The penalty hyper-parameters (each None or a non-negative number).
@@ -533,6 +547,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
                 progress=cb,
                 checkpoint_path=None if checkpoint is None else str(checkpoint),
                 checkpoint_every=checkpoint_every,
+                checkpoint_tag=self._checkpoint_tag(inp, xnames, Vm, O_mu_a, O_pi_a, pen),
                 t_origin=t_start,
             )
             init_kw = {
@@ -639,14 +654,23 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         self._store_penalty(pen)
 
     def _store_penalty(self, pen: Penalty) -> None:
-        self.penalty_params_ = {
-            "epsilon_beta_mu": pen.beta_mu.cpu().numpy().tolist(),
-            "epsilon_beta_pi": pen.beta_pi.cpu().numpy().tolist(),
-            "epsilon_gamma_mu": pen.gamma_mu.cpu().numpy().tolist(),
-            "epsilon_gamma_pi": pen.gamma_pi.cpu().numpy().tolist(),
-            "epsilon_W": pen.W,
-            "epsilon_alpha": pen.alpha,
-            "epsilon_zeta": pen.zeta,
+        self.penalty_params_ = _penalty_params(pen)
+
+    @staticmethod
+    def _checkpoint_tag(inp, xnames, Vm, O_mu, O_pi, pen: Penalty) -> dict:
+        """What a resumed fit must share with the checkpoint's (see FitOptions): the cells and
+        genes (names, in order), the design's columns and the penalty."""
+
+        def digest(names) -> str:
+            return hashlib.sha1("\n".join(map(str, names)).encode()).hexdigest()
+
+        return {
+            "cells": digest(inp.obs_names),
+            "genes": digest(inp.var_names),
+            "X_columns": list(xnames),
+            "V_columns": int(Vm.shape[1]),
+            "offsets": [O_mu is not None, O_pi is not None],
+            "penalty": _penalty_params(pen),
         }
 
     def _set_criteria(self, n: int, J: int) -> None:

@@ -308,11 +308,9 @@ class _CSRAppender:
 
 
 def _write_elem(group, key: str, value) -> None:
-    try:
-        from anndata.io import write_elem
-    except ImportError:  # anndata < 0.11
-        from anndata.experimental import write_elem
-    write_elem(group, key, value)
+    from .data.source import elem_io
+
+    elem_io()[1](group, key, value)
 
 
 def _latent_matrix(model) -> np.ndarray:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .source import h5_encoding
+from .source import h5_encoding, h5_shape
 from .writer import publish
 
 __all__ = ["to_csr"]
@@ -68,7 +68,7 @@ def _dense_to_csr(ds, group, chunk_entries: int) -> None:
 
 def _csc_to_csr(src, group, chunk_entries: int, scratch: Path) -> None:
     """Transpose a CSC group into CSR in two passes over blocks of its columns."""
-    n, J = (int(v) for v in src.attrs["shape"])
+    n, J = h5_shape(src)
     col_ptr = np.asarray(src["indptr"][:], dtype=np.int64)
     nnz = int(col_ptr[-1])
     src_data, src_idx = src["data"], src["indices"]

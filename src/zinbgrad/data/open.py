@@ -11,7 +11,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from .source import BackedCounts, InMemoryCounts
+from .source import BackedCounts, InMemoryCounts, read_annotations
 from .validate import extract_counts
 
 __all__ = ["CountsHandle", "open_counts"]
@@ -38,45 +38,51 @@ class CountsHandle:
         return BackedCounts(self.path, self.layer, dtype, device, row_range=(start, stop))
 
 
-def _backed_path(data) -> str | None:
-    if isinstance(data, str | os.PathLike):
-        return str(data)
+def _backed(data):
+    """A backed AnnData of a whole file (not a view), else None."""
     try:
         import anndata as ad
     except ImportError:  # pragma: no cover
         return None
-    if isinstance(data, ad.AnnData) and getattr(data, "isbacked", False):
-        # a view (adata[cells, genes]) selects part of the file: only that part is read, into
-        # memory; the whole file is streamed only when the whole file is meant
-        return None if data.is_view else str(data.filename)
+    if isinstance(data, ad.AnnData) and getattr(data, "isbacked", False) and not data.is_view:
+        return data
+    # a view (adata[cells, genes]) selects part of the file: only that part is read, into
+    # memory; the whole file is streamed only when the whole file is meant
     return None
 
 
 def open_counts(
     data, layer: str | None = None, *, allow_non_integer: bool = False, check_empty: bool = True
 ) -> CountsHandle:
-    """Validate an input and describe it; .h5ad paths and backed AnnData stay on disk."""
-    path = _backed_path(data)
-    if path is None:
+    """Validate an input and describe it; .h5ad paths and backed AnnData stay on disk.
+
+    A backed AnnData's own ``obs``, ``obs_names`` and ``var_names`` are used (they may have
+    been changed in memory); for a path they are read from the file.
+    """
+    backed = _backed(data)
+    if backed is None and not isinstance(data, str | os.PathLike):
         c = extract_counts(
             data, layer, allow_non_integer=allow_non_integer, check_empty=check_empty
         )
         return CountsHandle(c.X.shape, c.obs, c.obs_names, c.var_names, X=c.X, named=c.named)
-    import anndata as ad
-
-    p = Path(path)
+    p = Path(data if backed is None else backed.filename)
     if not p.exists():
         raise FileNotFoundError(f"no such file: {p}")
-    try:
-        a = ad.read_h5ad(p, backed="r")
-    except Exception as err:  # noqa: BLE001 - any reader failure is reported the same way
-        raise ValueError(f"cannot read {p} as .h5ad ({type(err).__name__}: {err})") from err
-    obs, obs_names, var_names = a.obs.copy(), np.asarray(a.obs_names), np.asarray(a.var_names)
-    a.file.close()
+    if backed is None:
+        obs, obs_names, var_names = read_annotations(p)
+    else:
+        obs = backed.obs.copy()
+        obs_names = np.asarray(backed.obs_names).astype(str)
+        var_names = np.asarray(backed.var_names).astype(str)
     src = BackedCounts(p, layer)
     try:
         src.validate(allow_non_integer=allow_non_integer, check_empty=check_empty)
         shape = src.shape
     finally:
         src.close()
+    if shape != (len(obs_names), len(var_names)):
+        raise ValueError(
+            f"{p}: the counts are {shape[0]} x {shape[1]} but there are {len(obs_names)} cells "
+            f"and {len(var_names)} genes"
+        )
     return CountsHandle(shape, obs, obs_names, var_names, path=str(p), layer=layer)

@@ -7,9 +7,11 @@ densified.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import torch
 
@@ -90,10 +92,47 @@ class InMemoryCounts:
         return self.X[idx]
 
 
+def _text(v) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
 def h5_encoding(node) -> str:
-    """anndata's ``encoding-type`` of an HDF5 group or dataset ("" where it has none)."""
-    enc = node.attrs.get("encoding-type", "")
-    return enc.decode() if isinstance(enc, bytes) else str(enc)
+    """anndata's ``encoding-type`` of an HDF5 group or dataset ("" where it has none); files
+    of anndata before 0.7 mark sparse matrices with ``h5sparse_format`` instead."""
+    if "encoding-type" in node.attrs:
+        return _text(node.attrs["encoding-type"])
+    if "h5sparse_format" in node.attrs:
+        return _text(node.attrs["h5sparse_format"]) + "_matrix"
+    return ""
+
+
+def h5_shape(node) -> tuple[int, int]:
+    """The shape of a sparse matrix group (``h5sparse_shape`` in files of anndata < 0.7)."""
+    shape = node.attrs["shape"] if "shape" in node.attrs else node.attrs["h5sparse_shape"]
+    return tuple(int(v) for v in shape)
+
+
+def elem_io():
+    """anndata's element reader and writer (``read_elem``, ``write_elem``)."""
+    try:
+        from anndata.io import read_elem, write_elem
+    except ImportError:  # anndata < 0.11
+        from anndata.experimental import read_elem, write_elem
+    return read_elem, write_elem
+
+
+def read_annotations(path: str | os.PathLike) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """``obs``, ``obs_names`` and ``var_names`` of an .h5ad, read without anything else of
+    the file (``anndata.read_h5ad(backed="r")`` would load every layer into memory)."""
+    import h5py
+
+    read_elem, _ = elem_io()
+    try:
+        with h5py.File(path, "r") as f:
+            obs, var = read_elem(f["obs"]), read_elem(f["var"])
+    except Exception as err:  # noqa: BLE001 - any reader failure is reported the same way
+        raise ValueError(f"cannot read {path} as .h5ad ({type(err).__name__}: {err})") from err
+    return obs, np.asarray(obs.index).astype(str), np.asarray(var.index).astype(str)
 
 
 class BackedCounts:
@@ -151,7 +190,7 @@ class BackedCounts:
                 f"{key} in {self.path} is {enc or 'not CSR'}; streaming over cells needs CSR "
                 f"(cells x genes, row-compressed). {convert}"
             )
-        shape = tuple(int(v) for v in g.attrs["shape"])
+        shape = h5_shape(g)
         self._indptr_all = np.asarray(g["indptr"][:], dtype=np.int64)
         self._indices = g["indices"]
         self._data = g["data"]

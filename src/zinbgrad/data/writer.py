@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from ..model.outputs import COUNT_OUTPUTS, iter_output_blocks
-from .source import BackedCounts
+from .source import BackedCounts, elem_io, read_annotations
 
-__all__ = ["publish", "write_output_layer"]
+__all__ = ["add_elements", "publish", "write_output_layer"]
 
 
 def publish(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
@@ -29,6 +29,42 @@ def publish(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, out)
+
+
+def add_elements(
+    path: str | os.PathLike, elements: dict[str, dict], merge_uns: tuple[str, ...] = ()
+) -> None:
+    """Add entries to the ``obsm``, ``varm``, ``var`` (columns) and ``uns`` of an .h5ad on disk,
+    through anndata's element I/O: nothing else of the file (X, layers) is loaded.
+
+    ``elements`` maps those element names to ``{key: value}``; existing keys are replaced,
+    except the ``uns`` dicts named in ``merge_uns``, which are updated (as
+    ``uns["zinbgrad_outputs"]``, one record per output).
+    """
+    import h5py
+
+    read_elem, write_elem = elem_io()
+    with h5py.File(path, "r+") as f:
+        for name in ("obsm", "varm", "uns"):
+            entries = elements.get(name) or {}
+            if not entries:
+                continue
+            if name not in f:
+                write_elem(f, name, {})
+            group = f[name]
+            for key, value in entries.items():
+                if name == "uns" and key in merge_uns and key in group:
+                    value = {**read_elem(group[key]), **value}
+                if key in group:
+                    del group[key]
+                write_elem(group, key, value)
+        columns = elements.get("var") or {}
+        if columns:
+            var = read_elem(f["var"])
+            for key, values in columns.items():
+                var[key] = values
+            del f["var"]
+            write_elem(f, "var", var)
 
 
 def write_output_layer(
@@ -60,12 +96,22 @@ def write_output_layer(
             f"{inp} has {n} cells x {J} genes; the model was fitted on "
             f"{model.W_.shape[0]} x {model.n_features_in_}"
         )
-    if what in COUNT_OUTPUTS:  # the same checks as the in-memory path, one pass over the file
-        try:
+    try:
+        _, obs_names, var_names = read_annotations(inp)
+        for what_, names, fitted in (
+            ("cells", obs_names, model.obs_names_),
+            ("genes", var_names, model.var_names_),
+        ):
+            if not np.array_equal(names, np.asarray(fitted).astype(str)):
+                raise ValueError(
+                    f"the {what_} of {inp} (their names or order) differ from those the model "
+                    "was fitted on; these outputs are for the training data as it was fitted"
+                )
+        if what in COUNT_OUTPUTS:  # the same checks as the in-memory path, one pass
             src.validate(allow_non_integer=bool(model.allow_non_integer), check_empty=False)
-        except BaseException:
-            src.close()
-            raise
+    except BaseException:
+        src.close()
+        raise
     dev, dt = torch.device("cpu"), torch.float64
     design = model.training_design(dev, dt)
     params = model.get_params_torch(dev, dt)
@@ -96,6 +142,8 @@ def write_output_layer(
             )
             for start, stop, values in blocks:
                 ds[start:stop] = values.numpy().astype(out_dtype)
+        record = {"output": what, "ignore_W": bool(ignore_W), "streamed": True}
+        add_elements(tmp, {"uns": {"zinbgrad_outputs": {key_added: record}}}, ("zinbgrad_outputs",))
         publish(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -62,6 +62,7 @@ def save_checkpoint(engine, history: list[dict], path: str | os.PathLike) -> Pat
         "sto_t": engine.sto_t,
         **engine.dispersion_state(),
         "gene_rejected": engine.gene_rejected,
+        "tag": engine.opt.checkpoint_tag,
     }
     arrays["metadata"] = np.array(json.dumps(meta, default=float))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -101,6 +102,13 @@ def load_checkpoint(engine, path: str | os.PathLike) -> list[dict]:
     wrong = {k: (meta.get(k), v) for k, v in expect.items() if meta.get(k) != v}
     if wrong:
         raise ValueError(f"checkpoint {f} does not match this fit: {wrong} (saved, current)")
+    saved, current = meta.get("tag") or {}, engine.opt.checkpoint_tag or {}
+    differ = sorted(k for k in saved.keys() & current.keys() if saved[k] != current[k])
+    if differ:
+        raise ValueError(
+            f"checkpoint {f} was written by a fit of other data or settings: its {differ} differ "
+            "from this fit's; resume with the same data, design and penalty"
+        )
     kw = {"dtype": engine.dtype, "device": engine.device}
     for name in engine.params.__dataclass_fields__:
         setattr(engine.params, name, torch.as_tensor(z[f"param_{name}"], **kw))

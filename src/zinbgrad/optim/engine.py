@@ -92,6 +92,9 @@ class FitOptions:
     progress: Callable[[dict], None] | None = None
     checkpoint_path: str | None = None
     checkpoint_every: int = 1
+    #: what a checkpoint must match to be resumed (the data's fingerprint, the design's
+    #: columns, the penalty), beyond the shapes; JSON-serializable
+    checkpoint_tag: dict | None = None
     #: ``time.perf_counter()`` at the start of the user's fit call; history "seconds" count
     #: from it (None: from the start of the solver loop)
     t_origin: float | None = None

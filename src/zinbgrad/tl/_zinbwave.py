@@ -9,19 +9,17 @@ import numpy as np
 
 from ..estimator import ZINBWaVE
 
-__all__ = ["zinbwave", "store_model", "model_from_anndata"]
+__all__ = ["zinbwave", "store_model", "model_elements", "model_from_anndata"]
 
 
-def store_model(adata, model: ZINBWaVE, key_added: str = "X_zinbwave") -> None:
-    """Write a fitted model into ``adata`` (scanpy conventions).
+def model_elements(model: ZINBWaVE, key_added: str = "X_zinbwave") -> dict[str, dict]:
+    """What :func:`store_model` writes, by AnnData element: ``{"obsm": {...}, "varm": {...},
+    "var": {column: values}, "uns": {key: value}}`` (also written into .h5ad files on disk
+    without loading them, :func:`zinbgrad.data.writer.add_elements`).
 
-    * ``obsm[key_added]``: W (cells x K); ``obsm[key_added + "_gamma_mu"/"_gamma_pi"]``;
-    * ``varm[key_added + "_alpha_mu"/"_alpha_pi"/"_beta_mu"/"_beta_pi"]`` (genes x K / M);
-    * ``var[key_added + "_zeta"]`` (log inverse dispersion);
-    * ``uns[key_added]``: settings, X column names, penalties, log-likelihood, history, ...
+    Everything is serialized here, before anything is written: a failure leaves no keys.
     """
-    _check_anndata(adata)
-    meta = model._metadata()  # serialized before anything is written: a failure leaves no keys
+    meta = model._metadata()
     uns = {
         "params": json.dumps(meta["hyperparameters"]),
         "X_columns": np.asarray(model.X_columns_, dtype=str),
@@ -45,15 +43,39 @@ def store_model(adata, model: ZINBWaVE, key_added: str = "X_zinbwave") -> None:
     if path:  # the fit's path, which projections of new cells follow (see ZINBWaVE.transform)
         uns["fit_path"] = dict(path)
         uns["fit_path_var_names"] = np.asarray(model.var_names_, dtype=str)
-    adata.obsm[key_added] = model.W_
-    adata.obsm[key_added + "_gamma_mu"] = model.gamma_mu_.T
-    adata.obsm[key_added + "_gamma_pi"] = model.gamma_pi_.T
-    adata.obsm[key_added + "_X"] = model.X_
-    for name in ("alpha_mu", "alpha_pi", "beta_mu", "beta_pi"):
-        adata.varm[f"{key_added}_{name}"] = getattr(model, name + "_").T
-    adata.varm[f"{key_added}_V"] = model.V_
-    adata.var[f"{key_added}_zeta"] = model.zeta_
-    adata.uns[key_added] = uns
+    obsm = {
+        key_added: model.W_,
+        key_added + "_gamma_mu": model.gamma_mu_.T,
+        key_added + "_gamma_pi": model.gamma_pi_.T,
+        key_added + "_X": model.X_,
+    }
+    varm = {
+        f"{key_added}_{name}": getattr(model, name + "_").T
+        for name in ("alpha_mu", "alpha_pi", "beta_mu", "beta_pi")
+    }
+    varm[f"{key_added}_V"] = model.V_
+    return {
+        "obsm": obsm,
+        "varm": varm,
+        "var": {f"{key_added}_zeta": model.zeta_},
+        "uns": {key_added: uns},
+    }
+
+
+def store_model(adata, model: ZINBWaVE, key_added: str = "X_zinbwave") -> None:
+    """Write a fitted model into ``adata`` (scanpy conventions).
+
+    * ``obsm[key_added]``: W (cells x K); ``obsm[key_added + "_gamma_mu"/"_gamma_pi"]``;
+    * ``varm[key_added + "_alpha_mu"/"_alpha_pi"/"_beta_mu"/"_beta_pi"]`` (genes x K / M);
+    * ``var[key_added + "_zeta"]`` (log inverse dispersion);
+    * ``uns[key_added]``: settings, X column names, penalties, log-likelihood, history, ...
+    """
+    _check_anndata(adata)
+    elements = model_elements(model, key_added)
+    for name in ("obsm", "varm", "var", "uns"):
+        target = getattr(adata, name)
+        for k, v in elements[name].items():
+            target[k] = v
 
 
 def _check_anndata(adata, what: str = "adata") -> None:
