@@ -202,7 +202,8 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         Newton steps on the cells' local parameters per epoch.
     block_entries
         Cells are processed in blocks of about this many matrix entries (bounds memory: a
-        block's working arrays take ~20 x ``block_entries`` floats). ``None``: 2^21 on the CPU
+        block's working arrays take ~20 x ``block_entries`` floats with the fused kernels, up
+        to ~60 x with the eager ones). ``None``: 2^21 on the CPU
         (larger blocks leave the cache, smaller ones pay per-block overhead; see
         BENCHMARKS.md), 2^24 on a GPU (fewer, larger kernels; ~1.3 GB of working arrays in
         float32).
