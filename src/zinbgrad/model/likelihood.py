@@ -468,9 +468,11 @@ def _dense_terms(a: Tensor, b: Tensor | None, zeta: Tensor, order: int, dispersi
     la = laa = lb = lbb = lab = lz = lzz = None
     if zi:
         t = b - log_nb0
-        # log(pi + (1 - pi) NB(0)) = logaddexp(b, log NB(0)) - softplus(b), with the max taken
-        # out exactly: log_nb0 + softplus(t) would cancel b away where |log NB(0)| >> |b|
-        ll = torch.maximum(b, log_nb0) + torch.log1p(torch.exp(-torch.abs(t))) - _fsp(b)
+        # log(pi + (1 - pi) NB(0)) = log(e^b + NB(0)) - log(1 + e^b)
+        #                          = softplus(log NB(0) - b) - softplus(-b):
+        # exact where |log NB(0)| >> |b| (the first term underflows to 0, leaving log pi),
+        # where log NB(0) + softplus(t) - softplus(b) would cancel b away
+        ll = _fsp(-t) - _fsp(-b)
         if order >= 1 or dispersion:
             one_m_r = torch.sigmoid(t)
             r = 1.0 - one_m_r  # P(zero came from the NB component)
@@ -793,7 +795,7 @@ def entry_derivatives(
     -----
     The dense part is written for speed (few fused kernels, ``theta`` formed per gene only):
     ``log NB(0) = -theta * softplus(a - zeta)`` and, at zeros,
-    ``log(pi + (1-pi) NB(0)) = max(b, log NB(0)) + log1p(exp(-|b - log NB(0)|)) - softplus(b)``.
+    ``log(pi + (1-pi) NB(0)) = softplus(log NB(0) - b) - softplus(-b)``.
     These agree with :func:`log_zinb` to a few float64 roundings of the larger of ``|b|`` and
     ``|log NB(0)|`` (absolute, not relative, accuracy); :func:`log_zinb` is the form with full
     relative accuracy for tiny probabilities.
