@@ -469,10 +469,15 @@ def _dense_terms(a: Tensor, b: Tensor | None, zeta: Tensor, order: int, dispersi
     if zi:
         t = b - log_nb0
         # log(pi + (1 - pi) NB(0)) = log(e^b + NB(0)) - log(1 + e^b)
-        #                          = softplus(log NB(0) - b) - softplus(-b):
-        # exact where |log NB(0)| >> |b| (the first term underflows to 0, leaving log pi),
-        # where log NB(0) + softplus(t) - softplus(b) would cancel b away
-        ll = _fsp(-t) - _fsp(-b)
+        if a.dtype == torch.float64:
+            # = softplus(log NB(0) - b) - softplus(-b): exact also where |log NB(0)| >> |b|
+            # (the first term underflows to 0, leaving log pi)
+            ll = _fsp(-t) - _fsp(-b)
+        else:
+            # = log NB(0) + softplus(t) - softplus(b): where softplus(t) = t, b is cancelled
+            # down to float32's rounding of log NB(0) (6e-8 |log NB(0)|), but this compiles
+            # into a 15 % faster order-0 kernel, the check of every step of large fits
+            ll = log_nb0 - _fsp(b) + _fsp(t)
         if order >= 1 or dispersion:
             one_m_r = torch.sigmoid(t)
             r = 1.0 - one_m_r  # P(zero came from the NB component)
@@ -795,7 +800,9 @@ def entry_derivatives(
     -----
     The dense part is written for speed (few fused kernels, ``theta`` formed per gene only):
     ``log NB(0) = -theta * softplus(a - zeta)`` and, at zeros,
-    ``log(pi + (1-pi) NB(0)) = softplus(log NB(0) - b) - softplus(-b)``.
+    ``log(pi + (1-pi) NB(0)) = softplus(log NB(0) - b) - softplus(-b)`` in float64 (in float32
+    ``log NB(0) - softplus(b) + softplus(b - log NB(0))``, to float32's rounding of
+    ``log NB(0)``).
     These agree with :func:`log_zinb` to a few float64 roundings of the larger of ``|b|`` and
     ``|log NB(0)|`` (absolute, not relative, accuracy); :func:`log_zinb` is the form with full
     relative accuracy for tiny probabilities.
