@@ -199,8 +199,9 @@ def test_tl_functions_need_an_anndata(pbmc, tmp_path, batch_model):
     "params, match",
     [
         ({"n_components": True}, "n_components"),
-        ({"epsilon": -5.0}, "epsilon must be a non-negative"),
+        ({"epsilon": -5.0}, "epsilon must be a finite non-negative"),
         ({"epsilon_W": float("nan")}, "epsilon_W"),
+        ({"epsilon_zeta": float("inf")}, "epsilon_zeta must be a finite"),
         ({"local_steps": 0}, "local_steps"),
         ({"solver": "stochastic", "batch_size": 0}, "batch_size"),
         ({"tol": "a"}, "tol"),

@@ -342,8 +342,8 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
             v = getattr(self, name)
             if name != "tol" and v is None:
                 continue
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not v >= 0:
-                raise ValueError(f"{name} must be a non-negative number, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v < math.inf:
+                raise ValueError(f"{name} must be a finite non-negative number, got {v!r}")
         for name, optional in (
             ("max_epochs", False),
             ("local_steps", False),
