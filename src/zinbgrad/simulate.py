@@ -35,6 +35,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from .data.writer import CSRAppender
 from .model.params import linear_predictors
 
 __all__ = ["zinb_sim", "make_synthetic", "sample_zinb"]
@@ -275,38 +276,6 @@ def zinb_sim(
 
 
 # ============================================================================ make_synthetic
-class _CSRAppender:
-    """Append CSR rows to an h5py group in anndata's ``csr_matrix`` encoding."""
-
-    def __init__(self, group, shape: tuple[int, int], dtype, compression: str | None) -> None:
-        n, J = shape
-        group.attrs["encoding-type"] = "csr_matrix"
-        group.attrs["encoding-version"] = "0.1.0"
-        group.attrs["shape"] = np.array([n, J], dtype=np.int64)
-        kw = {"maxshape": (None,), "chunks": (2**16,), "compression": compression}
-        idx_dtype = np.int32 if J < 2**31 else np.int64
-        self.data = group.create_dataset("data", shape=(0,), dtype=dtype, **kw)
-        self.indices = group.create_dataset("indices", shape=(0,), dtype=idx_dtype, **kw)
-        self.indptr = group.create_dataset("indptr", shape=(n + 1,), dtype=np.int64)
-        self.indptr[0] = 0
-        self.n, self.row, self.nnz = n, 0, 0
-
-    def append(self, m: sp.csr_matrix) -> None:
-        k, r = m.nnz, m.shape[0]
-        if k:
-            self.data.resize((self.nnz + k,))
-            self.indices.resize((self.nnz + k,))
-            self.data[self.nnz :] = m.data
-            self.indices[self.nnz :] = m.indices
-        self.indptr[self.row + 1 : self.row + r + 1] = self.nnz + m.indptr[1:].astype(np.int64)
-        self.row += r
-        self.nnz += k
-
-    def finish(self) -> None:
-        if self.row != self.n:
-            raise RuntimeError(f"wrote {self.row} rows, expected {self.n}")
-
-
 def _write_elem(group, key: str, value) -> None:
     from .data.source import elem_io
 
@@ -558,7 +527,7 @@ def make_synthetic(
         h5 = h5py.File(tmp, "w")
         h5.attrs["encoding-type"] = "anndata"
         h5.attrs["encoding-version"] = "0.1.0"
-        writer = _CSRAppender(h5.create_group("X"), (n_cells, J), dtype, compression)
+        writer = CSRAppender(h5.create_group("X"), (n_cells, J), dtype, compression)
     try:
         step = _unit_rows(J)
         pending: list[sp.csr_matrix] = []

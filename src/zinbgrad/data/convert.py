@@ -6,7 +6,7 @@ with ``zinbgrad convert IN.h5ad OUT.h5ad`` (:func:`to_csr`): every other element
 (obs, var, uns, obsm, other layers, ...) is copied as it is, and the counts are rewritten
 without ever being loaded whole.
 
-* A dense matrix is read and compressed in blocks of rows.
+* A dense matrix is read and compressed in blocks of rows, in one pass.
 * A CSC matrix is transposed in two passes over its columns: the first counts the entries of
   every row (the CSR ``indptr``), the second places each block of columns' entries at their rows'
   positions in memory-mapped scratch arrays next to the output (the operating system pages them
@@ -23,9 +23,10 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
 
 from .source import h5_encoding, h5_shape
-from .writer import publish
+from .writer import CSRAppender, publish
 
 __all__ = ["to_csr"]
 
@@ -33,37 +34,25 @@ __all__ = ["to_csr"]
 CHUNK_ENTRIES = 2**24
 
 
-def _create_csr(group, shape, nnz: int, data_dtype, index_dtype):
-    group.attrs["encoding-type"] = "csr_matrix"
-    group.attrs["encoding-version"] = "0.1.0"
-    group.attrs["shape"] = np.asarray(shape, dtype=np.int64)
-    chunk = max(1, min(nnz, 2**20))
-    data = group.create_dataset("data", shape=(nnz,), dtype=data_dtype, chunks=(chunk,))
-    indices = group.create_dataset("indices", shape=(nnz,), dtype=index_dtype, chunks=(chunk,))
-    return data, indices
+def _blocks(ptr: np.ndarray, chunk_entries: int):
+    """``(start, stop)`` of consecutive rows (or columns) of a compressed matrix with pointer
+    array ``ptr``, each holding about ``chunk_entries`` entries (at least one row)."""
+    m, i0 = len(ptr) - 1, 0
+    while i0 < m:
+        i1 = int(np.searchsorted(ptr, ptr[i0] + chunk_entries, side="right")) - 1
+        i1 = min(max(i1, i0 + 1), m)
+        yield i0, i1
+        i0 = i1
 
 
 def _dense_to_csr(ds, group, chunk_entries: int) -> None:
-    """Compress a dense (cells x genes) dataset block of rows by block of rows."""
-    import scipy.sparse as sp
-
+    """Compress a dense (cells x genes) dataset block of rows by block of rows, in one pass."""
     n, J = ds.shape
     rows = max(1, chunk_entries // max(J, 1))
-    nnz = 0
-    for r0 in range(0, n, rows):  # pass 1: the number of nonzeros, for fixed-size datasets
-        nnz += int(np.count_nonzero(ds[r0 : r0 + rows]))
-    index_dtype = np.int32 if J < 2**31 else np.int64
-    data, indices = _create_csr(group, (n, J), nnz, ds.dtype, index_dtype)
-    indptr = np.zeros(n + 1, dtype=np.int64)
-    pos = 0
+    out = CSRAppender(group, (n, J), ds.dtype)
     for r0 in range(0, n, rows):
-        block = sp.csr_matrix(ds[r0 : r0 + rows])
-        k = block.nnz
-        data[pos : pos + k] = block.data
-        indices[pos : pos + k] = block.indices
-        indptr[r0 + 1 : r0 + 1 + block.shape[0]] = pos + block.indptr[1:]
-        pos += k
-    group.create_dataset("indptr", data=indptr)
+        out.append(sp.csr_matrix(ds[r0 : r0 + rows]))
+    out.finish()
 
 
 def _csc_to_csr(src, group, chunk_entries: int, scratch: Path) -> None:
@@ -83,10 +72,7 @@ def _csc_to_csr(src, group, chunk_entries: int, scratch: Path) -> None:
     out_data = np.memmap(scratch / "data", dtype=src_data.dtype, mode="w+", shape=(max(nnz, 1),))
     out_idx = np.memmap(scratch / "indices", dtype=index_dtype, mode="w+", shape=(max(nnz, 1),))
     # pass 2: blocks of whole columns, in column order, so each row's entries stay sorted
-    c0 = 0
-    while c0 < J:
-        c1 = int(np.searchsorted(col_ptr, col_ptr[c0] + chunk_entries, side="right")) - 1
-        c1 = min(max(c1, c0 + 1), J)
+    for c0, c1 in _blocks(col_ptr, chunk_entries):
         e0, e1 = int(col_ptr[c0]), int(col_ptr[c1])
         if e1 > e0:
             rows = np.asarray(src_idx[e0:e1], dtype=np.int64)
@@ -101,12 +87,12 @@ def _csc_to_csr(src, group, chunk_entries: int, scratch: Path) -> None:
             out_data[pos] = vals
             out_idx[pos] = cols
             fill[rows[starts]] += sizes
-        c0 = c1
-    data, indices = _create_csr(group, (n, J), nnz, src_data.dtype, index_dtype)
-    for e0 in range(0, nnz, chunk_entries):
-        data[e0 : e0 + chunk_entries] = out_data[e0 : e0 + chunk_entries]
-        indices[e0 : e0 + chunk_entries] = out_idx[e0 : e0 + chunk_entries]
-    group.create_dataset("indptr", data=indptr)
+    out = CSRAppender(group, (n, J), src_data.dtype)
+    for r0, r1 in _blocks(indptr, chunk_entries):
+        a, b = int(indptr[r0]), int(indptr[r1])
+        ptr = indptr[r0 : r1 + 1] - a
+        out.append(sp.csr_matrix((out_data[a:b], out_idx[a:b], ptr), shape=(r1 - r0, J)))
+    out.finish()
     del out_data, out_idx
 
 

@@ -14,12 +14,13 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from ..model.outputs import COUNT_OUTPUTS, iter_output_blocks
 from .source import BackedCounts, elem_io, read_annotations
 
-__all__ = ["add_elements", "publish", "write_output_layer"]
+__all__ = ["CSRAppender", "add_elements", "publish", "write_output_layer"]
 
 
 def publish(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
@@ -29,6 +30,40 @@ def publish(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, out)
+
+
+class CSRAppender:
+    """Append CSR rows to an h5py group in anndata's ``csr_matrix`` encoding."""
+
+    def __init__(
+        self, group, shape: tuple[int, int], dtype, compression: str | None = None
+    ) -> None:
+        n, J = shape
+        group.attrs["encoding-type"] = "csr_matrix"
+        group.attrs["encoding-version"] = "0.1.0"
+        group.attrs["shape"] = np.array([n, J], dtype=np.int64)
+        kw = {"maxshape": (None,), "chunks": (2**16,), "compression": compression}
+        idx_dtype = np.int32 if J < 2**31 else np.int64
+        self.data = group.create_dataset("data", shape=(0,), dtype=dtype, **kw)
+        self.indices = group.create_dataset("indices", shape=(0,), dtype=idx_dtype, **kw)
+        self.indptr = group.create_dataset("indptr", shape=(n + 1,), dtype=np.int64)
+        self.indptr[0] = 0
+        self.n, self.row, self.nnz = n, 0, 0
+
+    def append(self, m: sp.csr_matrix) -> None:
+        k, r = m.nnz, m.shape[0]
+        if k:
+            self.data.resize((self.nnz + k,))
+            self.indices.resize((self.nnz + k,))
+            self.data[self.nnz :] = m.data
+            self.indices[self.nnz :] = m.indices
+        self.indptr[self.row + 1 : self.row + r + 1] = self.nnz + m.indptr[1:].astype(np.int64)
+        self.row += r
+        self.nnz += k
+
+    def finish(self) -> None:
+        if self.row != self.n:
+            raise RuntimeError(f"wrote {self.row} rows, expected {self.n}")
 
 
 def add_elements(

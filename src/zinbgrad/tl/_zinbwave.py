@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 
 from ..estimator import ZINBWaVE
+from ..model.params import Params
 
 __all__ = ["zinbwave", "store_model", "model_elements", "model_from_anndata"]
 
@@ -118,8 +119,7 @@ def _fit_path(u, var_names: np.ndarray) -> dict | None:
         )
         return None
     idx = np.array([pos[g] for g in var_names], dtype=np.int64)
-    gene_fields = ("beta_mu", "beta_pi", "alpha_mu", "alpha_pi", "zeta")
-    return {k: (v[..., idx] if k in gene_fields else v) for k, v in path.items()}
+    return {k: (v[..., idx] if k in Params.GENE_FIELDS else v) for k, v in path.items()}
 
 
 def model_from_anndata(adata, key: str = "X_zinbwave") -> ZINBWaVE:
