@@ -227,6 +227,7 @@ def test_gpu_check_script_runs_on_cpu(tmp_path):
     out = tmp_path / "out"
     args = ["--device", "cpu", "--model", str(model_path), "--sizes", "400", "--out", str(out)]
     args += ["--warmup-cells", "100", "--block-entries", "2**14,2**16", "--max-epochs", "5"]
+    args += ["--stream-sizes", "400"]
     sys.path.insert(0, str(repo))  # also for the spawned ranks, which import the module
     try:
         from benchmarks import gpu_check
@@ -240,8 +241,15 @@ def test_gpu_check_script_runs_on_cpu(tmp_path):
     assert res["collectives"]["ok"] and res["collectives"]["world_size"] == 2
     assert res["kernels"]["ok"] and res["fit_parity"]["ok"]
     runs = res["timing"]["runs"]
-    assert [r["block_entries"] for r in runs] == [2**14, 2**16]
+    assert [(r["input"], r["block_entries"]) for r in runs[:2]] == [
+        ("memory", 2**14),
+        ("memory", 2**16),
+    ]
     assert all(r["n_cells"] > 350 and r["epochs"] >= 1 and r["seconds"] > 0 for r in runs)
+    # the same size streamed from its .h5ad, at the faster block size, fits the same model
+    assert len(runs) == 3 and runs[2]["input"] == "streamed from .h5ad"
+    assert runs[2]["block_entries"] == res["timing"]["best_block_entries"]
+    assert runs[2]["objective_rel_diff_to_memory"] < 1e-4
 
 
 def test_backed_anndata_uses_its_own_annotations(h5):
