@@ -79,28 +79,39 @@ def _logistic_newton(
     return coef
 
 
+def _randomized_svd(A: Tensor, q: int, gen: torch.Generator, niter: int = 4):
+    """Rank-``q`` SVD of ``A`` by a randomized range finder with ``niter`` power iterations
+    (Halko, Martinsson & Tropp 2011, as ``torch.svd_lowrank``). The Gaussian test matrix comes
+    from ``gen``, a CPU generator, and is moved to ``A``'s device: the same seed gives the same
+    factors on every device (up to rounding), and no global random state is touched."""
+    R = torch.randn(A.shape[1], q, generator=gen, dtype=A.dtype).to(A.device)
+    Q = torch.linalg.qr(A @ R).Q
+    for _ in range(niter):
+        Q = torch.linalg.qr(A @ torch.linalg.qr(A.T @ Q).Q).Q
+    Ub, S, Vh = torch.linalg.svd(Q.T @ A, full_matrices=False)
+    return Q @ Ub, S, Vh
+
+
 def _soft_impute(
     D: Tensor, mask: Tensor, K: int, lam: float, seed: int, iters: int = 30, tol: float = 1e-4
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Rank-K soft-thresholded SVD completion of D observed where ``mask``."""
     Zlow = torch.zeros_like(D)
     U = S = Vh = None
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for _ in range(iters):
-            filled = torch.where(mask, D, Zlow)
-            if min(D.shape) <= 3 * K + 20:
-                U, S, Vh = torch.linalg.svd(filled, full_matrices=False)
-                U, S, Vh = U[:, :K], S[:K], Vh[:K]
-            else:
-                U, S, V = torch.svd_lowrank(filled, q=min(K + 8, min(D.shape)), niter=4)
-                U, S, Vh = U[:, :K], S[:K], V[:, :K].T
-            S = torch.clamp(S - lam, min=0.0)
-            new = (U * S) @ Vh
-            delta = float((new - Zlow).pow(2).sum() / Zlow.pow(2).sum().clamp(min=1e-300))
-            Zlow = new
-            if delta < tol:
-                break
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(iters):
+        filled = torch.where(mask, D, Zlow)
+        if min(D.shape) <= 3 * K + 20:
+            U, S, Vh = torch.linalg.svd(filled, full_matrices=False)
+        else:
+            U, S, Vh = _randomized_svd(filled, min(K + 8, min(D.shape)), gen)
+        U, S, Vh = U[:, :K], S[:K], Vh[:K]
+        S = torch.clamp(S - lam, min=0.0)
+        new = (U * S) @ Vh
+        delta = float((new - Zlow).pow(2).sum() / Zlow.pow(2).sum().clamp(min=1e-300))
+        Zlow = new
+        if delta < tol:
+            break
     return U, S, Vh
 
 
