@@ -176,17 +176,33 @@ def test_bad_block_entries_are_rejected(pbmc, bad):
         ZINBWaVE(n_components=2, block_entries=bad).fit(pbmc)
 
 
-def test_block_entries_default_depends_on_the_device():
+@pytest.mark.parametrize(
+    ("free_gb", "dtype", "expected"),
+    [
+        (139.0, "float32", 2**27),  # H200 / H100 80 GB: capped
+        (16.0, "float32", 2**25),
+        (16.0, "float64", 2**24),  # twice the bytes per entry
+        (0.1, "float32", 2**21),  # floor
+    ],
+)
+def test_gpu_default_block_follows_free_memory(monkeypatch, free_gb, dtype, expected):
+    """On a GPU the default block is the largest power of two whose working arrays
+    (GPU_FLOATS_PER_ENTRY floats per entry) take at most a quarter of the free memory."""
     import torch
 
-    from zinbgrad.estimator import CPU_BLOCK_ENTRIES, GPU_BLOCK_ENTRIES
+    from zinbgrad import estimator
 
-    m = ZINBWaVE()
-    assert m.block_entries is None
-    assert m._block_entries(torch.device("cpu")) == CPU_BLOCK_ENTRIES == 2**21
-    assert m._block_entries(torch.device("cuda", 0)) == GPU_BLOCK_ENTRIES == 2**24
-    explicit = ZINBWaVE(block_entries=12345)
-    assert explicit._block_entries(torch.device("cuda", 0)) == 12345
+    free = int(free_gb * 1e9)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 2 * free))
+    got = ZINBWaVE()._block_entries(torch.device("cuda"), getattr(torch, dtype))
+    assert got == expected
+    itemsize = 4 if dtype == "float32" else 8
+    used = got * estimator.GPU_FLOATS_PER_ENTRY * itemsize
+    assert used <= 0.25 * free or got == estimator.GPU_BLOCK_ENTRIES[0]
+    assert got == estimator.GPU_BLOCK_ENTRIES[1] or 2 * used > 0.25 * free
+    # an explicit block_entries wins, and the CPU default is fixed
+    assert ZINBWaVE(block_entries=1000)._block_entries(torch.device("cuda")) == 1000
+    assert ZINBWaVE()._block_entries(torch.device("cpu")) == estimator.CPU_BLOCK_ENTRIES
 
 
 def test_batch_key_and_offsets(pbmc):

@@ -581,54 +581,52 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
             path = None
             zeta_state = None
             try:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed)
-                    if resume is not None and solver == "sketch":
-                        # shapes only: the checkpoint holds every value
-                        params = Params.zeros(design, K)
-                    elif solver == "sketch":
-                        params, history, path, zeta_state = fit_sketch(
-                            full_source,
-                            design_all,
-                            pen,
-                            K,
-                            m=m,
-                            options=opts,
-                            shard=(lo, hi),
-                            comm=comm,
-                            **init_kw,
-                        )
-                    else:
-                        # every rank derives the same gene initialization from the same subsample
-                        params = initialize(
-                            full_source,
-                            design_all,
-                            pen,
-                            K,
-                            shard=(lo, hi),
-                            shard_source=source,
-                            **init_kw,
-                        )
-                    if full_source is not source and hasattr(full_source, "close"):
-                        full_source.close()
-                    engine = Engine(
-                        source,
-                        design,
-                        params,
+                if resume is not None and solver == "sketch":
+                    # shapes only: the checkpoint holds every value
+                    params = Params.zeros(design, K)
+                elif solver == "sketch":
+                    params, history, path, zeta_state = fit_sketch(
+                        full_source,
+                        design_all,
                         pen,
-                        zero_inflation=self.zero_inflation,
-                        common_dispersion=self.common_dispersion,
+                        K,
+                        m=m,
                         options=opts,
-                        seed=seed,
+                        shard=(lo, hi),
                         comm=comm,
+                        **init_kw,
                     )
-                    if path is not None:  # the full sweeps continue the sketch's path
-                        engine.trajectory = path
-                    if zeta_state is not None:  # ... and its dispersion-pause length
-                        engine.set_dispersion_state(zeta_state)
-                    result = engine.fit(
-                        history, resume=None if resume is None else str(resume), path=path
+                else:
+                    # every rank derives the same gene initialization from the same subsample
+                    params = initialize(
+                        full_source,
+                        design_all,
+                        pen,
+                        K,
+                        shard=(lo, hi),
+                        shard_source=source,
+                        **init_kw,
                     )
+                if full_source is not source and hasattr(full_source, "close"):
+                    full_source.close()
+                engine = Engine(
+                    source,
+                    design,
+                    params,
+                    pen,
+                    zero_inflation=self.zero_inflation,
+                    common_dispersion=self.common_dispersion,
+                    options=opts,
+                    seed=seed,
+                    comm=comm,
+                )
+                if path is not None:  # the full sweeps continue the sketch's path
+                    engine.trajectory = path
+                if zeta_state is not None:  # ... and its dispersion-pause length
+                    engine.set_dispersion_state(zeta_state)
+                result = engine.fit(
+                    history, resume=None if resume is None else str(resume), path=path
+                )
             finally:
                 if bar is not None:
                     bar.close()
