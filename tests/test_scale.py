@@ -51,6 +51,39 @@ def test_streaming_from_disk_equals_in_memory(h5):
     assert list(disk.var_names_) == list(mem.var_names_)
 
 
+@pytest.mark.parametrize("dtype", ["int32", "uint16", "float32", "float64", "int64"])
+def test_streamed_blocks_equal_in_memory_blocks_for_any_stored_type(tmp_path, dtype):
+    """Blocks are built from the CSR arrays as stored (on a GPU, on the device): every stored
+    count type gives the in-memory blocks (rows, columns, values, lgamma(y + 1)) exactly."""
+    import torch
+
+    from zinbgrad.data.source import BackedCounts, InMemoryCounts
+
+    a = _synthetic(n=300, J=40)
+    X = a.X.copy()
+    a.X = sp.csr_matrix((X.data.astype(dtype), X.indices, X.indptr), shape=X.shape)
+    path = tmp_path / "typed.h5ad"
+    a.write_h5ad(path)
+    import h5py
+
+    with h5py.File(path, "r+") as f:  # unsigned column indices (scipy would make them int32)
+        idx = f["X/indices"][:]
+        del f["X/indices"]
+        f["X/indices"] = idx.astype(np.uint32 if dtype == "uint16" else np.int64)
+        assert f["X/data"].dtype == np.dtype(dtype)
+    for dt in (torch.float32, torch.float64):
+        disk = BackedCounts(path, dtype=dt)
+        mem = InMemoryCounts(sp.csr_matrix(X, dtype=np.float64), dtype=dt)
+        try:
+            for start, stop in [(0, 300), (17, 230), (299, 300)]:
+                got, ref = disk.block(start, stop), mem.block(start, stop)
+                assert got.n_rows == ref.n_rows and got.values.dtype == dt
+                for k in ("rows", "cols", "values", "lgamma_y1", "flat"):
+                    assert torch.equal(getattr(got, k), getattr(ref, k)), (dtype, dt, k)
+        finally:
+            disk.close()
+
+
 def test_streaming_rejects_csc_and_dense(tmp_path):
     a = _synthetic(n=50, J=10)
     a.X = sp.csc_matrix(a.X)

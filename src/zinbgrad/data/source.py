@@ -135,6 +135,19 @@ def read_annotations(path: str | os.PathLike) -> tuple[pd.DataFrame, np.ndarray,
     return obs, np.asarray(obs.index).astype(str), np.asarray(var.index).astype(str)
 
 
+def _torch_int(a: np.ndarray) -> np.ndarray:
+    """Column indices in a type torch handles on every device (int32 or int64)."""
+    return a if a.dtype in (np.int32, np.int64) else a.astype(np.int64)
+
+
+def _torch_num(a: np.ndarray) -> np.ndarray:
+    """Stored counts in a type torch converts on every device: int32/int64/float32/float64 as
+    they are (integers convert exactly to float64), others (unsigned, 8/16-bit, float16) as
+    float64."""
+    ok = (np.int32, np.int64, np.float32, np.float64)
+    return a if a.dtype in ok else a.astype(np.float64)
+
+
 class BackedCounts:
     """CSR counts of an ``.h5ad`` file read from disk in blocks of cells (never loaded whole).
 
@@ -236,17 +249,22 @@ class BackedCounts:
         return sp.vstack(parts, format="csr")
 
     def block(self, start: int, stop: int) -> SparseCounts:
+        """Cells ``[start, stop)`` on ``device``. The raw CSR arrays cross to the device as they
+        were stored (pinned host memory, asynchronous copies, ~8 bytes per nonzero), and the
+        block (row of each entry, float values, lgamma(y + 1)) is built there: on the host that
+        build costs ~15-30 ns per nonzero, about the whole of a streamed GPU sweep at 1.3M
+        cells (BENCHMARKS.md)."""
         M = self.rows_csr(start, stop)
-        block = SparseCounts.from_csr(
-            torch.from_numpy(M.indptr.astype(np.int64)),
-            torch.from_numpy(M.indices.astype(np.int64)),
-            torch.from_numpy(np.asarray(M.data, dtype=np.float64)),
-            self.n_vars,
-            self.dtype,
-        )
-        if self.device.type == "cuda":  # pinned host memory: asynchronous copies to the GPU
-            block = block.pin_memory()
-        return block.to(self.device, non_blocking=True)
+        indptr = torch.from_numpy(M.indptr.astype(np.int64, copy=False))
+        indices = torch.from_numpy(_torch_int(M.indices))
+        data = torch.from_numpy(_torch_num(M.data))
+        if self.device.type == "cuda":
+            indptr, indices, data = (
+                t.pin_memory().to(self.device, non_blocking=True) for t in (indptr, indices, data)
+            )
+        elif self.device.type != "cpu":
+            indptr, indices, data = (t.to(self.device) for t in (indptr, indices, data))
+        return SparseCounts.from_csr(indptr, indices, data, self.n_vars, self.dtype)
 
     def iter_blocks(self, bounds: list[tuple[int, int]]) -> Iterator[tuple[int, int, SparseCounts]]:
         """Blocks in order, the next one read from disk while the current one is used."""

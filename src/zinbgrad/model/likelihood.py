@@ -296,8 +296,10 @@ class SparseCounts:
         """Build from CSR arrays of a block (``indptr`` starting at 0)."""
         n_rows = indptr.numel() - 1
         counts = indptr[1:] - indptr[:-1]
-        rows = torch.repeat_interleave(
-            torch.arange(n_rows, device=indices.device), counts.to(indices.device)
+        rows = torch.repeat_interleave(  # output_size: no device-to-host read on a GPU
+            torch.arange(n_rows, device=indices.device),
+            counts.to(indices.device),
+            output_size=indices.numel(),
         )
         vals = data.to(dtype)
         keep = vals != 0
