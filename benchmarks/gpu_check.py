@@ -24,12 +24,14 @@ failed):
 3. ``fit_parity``: the bundled pbmc_small fitted on the CPU and on the GPU (float64, same seed):
    objectives and the principal angles between the latent spaces; the same fit streamed from
    the ``.h5ad`` path on the GPU (pinned host memory, non-blocking copies).
-4. ``collectives``: zinbgrad's launcher (as ``zinbgrad fit --nproc``) starts one NCCL rank per
+4. ``syncs``: host-device synchronisations of a small GPU fit, counted per sweep with the
+   lines of zinbgrad that cause them (``torch.cuda.set_sync_debug_mode``).
+5. ``collectives``: zinbgrad's launcher (as ``zinbgrad fit --nproc``) starts one NCCL rank per
    GPU, and each drives zinbgrad's collective wrapper (all-reduce, broadcast, row gather,
    scalar sum) on CUDA tensors of its own GPU (on one GPU, one rank: NCCL needs a GPU per
    rank). On the CPU: two gloo ranks. It runs in a child process stopped after 150 s, so that
    a process group that hangs cannot take the timings' budget.
-5. ``timing``: synthetic data drawn on the GPU from the reference fit (the model of
+6. ``timing``: synthetic data drawn on the GPU from the reference fit (the model of
    :func:`zinbgrad.simulate.make_synthetic`, its counts sampled by torch), a warm-up fit
    (compiles the kernels), then the sizes of ``--sizes`` (default 100k and 1.3M cells x 715
    genes, K=10, float32, tol=1e-4) in memory, the 100k one at each of ``--block-entries``:
@@ -244,6 +246,49 @@ def step_fit_parity(device: str) -> dict:
     rec["streamed_rel_diff"] = abs(streamed.objective_ - dev.objective_) / abs(dev.objective_)
     rec["ok"] = bool(rec["rel_diff"] < 1e-6 and rec["streamed_rel_diff"] < 1e-6)
     return rec
+
+
+def step_syncs(device: str) -> dict:
+    """Host-device synchronisations in a GPU fit (``torch.cuda.set_sync_debug_mode("warn")``):
+    how many per sweep, and from which lines of zinbgrad, after a warm-up fit that compiles."""
+    import collections
+    import traceback as tb
+    import warnings
+
+    import torch
+
+    from zinbgrad import ZINBWaVE
+    from zinbgrad.datasets import pbmc_small
+
+    if torch.device(device).type != "cuda":
+        return {"skipped": "not a CUDA device"}
+    adata = pbmc_small()
+    kw = {"n_components": 2, "dtype": "float32", "device": device, "verbose": False}
+    ZINBWaVE(**kw, max_epochs=2).fit(adata)  # compile first
+    sites: collections.Counter = collections.Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        for fr in reversed(tb.extract_stack()[:-1]):
+            if "zinbgrad" in fr.filename and "gpu_check" not in fr.filename:
+                sites[f"{Path(fr.filename).name}:{fr.lineno} {fr.line}"] += 1
+                return
+        sites["(outside zinbgrad)"] += 1
+
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():  # restores showwarning on exit
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            m = ZINBWaVE(**kw, max_epochs=10, tol=0.0).fit(adata)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    total = sum(sites.values())
+    return {
+        "sweeps": m.n_iter_,
+        "syncs": total,
+        "syncs_per_sweep": total / max(m.n_iter_, 1),
+        "top_sites": sites.most_common(25),
+    }
 
 
 def _collectives_body(out: str) -> None:
@@ -522,12 +567,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--max-epochs", type=int, default=30)
     p.add_argument("--budget", type=float, default=540.0, help="seconds for the whole run")
-    p.add_argument("--steps", default="env,kernels,fit_parity,collectives,timing")
+    p.add_argument("--steps", default="env,kernels,fit_parity,syncs,collectives,timing")
     p.add_argument("--out", default=os.environ.get("OUT", "gpu_out"))
     args = p.parse_args(argv)
     res = Results(Path(args.out) / "gpu_check.json")
     steps = args.steps.split(",")
-    for name in ("env", "kernels", "fit_parity", "collectives"):
+    for name in ("env", "kernels", "fit_parity", "syncs", "collectives"):
         if name in steps:
             fn = globals()[f"step_{name}"]
             if name == "collectives" and len(steps) > 1:  # alone: the guarded child itself

@@ -269,8 +269,9 @@ def test_gpu_check_script_runs_on_cpu(tmp_path):
     finally:
         sys.path.remove(str(repo))
     res = json.loads((out / "gpu_check.json").read_text())
-    steps = ("env", "kernels", "fit_parity", "collectives", "timing")
+    steps = ("env", "kernels", "fit_parity", "syncs", "collectives", "timing")
     assert all("error" not in res[k] for k in steps), res
+    assert res["syncs"]["skipped"] == "not a CUDA device"
     assert res["collectives"]["ok"] and res["collectives"]["world_size"] == 2
     assert res["kernels"]["ok"] and res["fit_parity"]["ok"]
     runs = res["timing"]["runs"]
