@@ -205,6 +205,17 @@ def _principal_cos(A: np.ndarray, B: np.ndarray) -> list[float]:
     return [float(s) for s in np.linalg.svd(qa.T @ qb, compute_uv=False)]
 
 
+def _parity(cpu, dev) -> dict:
+    """How a fit on the CPU and the same fit on the device compare."""
+    return {
+        "objective_cpu": cpu.objective_,
+        "objective_device": dev.objective_,
+        "rel_diff": abs(cpu.objective_ - dev.objective_) / abs(cpu.objective_),
+        "epochs": [cpu.n_iter_, dev.n_iter_],
+        "latent_cosines": _principal_cos(cpu.W_, dev.W_),
+    }
+
+
 def step_fit_parity(device: str) -> dict:
     import anndata as ad
 
@@ -215,29 +226,17 @@ def step_fit_parity(device: str) -> dict:
     kw = {"n_components": 2, "dtype": "float64", "random_state": 0, "verbose": False}
     cpu = ZINBWaVE(device="cpu", **kw).fit(adata)
     dev = ZINBWaVE(device=device, **kw).fit(adata)
-    hc = [r["objective"] for r in cpu.history_]
-    hd = [r["objective"] for r in dev.history_]
-    rel = [abs(a - b) / abs(a) for a, b in zip(hc, hd, strict=False)]
-    rec = {
-        "objective_cpu": cpu.objective_,
-        "objective_device": dev.objective_,
-        "rel_diff": abs(cpu.objective_ - dev.objective_) / abs(cpu.objective_),
-        "epochs": [cpu.n_iter_, dev.n_iter_],
-        "latent_cosines": _principal_cos(cpu.W_, dev.W_),
-        # where the two paths part: the relative difference of the objective after each sweep
-        "history_rel_diff": rel,
-    }
+    rec = _parity(cpu, dev)
+    # where the two paths part: the relative difference of the objective after each sweep
+    rec["history_rel_diff"] = [
+        abs(a["objective"] - b["objective"]) / abs(a["objective"])
+        for a, b in zip(cpu.history_, dev.history_, strict=False)
+    ]
     # both run on to a tight tolerance: the same optimum, whatever the paths
     tight = {**kw, "tol": 1e-8, "max_epochs": 1000}
-    cpu_t = ZINBWaVE(device="cpu", **tight).fit(adata)
-    dev_t = ZINBWaVE(device=device, **tight).fit(adata)
-    rec["tight"] = {
-        "objective_cpu": cpu_t.objective_,
-        "objective_device": dev_t.objective_,
-        "rel_diff": abs(cpu_t.objective_ - dev_t.objective_) / abs(cpu_t.objective_),
-        "epochs": [cpu_t.n_iter_, dev_t.n_iter_],
-        "latent_cosines": _principal_cos(cpu_t.W_, dev_t.W_),
-    }
+    rec["tight"] = _parity(
+        ZINBWaVE(device="cpu", **tight).fit(adata), ZINBWaVE(device=device, **tight).fit(adata)
+    )
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "pbmc_small.h5ad"
         ad.AnnData(adata.X, obs=adata.obs[[]], var=adata.var[[]]).write_h5ad(path)
@@ -504,13 +503,13 @@ def step_timing(args, res: Results) -> dict:
         for be in blocks if i == 0 else [out.get("best_block_entries", blocks[0])]:
             rec = fit_timed(adata, args.device, be, args.max_epochs)
             rec["generate_seconds"] = gen_s
-            out["runs"].append(rec)
-            log(
+            _add_run(
+                out,
+                res,
+                rec,
                 f"  fit block_entries={be}: {rec['seconds']:.1f} s, {rec['epochs']} sweeps, "
-                f"{rec['objective_per_cell']:.4f}/cell, phases {rec['phase_seconds']}"
+                f"{rec['objective_per_cell']:.4f}/cell, phases {rec['phase_seconds']}",
             )
-            res.data["timing"] = out
-            res.save()
         done = [r for r in out["runs"] if r.get("n_cells") == adata.shape[0] and "seconds" in r]
         best = min(done, key=lambda r: r["seconds"])
         out["best_block_entries"] = best["block_entries"]
@@ -546,11 +545,19 @@ def _streamed(adata, args, out: dict, res: Results, best: dict) -> None:
     rec["objective_rel_diff_to_memory"] = abs(rec["objective"] - best["objective"]) / abs(
         best["objective"]
     )
-    out["runs"].append(rec)
-    log(
+    _add_run(
+        out,
+        res,
+        rec,
         f"  streamed fit: {rec['seconds']:.1f} s, {rec['epochs']} sweeps, "
-        f"{rec['objective_per_cell']:.4f}/cell (in memory {best['objective_per_cell']:.4f})"
+        f"{rec['objective_per_cell']:.4f}/cell (in memory {best['objective_per_cell']:.4f})",
     )
+
+
+def _add_run(out: dict, res: Results, rec: dict, message: str) -> None:
+    """Record one timed fit in the timing results, log it and save the JSON."""
+    out["runs"].append(rec)
+    log(message)
     res.data["timing"] = out
     res.save()
 

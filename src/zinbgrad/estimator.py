@@ -403,8 +403,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         if self.block_entries is not None:
             return int(self.block_entries)
         if device.type == "cuda":
-            itemsize = torch.finfo(dtype).bits // 8 if dtype is not None else 4
-            return gpu_block_entries(device, itemsize)
+            return gpu_block_entries(device, 4 if dtype is None else dtype.itemsize)
         return CPU_BLOCK_ENTRIES
 
     @staticmethod

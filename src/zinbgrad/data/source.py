@@ -255,15 +255,14 @@ class BackedCounts:
         build costs ~15-30 ns per nonzero, about the whole of a streamed GPU sweep at 1.3M
         cells (BENCHMARKS.md)."""
         M = self.rows_csr(start, stop)
-        indptr = torch.from_numpy(M.indptr.astype(np.int64, copy=False))
-        indices = torch.from_numpy(_torch_int(M.indices))
-        data = torch.from_numpy(_torch_num(M.data))
+        arrays = [
+            torch.from_numpy(M.indptr.astype(np.int64, copy=False)),
+            torch.from_numpy(_torch_int(M.indices)),
+            torch.from_numpy(_torch_num(M.data)),
+        ]
         if self.device.type == "cuda":
-            indptr, indices, data = (
-                t.pin_memory().to(self.device, non_blocking=True) for t in (indptr, indices, data)
-            )
-        elif self.device.type != "cpu":
-            indptr, indices, data = (t.to(self.device) for t in (indptr, indices, data))
+            arrays = [t.pin_memory() for t in arrays]
+        indptr, indices, data = (t.to(self.device, non_blocking=True) for t in arrays)
         return SparseCounts.from_csr(indptr, indices, data, self.n_vars, self.dtype)
 
     def iter_blocks(self, bounds: list[tuple[int, int]]) -> Iterator[tuple[int, int, SparseCounts]]:
