@@ -7,7 +7,12 @@
 
 __version__ = "0.1.0"
 
-from . import datasets, tl
-from .estimator import ZINBWaVE
+# before anything imports torch: idle OpenMP threads sleep instead of spinning (see .openmp)
+from .openmp import prefer_passive_wait
+
+prefer_passive_wait()
+
+from . import datasets, tl  # noqa: E402
+from .estimator import ZINBWaVE  # noqa: E402
 
 __all__ = ["ZINBWaVE", "datasets", "tl", "__version__"]
