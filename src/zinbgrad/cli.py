@@ -5,45 +5,59 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["main", "write_h5ad_atomic", "check_output_path"]
+__all__ = ["main", "write_h5ad_atomic", "check_output_path", "check_key", "cli_error"]
 
 
-def check_output_path(inp: Path | None, out: Path, force: bool, what: str = "output") -> None:
-    """Refuse, before any work is done, an output that could not be written: the input
-    itself, an existing file without ``--force``, a directory, or a place without write
-    permission (missing folders are created later)."""
-    if inp is not None and out.resolve() == inp.resolve():
-        raise SystemExit(f"error: {what} {out} is the input file; choose another path")
-    if out.is_dir():
-        raise SystemExit(f"error: {what} {out} is a directory; give a file name")
+def cli_error(err: BaseException) -> SystemExit:
+    """The command line's one-line ``error: ...`` for an exception (a KeyError's message
+    without the quotes its ``str`` adds)."""
+    msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    return SystemExit(f"error: {msg}")
+
+
+def check_output_path(
+    inputs: Path | None | dict[str, Path | None], out: Path, force: bool, what: str = "output"
+) -> None:
+    """Refuse, before any work is done, an output that could not be written or would destroy
+    what the user owns: one of the command's inputs (``inputs``: the input file, or a mapping
+    from how to name each input to its path, e.g. ``{"--model": ...}``), an existing file
+    without ``--force``, a directory, a device or other non-regular file, or a place without
+    write permission (missing folders are created later)."""
+    from .io_utils import check_writable, same_file
+
+    if not isinstance(inputs, dict):
+        inputs = {"the input file": inputs}
+    for name, inp in inputs.items():
+        if inp is not None and same_file(out, inp):
+            raise SystemExit(f"error: {what} {out} is {name}; choose another path")
+    try:
+        check_writable(out, what)
+    except ValueError as err:
+        raise cli_error(err) from None
     if out.exists() and not force:
         raise SystemExit(f"error: {out} exists; pass --force to replace it")
-    folder = out.resolve().parent
-    while not folder.exists():
-        folder = folder.parent
-    if not folder.is_dir():
-        raise SystemExit(f"error: cannot write {what} {out}: {folder} is not a directory")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise SystemExit(f"error: cannot write {what} {out}: no write permission in {folder}")
+
+
+def check_key(key: str, what: str = "--key-added") -> None:
+    """Refuse, before any work, a key that anndata cannot store (see
+    :func:`zinbgrad.data.validate.check_key`)."""
+    from .data.validate import check_key as _check
+
+    try:
+        _check(key, what)
+    except (TypeError, ValueError) as err:
+        raise cli_error(err) from None
 
 
 def write_h5ad_atomic(adata, out: Path) -> None:
     """Write ``adata`` to a temporary file next to ``out`` and rename it into place."""
-    from .data.writer import publish
+    from .io_utils import atomic_write
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_write(out) as tmp:
         adata.write_h5ad(tmp)
-        publish(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_model_into_copy(inp: Path, out: Path, model, key_added: str) -> None:
@@ -52,20 +66,14 @@ def write_model_into_copy(inp: Path, out: Path, model, key_added: str) -> None:
     memory-bounded and atomic."""
     import shutil
 
-    from .data.writer import add_elements, publish
+    from .data.writer import add_elements
+    from .io_utils import atomic_write
     from .tl._zinbwave import model_elements
 
     elements = model_elements(model, key_added)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_write(out) as tmp:
         shutil.copyfile(inp, tmp)
         add_elements(tmp, elements)
-        publish(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_h5ad_checked(path: Path):
@@ -84,28 +92,39 @@ def read_h5ad_checked(path: Path):
 
 def _cmd_fit(args: argparse.Namespace) -> int:
     from .estimator import model_file
+    from .optim.checkpoint import check_checkpoint_paths
 
     inp, out = Path(args.input), Path(args.output)
-    check_output_path(inp, out, args.force)
+    if not inp.exists():
+        raise SystemExit(f"error: input file {inp} does not exist")
+    resume = None if args.resume is None else Path(args.resume)
+    check_output_path({"the input file": inp, "the --resume file": resume}, out, args.force)
+    check_key(args.key_added)
+    taken = {"the input file": inp, "the output": out}
     if args.save_model:
-        saved = model_file(args.save_model)
-        if saved.resolve() == out.resolve():
-            raise SystemExit("error: --save-model must differ from the output")
-        check_output_path(inp, saved, args.force, "--save-model")
+        try:
+            saved = model_file(args.save_model)
+        except ValueError as err:
+            raise SystemExit(f"error: --save-model: {err}") from None
+        check_output_path({**taken, "the --resume file": resume}, saved, args.force, "--save-model")
+        taken["the --save-model file"] = saved
+    if args.checkpoint is not None or args.resume is not None:
+        try:  # before any work: the checkpoint's folder writable, the resumed file readable
+            check_checkpoint_paths(
+                args.checkpoint, args.resume, args.checkpoint_every, args.nproc, taken
+            )
+        except (ValueError, FileNotFoundError) as err:
+            raise cli_error(err) from None
     if args.nproc < 1:
         raise SystemExit(f"error: --nproc must be at least 1, got {args.nproc}")
     if args.nproc > 1:
-        from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
+        from .optim.distributed import RankFailed, launch
 
-        from .optim.distributed import launch
-
-        if not inp.exists():
-            raise SystemExit(f"error: input file {inp} does not exist")
         try:
             launch(_fit_worker, args.nproc, args)
-        except (ProcessExitedException, ProcessRaisedException) as err:  # the failing rank
-            # has printed its error already
-            raise SystemExit(f"error: zinbgrad fit --nproc {args.nproc} failed ({err})") from None
+        except RankFailed as err:  # the first failing rank's error, once
+            msg = str(err)
+            raise SystemExit(msg if msg.startswith("error:") else f"error: {msg}") from None
         return 0
     return _fit_and_write(args)
 
@@ -157,7 +176,7 @@ def _fit_and_write(args: argparse.Namespace) -> int:
             resume=args.resume,
         )
     except (ValueError, KeyError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}") from err
+        raise cli_error(err) from err
     if comm.rank != 0:
         return 0
     seconds = time.perf_counter() - t0
@@ -187,7 +206,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     try:
         to_csr(inp, out, layer=args.layer)
     except (ValueError, KeyError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}") from err
+        raise cli_error(err) from err
     what = "X" if args.layer is None else f"layers[{args.layer!r}]"
     print(f"zinbgrad convert: {what} stored as CSR in {time.perf_counter() - t0:.2f} s -> {out}")
     return 0
@@ -222,12 +241,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     ax.legend(frameon=False)
     fig.tight_layout()
     png = outdir / "pbmc_small_zinbwave.png"
-    fd, tmp = tempfile.mkstemp(prefix=png.name + ".", suffix=".png", dir=outdir)
-    os.close(fd)
-    fig.savefig(tmp, dpi=120)
-    from .data.writer import publish
+    from .io_utils import atomic_write
 
-    publish(tmp, png)
+    with atomic_write(png, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
     print(
         f"zinbgrad demo: pbmc_small ({adata.n_obs} cells x {adata.n_vars} genes), K=2, "
@@ -316,14 +333,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .io_utils import Terminated, terminate_as_interrupt
+
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        # SIGTERM (kill, SLURM's time limit) unwinds like Ctrl-C: temporary files are removed
+        with terminate_as_interrupt():
+            return int(args.func(args) or 0)
+    except Terminated:
+        print("zinbgrad: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:  # outputs are written atomically: nothing half-written remains
         print("zinbgrad: interrupted", file=sys.stderr)
         return 130
     except OSError as err:  # a full disk, a file removed under our feet, ...
-        raise SystemExit(f"error: {err}") from None
+        raise cli_error(err) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,6 +13,8 @@ import argparse
 import time
 from pathlib import Path
 
+from .cli import cli_error
+
 __all__ = ["add_subcommands"]
 
 
@@ -42,7 +44,7 @@ def _load_model(path: str | None, key: str, adata=None):
         try:
             return ZINBWaVE.load(p)
         except (OSError, ValueError) as err:
-            raise SystemExit(f"error: {err}") from err
+            raise cli_error(err) from err
     _, read_h5ad_checked, _ = _helpers()
     ref = read_h5ad_checked(p)
     try:
@@ -89,7 +91,7 @@ def _run_layer_streaming(args, describe: str, what: str, ignore_W: bool) -> int:
             out_dtype=np.dtype(args.dtype),
         )
     except (ValueError, KeyError) as err:
-        raise SystemExit(f"error: {err}") from err
+        raise cli_error(err) from err
     print(
         f"zinbgrad {args.command}: {describe} streamed in {time.perf_counter() - t0:.2f} s "
         f"-> {out} (layers['{args.key_added}'])"
@@ -118,7 +120,7 @@ def _run_layer_command(
             **kw,
         )
     except (ValueError, KeyError, TypeError) as err:
-        raise SystemExit(f"error: {err}") from err
+        raise cli_error(err) from err
     seconds = time.perf_counter() - t0
     write_h5ad_atomic(adata, out)
     print(
@@ -186,7 +188,7 @@ def _cmd_project(args) -> int:
             query, model, key_added=args.key_added, layer=args.layer, batch_key=args.batch_key
         )
     except (ValueError, KeyError) as err:
-        raise SystemExit(f"error: {err}") from err
+        raise cli_error(err) from err
     seconds = time.perf_counter() - t0
     write_h5ad_atomic(query, out)
     print(
@@ -241,7 +243,7 @@ def _cmd_simulate(args) -> int:
             )
             n = args.n_cells
     except (ValueError, OverflowError, FileExistsError) as err:
-        raise SystemExit(f"error: {err}") from err
+        raise cli_error(err) from err
     seconds = time.perf_counter() - t0
     print(f"zinbgrad simulate: {n} cells x {len(model.zeta_)} genes in {seconds:.2f} s -> {out}")
     return 0

@@ -7,7 +7,6 @@ import json
 import math
 import numbers
 import os
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +18,7 @@ from sklearn.base import BaseEstimator, TransformerMixin
 
 from .data.open import open_counts
 from .data.validate import build_cell_design, check_design_matrix
-from .data.writer import publish
+from .io_utils import atomic_write, npz_file
 from .model.params import Design, Params, Penalty
 from .optim.distributed import current_comm, local_gpu, shard_bounds
 from .optim.engine import Engine, FitOptions, FitPath
@@ -115,11 +114,10 @@ def _resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtyp
 
 
 def model_file(path: str | os.PathLike) -> Path:
-    """Where :meth:`ZINBWaVE.save` writes ``path``: with ``.npz`` appended unless present."""
-    path = Path(path)
-    if path.suffix == ".npz":
-        return path
-    return path.with_suffix(path.suffix + ".npz") if path.suffix else path.with_suffix(".npz")
+    """Where :meth:`ZINBWaVE.save` writes ``path`` and :meth:`ZINBWaVE.load` reads it:
+    ``path`` itself when it ends in ``.npz``, with ``.npz`` appended when it has no extension;
+    a folder or another extension is an error."""
+    return npz_file(path, "model file")
 
 
 def _is_int(v) -> bool:
@@ -971,15 +969,9 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         for k, v in (getattr(self, "fit_path_", None) or {}).items():
             arrays["path_" + k] = v
         arrays["metadata"] = np.array(json.dumps(self._metadata()))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
+        with atomic_write(path, overwrite=overwrite, what="model file") as tmp:
+            with open(tmp, "wb") as fh:
                 np.savez_compressed(fh, **arrays)
-            publish(tmp, path)  # the umask's permissions, not mkstemp's 0600
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         return path
 
     @classmethod

@@ -26,7 +26,7 @@ import dataclasses
 import json
 import numbers
 import os
-import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ import scipy.sparse as sp
 import torch
 
 from .data.writer import CSRAppender
+from .io_utils import atomic_write
 from .model.params import linear_predictors
 
 __all__ = ["zinb_sim", "make_synthetic", "sample_zinb"]
@@ -403,18 +404,6 @@ def _de_genes(
     return is_de, lfc
 
 
-def _atomic_target(path: Path, overwrite: bool) -> Path:
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would survive the rename
-    return Path(tmp)
-
-
 def make_synthetic(
     model,
     n_cells: int,
@@ -515,20 +504,21 @@ def make_synthetic(
     W_true = np.zeros((n_cells, K), dtype=np.float32)
     n_zero = 0
 
-    tmp = None
     writer = None
     h5 = None
     blocks: list[sp.csr_matrix] = []
-    if path is not None:
-        import h5py
+    # the temporary file is renamed onto ``path`` after h5 is closed (the stack unwinds in
+    # reverse), or removed on any exception
+    with ExitStack() as stack:
+        if path is not None:
+            import h5py
 
-        path = Path(path)
-        tmp = _atomic_target(path, overwrite)
-        h5 = h5py.File(tmp, "w")
-        h5.attrs["encoding-type"] = "anndata"
-        h5.attrs["encoding-version"] = "0.1.0"
-        writer = CSRAppender(h5.create_group("X"), (n_cells, J), dtype, compression)
-    try:
+            path = Path(path)
+            tmp = stack.enter_context(atomic_write(path, overwrite=overwrite))
+            h5 = stack.enter_context(h5py.File(tmp, "w"))
+            h5.attrs["encoding-type"] = "anndata"
+            h5.attrs["encoding-version"] = "0.1.0"
+            writer = CSRAppender(h5.create_group("X"), (n_cells, J), dtype, compression)
         step = _unit_rows(J)
         pending: list[sp.csr_matrix] = []
         pending_rows = 0
@@ -611,13 +601,4 @@ def make_synthetic(
         _write_elem(h5, "uns", uns)
         for key in ("layers", "obsp", "varp"):
             _write_elem(h5, key, {})
-        h5.close()
-        h5 = None
-        os.replace(tmp, path)
-        tmp = None
-        return path
-    finally:
-        if h5 is not None:
-            h5.close()
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+    return path

@@ -19,14 +19,14 @@ interrupted conversion never leaves a half-written file under that name.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
 
+from ..io_utils import atomic_write, scratch_dir
 from .source import h5_encoding, h5_shape
-from .writer import CSRAppender, publish
+from .writer import CSRAppender
 
 __all__ = ["to_csr"]
 
@@ -150,10 +150,7 @@ def to_csr(
             )
         if dense and node.ndim != 2:
             raise ValueError(f"{key} in {inp} has shape {node.shape}, not cells x genes")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
-        os.close(fd)
-        try:
+        with atomic_write(out) as tmp:
             with h5py.File(tmp, "w") as f_out:
                 for name, value in f_in.attrs.items():
                     f_out.attrs[name] = value
@@ -174,10 +171,6 @@ def to_csr(
                 if dense:
                     _dense_to_csr(node, target, chunk_entries)
                 else:
-                    with tempfile.TemporaryDirectory(dir=out.parent) as scratch:
-                        _csc_to_csr(node, target, chunk_entries, Path(scratch))
-            publish(tmp, out)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+                    with scratch_dir(out) as scratch:
+                        _csc_to_csr(node, target, chunk_entries, scratch)
     return out

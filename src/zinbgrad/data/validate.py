@@ -15,6 +15,7 @@ import scipy.sparse as sp
 
 __all__ = [
     "CountsInput",
+    "check_key",
     "validate_counts",
     "extract_counts",
     "build_cell_design",
@@ -43,6 +44,29 @@ NON_INTEGER_HINT = (
 def _first(idx: np.ndarray, k: int = 5) -> str:
     shown = ", ".join(str(i) for i in idx[:k])
     return shown + (", ..." if len(idx) > k else "")
+
+
+def check_key(key, what: str = "key_added") -> str:
+    """A key under which anndata can store an element and read it back: a non-empty string
+    without ``/`` (it would become an HDF5 sub-group), not ``.`` or ``..``.
+
+    Raises
+    ------
+    TypeError
+        ``key`` is not a string.
+    ValueError
+        ``key`` is empty or has a character anndata cannot store.
+    """
+    if not isinstance(key, str):
+        raise TypeError(f"{what} must be a string, got {type(key).__name__} {key!r}")
+    if not key.strip():
+        raise ValueError(f"{what} must be a non-empty name, got {key!r}")
+    if "/" in key or key in (".", ".."):
+        raise ValueError(
+            f"{what} {key!r} cannot be stored in an .h5ad file (no '/', '.' or '..'); "
+            "choose a name such as 'X_zinbwave'"
+        )
+    return key
 
 
 def validate_counts(

@@ -10,26 +10,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
+from ..io_utils import atomic_write
 from ..model.outputs import COUNT_OUTPUTS, iter_output_blocks
 from .source import BackedCounts, elem_io, read_annotations
 
-__all__ = ["CSRAppender", "add_elements", "publish", "write_output_layer"]
-
-
-def publish(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
-    """Give a finished temporary file the usual permissions (mkstemp creates 0600) and rename
-    it onto ``out`` (atomic on one file system)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, out)
+__all__ = ["CSRAppender", "add_elements", "write_output_layer"]
 
 
 class CSRAppender:
@@ -150,39 +141,35 @@ def write_output_layer(
     dev, dt = torch.device("cpu"), torch.float64
     design = model.training_design(dev, dt)
     params = model.get_params_torch(dev, dt)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
-    os.close(fd)
     try:
-        shutil.copyfile(inp, tmp)
-        with h5py.File(tmp, "r+") as f:
-            layers = f.require_group("layers")
-            layers.attrs.setdefault("encoding-type", "dict")
-            layers.attrs.setdefault("encoding-version", "0.1.0")
-            if key_added in layers:
-                del layers[key_added]
-            ds = layers.create_dataset(
-                key_added, shape=(n, J), dtype=out_dtype, chunks=(min(block_rows, n), J)
+        with atomic_write(out) as tmp:
+            shutil.copyfile(inp, tmp)
+            with h5py.File(tmp, "r+") as f:
+                layers = f.require_group("layers")
+                layers.attrs.setdefault("encoding-type", "dict")
+                layers.attrs.setdefault("encoding-version", "0.1.0")
+                if key_added in layers:
+                    del layers[key_added]
+                ds = layers.create_dataset(
+                    key_added, shape=(n, J), dtype=out_dtype, chunks=(min(block_rows, n), J)
+                )
+                ds.attrs["encoding-type"] = "array"
+                ds.attrs["encoding-version"] = "0.2.0"
+                blocks = iter_output_blocks(
+                    what,
+                    design,
+                    params,
+                    src if what in COUNT_OUTPUTS else None,
+                    zero_inflation=bool(model.zero_inflation),
+                    ignore_W=ignore_W,
+                    block_entries=block_rows * J,
+                )
+                for start, stop, values in blocks:
+                    ds[start:stop] = values.numpy().astype(out_dtype)
+            record = {"output": what, "ignore_W": bool(ignore_W), "streamed": True}
+            add_elements(
+                tmp, {"uns": {"zinbgrad_outputs": {key_added: record}}}, ("zinbgrad_outputs",)
             )
-            ds.attrs["encoding-type"] = "array"
-            ds.attrs["encoding-version"] = "0.2.0"
-            blocks = iter_output_blocks(
-                what,
-                design,
-                params,
-                src if what in COUNT_OUTPUTS else None,
-                zero_inflation=bool(model.zero_inflation),
-                ignore_W=ignore_W,
-                block_entries=block_rows * J,
-            )
-            for start, stop, values in blocks:
-                ds[start:stop] = values.numpy().astype(out_dtype)
-        record = {"output": what, "ignore_W": bool(ignore_W), "streamed": True}
-        add_elements(tmp, {"uns": {"zinbgrad_outputs": {key_added: record}}}, ("zinbgrad_outputs",))
-        publish(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     finally:
         src.close()
     return out

@@ -9,16 +9,17 @@ torch.distributed each rank writes its own shard (``<path>.rank<r>.npz``).
 from __future__ import annotations
 
 import json
+import numbers
 import os
-import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from ..data.writer import publish
+from ..io_utils import atomic_write, check_writable, npz_file, same_file
 
-__all__ = ["save_checkpoint", "load_checkpoint", "checkpoint_file"]
+__all__ = ["save_checkpoint", "load_checkpoint", "checkpoint_file", "check_checkpoint_paths"]
 
 FORMAT = "zinbgrad-checkpoint"
 VERSION = 1
@@ -26,10 +27,56 @@ _STATE = ("lam_cells", "lam_genes", "zeta_cap")
 
 
 def checkpoint_file(path: str | os.PathLike, rank: int = 0, world_size: int = 1) -> Path:
-    p = Path(path)
+    """The file of ``rank``'s checkpoint: ``path`` (``.npz`` appended when it has no
+    extension; a folder or another extension is an error), ``<stem>.rank<r>.npz`` beside it
+    under torch.distributed."""
+    p = npz_file(path, "checkpoint")
     if world_size > 1:
-        p = p.with_name(f"{p.stem}.rank{rank}{p.suffix or '.npz'}")
-    return p if p.suffix == ".npz" else p.with_suffix(".npz")
+        p = p.with_name(f"{p.stem}.rank{rank}.npz")
+    return p
+
+
+def _read_meta(f: Path) -> tuple[Any, dict]:
+    """The archive and metadata of a checkpoint file, or a clear error."""
+    if not f.exists():
+        raise FileNotFoundError(f"no checkpoint at {f} (nothing to resume)")
+    try:
+        z = np.load(f, allow_pickle=False)
+        meta = json.loads(str(z["metadata"]))
+    except Exception as err:  # noqa: BLE001 - any unreadable file is reported the same way
+        raise ValueError(
+            f"{f} is not a zinbgrad checkpoint (not a .npz archive with zinbgrad's metadata: "
+            f"{type(err).__name__})"
+        ) from err
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{f} is not a zinbgrad checkpoint")
+    return z, meta
+
+
+def check_checkpoint_paths(
+    checkpoint: str | os.PathLike | None,
+    resume: str | os.PathLike | None,
+    every: int = 1,
+    world_size: int = 1,
+    taken: dict[str, Any] | None = None,
+) -> None:
+    """Refuse, before any work, what would fail at the first checkpoint or at the resume:
+    ``checkpoint_every`` not a positive integer, a checkpoint in a folder that cannot be
+    written, a checkpoint that is one of ``taken`` (a mapping from a name, e.g. ``"the
+    output"``, to a path the fit reads or writes), a missing or unreadable ``resume`` file.
+    """
+    if checkpoint is not None:
+        if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
+            raise ValueError(f"checkpoint_every must be a positive integer, got {every!r}")
+        for r in range(world_size):
+            f = checkpoint_file(checkpoint, r, world_size)
+            for name, other in (taken or {}).items():
+                if other is not None and same_file(f, other):
+                    raise ValueError(f"the checkpoint {f} is {name}; choose another path")
+            check_writable(f, "checkpoint")
+    if resume is not None:
+        for r in range(world_size):
+            _read_meta(checkpoint_file(resume, r, world_size))
 
 
 def save_checkpoint(engine, history: list[dict], path: str | os.PathLike) -> Path:
@@ -65,32 +112,15 @@ def save_checkpoint(engine, history: list[dict], path: str | os.PathLike) -> Pat
         "tag": engine.opt.checkpoint_tag,
     }
     arrays["metadata"] = np.array(json.dumps(meta, default=float))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        publish(tmp, out)  # the umask's permissions, not mkstemp's 0600
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(out, what="checkpoint") as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
     return out
 
 
 def load_checkpoint(engine, path: str | os.PathLike) -> list[dict]:
     """Restore parameters and optimizer state into ``engine``; returns the history."""
     f = checkpoint_file(path, engine.comm.rank, engine.comm.world_size)
-    if not f.exists():
-        raise FileNotFoundError(f"no checkpoint at {f}")
-    try:
-        z = np.load(f, allow_pickle=False)
-        meta = json.loads(str(z["metadata"]))
-    except Exception as err:  # noqa: BLE001 - any unreadable file is reported the same way
-        raise ValueError(f"{f} is not a zinbgrad checkpoint ({err})") from err
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{f} is not a zinbgrad checkpoint")
+    z, meta = _read_meta(f)
     expect = {
         "n": engine.n,
         "J": engine.J,

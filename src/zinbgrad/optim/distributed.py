@@ -14,7 +14,15 @@ import os
 import torch
 from torch import Tensor
 
-__all__ = ["LocalComm", "TorchComm", "shard_bounds", "current_comm", "local_gpu"]
+__all__ = [
+    "LocalComm",
+    "RankFailed",
+    "TorchComm",
+    "shard_bounds",
+    "current_comm",
+    "launch",
+    "local_gpu",
+]
 
 
 class LocalComm:
@@ -164,8 +172,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _worker(rank: int, world_size: int, port: int, backend: str, fn, args) -> None:
+class RankFailed(RuntimeError):
+    """A process of :func:`launch` failed; the message is the first failing rank's error."""
+
+
+def _worker(
+    rank: int, world_size: int, port: int, backend: str, fn, args, errors: str | None = None
+) -> None:
+    import sys
+
     import torch.distributed as dist
+
+    from ..io_utils import Terminated, terminate_as_interrupt
 
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -178,20 +196,67 @@ def _worker(rank: int, world_size: int, port: int, backend: str, fn, args) -> No
     torch.set_num_threads(threads)
     if backend == "nccl":
         torch.cuda.set_device(local_gpu())
-    dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
-    try:
-        fn(*args)
-    finally:
-        dist.destroy_process_group()
+    # SIGTERM (sent by launch to the other ranks when one fails, or by the user) unwinds like
+    # Ctrl-C, so that this rank's temporary files are removed
+    with terminate_as_interrupt():
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        try:
+            fn(*args)
+        except Terminated:
+            sys.exit(143)  # ended by launch (another rank failed) or by the user: no message
+        except SystemExit as err:
+            if errors is None or isinstance(err.code, int | None):
+                raise
+            # a one-line error (e.g. the command line's): handed to launch, which prints the
+            # first rank's once instead of one copy per rank
+            with open(os.path.join(errors, f"rank{rank}"), "w") as fh:
+                fh.write(str(err.code))
+            sys.exit(1)
+        finally:
+            dist.destroy_process_group()
 
 
 def launch(fn, nproc: int, *args, backend: str | None = None) -> None:
     """Run ``fn(*args)`` in ``nproc`` local processes forming a process group (like
-    ``torchrun --nproc_per_node nproc`` on one host). ``fn`` must be importable (picklable)."""
+    ``torchrun --nproc_per_node nproc`` on one host). ``fn`` must be importable (picklable).
+
+    Raises
+    ------
+    RankFailed
+        A process failed. When it ended with a one-line error (``SystemExit("error: ...")``)
+        the exception's message is that line, once (from the lowest failing rank); the
+        other processes are ended quietly.
+    """
+    import logging
+    import tempfile
+
     import torch.multiprocessing as mp
 
     if backend is None:
         backend = (
             "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= nproc else "gloo"
         )
-    mp.spawn(_worker, args=(nproc, free_port(), backend, fn, args), nprocs=nproc, join=True)
+    spawn_log = logging.getLogger("torch.multiprocessing.spawn")
+    level = spawn_log.level
+    spawn_log.setLevel(logging.ERROR)  # not "Terminating process ... via signal SIGTERM"
+    try:
+        with tempfile.TemporaryDirectory(prefix="zinbgrad-ranks-") as errors:
+            try:
+                mp.spawn(
+                    _worker,
+                    args=(nproc, free_port(), backend, fn, args, errors),
+                    nprocs=nproc,
+                    join=True,
+                )
+            except (mp.ProcessExitedException, mp.ProcessRaisedException) as err:
+                lines = []
+                for r in range(nproc):
+                    path = os.path.join(errors, f"rank{r}")
+                    if os.path.exists(path):
+                        with open(path) as fh:
+                            lines.append(fh.read().strip())
+                if lines:
+                    raise RankFailed(lines[0]) from None
+                raise RankFailed(str(err)) from err
+    finally:
+        spawn_log.setLevel(level)
