@@ -54,9 +54,18 @@ def _load_model(path: str | None, key: str, adata=None):
 
 
 def _io(args) -> tuple[Path, Path]:
+    """The input and output paths, checked before any work: the output is none of the
+    command's inputs (the input file, the --model file) and can be written; --key-added is a
+    key anndata can store."""
+    from .cli import check_key
+
     check_output_path, _, _ = _helpers()
     inp, out = Path(args.input), Path(args.output)
-    check_output_path(inp, out, args.force)
+    model = getattr(args, "model", None)
+    inputs = {"the input file": inp, "the --model file": None if model is None else Path(model)}
+    check_output_path(inputs, out, args.force)
+    if getattr(args, "key_added", None) is not None:
+        check_key(args.key_added)
     return inp, out
 
 

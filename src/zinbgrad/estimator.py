@@ -18,8 +18,9 @@ from sklearn.base import BaseEstimator, TransformerMixin
 
 from .data.open import open_counts
 from .data.validate import build_cell_design, check_design_matrix
-from .io_utils import atomic_write, npz_file
+from .io_utils import atomic_write, npz_file, read_npz_metadata
 from .model.params import Design, Params, Penalty
+from .optim.checkpoint import check_checkpoint_paths
 from .optim.distributed import current_comm, local_gpu, shard_bounds
 from .optim.engine import Engine, FitOptions, FitPath
 from .optim.fpenv import flush_denormals
@@ -97,6 +98,11 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {device!r} requested but CUDA is not available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {device!r} requested but this machine has "
+                f"{torch.cuda.device_count()} CUDA device(s)"
+            )
         if dev.index is None:
             dev = torch.device("cuda", local_gpu())
     return dev
@@ -341,8 +347,9 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         self.verbose = verbose
 
     # ------------------------------------------------------------------ helpers
-    def _torch_setup(self) -> tuple[torch.device, torch.dtype]:
-        dev = resolve_device(self.device)
+    def _torch_setup(self, device=None) -> tuple[torch.device, torch.dtype]:
+        """The device (``device``, else the ``device`` parameter) and dtype of a computation."""
+        dev = resolve_device(self.device if device is None else device)
         return dev, _resolve_dtype(self.dtype, dev)
 
     def _check_hyperparameters(self, n: int, J: int) -> None:
@@ -529,6 +536,8 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         t_start = time.perf_counter()
         comm = current_comm()
         dev, dt = self._torch_setup()
+        # before any work: what would otherwise fail at the first checkpoint or the resume
+        check_checkpoint_paths(checkpoint, resume, checkpoint_every, comm.world_size)
         inp = open_counts(data, layer, allow_non_integer=self.allow_non_integer)
         n, J = inp.shape
         with cpu_threads(dev, n * J), flush_denormals(dev.type == "cpu"):
@@ -566,7 +575,11 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
                 progress=cb,
                 checkpoint_path=None if checkpoint is None else str(checkpoint),
                 checkpoint_every=checkpoint_every,
-                checkpoint_tag=self._checkpoint_tag(inp, xnames, Vm, O_mu_a, O_pi_a, pen),
+                checkpoint_tag=(
+                    self._checkpoint_tag(inp, xnames, Vm, O_mu_a, O_pi_a, pen)
+                    if checkpoint is not None or resume is not None
+                    else None
+                ),
                 t_origin=t_start,
             )
             init_kw = {
@@ -676,7 +689,8 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
     @staticmethod
     def _checkpoint_tag(inp, xnames, Vm, O_mu, O_pi, pen: Penalty) -> dict:
         """What a resumed fit must share with the checkpoint's (see FitOptions): the cells and
-        genes (names, in order), the design's columns and the penalty."""
+        genes (names, in order), the counts (:class:`~zinbgrad.data.source.CountsFingerprint`),
+        the design's columns and the penalty."""
 
         def digest(names) -> str:
             return hashlib.sha1("\n".join(map(str, names)).encode()).hexdigest()
@@ -684,6 +698,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         return {
             "cells": digest(inp.obs_names),
             "genes": digest(inp.var_names),
+            "counts": inp.fingerprint(),
             "X_columns": list(xnames),
             "V_columns": int(Vm.shape[1]),
             "offsets": [O_mu is not None, O_pi is not None],
@@ -836,16 +851,25 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         return Xm, self._offset(O_mu, n, J, "O_mu"), self._offset(O_pi, n, J, "O_pi")
 
     def _project(
-        self, data, layer, X, batch_key, covariate_keys, O_mu, O_pi, max_steps: int = 100
+        self,
+        data,
+        layer,
+        X,
+        batch_key,
+        covariate_keys,
+        O_mu,
+        O_pi,
+        max_steps: int = 100,
+        device=None,
     ) -> tuple[Params, np.ndarray, Engine]:
         self._check_fitted()
+        dev, dt = self._torch_setup(device)
         counts = open_counts(
             data, layer, allow_non_integer=self.allow_non_integer, check_empty=False
         )
         self._align_genes(counts)
         n = counts.shape[0]
         Xm, Om, Op = self._new_cell_design(counts, X, batch_key, covariate_keys, O_mu, O_pi)
-        dev, dt = self._torch_setup()
         design = self._make_design(Xm, self.V_, Om, Op, dev, dt)
         pen = self._penalty_obj(design)
         source = counts.source(0, n, dt, dev)  # in memory, or streamed from an .h5ad on disk
@@ -891,6 +915,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         covariate_keys: list[str] | None = None,
         O_mu=None,
         O_pi=None,
+        device: str | torch.device | None = None,
     ) -> np.ndarray:
         """Latent factors W of new cells (gene parameters fixed; zinbwave's projection).
 
@@ -899,9 +924,12 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         genes as its columns. New cells get the reference batch unless ``batch_key`` or ``X``
         is given. With ``batch_key`` (the fit's) and ``covariate_keys``, categorical columns
         are encoded against the fitted levels: the new cells may hold any of them, and a level
-        the fit did not see is an error.
+        the fit did not see is an error. ``device`` overrides the ``device`` parameter for this
+        computation (a fitted model runs on any machine: ``"cpu"``, ``"cuda"``, ...).
         """
-        params, _, _ = self._project(data, layer, X, batch_key, covariate_keys, O_mu, O_pi)
+        params, _, _ = self._project(
+            data, layer, X, batch_key, covariate_keys, O_mu, O_pi, device=device
+        )
         return params.W.cpu().numpy()
 
     def score_samples(
@@ -914,12 +942,15 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         covariate_keys: list[str] | None = None,
         O_mu=None,
         O_pi=None,
+        device: str | torch.device | None = None,
     ) -> np.ndarray:
         """Held-out log-likelihood of each new cell, its local parameters re-optimized.
 
         The keywords are those of :meth:`transform`.
         """
-        _, ll, _ = self._project(data, layer, X, batch_key, covariate_keys, O_mu, O_pi)
+        _, ll, _ = self._project(
+            data, layer, X, batch_key, covariate_keys, O_mu, O_pi, device=device
+        )
         return ll
 
     def score(self, data, y=None, **kw) -> float:
@@ -936,7 +967,10 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "zinbgrad_version": __import__("zinbgrad").__version__,
-            "hyperparameters": {k: _jsonable(v) for k, v in self.get_params().items()},
+            # not the device: where a model runs is chosen where it is used (load, transform)
+            "hyperparameters": {
+                k: _jsonable(v) for k, v in self.get_params().items() if k != "device"
+            },
             "X_columns": self.X_columns_,
             "batch_info": self.batch_info_,
             "penalty_params": self.penalty_params_,
@@ -975,16 +1009,24 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> ZINBWaVE:
-        """Load a model written by :meth:`save` (never unpickles: ``allow_pickle=False``)."""
-        path = Path(path)
+    def load(cls, path: str | os.PathLike, *, device: str | torch.device = "auto") -> ZINBWaVE:
+        """Load a model written by :meth:`save` (never unpickles: ``allow_pickle=False``).
+
+        Parameters
+        ----------
+        path
+            The file; ``.npz`` is appended to a name without extension, as :meth:`save` does.
+        device
+            Where the model computes (``transform``, outputs): ``"auto"``, ``"cpu"``,
+            ``"cuda"``, ``"cuda:N"``. It is not part of the file: a model fitted on a GPU
+            loads and runs on a machine without one.
+        """
+        resolve_device(device)  # a device this machine lacks is an error now, not later
+        given = Path(path)
+        path = model_file(path) if not given.exists() and not given.suffix else given
         if not path.exists():
-            raise FileNotFoundError(f"no such model file: {path}")
-        try:
-            z = np.load(path, allow_pickle=False)
-            meta = json.loads(str(z["metadata"]))
-        except Exception as err:  # noqa: BLE001 - report any unreadable file the same way
-            raise ValueError(f"{path} is not a zinbgrad model file ({err})") from err
+            raise FileNotFoundError(f"no such model file: {given}")
+        z, meta = read_npz_metadata(path, "model file")
         if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
             raise ValueError(f"{path} is not a zinbgrad model file")
         version = meta.get("format_version", 0)
@@ -998,7 +1040,9 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         try:
             model = cls._from_archive(z, meta)
         except (KeyError, TypeError, ValueError, AttributeError) as err:
-            raise ValueError(f"{path} is not a valid zinbgrad model file: {err}") from err
+            msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+            raise ValueError(f"{path} is not a valid zinbgrad model file: {msg}") from err
+        model.device = device
         return model
 
     @classmethod
@@ -1011,7 +1055,10 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         params = meta["hyperparameters"]
         if not isinstance(params, dict):
             raise TypeError("hyperparameters must be a mapping")
-        model = cls(**params)
+        unknown = sorted(set(params) - set(cls().get_params()))
+        if unknown:
+            raise ValueError(f"unknown hyperparameters {unknown}")
+        model = cls(**{k: v for k, v in params.items() if k != "device"})
         for k in _GENE_ARRAYS + _CELL_ARRAYS:
             setattr(model, k + "_", np.asarray(z[k], dtype=np.float64))
         model.X_ = np.asarray(z["X"], dtype=np.float64)
@@ -1028,7 +1075,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         model.penalty_params_ = dict(meta["penalty_params"])
         model.loglik_, model.penalty_ = float(meta["loglik"]), float(meta["penalty"])
         model.objective_ = float(meta["objective"])
-        model.history_ = list(meta["history"])
+        model.history_ = meta["history"]
         model.n_iter_, model.converged_ = int(meta["n_iter"]), bool(meta["converged"])
         model.fit_time_ = float(meta.get("fit_time", float("nan")))
         model.n_params_ = int(meta["n_params"])
@@ -1039,18 +1086,55 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         return model
 
     def _check_consistency(self) -> None:
-        """Every fitted array has the shape the others imply, and finite values."""
-        n, K = self.W_.shape if self.W_.ndim == 2 else (-1, -1)
-        J = len(self.var_names_)
-        M, L = self.X_.shape[-1], self.V_.shape[-1]
+        """Every fitted array has the shape the others imply, and finite values.
+
+        The numbers of cells and genes are those most arrays agree on, so that an edited or
+        truncated array is the one named.
+        """
+        ndims = {"zeta": 1, "var_names": 1, "obs_names": 1}
+        for name in _GENE_ARRAYS + _CELL_ARRAYS + ("X", "V", "var_names", "obs_names"):
+            a = getattr(self, name + "_")
+            if np.ndim(a) != ndims.get(name, 2):
+                raise ValueError(
+                    f"{name} has {np.ndim(a)} dimensions (shape {np.shape(a)}), expected "
+                    f"{ndims.get(name, 2)}"
+                )
+
+        def agreed(sizes: dict[str, int]) -> int:
+            values = list(sizes.values())
+            return max(values, key=values.count)  # ties: the first listed
+
+        n = agreed(
+            {
+                "W": self.W_.shape[0],
+                "obs_names": len(self.obs_names_),
+                "X": self.X_.shape[0],
+                "gamma_mu": self.gamma_mu_.shape[1],
+                "gamma_pi": self.gamma_pi_.shape[1],
+            }
+        )
+        J = agreed(
+            {
+                "zeta": len(self.zeta_),
+                "var_names": len(self.var_names_),
+                "alpha_mu": self.alpha_mu_.shape[1],
+                "alpha_pi": self.alpha_pi_.shape[1],
+                "beta_mu": self.beta_mu_.shape[1],
+                "beta_pi": self.beta_pi_.shape[1],
+                "V": self.V_.shape[0],
+            }
+        )
+        K = self.n_components
+        M, L = self.X_.shape[1], self.V_.shape[1]
         expected = {
-            "W": (n, self.n_components),
+            "W": (n, K),
             "alpha_mu": (K, J),
             "alpha_pi": (K, J),
             "zeta": (J,),
             "X": (n, M),
             "V": (J, L),
             "obs_names": (n,),
+            "var_names": (J,),
         }
         for name, shape in expected.items():
             a = getattr(self, name + "_")
@@ -1059,11 +1143,23 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         for name, rows in (("beta_mu", M), ("beta_pi", M), ("gamma_mu", L), ("gamma_pi", L)):
             a = getattr(self, name + "_")
             cols = n if name.startswith("gamma") else J
-            if a.ndim != 2 or a.shape[1] != cols or a.shape[0] > rows:
+            if a.shape[1] != cols or a.shape[0] > rows:
                 raise ValueError(f"{name} has shape {a.shape}, expected (<= {rows}, {cols})")
         path = getattr(self, "fit_path_", None) or {}
-        if "zeta" in path and np.shape(path["zeta"])[-1] != J:
-            raise ValueError(f"the fit path has {np.shape(path['zeta'])[-1]} genes, not {J}")
+        if path:
+            steps = len(np.ravel(path.get("n_newton", [])))
+            for name in _GENE_ARRAYS:
+                if name not in path and not steps:
+                    continue
+                want = (steps,) + getattr(self, name + "_").shape
+                got = np.shape(path.get(name))
+                if got != want:
+                    raise ValueError(f"the fit path's {name} has shape {got}, expected {want}")
+            if steps and np.shape(path.get("T")) != (steps, K, K):
+                raise ValueError(
+                    f"the fit path's T has shape {np.shape(path.get('T'))}, expected "
+                    f"{(steps, K, K)}"
+                )
         if len(self.X_columns_) != M:
             raise ValueError(f"{len(self.X_columns_)} X column names for {M} columns")
         for name in ("O_mu", "O_pi"):
@@ -1073,6 +1169,9 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         for name in _GENE_ARRAYS + _CELL_ARRAYS + ("X", "V"):
             if not np.isfinite(getattr(self, name + "_")).all():
                 raise ValueError(f"{name} has NaN or infinite values")
+        history = self.history_
+        if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+            raise ValueError("history must be a list of per-epoch records (mappings)")
 
     # ------------------------------------------------------------------ from given parameters
     @classmethod

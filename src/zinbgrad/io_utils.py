@@ -15,6 +15,7 @@ of the same output removes the ones left by processes of this host that no longe
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -24,6 +25,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "TEMP_MARK",
@@ -32,6 +34,7 @@ __all__ = [
     "check_replaceable",
     "check_writable",
     "npz_file",
+    "read_npz_metadata",
     "remove_stale_temps",
     "same_file",
     "scratch_dir",
@@ -144,6 +147,12 @@ def check_writable(out: str | os.PathLike, what: str = "output") -> None:
         raise ValueError(f"cannot write {what} {out}: {folder} is not a directory")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f"cannot write {what} {out}: no write permission in {folder}")
+    try:  # permissions say little to root, or on read-only and special file systems
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}{TEMP_MARK}probe-", dir=folder)
+    except OSError as err:
+        raise ValueError(f"cannot write {what} {out}: {folder}: {err.strerror}") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
@@ -173,6 +182,32 @@ def npz_file(path: str | os.PathLike, what: str = "file") -> Path:
             "does not change the extension it is given"
         )
     return p.with_name(p.name + ".npz")
+
+
+def read_npz_metadata(path: str | os.PathLike, what: str) -> tuple[Any, Any]:
+    """A ``.npz`` archive and its JSON ``metadata`` entry, or a ValueError saying what the file
+    is instead (never numpy's advice to unpickle it)."""
+    import h5py
+    import numpy as np
+
+    try:
+        z = np.load(path, allow_pickle=False)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is reported the same way
+        if h5py.is_hdf5(path):
+            hint = (
+                "; it is an HDF5 file (an .h5ad?): a model stored in an AnnData is read with "
+                "zinbgrad.tl.model_from_anndata(anndata.read_h5ad(path))"
+            )
+        else:
+            hint = ""
+        raise ValueError(f"{path} is not a zinbgrad {what} (not a .npz archive{hint})") from err
+    if not isinstance(z, np.lib.npyio.NpzFile) or "metadata" not in z.files:
+        raise ValueError(f"{path} is not a zinbgrad {what} (no zinbgrad metadata)")
+    try:
+        meta = json.loads(str(z["metadata"]))
+    except Exception as err:  # noqa: BLE001 - any unreadable entry is reported the same way
+        raise ValueError(f"{path} is not a valid zinbgrad {what} (unreadable metadata)") from err
+    return z, meta
 
 
 def _publish(tmp: Path, out: Path) -> None:

@@ -11,7 +11,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from .source import BackedCounts, InMemoryCounts, read_annotations
+from .source import BackedCounts, CountsFingerprint, InMemoryCounts, read_annotations
 from .validate import extract_counts
 
 __all__ = ["CountsHandle", "open_counts"]
@@ -29,6 +29,16 @@ class CountsHandle:
     path: str | None = None
     layer: str | None = None
     named: bool = True  # see CountsInput.named
+    #: digest of a file's counts (computed while validating it); in memory, on demand
+    digest: str | None = None
+
+    def fingerprint(self) -> str:
+        """A :class:`~zinbgrad.data.source.CountsFingerprint` digest of the counts."""
+        if self.digest is None:
+            fp = CountsFingerprint(*self.shape)
+            fp.update(self.X.indptr, self.X.indices, self.X.data)
+            self.digest = fp.hexdigest()
+        return self.digest
 
     def source(self, start: int, stop: int, dtype: torch.dtype, device: torch.device):
         """A block source over the cells ``[start, stop)`` (all of them by default)."""
@@ -77,7 +87,7 @@ def open_counts(
     src = BackedCounts(p, layer)
     try:
         src.validate(allow_non_integer=allow_non_integer, check_empty=check_empty)
-        shape = src.shape
+        shape, digest = src.shape, src.fingerprint
     finally:
         src.close()
     if shape != (len(obs_names), len(var_names)):
@@ -85,4 +95,4 @@ def open_counts(
             f"{p}: the counts are {shape[0]} x {shape[1]} but there are {len(obs_names)} cells "
             f"and {len(var_names)} genes"
         )
-    return CountsHandle(shape, obs, obs_names, var_names, path=str(p), layer=layer)
+    return CountsHandle(shape, obs, obs_names, var_names, path=str(p), layer=layer, digest=digest)

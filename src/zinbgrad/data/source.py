@@ -18,7 +18,7 @@ import torch
 from ..model.likelihood import SparseCounts
 from .validate import NON_INTEGER_HINT
 
-__all__ = ["InMemoryCounts", "block_bounds"]
+__all__ = ["BackedCounts", "CountsFingerprint", "InMemoryCounts", "block_bounds"]
 
 
 def block_bounds(n: int, block_rows: int) -> list[tuple[int, int]]:
@@ -90,6 +90,31 @@ class InMemoryCounts:
     def rows_subset(self, idx: np.ndarray) -> sp.csr_matrix:
         """The raw CSR rows of a sorted subset of cells (initialization subsample)."""
         return self.X[idx]
+
+
+class CountsFingerprint:
+    """A digest of a count matrix's values, fed block of cells by block of cells: its shape,
+    the sum of every cell and of every gene (rounded to float32, so that sums taken in
+    another order agree). Checkpoints record it, and a resumed fit must have the same."""
+
+    def __init__(self, n_obs: int, n_vars: int) -> None:
+        import hashlib
+
+        self._h = hashlib.sha1(np.array([n_obs, n_vars], dtype=np.int64).tobytes())
+        self._genes = np.zeros(n_vars)
+
+    def update(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> None:
+        """Add the next rows (CSR arrays, ``indptr`` of these rows only)."""
+        d = np.asarray(data, dtype=np.float64)
+        rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+        cells = np.bincount(rows, weights=d, minlength=len(indptr) - 1)
+        self._h.update(cells.astype(np.float32).tobytes())
+        self._genes += np.bincount(indices, weights=d, minlength=len(self._genes))
+
+    def hexdigest(self) -> str:
+        h = self._h.copy()
+        h.update(self._genes.astype(np.float32).tobytes())
+        return h.hexdigest()
 
 
 def _text(v) -> str:
@@ -168,6 +193,8 @@ class BackedCounts:
     """
 
     cache = False
+    #: :class:`CountsFingerprint` digest of the counts, set by :meth:`validate`
+    fingerprint: str | None = None
 
     def __init__(
         self,
@@ -287,9 +314,11 @@ class BackedCounts:
         import warnings
 
         gene_nnz = np.zeros(self.n_vars, dtype=np.int64)
+        fp = CountsFingerprint(self.n_obs, self.n_vars)
         for start in range(0, self.n_obs, block_rows):
             M = self.rows_csr(start, min(start + block_rows, self.n_obs))
             d = np.asarray(M.data, dtype=np.float64)
+            fp.update(M.indptr, M.indices, d)
             if not np.isfinite(d).all():
                 raise ValueError(f"counts in {self.path} contain NaN or infinite values")
             if (d < 0).any():
@@ -309,6 +338,7 @@ class BackedCounts:
                     f"{int((per_cell == 0).sum())} cells in {self.path} have only zero counts "
                     f"(first: row {first}); filter empty cells first"
                 )
+        self.fingerprint = fp.hexdigest()
         empty_genes = np.flatnonzero(gene_nnz == 0)
         if check_empty and empty_genes.size:
             raise ValueError(

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..io_utils import atomic_write, check_writable, npz_file, same_file
+from ..io_utils import atomic_write, check_writable, npz_file, read_npz_metadata, same_file
 
 __all__ = ["save_checkpoint", "load_checkpoint", "checkpoint_file", "check_checkpoint_paths"]
 
@@ -40,14 +40,7 @@ def _read_meta(f: Path) -> tuple[Any, dict]:
     """The archive and metadata of a checkpoint file, or a clear error."""
     if not f.exists():
         raise FileNotFoundError(f"no checkpoint at {f} (nothing to resume)")
-    try:
-        z = np.load(f, allow_pickle=False)
-        meta = json.loads(str(z["metadata"]))
-    except Exception as err:  # noqa: BLE001 - any unreadable file is reported the same way
-        raise ValueError(
-            f"{f} is not a zinbgrad checkpoint (not a .npz archive with zinbgrad's metadata: "
-            f"{type(err).__name__})"
-        ) from err
+    z, meta = read_npz_metadata(f, "checkpoint")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{f} is not a zinbgrad checkpoint")
     return z, meta
@@ -65,9 +58,9 @@ def check_checkpoint_paths(
     written, a checkpoint that is one of ``taken`` (a mapping from a name, e.g. ``"the
     output"``, to a path the fit reads or writes), a missing or unreadable ``resume`` file.
     """
+    if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
+        raise ValueError(f"checkpoint_every must be a positive integer, got {every!r}")
     if checkpoint is not None:
-        if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
-            raise ValueError(f"checkpoint_every must be a positive integer, got {every!r}")
         for r in range(world_size):
             f = checkpoint_file(checkpoint, r, world_size)
             for name, other in (taken or {}).items():
@@ -134,6 +127,11 @@ def load_checkpoint(engine, path: str | os.PathLike) -> list[dict]:
         raise ValueError(f"checkpoint {f} does not match this fit: {wrong} (saved, current)")
     saved, current = meta.get("tag") or {}, engine.opt.checkpoint_tag or {}
     differ = sorted(k for k in saved.keys() & current.keys() if saved[k] != current[k])
+    if "counts" in differ:
+        raise ValueError(
+            f"checkpoint {f} was written by a fit of other counts (the same cells and genes, "
+            "other values); resume with the data it was fitted on"
+        )
     if differ:
         raise ValueError(
             f"checkpoint {f} was written by a fit of other data or settings: its {differ} differ "

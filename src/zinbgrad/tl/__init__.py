@@ -9,12 +9,13 @@ from ._outputs import (
     project,
     residuals,
 )
-from ._zinbwave import zinbwave
+from ._zinbwave import model_from_anndata, zinbwave
 
 __all__ = [
     "batch_corrected",
     "differential_expression",
     "impute",
+    "model_from_anndata",
     "normalize",
     "observational_weights",
     "project",

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from ..data.validate import extract_counts
-from ..estimator import ZINBWaVE
+from ..data.validate import check_key, extract_counts
+from ..estimator import ZINBWaVE, resolve_device
 from ..model import outputs as _out
 from ._zinbwave import _check_anndata, model_from_anndata
 
@@ -35,6 +35,18 @@ def _resolve_model(adata, key: str, model: ZINBWaVE | None) -> ZINBWaVE:
         raise TypeError(f"model must be a fitted zinbgrad.ZINBWaVE, got {type(model).__name__}")
     model._check_fitted()
     return model
+
+
+def _out_dtype(dtype) -> np.dtype:
+    """The layer's dtype: float32 or float64 (an integer type would truncate the values, and
+    float16 round them to 3 digits and overflow above 65504)."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as err:
+        raise ValueError(f"dtype must be float32 or float64, got {dtype!r}") from err
+    if dt not in (np.float32, np.float64):
+        raise ValueError(f"dtype must be float32 or float64, got {dt.name}")
+    return dt
 
 
 def _check_cells(adata, model: ZINBWaVE) -> None:
@@ -80,18 +92,20 @@ def _compute(
     *,
     layer: str | None,
     key: str,
+    key_added: str,
     model: ZINBWaVE | None,
     ignore_W: bool = False,
     dtype: Any,
     device: str,
 ):
+    check_key(key_added, "key_added")
+    out_dtype = _out_dtype(dtype)
+    dev = resolve_device(device)
     m = _resolve_model(adata, key, model)
     _check_cells(adata, m)
     _check_genes(adata, m)
     counts = _counts(adata, layer, m) if what in _out.COUNT_OUTPUTS else None
-    return _out.model_output(
-        m, what, counts, ignore_W=ignore_W, device=device, out_dtype=np.dtype(dtype)
-    )
+    return _out.model_output(m, what, counts, ignore_W=ignore_W, device=dev, out_dtype=out_dtype)
 
 
 def normalize(
@@ -139,6 +153,7 @@ def normalize(
         "deviance",
         layer=layer,
         key=key,
+        key_added=key_added,
         model=model,
         ignore_W=True,
         dtype=dtype,
@@ -181,17 +196,18 @@ def residuals(
     """
     if kind not in ("deviance", "pearson"):
         raise ValueError(f"kind must be 'deviance' or 'pearson', got {kind!r}")
+    key_added = key_added or f"zinbwave_{kind}_residuals"
     vals = _compute(
         adata,
         kind,
         layer=layer,
         key=key,
+        key_added=key_added,
         model=model,
         ignore_W=ignore_W,
         dtype=dtype,
         device=device,
     )
-    key_added = key_added or f"zinbwave_{kind}_residuals"
     info = {"output": f"{kind}_residuals", "key": key, "ignore_W": bool(ignore_W)}
     return _finish(adata, copy, key_added, vals, info)
 
@@ -224,7 +240,16 @@ def impute(
     what = {"zeros": "impute_zeros", "mean": "mean"}.get(method)
     if what is None:
         raise ValueError(f"method must be 'zeros' or 'mean', got {method!r}")
-    vals = _compute(adata, what, layer=layer, key=key, model=model, dtype=dtype, device=device)
+    vals = _compute(
+        adata,
+        what,
+        layer=layer,
+        key=key,
+        key_added=key_added,
+        model=model,
+        dtype=dtype,
+        device=device,
+    )
     info = {"output": f"imputed_{method}", "key": key}
     return _finish(adata, copy, key_added, vals, info)
 
@@ -252,7 +277,16 @@ def observational_weights(
     adata, layer, key, key_added, model, dtype, device, copy
         As in :func:`normalize` (float64 by default: the weights reach 1e-15).
     """
-    vals = _compute(adata, "weights", layer=layer, key=key, model=model, dtype=dtype, device=device)
+    vals = _compute(
+        adata,
+        "weights",
+        layer=layer,
+        key=key,
+        key_added=key_added,
+        model=model,
+        dtype=dtype,
+        device=device,
+    )
     info = {"output": "observational_weights", "key": key}
     return _finish(adata, copy, key_added, vals, info)
 
@@ -291,11 +325,14 @@ def batch_corrected(
     zinbwave's normalized values (:func:`normalize`) are residuals against a model that
     includes the batch columns of X, so they are already batch-corrected.
     """
+    check_key(key_added, "key_added")
+    out_dtype = _out_dtype(dtype)
+    dev = resolve_device(device)
     m = _resolve_model(adata, key, model)
     _check_cells(adata, m)
     _check_genes(adata, m)
     vals = _out.batch_corrected(
-        m, reference, kind=kind, ignore_W=ignore_W, device=device, out_dtype=np.dtype(dtype)
+        m, reference, kind=kind, ignore_W=ignore_W, device=dev, out_dtype=out_dtype
     )
     info = {
         "output": f"batch_corrected_{kind}",
@@ -343,6 +380,7 @@ def project(
         Return a modified copy instead of writing into ``adata_query``.
     """
     _check_anndata(adata_query, "adata_query")
+    check_key(key_added, "key_added")
     if not isinstance(model, ZINBWaVE):
         _check_anndata(model, "model (a fitted ZINBWaVE or the reference AnnData)")
         model = model_from_anndata(model, key)

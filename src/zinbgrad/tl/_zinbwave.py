@@ -7,7 +7,8 @@ import warnings
 
 import numpy as np
 
-from ..estimator import ZINBWaVE
+from ..data.validate import check_key
+from ..estimator import ZINBWaVE, resolve_device
 from ..model.params import Params
 
 __all__ = ["zinbwave", "store_model", "model_elements", "model_from_anndata"]
@@ -20,6 +21,7 @@ def model_elements(model: ZINBWaVE, key_added: str = "X_zinbwave") -> dict[str, 
 
     Everything is serialized here, before anything is written: a failure leaves no keys.
     """
+    check_key(key_added, "key_added")
     meta = model._metadata()
     uns = {
         "params": json.dumps(meta["hyperparameters"]),
@@ -122,39 +124,90 @@ def _fit_path(u, var_names: np.ndarray) -> dict | None:
     return {k: (v[..., idx] if k in Params.GENE_FIELDS else v) for k, v in path.items()}
 
 
-def model_from_anndata(adata, key: str = "X_zinbwave") -> ZINBWaVE:
-    """Rebuild the fitted :class:`ZINBWaVE` stored by :func:`zinbwave` / :func:`store_model`."""
+def model_from_anndata(adata, key: str = "X_zinbwave", *, device="auto") -> ZINBWaVE:
+    """Rebuild the fitted :class:`ZINBWaVE` stored by :func:`zinbwave` / :func:`store_model`.
+
+    The stored model is checked as :meth:`ZINBWaVE.load` checks a file (every array present,
+    with the shape the others imply and finite values). ``device`` is where the model
+    computes; it is not stored (see :meth:`ZINBWaVE.load`).
+
+    Raises
+    ------
+    KeyError
+        No model under ``key``.
+    ValueError
+        The stored model is incomplete, edited into an inconsistent state or unreadable.
+    """
     _check_anndata(adata)
     if key not in adata.uns or key not in adata.obsm:
         raise KeyError(f"no zinbgrad model under key {key!r}; run zinbgrad.tl.zinbwave first")
+    resolve_device(device)
+    try:
+        model = _rebuild(adata, key)
+        model._check_consistency()
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        raise ValueError(f"adata holds no valid zinbgrad model under key {key!r}: {msg}") from err
+    model.device = device
+    return model
+
+
+def _rebuild(adata, key: str) -> ZINBWaVE:
+    def get(element: str, name: str):
+        store = getattr(adata, element)
+        if name not in store:
+            raise KeyError(f"adata.{element}[{name!r}] is missing")
+        return store[name]
+
+    def array(element: str, name: str) -> np.ndarray:
+        return np.asarray(get(element, name), dtype=np.float64)
+
     u = adata.uns[key]
-    model = ZINBWaVE(**json.loads(u["params"]))
-    model.W_ = np.asarray(adata.obsm[key], dtype=np.float64)
-    model.gamma_mu_ = np.asarray(adata.obsm[key + "_gamma_mu"], dtype=np.float64).T
-    model.gamma_pi_ = np.asarray(adata.obsm[key + "_gamma_pi"], dtype=np.float64).T
-    model.X_ = np.asarray(adata.obsm[key + "_X"], dtype=np.float64)
+    if not hasattr(u, "get"):
+        raise TypeError(f"adata.uns[{key!r}] is not a mapping")
+
+    def field(name: str):
+        if name not in u:
+            raise KeyError(f"adata.uns[{key!r}][{name!r}] is missing")
+        return u[name]
+
+    def parsed(name: str) -> dict:
+        value = json.loads(str(field(name)))
+        if not isinstance(value, dict):
+            raise TypeError(f"adata.uns[{key!r}][{name!r}] is not a JSON mapping")
+        return value
+
+    params = parsed("params")
+    unknown = sorted(set(params) - set(ZINBWaVE().get_params()))
+    if unknown:
+        raise ValueError(f"unknown hyperparameters {unknown}")
+    model = ZINBWaVE(**{k: v for k, v in params.items() if k != "device"})
+    model.W_ = array("obsm", key)
+    model.gamma_mu_ = array("obsm", key + "_gamma_mu").T
+    model.gamma_pi_ = array("obsm", key + "_gamma_pi").T
+    model.X_ = array("obsm", key + "_X")
     for name in ("alpha_mu", "alpha_pi", "beta_mu", "beta_pi"):
-        setattr(model, name + "_", np.asarray(adata.varm[f"{key}_{name}"], dtype=np.float64).T)
-    model.V_ = np.asarray(adata.varm[f"{key}_V"], dtype=np.float64)
-    model.zeta_ = np.asarray(adata.var[f"{key}_zeta"], dtype=np.float64)
+        setattr(model, name + "_", array("varm", f"{key}_{name}").T)
+    model.V_ = array("varm", f"{key}_V")
+    model.zeta_ = array("var", f"{key}_zeta")
     model.O_mu_ = model.O_pi_ = None
     model.var_names_ = np.asarray(adata.var_names).astype(str)
     model.obs_names_ = np.asarray(adata.obs_names).astype(str)
     model.n_features_in_ = len(model.var_names_)
-    model.X_columns_ = [str(c) for c in u["X_columns"]]
-    model.penalty_params_ = json.loads(u["penalty_params"])
-    model.batch_info_ = json.loads(u["batch_info"])
-    model.loglik_, model.penalty_ = float(u["loglik"]), float(u["penalty"])
-    model.objective_ = float(u["objective"])
-    model.aic_, model.bic_ = float(u["aic"]), float(u["bic"])
-    model.n_params_, model.n_iter_ = int(u["n_params"]), int(u["n_iter"])
-    model.converged_, model.fit_time_ = bool(u["converged"]), float(u["fit_time"])
+    model.X_columns_ = [str(c) for c in np.atleast_1d(field("X_columns"))]
+    model.penalty_params_ = parsed("penalty_params")
+    model.batch_info_ = parsed("batch_info")
+    model.loglik_, model.penalty_ = float(field("loglik")), float(field("penalty"))
+    model.objective_ = float(field("objective"))
+    model.aic_, model.bic_ = float(field("aic")), float(field("bic"))
+    model.n_params_, model.n_iter_ = int(field("n_params")), int(field("n_iter"))
+    model.converged_, model.fit_time_ = bool(field("converged")), float(field("fit_time"))
     model.fit_path_ = _fit_path(u, model.var_names_)
-    h = u["history"]
-    model.history_ = [
-        {k: float(h[k][i]) for k in ("epoch", "loglik", "objective", "seconds")}
-        for i in range(len(h["epoch"]))
-    ]
+    h = field("history")
+    cols = ("epoch", "loglik", "objective", "seconds")
+    if not hasattr(h, "get") or any(np.ndim(h.get(k)) != 1 for k in cols):
+        raise TypeError(f"adata.uns[{key!r}]['history'] must map {cols} to 1-D arrays")
+    model.history_ = [{k: float(h[k][i]) for k in cols} for i in range(len(h["epoch"]))]
     return model
 
 
@@ -197,6 +250,7 @@ def zinbwave(
     The AnnData copy if ``copy=True``, else the fitted :class:`zinbgrad.ZINBWaVE` model.
     """
     _check_anndata(adata)
+    check_key(key_added, "key_added")
     target = adata.copy() if copy else adata
     model = ZINBWaVE(n_components, **kwargs)
     model.fit(target, layer=layer, batch_key=batch_key, covariate_keys=covariate_keys)
