@@ -58,6 +58,8 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy import special, stats
 
+from .data.validate import check_anndata, check_key
+
 __all__ = [
     "NBGLMFit",
     "DispersionEstimate",
@@ -1689,6 +1691,8 @@ def differential_expression(
     ValueError
         Missing levels, empty groups, invalid counts or weights.
     """
+    check_anndata(adata)
+    check_key(key_added, "key_added")
     if isinstance(covariates, str):
         covariates = [covariates]
     if copy:

@@ -17,7 +17,7 @@ import torch
 from sklearn.base import BaseEstimator, TransformerMixin
 
 from .data.open import open_counts
-from .data.validate import build_cell_design, check_design_matrix
+from .data.validate import build_cell_design, check_design_matrix, check_unique_names
 from .io_utils import atomic_write, npz_file, read_npz_metadata
 from .model.params import Design, Params, Penalty
 from .optim.checkpoint import check_checkpoint_paths
@@ -392,6 +392,11 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
             raise ValueError(
                 f"random_state must be None, an integer or a numpy RandomState, got {rs!r}"
             )
+        if _is_int(rs) and not 0 <= rs < 2**63:
+            raise ValueError(
+                f"random_state (--seed on the command line) must be a non-negative integer "
+                f"below 2**63, got {rs!r}"
+            )
 
     def _seed(self, comm) -> int:
         """The integer seed of ``random_state``; one drawn from numpy's random state for
@@ -422,7 +427,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         Xm, names, info = build_cell_design(
             obs, n, batch_key=batch_key, covariate_keys=covariate_keys
         )
-        return check_design_matrix(Xm, n, "X (cell covariates)", "cells"), names, info
+        return check_design_matrix(Xm, n, "X (cell covariates)", "cells", names), names, info
 
     def _default_penalty(self, design: Design) -> Penalty:
         """zinbwave's penalty for ``design`` with this estimator's epsilon overrides."""
@@ -539,6 +544,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         # before any work: what would otherwise fail at the first checkpoint or the resume
         check_checkpoint_paths(checkpoint, resume, checkpoint_every, comm.world_size)
         inp = open_counts(data, layer, allow_non_integer=self.allow_non_integer)
+        check_unique_names(inp.obs_names, inp.var_names)
         n, J = inp.shape
         with cpu_threads(dev, n * J), flush_denormals(dev.type == "cpu"):
             self._check_hyperparameters(n, J)

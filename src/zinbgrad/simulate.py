@@ -57,7 +57,10 @@ def _seed(random_state: int | None) -> int:
         return int(np.random.SeedSequence().entropy % (2**63))
     if isinstance(random_state, np.integer | int) and random_state >= 0:
         return int(random_state)
-    raise ValueError(f"random_state must be a non-negative integer or None, got {random_state!r}")
+    raise ValueError(
+        "random_state (--seed on the command line) must be a non-negative integer or None, "
+        f"got {random_state!r}"
+    )
 
 
 def _whole(v, name: str, minimum: int = 1) -> int:
@@ -127,6 +130,7 @@ def _as_count_dtype(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
     if x.size and x.max() > np.iinfo(dtype).max:
         raise OverflowError(
             f"a simulated count ({x.max()}) does not fit in {dtype}; pass count_dtype='int64'"
+            " (--count-dtype int64 on the command line)"
         )
     return x.astype(dtype, copy=False)
 
@@ -364,14 +368,16 @@ class _Latent:
 def _batch_shifts(batch_effect, n_batches: int, J: int, rng: np.random.Generator) -> np.ndarray:
     if np.ndim(batch_effect) == 0:
         sd = float(batch_effect)
-        if sd < 0:
-            raise ValueError(f"batch_effect must be >= 0, got {sd}")
+        if not (np.isfinite(sd) and sd >= 0):
+            raise ValueError(f"batch_effect must be a finite number >= 0, got {batch_effect!r}")
         shifts = rng.standard_normal((n_batches, J)) * sd
         shifts[0] = 0.0
         return shifts
     shifts = np.asarray(batch_effect, dtype=np.float64)
     if shifts.shape != (n_batches, J):
         raise ValueError(f"batch_effect array must have shape {(n_batches, J)}, got {shifts.shape}")
+    if not np.isfinite(shifts).all():
+        raise ValueError("batch_effect array has NaN or infinite values")
     return shifts
 
 

@@ -16,7 +16,7 @@ import scipy.sparse as sp
 import torch
 
 from ..model.likelihood import SparseCounts
-from .validate import NON_INTEGER_HINT
+from .validate import CountTally, check_count_dtype
 
 __all__ = ["BackedCounts", "CountsFingerprint", "InMemoryCounts", "block_bounds"]
 
@@ -213,7 +213,11 @@ class BackedCounts:
             raise ValueError(f"cannot open {self.path} as an HDF5/.h5ad file ({err})") from err
         key = "X" if layer is None else f"layers/{layer}"
         if key not in self._f:
-            raise KeyError(f"{key!r} not found in {self.path}")
+            layers = sorted(self._f["layers"]) if "layers" in self._f else []
+            self._f.close()
+            if layer is None:
+                raise ValueError(f"{self.path} has no X; pass layer= (--layer) with the counts")
+            raise KeyError(f"layer {layer!r} not found in {self.path} (available: {layers})")
         g = self._f[key]
         convert = (
             "Convert it once with `zinbgrad convert IN.h5ad OUT.h5ad"
@@ -310,24 +314,20 @@ class BackedCounts:
     def validate(
         self, allow_non_integer: bool = False, block_rows: int = 65536, check_empty: bool = True
     ) -> None:
-        """Streaming version of :func:`zinbgrad.data.validate.validate_counts`."""
-        import warnings
-
+        """Streaming version of :func:`zinbgrad.data.validate.validate_counts`, with its
+        wording (the values are tallied over the whole file, then reported)."""
+        what = f"counts in {self.path}"
+        if self.n_obs == 0 or self.n_vars == 0:
+            raise ValueError(f"{what} are empty (shape {self.shape})")
+        check_count_dtype(self._data.dtype, what)
+        tally = CountTally()
         gene_nnz = np.zeros(self.n_vars, dtype=np.int64)
         fp = CountsFingerprint(self.n_obs, self.n_vars)
         for start in range(0, self.n_obs, block_rows):
             M = self.rows_csr(start, min(start + block_rows, self.n_obs))
             d = np.asarray(M.data, dtype=np.float64)
             fp.update(M.indptr, M.indices, d)
-            if not np.isfinite(d).all():
-                raise ValueError(f"counts in {self.path} contain NaN or infinite values")
-            if (d < 0).any():
-                raise ValueError(f"counts in {self.path} contain negative values")
-            if (d != np.round(d)).any():
-                msg = f"counts in {self.path} contain non-integer values"
-                if not allow_non_integer:
-                    raise ValueError(msg + NON_INTEGER_HINT)
-                warnings.warn(msg, stacklevel=2)
+            tally.add(d)
             nonzero = d != 0
             gene_nnz += np.bincount(M.indices[nonzero], minlength=self.n_vars)
             rows = np.repeat(np.arange(M.shape[0]), np.diff(M.indptr))
@@ -338,6 +338,7 @@ class BackedCounts:
                     f"{int((per_cell == 0).sum())} cells in {self.path} have only zero counts "
                     f"(first: row {first}); filter empty cells first"
                 )
+        tally.check(what, allow_non_integer, stacklevel=2)
         self.fingerprint = fp.hexdigest()
         empty_genes = np.flatnonzero(gene_nnz == 0)
         if check_empty and empty_genes.size:

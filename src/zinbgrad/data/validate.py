@@ -15,6 +15,10 @@ import scipy.sparse as sp
 
 __all__ = [
     "CountsInput",
+    "check_count_dtype",
+    "check_unique_names",
+    "CountTally",
+    "check_anndata",
     "check_key",
     "validate_counts",
     "extract_counts",
@@ -46,6 +50,17 @@ def _first(idx: np.ndarray, k: int = 5) -> str:
     return shown + (", ..." if len(idx) > k else "")
 
 
+def check_anndata(adata, what: str = "adata") -> None:
+    """A TypeError naming what was passed where an AnnData is needed."""
+    import anndata as ad
+
+    if not isinstance(adata, ad.AnnData):
+        raise TypeError(
+            f"{what} must be an AnnData, got {type(adata).__name__}; for a path or an array use "
+            "zinbgrad.ZINBWaVE().fit(...) or read it with anndata.read_h5ad first"
+        )
+
+
 def check_key(key, what: str = "key_added") -> str:
     """A key under which anndata can store an element and read it back: a non-empty string
     without ``/`` (it would become an HDF5 sub-group), not ``.`` or ``..``.
@@ -67,6 +82,79 @@ def check_key(key, what: str = "key_added") -> str:
             "choose a name such as 'X_zinbwave'"
         )
     return key
+
+
+def _dtype_error(what: str, dtype) -> str:
+    if np.dtype(dtype) == bool:
+        return (
+            f"{what} are boolean (presence/absence), not counts; ZINB-WaVE needs the raw "
+            "integer counts"
+        )
+    return f"{what} must be numeric, got dtype {dtype}"
+
+
+def check_count_dtype(dtype, what: str = "counts") -> None:
+    """Refuse stored values that cannot be counts: booleans, strings, objects."""
+    if not np.issubdtype(np.dtype(dtype), np.number):
+        raise ValueError(_dtype_error(what, dtype))
+
+
+def check_unique_names(obs_names, var_names) -> None:
+    """Refuse duplicate cell or gene names: outputs and new cells are matched by name."""
+    for what, names, fix in (
+        ("gene", var_names, "adata.var_names_make_unique()"),
+        ("cell", obs_names, "adata.obs_names_make_unique()"),
+    ):
+        index = pd.Index(np.asarray(names).astype(str))
+        if not index.is_unique:
+            dup = index[index.duplicated()].unique()
+            raise ValueError(
+                f"{len(dup)} {what} names occur more than once ({_first(np.asarray(dup))}); "
+                f"make them unique first, e.g. {fix}"
+            )
+
+
+class CountTally:
+    """The values of a count matrix that are not raw counts, tallied block by block, and the
+    one error (or warning) that names them, for every path (in memory, streamed, distributed).
+    """
+
+    def __init__(self) -> None:
+        self.nonfinite = self.negative = self.fractional = 0
+        self.example: float | None = None
+
+    def add(self, data: np.ndarray) -> None:
+        """Tally the stored values of one block (float64)."""
+        bad = ~np.isfinite(data)
+        self.nonfinite += int(bad.sum())
+        finite = data[~bad] if bad.any() else data
+        self.negative += int((finite < 0).sum())
+        frac = finite != np.round(finite)
+        if frac.any():
+            self.fractional += int(frac.sum())
+            if self.example is None:
+                self.example = float(finite[frac][0])
+
+    def check(self, what: str, allow_non_integer: bool, stacklevel: int = 3) -> None:
+        """Raise for NaN/infinite or negative values, and for non-integer ones unless
+        ``allow_non_integer`` (then warn)."""
+        if self.nonfinite:
+            raise ValueError(f"{what} contain {self.nonfinite} NaN or infinite values")
+        if self.negative:
+            raise ValueError(
+                f"{what} contain {self.negative} negative values; ZINB-WaVE needs raw "
+                "non-negative counts"
+            )
+        if self.fractional:
+            msg = (
+                f"{what} contain {self.fractional} non-integer values (e.g. {self.example!r}); "
+                "ZINB-WaVE models raw counts, not normalized or log-transformed values"
+            )
+            if not allow_non_integer:
+                raise ValueError(msg + NON_INTEGER_HINT)
+            warnings.warn(
+                msg + "; fitting anyway (allow_non_integer=True)", stacklevel=stacklevel + 1
+            )
 
 
 def validate_counts(
@@ -97,32 +185,18 @@ def validate_counts(
         arr = np.asarray(X)
         if arr.ndim != 2:
             raise ValueError(f"{what} must be a 2-D cells x genes matrix, got shape {arr.shape}")
-        if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
-            raise ValueError(f"{what} must be numeric, got dtype {arr.dtype}")
+        if not np.issubdtype(arr.dtype, np.number):
+            raise ValueError(_dtype_error(what, arr.dtype))
         M = sp.csr_matrix(arr)
         data = M.data
     if M.shape[0] == 0 or M.shape[1] == 0:
         raise ValueError(f"{what} is empty (shape {M.shape})")
-    if not np.issubdtype(data.dtype, np.number) and data.dtype != bool:
-        raise ValueError(f"{what} must be numeric, got dtype {data.dtype}")
+    if not np.issubdtype(data.dtype, np.number):
+        raise ValueError(_dtype_error(what, data.dtype))
     data = data.astype(np.float64, copy=False)
-    bad = ~np.isfinite(data)
-    if bad.any():
-        raise ValueError(f"{what} contain {int(bad.sum())} NaN or infinite values")
-    if (data < 0).any():
-        raise ValueError(
-            f"{what} contain {int((data < 0).sum())} negative values; ZINB-WaVE needs raw "
-            "non-negative counts"
-        )
-    frac = data != np.round(data)
-    if frac.any():
-        msg = (
-            f"{what} contain {int(frac.sum())} non-integer values (e.g. {data[frac][0]!r}); "
-            "ZINB-WaVE models raw counts, not normalized or log-transformed values"
-        )
-        if not allow_non_integer:
-            raise ValueError(msg + NON_INTEGER_HINT)
-        warnings.warn(msg + "; fitting anyway (allow_non_integer=True)", stacklevel=3)
+    tally = CountTally()
+    tally.add(data)
+    tally.check(what, allow_non_integer, stacklevel=3)
     # M still shares its arrays with the caller's matrix: canonicalize (drop explicit zeros,
     # sort the column indices, both in place) only on copies, never on the user's arrays
     indices, indptr = M.indices, M.indptr
@@ -188,8 +262,15 @@ def extract_counts(data, layer: str | None = None, **kw) -> CountsInput:
     return CountsInput(M, np.arange(n).astype(str), var_names, named=False)
 
 
-def check_design_matrix(M, n_rows: int, what: str, rows_are: str) -> np.ndarray:
-    """A finite 2-D float matrix with ``n_rows`` rows and full column rank."""
+def check_design_matrix(
+    M, n_rows: int, what: str, rows_are: str, names: list[str] | None = None
+) -> np.ndarray:
+    """A finite 2-D float matrix with ``n_rows`` rows and full column rank.
+
+    The rank is that of the matrix with its columns scaled to unit norm: collinear columns
+    are an error, and so, named apart, is a column on a scale so far from the others' that
+    the fit could not tell it from collinear (``names``: the columns' names, for the message).
+    """
     A = np.asarray(M, dtype=np.float64)
     if A.ndim == 1:
         A = A[:, None]
@@ -203,11 +284,21 @@ def check_design_matrix(M, n_rows: int, what: str, rows_are: str) -> np.ndarray:
     if not np.isfinite(A).all():
         raise ValueError(f"{what} contains NaN or infinite values")
     if A.shape[1] > 0:
-        rank = np.linalg.matrix_rank(A)
+        norms = np.linalg.norm(A, axis=0)
+        rank = np.linalg.matrix_rank(A / np.where(norms > 0, norms, 1.0))
         if rank < A.shape[1]:
             raise ValueError(
                 f"{what} is rank deficient (rank {rank} < {A.shape[1]} columns): remove "
                 "collinear columns (e.g. a full set of batch indicators next to the intercept)"
+            )
+        if np.linalg.matrix_rank(A) < A.shape[1]:
+            scale = np.abs(A).max(axis=0)
+            col = int(np.argmax(scale)) if scale.max() > 1 else int(np.argmin(scale))
+            label = repr(names[col]) if names is not None and col < len(names) else str(col)
+            raise ValueError(
+                f"column {label} of {what} is on a scale (largest |value| {scale[col]:.3g}) "
+                f"too far from the other columns' ({np.delete(scale, col).max():.3g}): the fit "
+                "cannot separate it from them; center and scale it (e.g. (x - mean) / sd)"
             )
     return A
 
@@ -297,10 +388,18 @@ def build_cell_design(
                     )
                 counts = pd.Series(values).value_counts()
                 small = [lv for lv in levels if counts[lv] < 2]
+                if small and pd.api.types.is_numeric_dtype(col):
+                    raise ValueError(
+                        f"batch_key {key!r} is a numeric column with {len(levels)} distinct "
+                        f"values, {len(small)} of them in a single cell: a batch_key needs a "
+                        "few levels with several cells each; a numeric covariate goes in "
+                        "covariate_keys (modelled as a number)"
+                    )
                 if small:
                     raise ValueError(
-                        f"batch(es) {small} of {key!r} have fewer than 2 cells; a batch effect "
-                        "cannot be estimated from one cell"
+                        f"{len(small)} batch(es) of {key!r} have fewer than 2 cells "
+                        f"({_first(np.asarray(small))}); a batch effect cannot be estimated "
+                        "from one cell"
                     )
         if key == batch_key:
             info.update(batch_key=key, levels=levels, reference=levels[0])

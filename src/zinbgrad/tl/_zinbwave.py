@@ -7,7 +7,7 @@ import warnings
 
 import numpy as np
 
-from ..data.validate import check_key
+from ..data.validate import check_anndata, check_key
 from ..estimator import ZINBWaVE, resolve_device
 from ..model.params import Params
 
@@ -82,13 +82,7 @@ def store_model(adata, model: ZINBWaVE, key_added: str = "X_zinbwave") -> None:
 
 
 def _check_anndata(adata, what: str = "adata") -> None:
-    import anndata as ad
-
-    if not isinstance(adata, ad.AnnData):
-        raise TypeError(
-            f"{what} must be an AnnData, got {type(adata).__name__}; for a path or an array use "
-            "zinbgrad.ZINBWaVE().fit(...) or read it with anndata.read_h5ad first"
-        )
+    check_anndata(adata, what)
 
 
 def _fit_path(u, var_names: np.ndarray) -> dict | None:
