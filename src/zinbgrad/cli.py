@@ -25,8 +25,9 @@ def check_output_path(
     what the user owns: one of the command's inputs (``inputs``: the input file, or a mapping
     from how to name each input to its path, e.g. ``{"--model": ...}``), an existing file
     without ``--force``, a directory, a device or other non-regular file, or a place without
-    write permission (missing folders are created later)."""
-    from .io_utils import check_writable, same_file
+    write permission (missing folders are created later). Temporary files that earlier
+    interrupted writes of ``out`` left behind (``kill -9``) are removed now, not at the end."""
+    from .io_utils import check_writable, remove_stale_temps, same_file
 
     if not isinstance(inputs, dict):
         inputs = {"the input file": inputs}
@@ -39,6 +40,7 @@ def check_output_path(
         raise cli_error(err) from None
     if out.exists() and not force:
         raise SystemExit(f"error: {out} exists; pass --force to replace it")
+    remove_stale_temps(out)
 
 
 def check_key(key: str, what: str = "--key-added") -> None:

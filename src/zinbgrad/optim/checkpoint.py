@@ -17,7 +17,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..io_utils import atomic_write, check_writable, npz_file, read_npz_metadata, same_file
+from ..io_utils import (
+    atomic_write,
+    check_writable,
+    npz_file,
+    read_npz_metadata,
+    remove_stale_temps,
+    same_file,
+)
 
 __all__ = ["save_checkpoint", "load_checkpoint", "checkpoint_file", "check_checkpoint_paths"]
 
@@ -67,6 +74,7 @@ def check_checkpoint_paths(
                 if other is not None and same_file(f, other):
                     raise ValueError(f"the checkpoint {f} is {name}; choose another path")
             check_writable(f, "checkpoint")
+            remove_stale_temps(f)  # left by an earlier run killed while writing it
     if resume is not None:
         for r in range(world_size):
             _read_meta(checkpoint_file(resume, r, world_size))

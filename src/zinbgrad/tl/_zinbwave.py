@@ -46,21 +46,22 @@ def model_elements(model: ZINBWaVE, key_added: str = "X_zinbwave") -> dict[str, 
     if path:  # the fit's path, which projections of new cells follow (see ZINBWaVE.transform)
         uns["fit_path"] = dict(path)
         uns["fit_path_var_names"] = np.asarray(model.var_names_, dtype=str)
+    # copies: editing the AnnData must not change the model (nor the model the AnnData)
     obsm = {
-        key_added: model.W_,
-        key_added + "_gamma_mu": model.gamma_mu_.T,
-        key_added + "_gamma_pi": model.gamma_pi_.T,
-        key_added + "_X": model.X_,
+        key_added: np.array(model.W_),
+        key_added + "_gamma_mu": np.array(model.gamma_mu_.T),
+        key_added + "_gamma_pi": np.array(model.gamma_pi_.T),
+        key_added + "_X": np.array(model.X_),
     }
     varm = {
-        f"{key_added}_{name}": getattr(model, name + "_").T
+        f"{key_added}_{name}": np.array(getattr(model, name + "_").T)
         for name in ("alpha_mu", "alpha_pi", "beta_mu", "beta_pi")
     }
-    varm[f"{key_added}_V"] = model.V_
+    varm[f"{key_added}_V"] = np.array(model.V_)
     return {
         "obsm": obsm,
         "varm": varm,
-        "var": {f"{key_added}_zeta": model.zeta_},
+        "var": {f"{key_added}_zeta": np.array(model.zeta_)},
         "uns": {key_added: uns},
     }
 
@@ -153,8 +154,8 @@ def _rebuild(adata, key: str) -> ZINBWaVE:
             raise KeyError(f"adata.{element}[{name!r}] is missing")
         return store[name]
 
-    def array(element: str, name: str) -> np.ndarray:
-        return np.asarray(get(element, name), dtype=np.float64)
+    def array(element: str, name: str) -> np.ndarray:  # a copy: the model owns its arrays
+        return np.array(get(element, name), dtype=np.float64)
 
     u = adata.uns[key]
     if not hasattr(u, "get"):
