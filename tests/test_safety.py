@@ -92,9 +92,11 @@ def test_output_equal_to_the_model_file_is_refused(files, tmp_path):
 
 
 def test_outputs_that_are_not_regular_files_are_refused(files, tmp_path):
+    # a pipe of our own stands for devices: a regression must not replace /dev/null or
+    # /dev/full of the machine running the tests (as root it would)
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
-    for out in ("/dev/null", str(fifo)):
+    for out in (str(fifo),):
         with pytest.raises(SystemExit, match="not a regular file"):
             main(["fit", str(files / "counts.h5ad"), "-o", out, "--force", "-q"])
         with pytest.raises(ValueError, match="not a regular file"):
@@ -499,7 +501,6 @@ def _cli_cases(d):
     return [
         ["fit", str(d / "missing.h5ad"), "-o", o],
         ["fit", c, "-o", c, "--force"],
-        ["fit", c, "-o", "/dev/null", "--force"],
         ["fit", c, "-o", str(d)],
         ["fit", c, "-o", o, "--key-added", ""],
         ["fit", c, "-o", o, "--key-added", "a/b"],

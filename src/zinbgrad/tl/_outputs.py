@@ -86,26 +86,27 @@ def _finish(adata, copy: bool, key_added: str, values: np.ndarray, uns_info: dic
     return target if copy else None
 
 
-def _compute(
-    adata,
-    what: str,
-    *,
-    layer: str | None,
-    key: str,
-    key_added: str,
-    model: ZINBWaVE | None,
-    ignore_W: bool = False,
-    dtype: Any,
-    device: str,
-):
+def _checked(adata, key, key_added, model, dtype, device):
+    """The model, the layer's dtype and the device, every argument checked before any work:
+    ``key_added``, ``dtype``, ``device``, the model, the cells and the genes."""
     check_key(key_added, "key_added")
     out_dtype = _out_dtype(dtype)
     dev = resolve_device(device)
     m = _resolve_model(adata, key, model)
     _check_cells(adata, m)
     _check_genes(adata, m)
+    return m, out_dtype, dev
+
+
+def _layer_output(
+    adata, what: str, info: dict, layer, key, key_added, model, dtype, device, copy, ignore_W=False
+):
+    """Compute ``what`` for the training cells into ``layers[key_added]`` (see
+    :func:`_finish`), everything checked first (:func:`_checked`)."""
+    m, out_dtype, dev = _checked(adata, key, key_added, model, dtype, device)
     counts = _counts(adata, layer, m) if what in _out.COUNT_OUTPUTS else None
-    return _out.model_output(m, what, counts, ignore_W=ignore_W, device=dev, out_dtype=out_dtype)
+    vals = _out.model_output(m, what, counts, ignore_W=ignore_W, device=dev, out_dtype=out_dtype)
+    return _finish(adata, copy, key_added, vals, info)
 
 
 def normalize(
@@ -148,19 +149,10 @@ def normalize(
     -------
     The AnnData copy if ``copy=True``, else ``None``.
     """
-    vals = _compute(
-        adata,
-        "deviance",
-        layer=layer,
-        key=key,
-        key_added=key_added,
-        model=model,
-        ignore_W=True,
-        dtype=dtype,
-        device=device,
-    )
     info = {"output": "normalized_values", "key": key, "ignore_W": True}
-    return _finish(adata, copy, key_added, vals, info)
+    return _layer_output(
+        adata, "deviance", info, layer, key, key_added, model, dtype, device, copy, True
+    )
 
 
 def residuals(
@@ -197,19 +189,10 @@ def residuals(
     if kind not in ("deviance", "pearson"):
         raise ValueError(f"kind must be 'deviance' or 'pearson', got {kind!r}")
     key_added = key_added or f"zinbwave_{kind}_residuals"
-    vals = _compute(
-        adata,
-        kind,
-        layer=layer,
-        key=key,
-        key_added=key_added,
-        model=model,
-        ignore_W=ignore_W,
-        dtype=dtype,
-        device=device,
-    )
     info = {"output": f"{kind}_residuals", "key": key, "ignore_W": bool(ignore_W)}
-    return _finish(adata, copy, key_added, vals, info)
+    return _layer_output(
+        adata, kind, info, layer, key, key_added, model, dtype, device, copy, ignore_W
+    )
 
 
 def impute(
@@ -240,18 +223,8 @@ def impute(
     what = {"zeros": "impute_zeros", "mean": "mean"}.get(method)
     if what is None:
         raise ValueError(f"method must be 'zeros' or 'mean', got {method!r}")
-    vals = _compute(
-        adata,
-        what,
-        layer=layer,
-        key=key,
-        key_added=key_added,
-        model=model,
-        dtype=dtype,
-        device=device,
-    )
     info = {"output": f"imputed_{method}", "key": key}
-    return _finish(adata, copy, key_added, vals, info)
+    return _layer_output(adata, what, info, layer, key, key_added, model, dtype, device, copy)
 
 
 def observational_weights(
@@ -277,18 +250,8 @@ def observational_weights(
     adata, layer, key, key_added, model, dtype, device, copy
         As in :func:`normalize` (float64 by default: the weights reach 1e-15).
     """
-    vals = _compute(
-        adata,
-        "weights",
-        layer=layer,
-        key=key,
-        key_added=key_added,
-        model=model,
-        dtype=dtype,
-        device=device,
-    )
     info = {"output": "observational_weights", "key": key}
-    return _finish(adata, copy, key_added, vals, info)
+    return _layer_output(adata, "weights", info, layer, key, key_added, model, dtype, device, copy)
 
 
 def batch_corrected(
@@ -325,12 +288,7 @@ def batch_corrected(
     zinbwave's normalized values (:func:`normalize`) are residuals against a model that
     includes the batch columns of X, so they are already batch-corrected.
     """
-    check_key(key_added, "key_added")
-    out_dtype = _out_dtype(dtype)
-    dev = resolve_device(device)
-    m = _resolve_model(adata, key, model)
-    _check_cells(adata, m)
-    _check_genes(adata, m)
+    m, out_dtype, dev = _checked(adata, key, key_added, model, dtype, device)
     vals = _out.batch_corrected(
         m, reference, kind=kind, ignore_W=ignore_W, device=dev, out_dtype=out_dtype
     )
