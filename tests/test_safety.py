@@ -10,9 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import anndata as ad
@@ -193,6 +195,39 @@ def test_sigterm_during_the_write_leaves_nothing(tmp_path, files):
     assert res.returncode == 143, res.stderr
     assert "zinbgrad: terminated" in res.stderr and "Traceback" not in res.stderr
     assert sorted(p.name for p in work.iterdir()) == ["in.h5ad"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo and signals as on Linux")
+def test_sigterm_under_nproc_ends_every_rank_and_leaves_complete_checkpoints(tmp_path, files):
+    """SIGTERM to ``zinbgrad fit --nproc 2`` while its ranks checkpoint every epoch: the ranks
+    are ended the same way (no waiting for the fit to finish), the command says so in one
+    line, and only complete checkpoints remain, no temporary file."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "in.h5ad").write_bytes((files / "counts.h5ad").read_bytes())
+    cmd = [sys.executable, "-m", "zinbgrad.cli", "fit", "in.h5ad", "-o", "out.h5ad", "-k", "2",
+           "--nproc", "2", "--epochs", "100000", "--tol", "0", "--checkpoint", "ck.npz",
+           "-q"]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not (work / "ck.rank1.npz").exists() and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.2)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert err.strip() == "zinbgrad: terminated"
+    assert sorted(p.name for p in work.iterdir()) == ["ck.rank0.npz", "ck.rank1.npz", "in.h5ad"]
+    for r in (0, 1):
+        with np.load(work / f"ck.rank{r}.npz") as z:
+            assert json.loads(str(z["metadata"]))["rank"] == r
 
 
 def test_resume_refuses_other_counts(pbmc, tmp_path):

@@ -241,13 +241,16 @@ def launch(fn, nproc: int, *args, backend: str | None = None) -> None:
     spawn_log.setLevel(logging.ERROR)  # not "Terminating process ... via signal SIGTERM"
     try:
         with tempfile.TemporaryDirectory(prefix="zinbgrad-ranks-") as errors:
+            context = mp.start_processes(
+                _worker,
+                args=(nproc, free_port(), backend, fn, args, errors),
+                nprocs=nproc,
+                join=False,
+                start_method="spawn",
+            )
             try:
-                mp.spawn(
-                    _worker,
-                    args=(nproc, free_port(), backend, fn, args, errors),
-                    nprocs=nproc,
-                    join=True,
-                )
+                while not context.join():
+                    pass
             except (mp.ProcessExitedException, mp.ProcessRaisedException) as err:
                 lines = []
                 for r in range(nproc):
@@ -258,5 +261,15 @@ def launch(fn, nproc: int, *args, backend: str | None = None) -> None:
                 if lines:
                     raise RankFailed(lines[0]) from None
                 raise RankFailed(str(err)) from err
+            except BaseException:  # Ctrl-C or SIGTERM here: end the ranks the same way (each
+                # removes its temporary files), instead of waiting for them to finish the fit
+                for p in context.processes:
+                    if p.is_alive():
+                        p.terminate()
+                for p in context.processes:
+                    p.join(30)
+                    if p.is_alive():
+                        p.kill()
+                raise
     finally:
         spawn_log.setLevel(level)
