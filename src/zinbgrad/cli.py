@@ -111,9 +111,11 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         check_output_path({**taken, "the --resume file": resume}, saved, args.force, "--save-model")
         taken["the --save-model file"] = saved
     if args.checkpoint is not None or args.resume is not None:
+        # the ranks' checkpoint files: --nproc's, or torchrun's when it launched this process
+        world = args.nproc if args.nproc > 1 else int(os.environ.get("WORLD_SIZE", "1"))
         try:  # before any work: the checkpoint's folder writable, the resumed file readable
             check_checkpoint_paths(
-                args.checkpoint, args.resume, args.checkpoint_every, args.nproc, taken
+                args.checkpoint, args.resume, args.checkpoint_every, max(world, 1), taken
             )
         except (ValueError, FileNotFoundError) as err:
             raise cli_error(err) from None

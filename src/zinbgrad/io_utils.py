@@ -14,6 +14,7 @@ of the same output removes the ones left by processes of this host that no longe
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -84,20 +85,13 @@ def stale_temps(out: str | os.PathLike) -> list[Path]:
         return []
     start, host = _owner_prefix(out), _host_tag()
     stale = []
-    for p in folder.glob(f".{glob_escape(out.name)}{TEMP_MARK}*"):
+    for p in folder.glob(f".{glob.escape(out.name)}{TEMP_MARK}*"):
         rest = p.name[len(start) :].split("-")
         if len(rest) < 3 or rest[0] != host or not rest[1].isdigit():
             continue  # another host's (it may still be running), or not ours
         if int(rest[1]) != os.getpid() and not _pid_alive(int(rest[1])):
             stale.append(p)
     return sorted(stale)
-
-
-def glob_escape(name: str) -> str:
-    """``name`` with glob's special characters taken literally."""
-    import glob
-
-    return glob.escape(name)
 
 
 def remove_stale_temps(out: str | os.PathLike) -> list[Path]:
