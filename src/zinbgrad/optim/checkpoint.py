@@ -135,7 +135,7 @@ def load_checkpoint(engine, path: str | os.PathLike) -> list[dict]:
         raise ValueError(f"checkpoint {f} does not match this fit: {wrong} (saved, current)")
     saved, current = meta.get("tag") or {}, engine.opt.checkpoint_tag or {}
     differ = sorted(k for k in saved.keys() & current.keys() if saved[k] != current[k])
-    if "counts" in differ:
+    if differ == ["counts"]:
         raise ValueError(
             f"checkpoint {f} was written by a fit of other counts (the same cells and genes, "
             "other values); resume with the data it was fitted on"
