@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "run_benchmarks"]
+__all__ = ["git_commit", "machine_info", "main", "run_benchmarks"]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -157,7 +157,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _machine(loadavg_start: tuple[float, ...]) -> dict[str, Any]:
+def machine_info(loadavg_start: tuple[float, ...]) -> dict[str, Any]:
     info: dict[str, Any] = {"nproc": os.cpu_count(), "platform": platform.platform()}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -195,7 +195,7 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _commit() -> str | None:
+def git_commit() -> str | None:
     """The checked-out commit, read from .git (no git command is run)."""
     git = REPO / ".git"
     try:
@@ -281,7 +281,7 @@ def run_benchmarks(argv: list[str] | None = None, log=print) -> dict[str, Any]:
     profile = PROFILES[name]
     t_start = time.perf_counter()
     load0 = os.getloadavg()
-    commit_at_start = _commit()
+    commit_at_start = git_commit()
 
     # ---- profile overrides
     changes: dict[str, Any] = {}
@@ -412,7 +412,7 @@ def run_benchmarks(argv: list[str] | None = None, log=print) -> dict[str, Any]:
             "commit": commit_at_start,
         }
         meta["total_wall_s"] = time.perf_counter() - t_start
-        meta["machine"] = _machine(load0)
+        meta["machine"] = machine_info(load0)
 
     meta["profile"] = profile_to_dict(profile)
     versions = dict(meta.get("versions") or _versions())  # report-only keeps the run's

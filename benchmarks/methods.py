@@ -38,6 +38,7 @@ import scipy.sparse as sp
 
 __all__ = [
     "METHODS",
+    "HarmonyMethod",
     "Method",
     "PCABaseline",
     "RZinbwave",
@@ -363,6 +364,53 @@ class PCABaseline(Method):
         return {"reconstruction": np.clip(np.expm1(recon), 0.0, None) * self.lib / self.scale}
 
 
+class HarmonyMethod(PCABaseline):
+    """Harmony (harmonypy) on the 10 PCA components of :class:`PCABaseline`.
+
+    The fast integration baseline of scanpy users (``sc.external.pp.harmony_integrate`` calls
+    the same function): ``harmonypy.run_harmony(scores, obs, [batch_key])`` with its defaults,
+    seeded. The fit time includes the PCA. Without ``batch_key`` it is plain PCA. Option:
+    ``ncores`` (harmonypy's threads; default 1).
+    """
+
+    name = "harmony"
+    label = "Harmony"
+    supports_batch = True
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        if importlib.util.find_spec("harmonypy") is None:
+            return False, "harmonypy is not importable (install the bench extra)"
+        return True, ""
+
+    @classmethod
+    def versions(cls) -> dict[str, str]:
+        import importlib.metadata as md
+
+        return {**super().versions(), "harmonypy": md.version("harmonypy")}
+
+    def _fit(self, adata: ad.AnnData, batch_key: str | None) -> None:
+        super()._fit(adata, batch_key)
+        if batch_key is None:
+            return
+        import harmonypy
+
+        ho = harmonypy.run_harmony(
+            self.scores,
+            adata.obs[[batch_key]],
+            [batch_key],
+            random_state=self.seed,
+            verbose=False,
+            ncores=int(self.options.get("ncores", 1)),
+        )
+        Z = np.asarray(ho.Z_corr, dtype=np.float64)
+        # harmonypy < 0.1 returns (dims, cells), 2.x (cells, dims)
+        self.scores = Z if Z.shape[0] == adata.n_obs else Z.T
+
+    def impute(self) -> dict[str, np.ndarray]:
+        return {}
+
+
 # --------------------------------------------------------------------------- R zinbwave
 
 
@@ -472,7 +520,7 @@ class RZinbwave(Method):
 
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (ZinbgradMethod, SCVIMethod, RZinbwave, PCABaseline)
+    cls.name: cls for cls in (ZinbgradMethod, SCVIMethod, RZinbwave, PCABaseline, HarmonyMethod)
 }
 
 

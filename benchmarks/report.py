@@ -23,7 +23,9 @@ __all__ = [
     "METHOD_LABELS",
     "PUBLISHED",
     "flatten_records",
+    "fmt_value",
     "make_figures",
+    "md_table",
     "render_markdown",
     "update_benchmarks_md",
     "write_outputs",
@@ -54,7 +56,7 @@ PUBLISHED = [
 # --------------------------------------------------------------------------- helpers
 
 
-def _fmt(x: Any, digits: int = 3) -> str:
+def fmt_value(x: Any, digits: int = 3) -> str:
     if x is None:
         return "n/a"
     if isinstance(x, str):
@@ -88,7 +90,7 @@ def _ratio(a: Any, b: Any) -> str:
     return f"{a / b:#.3g}"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def md_table(header: list[str], rows: list[list[str]]) -> str:
     if not rows:
         return "_(no results)_\n"
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
@@ -391,7 +393,7 @@ def _losses(idx: dict, records: list[dict]) -> list[str]:
             return
         worse = z > s * (1 + tol) if lower_better else z < s - tol
         if worse:
-            out.append(f"{what}: zinbgrad {_fmt(z)} vs scVI {_fmt(s)}")
+            out.append(f"{what}: zinbgrad {fmt_value(z)} vs scVI {fmt_value(s)}")
 
     datasets = {r["job"]["dataset"] for r in records}
     for ds in sorted(datasets):
@@ -463,8 +465,8 @@ def render_markdown(records: list[dict], meta: dict, fig_paths: list[Path], md_d
     L.append(f"### Run: `{meta.get('profile_name')}` mode, finished {meta.get('date')}\n")
     L.append(f"Command: `{meta.get('command')}`  ")
     L.append(
-        f"Total wall time: {_fmt(meta.get('total_wall_s'), 1)} s "
-        f"({_fmt((meta.get('total_wall_s') or 0) / 60, 1)} min)  "
+        f"Total wall time: {fmt_value(meta.get('total_wall_s'), 1)} s "
+        f"({fmt_value((meta.get('total_wall_s') or 0) / 60, 1)} min)  "
     )
     mach = meta.get("machine", {})
     L.append(
@@ -475,8 +477,8 @@ def render_markdown(records: list[dict], meta: dict, fig_paths: list[Path], md_d
     L.append(
         f"CPU load from other processes (shared machine): load average at start "
         f"{mach.get('loadavg_start')}, at end {mach.get('loadavg_end')}; mean cores busy with "
-        f"other processes during the jobs: {_fmt(meta.get('mean_other_busy_cores'), 2)} "
-        f"(max {_fmt(meta.get('max_other_busy_cores'), 2)}), per job in `results.json`.  "
+        f"other processes during the jobs: {fmt_value(meta.get('mean_other_busy_cores'), 2)} "
+        f"(max {fmt_value(meta.get('max_other_busy_cores'), 2)}), per job in `results.json`.  "
     )
     vers = meta.get("versions", {})
     L.append(
@@ -556,19 +558,19 @@ def render_markdown(records: list[dict], meta: dict, fig_paths: list[Path], md_d
         other = [res(m, "other_busy_cores") for m in methods]
         other = [o for o in other if o is not None]
         row = [shape]
-        row += [_fmt(get(m, "fit_s"), 2) for m in methods]
-        row += [_fmt(res(m, "process_wall_s"), 2) for m in methods]
+        row += [fmt_value(get(m, "fit_s"), 2) for m in methods]
+        row += [fmt_value(res(m, "process_wall_s"), 2) for m in methods]
         if has_both:
             row += [
                 _ratio(get("zinbgrad", "fit_s"), get("scvi", "fit_s")),
                 _ratio(res("zinbgrad", "process_wall_s"), res("scvi", "process_wall_s")),
             ]
-        row.append(_fmt(max(other), 2) if other else "n/a")
+        row.append(fmt_value(max(other), 2) if other else "n/a")
         rows.append(row)
         mrow = [shape] + [
-            _fmt(res(m, "peak_rss_mib") if res(m, "isolated") else None, 0) for m in methods
+            fmt_value(res(m, "peak_rss_mib") if res(m, "isolated") else None, 0) for m in methods
         ]
-        mrow += [_fmt(res(m, "task_cpu_s"), 1) for m in methods]
+        mrow += [fmt_value(res(m, "task_cpu_s"), 1) for m in methods]
         if has_both:
             mrow.append(_ratio(res("zinbgrad", "peak_rss_mib"), res("scvi", "peak_rss_mib")))
         rows_mem.append(mrow)
@@ -578,7 +580,7 @@ def render_markdown(records: list[dict], meta: dict, fig_paths: list[Path], md_d
     if has_both:
         header += ["fit ratio zinbgrad/scVI", "e2e ratio zinbgrad/scVI"]
     header.append("max other-process load (cores)")
-    L.append(_table(header, rows))
+    L.append(md_table(header, rows))
     L.append(
         "\n*fit*: the method's fit call only. *end to end*: the whole job process, i.e. Python "
         "start-up and imports, reading the `.h5ad`, filtering, subsampling, fitting and "
@@ -595,7 +597,7 @@ def render_markdown(records: list[dict], meta: dict, fig_paths: list[Path], md_d
     )
     if has_both:
         header.append("RSS ratio zinbgrad/scVI")
-    L.append(_table(header, rows_mem))
+    L.append(md_table(header, rows_mem))
     L.append(
         "\nPeak RSS is `ru_maxrss` of the job's process (interpreter + libraries + data + "
         "model), so it includes the import baseline of each stack (torch for zinbgrad; torch, "
@@ -637,7 +639,7 @@ def render_markdown(records: list[dict], meta: dict, fig_paths: list[Path], md_d
             "",
         )
         row = [ds, shape]
-        row += [_fmt(_metric(idx, "quality", ds, m, "train_nll"), 1) for m in lik]
+        row += [fmt_value(_metric(idx, "quality", ds, m, "train_nll"), 1) for m in lik]
         if has_both:
             row.append(
                 _ratio(
@@ -645,7 +647,7 @@ def render_markdown(records: list[dict], meta: dict, fig_paths: list[Path], md_d
                     _metric(idx, "quality", ds, "scvi", "train_nll"),
                 )
             )
-        row += [_fmt(_metric(idx, "quality", ds, m, "heldout_nll"), 1) for m in lik]
+        row += [fmt_value(_metric(idx, "quality", ds, m, "heldout_nll"), 1) for m in lik]
         if has_both:
             row.append(
                 _ratio(
@@ -660,7 +662,7 @@ def render_markdown(records: list[dict], meta: dict, fig_paths: list[Path], md_d
     header += [f"{x} held-out" for x in llab]
     if has_both:
         header.append("ratio")
-    L.append(_table(header, rows))
+    L.append(md_table(header, rows))
 
     # ---- 3. imputation
     L.append("\n#### 3. Imputation: median L1 error on corrupted entries (lower is better)\n")
@@ -690,7 +692,7 @@ def render_markdown(records: list[dict], meta: dict, fig_paths: list[Path], md_d
     for ds in ds_i:
         row = [
             ds,
-            _fmt(
+            fmt_value(
                 next(
                     (
                         _metric(idx, "imputation", ds, m, "n_corrupted")
@@ -701,9 +703,11 @@ def render_markdown(records: list[dict], meta: dict, fig_paths: list[Path], md_d
                 )
             ),
         ]
-        row += [_fmt(_metric(idx, "imputation", ds, m, "median_l1", v)) for m, v, _ in cols]
+        row += [fmt_value(_metric(idx, "imputation", ds, m, "median_l1", v)) for m, v, _ in cols]
         row.append(
-            _fmt(next((_metric(idx, "imputation", ds, m, "median_l1_zero") for m in methods), None))
+            fmt_value(
+                next((_metric(idx, "imputation", ds, m, "median_l1_zero") for m in methods), None)
+            )
         )
         if has_both:
             s = _metric(idx, "imputation", ds, "scvi", "median_l1", "px_rate")
@@ -713,7 +717,7 @@ def render_markdown(records: list[dict], meta: dict, fig_paths: list[Path], md_d
     header = ["dataset", "corrupted entries"] + [c[2] for c in cols] + ["zeros"]
     if has_both:
         header += ["ratio E[Y]/scVI", "ratio mu/scVI"]
-    L.append(_table(header, rows))
+    L.append(md_table(header, rows))
 
     # ---- 4. clustering
     L.append("\n#### 4. Clustering of the 10-dim latent space (higher is better)\n")
@@ -731,7 +735,7 @@ def render_markdown(records: list[dict], meta: dict, fig_paths: list[Path], md_d
             continue
         for key in ("ari", "nmi", "asw"):
             row = [ds, key.upper()]
-            row += [_fmt(_metric(idx, "quality", ds, m, key)) for m in methods]
+            row += [fmt_value(_metric(idx, "quality", ds, m, key)) for m in methods]
             if has_both:
                 row.append(
                     _ratio(
@@ -741,7 +745,7 @@ def render_markdown(records: list[dict], meta: dict, fig_paths: list[Path], md_d
                 )
             rows.append(row)
     header = ["dataset", "score"] + lab + (["ratio zinbgrad/scVI"] if has_both else [])
-    L.append(_table(header, rows))
+    L.append(md_table(header, rows))
 
     # ---- 5. batch
     L.append("\n#### 5. Batch mixing (entropy, higher = better mixed) and cell-type ARI\n")
@@ -765,7 +769,7 @@ def render_markdown(records: list[dict], meta: dict, fig_paths: list[Path], md_d
                 continue
             row = [ds, nm]
             for v in ("uncorrected", "corrected"):
-                row += [_fmt(_metric(idx, "batch", ds, m, v, key)) for m in methods]
+                row += [fmt_value(_metric(idx, "batch", ds, m, v, key)) for m in methods]
             if has_both:
                 row.append(
                     _ratio(
@@ -779,7 +783,7 @@ def render_markdown(records: list[dict], meta: dict, fig_paths: list[Path], md_d
     )
     if has_both:
         header.append("ratio (with batch) zinbgrad/scVI")
-    L.append(_table(header, rows))
+    L.append(md_table(header, rows))
     for p in fig_paths:
         if p.name.startswith("latent_"):
             L.append(f"\n![{p.stem}]({os.path.relpath(p, md_dir)})")
@@ -807,11 +811,11 @@ def render_markdown(records: list[dict], meta: dict, fig_paths: list[Path], md_d
                     else _metric(idx, j["task"], j["dataset"], m, variant, "fit_s")
                 )
                 vals[m] = v
-                row.append(_fmt(v, 2))
+                row.append(fmt_value(v, 2))
             if has_both:
                 row.append(_ratio(vals.get("zinbgrad"), vals.get("scvi")))
             rows.append(row)
-    L.append(_table(["fit"] + lab + (["ratio zinbgrad/scVI"] if has_both else []), rows))
+    L.append(md_table(["fit"] + lab + (["ratio zinbgrad/scVI"] if has_both else []), rows))
     zi = [
         (r["job"]["id"], r["metrics"].get("info") or {})
         for r in records
@@ -855,17 +859,20 @@ def render_markdown(records: list[dict], meta: dict, fig_paths: list[Path], md_d
         "with 1,000 DESCEND genes instead of CORTEX 3,005 cells x 558 genes; no RETINA), so the "
         "values are not expected to match.\n"
     )
-    L.append(_table(["metric", "scVI", "ZINB-WaVE"], [list(p) for p in PUBLISHED]))
+    L.append(md_table(["metric", "scVI", "ZINB-WaVE"], [list(p) for p in PUBLISHED]))
     return "\n".join(L) + "\n"
 
 
-def update_benchmarks_md(md_path: Path, block: str, intro: str) -> None:
-    """Replace the generated block of ``md_path`` (create the file or append the block)."""
+def update_benchmarks_md(
+    md_path: Path, block: str, intro: str, begin: str = BEGIN, end: str = END
+) -> None:
+    """Replace the generated block between ``begin`` and ``end`` of ``md_path`` (create the
+    file or append ``intro`` and the block)."""
     text = md_path.read_text() if md_path.exists() else ""
-    new_block = f"{BEGIN}\n{block}\n{END}"
-    if BEGIN in text and END in text:
-        pre = text.split(BEGIN, 1)[0]
-        post = text.split(END, 1)[1]
+    new_block = f"{begin}\n{block}\n{end}"
+    if begin in text and end in text:
+        pre = text.split(begin, 1)[0]
+        post = text.split(end, 1)[1]
         text = pre + new_block + post
     elif text:
         text = text.rstrip() + "\n\n" + intro + "\n" + new_block + "\n"
