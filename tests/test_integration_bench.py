@@ -1,0 +1,186 @@
+"""The pure pieces of the integration benchmark (``benchmarks/integration.py``, issue 17).
+
+Runs without the bench extra (no scib-metrics, scvi-tools or harmonypy) and without the shared
+data: the protein marker rule on a constructed antibody table, the cell-type-dependent thinning
+generator, the representations of a fitted W and the variant parser.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.datasets import (  # noqa: E402
+    UNLABELLED,
+    otsu_threshold,
+    protein_cell_types,
+    thin_by_cell_type,
+)
+from benchmarks.integration import latent_representations, parse_variant  # noqa: E402
+
+NAMES = [
+    f"{n}_TotalSeqB"
+    for n in (
+        "CD3 CD4 CD8a CD14 CD15 CD16 CD56 CD19 CD25 CD45RA CD45RO PD-1 TIGIT CD127".split()
+    )
+]
+
+# cell kind -> its positive antibodies, expected label
+KINDS = {
+    "cd4t": (("CD3", "CD4"), "CD4 T"),
+    "cd8t": (("CD3", "CD8a"), "CD8 T"),
+    "b": (("CD19",), "B"),
+    "mono": (("CD14", "CD4"), "CD14 monocyte"),  # monocytes are CD4-dim: still monocytes
+    "nk": (("CD56", "CD16"), "NK"),
+    "t_b_doublet": (("CD3", "CD4", "CD19"), UNLABELLED),
+    "cd16only": (("CD16",), UNLABELLED),
+}
+
+
+def _protein_table(background: float, rng: np.random.Generator, n_per_kind: int = 12):
+    short = [n.split("_")[0] for n in NAMES]
+    rows, expected = [], []
+    for pos, label in KINDS.values():
+        for _ in range(n_per_kind):
+            lam = np.full(len(short), background)
+            for m in pos:
+                lam[short.index(m)] = 40.0 * background
+            rows.append(rng.poisson(lam))
+            expected.append(label)
+    return np.array(rows), np.array(expected, dtype=object)
+
+
+def test_otsu_threshold_splits_two_groups() -> None:
+    rng = np.random.default_rng(0)
+    v = np.concatenate([rng.normal(0, 0.3, 200), rng.normal(5, 0.3, 50)])
+    t = otsu_threshold(v)
+    assert v[:200].max() <= t < v[200:].min()  # a cut in the gap between the groups
+    with pytest.raises(ValueError, match="non-empty"):
+        otsu_threshold(np.array([]))
+
+
+def test_protein_rule_labels_constructed_cells_in_two_batches() -> None:
+    rng = np.random.default_rng(1)
+    # two batches with a 4-fold different antibody background: per-batch thresholds needed
+    P1, e1 = _protein_table(5.0, rng)
+    P2, e2 = _protein_table(20.0, rng)
+    P = np.vstack([P1, P2])
+    expected = np.concatenate([e1, e2])
+    batches = np.repeat(["a", "b"], len(e1))
+    got = protein_cell_types(P, NAMES, batches)
+    np.testing.assert_array_equal(got, expected)
+    # the result does not depend on the order of the cells
+    perm = rng.permutation(len(expected))
+    np.testing.assert_array_equal(protein_cell_types(P[perm], NAMES, batches[perm]), got[perm])
+
+
+def test_protein_rule_rejects_bad_input() -> None:
+    P = np.ones((4, len(NAMES)))
+    with pytest.raises(ValueError, match="lacks the markers"):
+        protein_cell_types(P[:, 1:], NAMES[1:])
+    with pytest.raises(ValueError, match="non-negative"):
+        protein_cell_types(-P, NAMES)
+    with pytest.raises(ValueError, match="batches must have shape"):
+        protein_cell_types(P, NAMES, np.zeros(3))
+
+
+def _counts(n_cells=90, n_genes=40, value=None, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.poisson(3.0, size=(n_cells, n_genes)) if value is None else np.full(
+        (n_cells, n_genes), value
+    )
+    labels = np.array(["t0", "t1", "t2"])[np.arange(n_cells) % 3]
+    return ad.AnnData(X=sp.csr_matrix(X.astype(np.float64))), labels
+
+
+def test_thinning_rates_reproducible_from_seed_and_type_dependent() -> None:
+    a, labels = _counts()
+    r1 = thin_by_cell_type(a, labels, n_batches=3, seed=7)
+    r2 = thin_by_cell_type(a, labels, n_batches=3, seed=7)
+    r3 = thin_by_cell_type(a, labels, n_batches=3, seed=8)
+    p1 = r1.uns["retention"]["rates"]
+    assert p1.shape == (3, 3, a.n_vars)
+    assert np.all((p1 > 0) & (p1 <= 1))
+    np.testing.assert_array_equal(p1, r2.uns["retention"]["rates"])
+    assert (r1.X != r2.X).nnz == 0
+    np.testing.assert_array_equal(r1.obs["batch"], r2.obs["batch"])
+    assert not np.allclose(p1, r3.uns["retention"]["rates"])
+    # within a batch the rates of a gene differ between cell types
+    for b in range(3):
+        assert np.abs(p1[b, 0] - p1[b, 1]).max() > 0.05
+    # without a type component they do not
+    p0 = thin_by_cell_type(a, labels, type_sd=0.0, seed=7).uns["retention"]["rates"]
+    np.testing.assert_allclose(p0[:, 0], p0[:, 2])
+    # batches of sizes differing by at most one, every cell in one
+    sizes = r1.obs["batch"].value_counts().to_numpy()
+    assert sizes.sum() == a.n_obs and sizes.max() - sizes.min() <= 1
+
+
+def test_thinning_only_decreases_counts_and_follows_the_rates() -> None:
+    a, labels = _counts()
+    out = thin_by_cell_type(a, labels, n_batches=2, seed=3)
+    diff = (a.X - out.X).toarray()
+    assert diff.min() >= 0
+    np.testing.assert_array_equal(out.X.data, np.round(out.X.data))
+    assert out.X.sum() < a.X.sum()
+    # on large counts the thinned/original ratio is the rate of (batch, type, gene)
+    big, labels = _counts(n_cells=60, n_genes=10, value=20000)
+    out = thin_by_cell_type(big, labels, n_batches=2, seed=4)
+    rates = out.uns["retention"]["rates"]
+    types = out.uns["retention"]["types"]
+    b = out.obs["batch"].astype(int).to_numpy()
+    t = np.array([types.index(x) for x in labels])
+    ratio = out.X.toarray() / 20000.0
+    np.testing.assert_allclose(ratio, rates[b, t, :], atol=0.015)
+
+
+def test_thinning_rejects_bad_input() -> None:
+    a, labels = _counts()
+    with pytest.raises(ValueError, match="n_batches"):
+        thin_by_cell_type(a, labels, n_batches=1)
+    with pytest.raises(ValueError, match="labels must have shape"):
+        thin_by_cell_type(a, labels[:-1])
+    a.X = a.X * 0.5
+    with pytest.raises(ValueError, match="integer counts"):
+        thin_by_cell_type(a, labels)
+
+
+def test_representations_of_w() -> None:
+    rng = np.random.default_rng(0)
+    n, K, J = 50, 4, 30
+    W = rng.normal(size=(n, K)) * np.array([3.0, 2.0, 1.0, 0.5]) + 1.0
+    A = rng.normal(size=(K, J))
+    reps = latent_representations(W, A, rng.normal(size=(K, J)))
+    np.testing.assert_array_equal(reps["W"], W)
+    # "sv": Euclidean distances of the rows of the centred W alpha_mu
+    M = (W - W.mean(0)) @ A
+
+    def dists(Z):
+        return np.linalg.norm(Z[:, None, :] - Z[None, :, :], axis=-1)
+
+    np.testing.assert_allclose(dists(reps["sv"]), dists(M), atol=1e-10)
+    # "white": identity covariance
+    np.testing.assert_allclose(np.cov(reps["white"], rowvar=False), np.eye(K), atol=1e-10)
+    assert reps["sv_mupi"].shape == (n, K)
+    assert "sv_mupi" not in latent_representations(W, A, np.zeros((K, J)))
+    with pytest.raises(ValueError, match="do not match"):
+        latent_representations(W, A.T)
+
+
+def test_parse_variant() -> None:
+    assert parse_variant('dz={"zi_batch": true, "eps": 0.5}') == (
+        "dz",
+        {"zi_batch": True, "eps": 0.5},
+    )
+    for bad in ('{"a": 1}', "x=[1, 2]", "x={oops}", "x"):
+        with pytest.raises(ValueError):
+            parse_variant(bad)
