@@ -196,9 +196,7 @@ def extra_scores(
     lab = labels != UNLABELLED
     c = clustering_scores(emb[lab], labels[lab], seeds=(0, 1, 2), n_init=50)
     return {
-        "entropy": float(
-            batch_mixing_entropy(emb, batches, n_neighbors=50, random_state=seed)
-        ),
+        "entropy": float(batch_mixing_entropy(emb, batches, n_neighbors=50, random_state=seed)),
         "celltype_ARI": float(c["ari"]),
         "celltype_NMI": float(c["nmi"]),
     }
@@ -380,6 +378,14 @@ def render_markdown(records: list[dict[str, Any]], meta: dict[str, Any], fig: Pa
         + ", ".join(f"{k} {v}" for k, v in sorted(meta["versions"].items()))
         + f"; zinbgrad from `{meta['zinbgrad_path']}` at commit `{meta['zinbgrad_commit']}`  "
     )
+    for label, mm in meta.get("merged", {}).items():
+        L.append(
+            f"Embeddings marked `@{label}`: from another run on the same cells, zinbgrad at "
+            f"commit `{mm['zinbgrad_commit']}` ({mm['zinbgrad_path']}), finished {mm['finished']}, "
+            f"`uptime` at its start `{mm['uptime_start']}`; command `{mm['command']}`; variants "
+            + "; ".join(f"`{k}` = `{json.dumps(v)}`" for k, v in mm["variants"].items())
+            + "  "
+        )
     if meta.get("variants"):
         L.append(
             "zinbgrad variants: "
@@ -403,9 +409,7 @@ def render_markdown(records: list[dict[str, Any]], meta: dict[str, Any], fig: Pa
     L += ["#### scib Total (0.6 bio + 0.4 batch, unscaled; higher is better)", ""]
     rows = []
     for k in names:
-        rows.append(
-            [k] + [fmt_value(r["embeddings"].get(k, {}).get("Total")) for r in records]
-        )
+        rows.append([k] + [fmt_value(r["embeddings"].get(k, {}).get("Total")) for r in records])
     L.append(md_table(["embedding"] + [_dataset_title(r) for r in records], rows))
     for r in records:
         L += [
@@ -415,7 +419,10 @@ def render_markdown(records: list[dict[str, Any]], meta: dict[str, Any], fig: Pa
             "",
         ]
         hdr = (
-            ["embedding"] + BIO + BATCH + AGG
+            ["embedding"]
+            + BIO
+            + BATCH
+            + AGG
             + ["entropy", "cell-type ARI", "held-out NLL/cell", "fit s"]
         )
         rows = []
@@ -466,9 +473,7 @@ def make_figure(records: list[dict[str, Any]], path: Path) -> Path:
     ax1.set_xticks(np.arange(len(records)) + 0.4 - width / 2)
     ax1.set_xticklabels([_dataset_title(r) for r in records], rotation=15, fontsize=8)
     ax1.set_ylabel("scib Total (unscaled)")
-    lo = min(
-        (e["Total"] for r in records for e in r["embeddings"].values()), default=0.0
-    )
+    lo = min((e["Total"] for r in records for e in r["embeddings"].values()), default=0.0)
     ax1.set_ylim(max(0.0, lo - 0.05), None)
     ax1.legend(fontsize=7, ncol=2)
     ax2.set_xlabel("batch correction")
@@ -493,9 +498,7 @@ def _parser() -> argparse.ArgumentParser:
         default="pbmc_pair,zeisel_thinned,zeisel_typethin",
         help="comma-separated dataset names of benchmarks.datasets",
     )
-    p.add_argument(
-        "--seeds", default="0", help="seeds of every dataset (comma-separated)"
-    )
+    p.add_argument("--seeds", default="0", help="seeds of every dataset (comma-separated)")
     p.add_argument(
         "--typethin-seeds",
         default="0,1,2",
@@ -535,7 +538,40 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="rebuild the figure and Markdown from <out>/<tag>.json without fitting",
     )
+    p.add_argument(
+        "--merge",
+        action="append",
+        default=[],
+        metavar="JSON=LABEL",
+        help="with --report-only: add the zinbgrad embeddings of another run's JSON (same "
+        "datasets, seeds and cells), named '<name> @LABEL' (repeatable)",
+    )
     return p
+
+
+def merge_records(
+    records: list[dict[str, Any]], other: list[dict[str, Any]], label: str
+) -> list[str]:
+    """Add ``other``'s zinbgrad embeddings and fits to ``records`` (matched by dataset and seed;
+    the cells must be the same), renamed ``'<name> @label'``. Returns the merged names."""
+    by_key = {(r["dataset"], r["seed"]): r for r in records}
+    added = []
+    for o in other:
+        r = by_key.get((o["dataset"], o["seed"]))
+        if r is None:
+            continue
+        if (o["n_train"], o["n_genes"]) != (r["n_train"], r["n_genes"]):
+            raise ValueError(f"{o['dataset']} seed {o['seed']}: the two runs used other cells")
+        for k, e in o["embeddings"].items():
+            if k.startswith("zinbgrad"):
+                base, _, rep = k.partition("/")
+                name = f"{base} @{label}" + (f"/{rep}" if rep else "")
+                r["embeddings"][name] = e
+                added.append(name)
+        for k, m in o["methods"].items():
+            if k.startswith("zinbgrad"):
+                r["methods"][f"{k} @{label}"] = m
+    return added
 
 
 def _uptime() -> str:
@@ -594,6 +630,15 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.report_only:
         saved = json.loads((out / f"{args.tag}.json").read_text())
+        merged = {}
+        for spec in args.merge:
+            path, _, label = spec.rpartition("=")
+            other = json.loads(Path(path).read_text())
+            merge_records(saved["records"], other["records"], label)
+            keep = ("command", "finished", "zinbgrad_commit", "zinbgrad_path", "variants")
+            merged[label] = {k: other["meta"][k] for k in keep + ("uptime_start",)}
+        if merged:
+            saved["meta"]["merged"] = merged
         _write_report(saved["records"], saved["meta"], args, out)
         return 0
     load0 = os.getloadavg()
@@ -610,8 +655,16 @@ def main(argv: list[str] | None = None) -> int:
                 json.dumps({"records": records}, indent=1, default=float)
             )
     versions = {"python": sys.version.split()[0], "torch": torch.__version__}
-    for pkg in ("numpy", "scikit-learn", "scib-metrics", "jax", "scvi-tools", "harmonypy",
-                "anndata", "zinbgrad"):
+    for pkg in (
+        "numpy",
+        "scikit-learn",
+        "scib-metrics",
+        "jax",
+        "scvi-tools",
+        "harmonypy",
+        "anndata",
+        "zinbgrad",
+    ):
         try:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:

@@ -29,9 +29,7 @@ from benchmarks.integration import latent_representations, parse_variant  # noqa
 
 NAMES = [
     f"{n}_TotalSeqB"
-    for n in (
-        "CD3 CD4 CD8a CD14 CD15 CD16 CD56 CD19 CD25 CD45RA CD45RO PD-1 TIGIT CD127".split()
-    )
+    for n in ("CD3 CD4 CD8a CD14 CD15 CD16 CD56 CD19 CD25 CD45RA CD45RO PD-1 TIGIT CD127".split())
 ]
 
 # cell kind -> its positive antibodies, expected label
@@ -95,8 +93,10 @@ def test_protein_rule_rejects_bad_input() -> None:
 
 def _counts(n_cells=90, n_genes=40, value=None, seed=0):
     rng = np.random.default_rng(seed)
-    X = rng.poisson(3.0, size=(n_cells, n_genes)) if value is None else np.full(
-        (n_cells, n_genes), value
+    X = (
+        rng.poisson(3.0, size=(n_cells, n_genes))
+        if value is None
+        else np.full((n_cells, n_genes), value)
     )
     labels = np.array(["t0", "t1", "t2"])[np.arange(n_cells) % 3]
     return ad.AnnData(X=sp.csr_matrix(X.astype(np.float64))), labels
