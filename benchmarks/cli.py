@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-__all__ = ["git_commit", "machine_info", "main", "run_benchmarks"]
+__all__ = ["git_commit", "machine_info", "main", "package_versions", "run_benchmarks"]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -174,7 +174,8 @@ def machine_info(loadavg_start: tuple[float, ...]) -> dict[str, Any]:
     return info
 
 
-def _versions() -> dict[str, str]:
+def package_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
+    """Python's and the installed versions of the benchmark's packages (and ``extra``)."""
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
@@ -187,6 +188,7 @@ def _versions() -> dict[str, str]:
         "matplotlib",
         "umap-learn",
         "zinbgrad",
+        *extra,
     ):
         try:
             out[pkg] = md.version(pkg)
@@ -415,7 +417,7 @@ def run_benchmarks(argv: list[str] | None = None, log=print) -> dict[str, Any]:
         meta["machine"] = machine_info(load0)
 
     meta["profile"] = profile_to_dict(profile)
-    versions = dict(meta.get("versions") or _versions())  # report-only keeps the run's
+    versions = dict(meta.get("versions") or package_versions())  # report-only keeps the run's
     for r in records:
         for k, v in (r.get("versions") or {}).items():
             versions.setdefault(k, v)

@@ -599,12 +599,10 @@ def _zinbgrad_commit(path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import importlib.metadata as md
-
     import torch
 
     import zinbgrad
-    from benchmarks.cli import machine_info
+    from benchmarks.cli import machine_info, package_versions
     from benchmarks.datasets import DATASETS, find_data_dir
 
     args = _parser().parse_args(argv)
@@ -654,21 +652,7 @@ def main(argv: list[str] | None = None) -> int:
             (out / f"{args.tag}.partial.json").write_text(
                 json.dumps({"records": records}, indent=1, default=float)
             )
-    versions = {"python": sys.version.split()[0], "torch": torch.__version__}
-    for pkg in (
-        "numpy",
-        "scikit-learn",
-        "scib-metrics",
-        "jax",
-        "scvi-tools",
-        "harmonypy",
-        "anndata",
-        "zinbgrad",
-    ):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
+    versions = package_versions(("scib-metrics", "jax", "scvi-tools", "harmonypy"))
     meta = {
         "command": "python benchmarks/integration.py " + " ".join(argv or sys.argv[1:]),
         "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
