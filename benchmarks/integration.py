@@ -378,10 +378,11 @@ def render_markdown(records: list[dict[str, Any]], meta: dict[str, Any], fig: Pa
         + ", ".join(f"{k} {v}" for k, v in sorted(meta["versions"].items()))
         + f"; zinbgrad from `{meta['zinbgrad_path']}` at commit `{meta['zinbgrad_commit']}`  "
     )
-    for label, mm in meta.get("merged", {}).items():
+    for path, mm in meta.get("merged", {}).items():
+        commit = f"commit `{mm['zinbgrad_commit']}` of " if mm["zinbgrad_commit"] else ""
         L.append(
-            f"Embeddings marked `@{label}`: from another run on the same cells, zinbgrad at "
-            f"commit `{mm['zinbgrad_commit']}` ({mm['zinbgrad_path']}), finished {mm['finished']}, "
+            f"Embeddings marked `@{mm['label']}`: from `{path}`, another run on the same cells, "
+            f"zinbgrad {commit}`{mm['zinbgrad_path']}`, finished {mm['finished']}, "
             f"`uptime` at its start `{mm['uptime_start']}`; command `{mm['command']}`; variants "
             + "; ".join(f"`{k}` = `{json.dumps(v)}`" for k, v in mm["variants"].items())
             + "  "
@@ -461,7 +462,7 @@ def make_figure(records: list[dict[str, Any]], path: Path) -> Path:
         for k in r["embeddings"]:
             if k not in names:
                 names.append(k)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 5.5), gridspec_kw={"width_ratios": [3, 2]})
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 7.5), gridspec_kw={"width_ratios": [3, 2]})
     width = 0.8 / max(len(names), 1)
     cmap = plt.get_cmap("tab20")
     for i, k in enumerate(names):
@@ -475,7 +476,7 @@ def make_figure(records: list[dict[str, Any]], path: Path) -> Path:
     ax1.set_ylabel("scib Total (unscaled)")
     lo = min((e["Total"] for r in records for e in r["embeddings"].values()), default=0.0)
     ax1.set_ylim(max(0.0, lo - 0.05), None)
-    ax1.legend(fontsize=7, ncol=2)
+    ax1.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.14))
     ax2.set_xlabel("batch correction")
     ax2.set_ylabel("bio conservation")
     ax2.set_title("every dataset and seed", fontsize=9)
@@ -634,7 +635,8 @@ def main(argv: list[str] | None = None) -> int:
             other = json.loads(Path(path).read_text())
             merge_records(saved["records"], other["records"], label)
             keep = ("command", "finished", "zinbgrad_commit", "zinbgrad_path", "variants")
-            merged[label] = {k: other["meta"][k] for k in keep + ("uptime_start",)}
+            merged[path] = {k: other["meta"][k] for k in keep + ("uptime_start",)}
+            merged[path]["label"] = label
         if merged:
             saved["meta"]["merged"] = merged
         _write_report(saved["records"], saved["meta"], args, out)
