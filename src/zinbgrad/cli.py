@@ -152,6 +152,7 @@ def _fit_and_write(args: argparse.Namespace) -> int:
             str(inp) if stream else adata,
             layer=args.layer,
             batch_key=args.batch_key,
+            covariate_keys=args.covariate_keys,
             checkpoint=args.checkpoint,
             checkpoint_every=args.checkpoint_every,
             resume=args.resume,
@@ -251,6 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("-o", "--output", required=True, help="output .h5ad (written atomically)")
     f.add_argument("-k", "--n-components", type=int, default=10, help="latent factors K")
     f.add_argument("--batch-key", default=None, help="obs column modelled as batch in X")
+    f.add_argument(
+        "--covariate-keys",
+        nargs="+",
+        default=None,
+        help="further obs columns in X (categorical as indicators, numeric as they are)",
+    )
     f.add_argument("--layer", default=None, help="layer with the raw counts (default .X)")
     f.add_argument("--epochs", type=int, default=100, help="maximum epochs")
     f.add_argument("--tol", type=float, default=1e-4, help="relative change to stop at")

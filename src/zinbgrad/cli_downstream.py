@@ -183,7 +183,13 @@ def _cmd_project(args) -> int:
     t0 = time.perf_counter()
     try:
         tl.project(
-            query, model, key_added=args.key_added, layer=args.layer, batch_key=args.batch_key
+            query,
+            model,
+            key_added=args.key_added,
+            layer=args.layer,
+            reference_batch=args.reference_batch,
+            batch_key=args.batch_key,
+            covariate_keys=args.covariate_keys,
         )
     except (ValueError, KeyError) as err:
         raise SystemExit(f"error: {err}") from err
@@ -315,7 +321,9 @@ def add_subcommands(subparsers) -> None:
         "project",
         help="map new cells into a fitted model's latent space",
         description="Fit W (and the cell intercepts) of new cells with the model's gene "
-        "parameters fixed; genes are matched by name (all model genes must be present).",
+        "parameters fixed; genes are matched by name (all model genes must be present). Each "
+        "query cell is encoded with the fit's batch_key and covariate_keys, read from the "
+        "query's obs (a missing column is an error).",
     )
     p.add_argument("input", help="query .h5ad with raw counts (not modified)")
     p.add_argument("-o", "--output", required=True, help="output .h5ad (new file, atomic)")
@@ -323,7 +331,19 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--model-key", default="X_zinbwave", help="model key in the --model .h5ad")
     p.add_argument("--key-added", default="X_zinbwave", help="obsm key receiving W")
     p.add_argument("--layer", default=None, help="layer of the query with the raw counts")
-    p.add_argument("--batch-key", default=None, help="query obs column with the fit's batches")
+    p.add_argument(
+        "--reference-batch",
+        action="store_true",
+        help="encode every query cell as the fit's reference batch (default: read each cell's "
+        "batch and covariates from the query's obs, with the fit's keys)",
+    )
+    p.add_argument("--batch-key", default=None, help="optional check: must be the fit's batch key")
+    p.add_argument(
+        "--covariate-keys",
+        nargs="+",
+        default=None,
+        help="optional check: must be the fit's covariate keys",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.set_defaults(func=_cmd_project)
 

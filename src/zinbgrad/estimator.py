@@ -172,7 +172,7 @@ def _select_columns(M: np.ndarray, which, what: str) -> np.ndarray:
     return M[:, idx.astype(int)]
 
 
-class ZINBWaVE(TransformerMixin, BaseEstimator):
+class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
     """ZINB-WaVE (Risso et al. 2018) fitted by batched second-order optimization in PyTorch.
 
     ``Y[i, j] ~ ZINB(mu, theta, pi)`` with ``log mu = X beta_mu + (V gamma_mu)^T + W alpha_mu +
@@ -798,47 +798,144 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
             return info["categories"]
         return {info["batch_key"]: info["levels"]} if "levels" in info else {}
 
-    def _new_cell_design(self, counts, X, batch_key, covariate_keys, O_mu, O_pi):
-        n = counts.shape[0]
-        J = len(self.var_names_)
-        if X is not None:
-            Xm = check_design_matrix(X, n, "X", "cells")
-        elif batch_key is not None or covariate_keys:
-            fitted_batch = (self.batch_info_ or {}).get("batch_key")
-            if batch_key is not None and batch_key != fitted_batch:
-                raise ValueError(
-                    f"batch_key={batch_key!r}, but the model was fitted "
-                    + (f"with batch_key={fitted_batch!r}" if fitted_batch else "without one")
-                )
-            # new cells are encoded against the fitted levels: any subset of them, with the
-            # fit's reference level
-            Xb, names, _ = build_cell_design(
-                counts.obs,
-                n,
-                batch_key=batch_key,
-                covariate_keys=covariate_keys,
-                categories=self._categories(),
+    def fit_keys(self) -> tuple[str | None, list[str]]:
+        """The ``obs`` columns the fit's design X was built from: ``(batch_key,
+        covariate_keys)`` (``(None, [])`` for a model with an intercept only).
+
+        Raises ``ValueError`` for a model fitted with an explicit ``X`` (or built by
+        :meth:`from_params` with more than an intercept): its columns come from no ``obs``
+        column, so new cells need ``X=``.
+        """
+        self._check_fitted()
+        info = self.batch_info_ or {}
+        batch_key = info.get("batch_key")
+        if "covariate_keys" in info:
+            return batch_key, [str(k) for k in info["covariate_keys"]]
+        if "categories" not in info and "batch_key" not in info:  # explicit X, from_params
+            if list(self.X_columns_) in ([], ["intercept"]):
+                return None, []
+            raise ValueError(
+                "the model was fitted with an explicit X (its columns come from no obs "
+                "column); pass X= with the new cells' design"
             )
-            Xm = np.zeros((n, len(self.X_columns_)))
-            for k, nm in enumerate(names):
-                if nm not in self.X_columns_:
-                    raise ValueError(
-                        f"covariate column {nm!r} is not in the fitted model "
-                        f"(its columns: {self.X_columns_})"
-                    )
-                Xm[:, self.X_columns_.index(nm)] = Xb[:, k]
-        elif self.X_columns_ and self.X_columns_[0] == "intercept":
-            # default for new cells: intercept only, i.e. the reference batch / zero covariates
-            Xm = np.zeros((n, len(self.X_columns_)))
+        # fitted before the keys were recorded: read them off the column names
+        cats = self._categories()
+        keys: list[str] = []
+        for name in self.X_columns_[1:]:
+            key = next((k for k in cats if name.startswith(f"{k}[")), name)
+            if key not in keys and key != batch_key:
+                keys.append(key)
+        return batch_key, keys
+
+    def encode_cells(
+        self,
+        obs,
+        n: int,
+        *,
+        X=None,
+        reference_batch: bool = False,
+        batch_key: str | None = None,
+        covariate_keys: list[str] | str | None = None,
+    ) -> np.ndarray:
+        """The design X (n x M, the fit's columns) of ``n`` new cells.
+
+        By default the fit's own ``batch_key`` and ``covariate_keys`` (:meth:`fit_keys`) are
+        read from ``obs``: categorical columns are encoded against the fitted levels with the
+        fit's reference level (the cells may hold any subset of them), numeric ones as they
+        are. A missing column, or a level the fit never saw, is an error that names it. A
+        model fitted without covariates ignores ``obs``.
+
+        Parameters
+        ----------
+        obs
+            The new cells' annotations (``adata.obs``), or ``None`` (arrays).
+        n
+            Number of new cells.
+        X
+            An explicit design instead (n x M, the fit's columns in order).
+        reference_batch
+            Encode every cell as the fit's reference batch with zero numeric covariates (an
+            intercept only), whatever ``obs`` holds.
+        batch_key, covariate_keys
+            Optional; when given they must be the fit's (a check, nothing more).
+        """
+        self._check_fitted()
+        M = len(self.X_columns_)
+        if X is not None:
+            if reference_batch:
+                raise ValueError("pass either X or reference_batch=True, not both")
+            Xm = check_design_matrix(X, n, "X", "cells")
+            if Xm.shape[1] != M:
+                raise ValueError(f"X has {Xm.shape[1]} columns; the model has {M}")
+            return Xm
+        if reference_batch:
+            if not self.X_columns_ or self.X_columns_[0] != "intercept":
+                raise ValueError(
+                    "the model was fitted with an explicit X; pass X for the new cells"
+                )
+            Xm = np.zeros((n, M))
             Xm[:, 0] = 1.0
-        else:
-            raise ValueError("the model was fitted with an explicit X; pass X for the new cells")
-        if Xm.shape[1] != self.X_.shape[1]:
-            raise ValueError(f"X has {Xm.shape[1]} columns; the model has {self.X_.shape[1]}")
-        return Xm, self._offset(O_mu, n, J, "O_mu"), self._offset(O_pi, n, J, "O_pi")
+            return Xm
+        fit_batch, fit_covs = self.fit_keys()
+        if batch_key is not None and batch_key != fit_batch:
+            raise ValueError(
+                f"batch_key={batch_key!r}, but the model was fitted "
+                + (f"with batch_key={fit_batch!r}" if fit_batch else "without one")
+                + "; new cells are encoded with the fit's keys (leave batch_key out)"
+            )
+        if covariate_keys is not None:
+            given = [covariate_keys] if isinstance(covariate_keys, str) else list(covariate_keys)
+            if sorted(given) != sorted(fit_covs):
+                raise ValueError(
+                    f"covariate_keys={given}, but the model was fitted with "
+                    f"covariate_keys={fit_covs}; new cells are encoded with the fit's keys "
+                    "(leave covariate_keys out)"
+                )
+        keys = ([fit_batch] if fit_batch else []) + fit_covs
+        if not keys:
+            Xm = np.zeros((n, M))
+            Xm[:, 0] = 1.0
+            return Xm
+        hint = (
+            "; pass reference_batch=True to encode every new cell as the reference batch "
+            f"({(self.batch_info_ or {}).get('reference', 'zero covariates')!r}), or an "
+            "explicit X"
+        )
+        if obs is None:
+            raise ValueError(
+                f"the model was fitted with obs columns {keys}: new cells need an AnnData "
+                "with them in .obs" + hint
+            )
+        missing = [k for k in keys if k not in obs.columns]
+        if missing:
+            raise KeyError(
+                f"the model was fitted with obs column(s) {missing}, missing from the new "
+                f"cells' .obs (its columns: {list(obs.columns)})" + hint
+            )
+        Xb, names, _ = build_cell_design(
+            obs, n, batch_key=fit_batch, covariate_keys=fit_covs, categories=self._categories()
+        )
+        Xm = np.zeros((n, M))
+        for k, nm in enumerate(names):
+            if nm not in self.X_columns_:
+                raise ValueError(
+                    f"covariate column {nm!r} is not in the fitted model "
+                    f"(its columns: {self.X_columns_})"
+                )
+            Xm[:, self.X_columns_.index(nm)] = Xb[:, k]
+        return Xm
 
     def _project(
-        self, data, layer, X, batch_key, covariate_keys, O_mu, O_pi, max_steps: int = 100
+        self,
+        data,
+        layer=None,
+        X=None,
+        batch_key=None,
+        covariate_keys=None,
+        O_mu=None,
+        O_pi=None,
+        reference_batch: bool = False,
+        max_steps: int = 100,
     ) -> tuple[Params, np.ndarray, Engine]:
         self._check_fitted()
         counts = open_counts(
@@ -846,7 +943,16 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         )
         self._align_genes(counts)
         n = counts.shape[0]
-        Xm, Om, Op = self._new_cell_design(counts, X, batch_key, covariate_keys, O_mu, O_pi)
+        J = len(self.var_names_)
+        Xm = self.encode_cells(
+            counts.obs,
+            n,
+            X=X,
+            reference_batch=reference_batch,
+            batch_key=batch_key,
+            covariate_keys=covariate_keys,
+        )
+        Om, Op = self._offset(O_mu, n, J, "O_mu"), self._offset(O_pi, n, J, "O_pi")
         dev, dt = self._torch_setup()
         design = self._make_design(Xm, self.V_, Om, Op, dev, dt)
         pen = self._penalty_obj(design)
@@ -889,6 +995,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         *,
         layer: str | None = None,
         X=None,
+        reference_batch: bool = False,
         batch_key: str | None = None,
         covariate_keys: list[str] | None = None,
         O_mu=None,
@@ -896,14 +1003,31 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
     ) -> np.ndarray:
         """Latent factors W of new cells (gene parameters fixed; zinbwave's projection).
 
-        Genes are aligned by name with the training data (extra genes are ignored, missing
-        genes are an error); an array or sparse matrix without names must have the model's
-        genes as its columns. New cells get the reference batch unless ``batch_key`` or ``X``
-        is given. With ``batch_key`` (the fit's) and ``covariate_keys``, categorical columns
-        are encoded against the fitted levels: the new cells may hold any of them, and a level
-        the fit did not see is an error.
+        Parameters
+        ----------
+        data
+            Counts of the new cells (AnnData, array, sparse matrix, DataFrame, or an
+            ``.h5ad`` path / backed AnnData, streamed). Genes are aligned by name with the
+            training data (extra genes are ignored, missing genes are an error); an array or
+            sparse matrix without names must have the model's genes as its columns.
+        layer
+            AnnData layer with the counts.
+        X
+            An explicit design for the new cells (n x M, the fit's columns).
+        reference_batch
+            Encode every new cell as the fit's reference batch (zero numeric covariates)
+            instead of reading its batch from ``.obs``.
+        batch_key, covariate_keys
+            Not needed: the new cells are encoded with the fit's own ``batch_key`` and
+            ``covariate_keys``, read from their ``.obs`` (see :meth:`encode_cells`: the
+            fitted levels, the fit's reference; a missing column or a level the fit never saw
+            is an error). When given they must be the fit's.
+        O_mu, O_pi
+            Offsets of the new cells, as in :meth:`fit`.
         """
-        params, _, _ = self._project(data, layer, X, batch_key, covariate_keys, O_mu, O_pi)
+        params, _, _ = self._project(
+            data, layer, X, batch_key, covariate_keys, O_mu, O_pi, reference_batch
+        )
         return params.W.cpu().numpy()
 
     def score_samples(
@@ -912,21 +1036,25 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         *,
         layer: str | None = None,
         X=None,
+        reference_batch: bool = False,
         batch_key: str | None = None,
         covariate_keys: list[str] | None = None,
         O_mu=None,
         O_pi=None,
     ) -> np.ndarray:
-        """Held-out log-likelihood of each new cell, its local parameters re-optimized.
+        """Held-out log-likelihood of each new cell (one value per cell), its local
+        parameters re-optimized with the gene parameters fixed.
 
-        The keywords are those of :meth:`transform`.
+        The keywords are those of :meth:`transform` (the cells' batch is read from ``.obs``).
         """
-        _, ll, _ = self._project(data, layer, X, batch_key, covariate_keys, O_mu, O_pi)
+        _, ll, _ = self._project(
+            data, layer, X, batch_key, covariate_keys, O_mu, O_pi, reference_batch
+        )
         return ll
 
     def score(self, data, y=None, **kw) -> float:
-        """Mean held-out log-likelihood per cell (higher is better); keywords as in
-        :meth:`transform`."""
+        """Mean held-out log-likelihood per cell (higher is better; the mean of
+        :meth:`score_samples`); keywords as in :meth:`transform`."""
         return float(np.mean(self.score_samples(data, **kw)))
 
     def fit_transform(self, data, y=None, **fit_params) -> np.ndarray:
@@ -1203,8 +1331,9 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         ignore_W
             Set the latent factors to 0 (zinbwave's ``ignoreW``).
         **project_kw
-            For new cells: ``layer``, ``X``, ``batch_key``, ``covariate_keys``, ``O_mu``,
-            ``O_pi`` as in :meth:`transform`.
+            For new cells: ``layer``, ``X``, ``reference_batch``, ``batch_key``,
+            ``covariate_keys``, ``O_mu``, ``O_pi`` as in :meth:`transform` (by default the
+            cells' batch and covariates are read from their ``.obs`` with the fit's keys).
 
         Returns
         -------
@@ -1234,7 +1363,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
             if project_kw:
                 raise TypeError(f"unexpected arguments without data: {sorted(project_kw)}")
             return self.training_design(dev, dt), self.get_params_torch(dev, dt)
-        allowed = {"layer", "X", "batch_key", "covariate_keys", "O_mu", "O_pi"}
+        allowed = {"layer", "X", "reference_batch", "batch_key", "covariate_keys", "O_mu", "O_pi"}
         unknown = set(project_kw) - allowed
         if unknown:
             raise TypeError(f"unexpected arguments: {sorted(unknown)}")
@@ -1246,6 +1375,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
             project_kw.get("covariate_keys"),
             project_kw.get("O_mu"),
             project_kw.get("O_pi"),
+            bool(project_kw.get("reference_batch", False)),
         )
         return engine.design.to(dev, dt), params.to(dev, dt)
 

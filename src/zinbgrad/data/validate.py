@@ -224,7 +224,8 @@ def build_cell_design(
     Returns
     -------
     (X, column_names, info)
-        ``info["categories"]`` holds the levels of every categorical column; with a
+        ``info["categories"]`` holds the levels of every categorical column and
+        ``info["covariate_keys"]`` the covariate columns (the batch's excluded); with a
         ``batch_key``, ``info`` also holds ``batch_key``, its ``levels`` and ``reference``,
         for batch correction later.
     """
@@ -285,5 +286,6 @@ def build_cell_design(
             cols.append((values == lv).astype(np.float64))
             names.append(f"{key}[{lv}]")
     info["categories"] = seen
+    info["covariate_keys"] = [k for k in keys if k != batch_key]
     X = np.column_stack(cols) if cols else np.zeros((n, 0))
     return X, names, info

@@ -313,6 +313,7 @@ def project(
     *,
     layer: str | None = None,
     key: str = "X_zinbwave",
+    reference_batch: bool = False,
     batch_key: str | None = None,
     covariate_keys: list[str] | None = None,
     copy: bool = False,
@@ -320,7 +321,9 @@ def project(
     """Map new cells into a fitted model's latent space (zinbwave's projection).
 
     The gene parameters stay fixed; each query cell's ``W`` and ``gamma`` are fitted to its
-    counts (:meth:`zinbgrad.ZINBWaVE.transform`).
+    counts (:meth:`zinbgrad.ZINBWaVE.transform`). The query cells are encoded with the fit's
+    own ``batch_key`` and ``covariate_keys``, read from ``adata_query.obs`` (fitted levels,
+    the fit's reference; a missing column or an unseen level is an error).
 
     Parameters
     ----------
@@ -328,25 +331,25 @@ def project(
         Raw counts of the new cells. Genes are aligned by name with the model (extra genes are
         ignored; a missing gene is an error).
     model
-        A fitted :class:`~zinbgrad.ZINBWaVE`, or the reference AnnData holding one under
-        ``key``.
+        A fitted :class:`~zinbgrad.ZINBWaVE`, the reference AnnData holding one under
+        ``key``, or the path of a model saved with :meth:`~zinbgrad.ZINBWaVE.save` (``.npz``)
+        or of an ``.h5ad`` holding one.
     key_added
         ``adata_query.obsm[key_added]`` receives the latent factors (cells x K).
     layer
         Layer of ``adata_query`` with the counts.
     key
-        Model key when ``model`` is an AnnData.
+        Model key when ``model`` is an AnnData or an ``.h5ad`` path.
+    reference_batch
+        Encode every query cell as the fit's reference batch instead of reading its batch
+        from ``adata_query.obs``.
     batch_key, covariate_keys
-        ``adata_query.obs`` columns, encoded against the levels of the fit (the query may
-        hold any of them; default: every query cell in the reference batch).
+        Not needed (the fit's are used); when given they must be the fit's.
     copy
         Return a modified copy instead of writing into ``adata_query``.
     """
     _check_anndata(adata_query, "adata_query")
-    if not isinstance(model, ZINBWaVE):
-        _check_anndata(model, "model (a fitted ZINBWaVE or the reference AnnData)")
-        model = model_from_anndata(model, key)
-    model._check_fitted()
+    model = _model_argument(model, key)
     query_genes = set(np.asarray(adata_query.var_names).astype(str))
     missing = [g for g in np.asarray(model.var_names_).astype(str) if g not in query_genes]
     if missing:
@@ -355,12 +358,38 @@ def project(
             f"(e.g. {', '.join(missing[:5])}); the query needs every model gene"
         )
     W = model.transform(
-        adata_query, layer=layer, batch_key=batch_key, covariate_keys=covariate_keys
+        adata_query,
+        layer=layer,
+        reference_batch=reference_batch,
+        batch_key=batch_key,
+        covariate_keys=covariate_keys,
     )
     target = adata_query.copy() if copy else adata_query
     target.obsm[key_added] = W
     target.uns.setdefault("zinbgrad_outputs", {})[key_added] = {
         "output": "projection",
         "n_components": int(W.shape[1]),
+        "reference_batch": bool(reference_batch),
     }
     return target if copy else None
+
+
+def _model_argument(model, key: str) -> ZINBWaVE:
+    """A fitted model from a ZINBWaVE, an AnnData holding one, or a path (.npz / .h5ad)."""
+    import os
+    from pathlib import Path
+
+    if isinstance(model, str | os.PathLike):
+        path = Path(model)
+        if not path.exists():
+            raise FileNotFoundError(f"no such model file: {path}")
+        if path.suffix == ".npz":
+            return ZINBWaVE.load(path)
+        import anndata as ad
+
+        return model_from_anndata(ad.read_h5ad(path), key)
+    if not isinstance(model, ZINBWaVE):
+        _check_anndata(model, "model (a fitted ZINBWaVE, the reference AnnData or a path)")
+        model = model_from_anndata(model, key)
+    model._check_fitted()
+    return model
