@@ -146,6 +146,8 @@ def _fit_and_write(args: argparse.Namespace) -> int:
             sketch_size=args.sketch_size,
             batch_size=args.batch_size,
             allow_non_integer=args.allow_non_integer,
+            empty_genes=args.empty_genes,
+            empty_cells=args.empty_cells,
             verbose=not args.quiet and comm.rank == 0,
         )
         model.fit(
@@ -274,6 +276,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-non-integer",
         action="store_true",
         help="fit non-integer counts (e.g. ambient-corrected), with a warning",
+    )
+    f.add_argument(
+        "--empty-genes",
+        default="exclude",
+        choices=["exclude", "error"],
+        help="genes without counts: leave them out of the fit (with a warning; "
+        "var['<key>_fitted']) or refuse the data",
+    )
+    f.add_argument(
+        "--empty-cells",
+        default="error",
+        choices=["error", "exclude"],
+        help="cells without counts: refuse the data, or leave them out of the fit "
+        "(in memory only; obs['<key>_fitted'])",
     )
     f.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     f.add_argument(

@@ -237,6 +237,24 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         ``"auto"`` (float64 on CPU, float32 on GPU), ``"float32"`` or ``"float64"``.
     allow_non_integer
         Accept non-integer counts (with a warning), e.g. ambient-corrected data.
+    empty_genes
+        Genes without a non-zero count in the data at hand (a train/test split, a cluster, one
+        sample of a study): ``"exclude"`` (default) leaves them out of the fit with one
+        warning that counts them (their parameters are not identified: the likelihood grows
+        without bound as their mean goes to 0); ``"error"`` refuses the data, naming them.
+        The fit on the other genes is exactly the fit of the data with those genes removed.
+        ``gene_fitted_`` records which genes were fitted; in an AnnData,
+        ``var[key_added + "_fitted"]``. Outputs for them: NaN loadings, intercepts and
+        dispersion; for the training cells (all zeros there) the model of a point mass at 0:
+        mu = 0, pi = 0, expected and imputed counts 0, residuals 0, observational weight 1,
+        log mu = -inf. New cells are projected on the fitted genes only (counts they have in
+        the excluded genes are ignored).
+    empty_cells
+        Cells without a non-zero count (they have no latent position): ``"error"``
+        (default) refuses the data, naming them; ``"exclude"`` leaves them out of the fit
+        (in-memory data only), recorded in ``cell_fitted_`` (in an AnnData,
+        ``obs[key_added + "_fitted"]``); their rows of W and of every per-cell output are
+        NaN.
     random_state
         Seed of the initialization subsample, the randomized SVD and the minibatch order: an
         integer (the default 0 makes fits reproducible), or ``None`` / a numpy
@@ -267,7 +285,14 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         The full cell design used (``X_columns_`` names its columns).
     V_ : ndarray (n_genes, L)
     var_names_ : ndarray
-        Gene names of the training data (new data is aligned on them).
+        Names of the fitted genes (new data is aligned on them).
+    var_names_in_ : ndarray
+        Gene names of the data passed to :meth:`fit` (those left out included).
+    gene_fitted_ : ndarray of bool (len(var_names_in_),)
+        Which genes of the data were fitted (see ``empty_genes``).
+    cell_fitted_ : ndarray of bool (cells of the data,)
+        Which cells of the data were fitted (see ``empty_cells``); ``W_`` and the
+        per-cell arrays hold the fitted cells.
     batch_info_ : dict
         ``categories``: the levels (reference first) of every categorical ``obs`` column in
         X, against which new cells are encoded; with a ``batch_key`` also ``batch_key``, its
@@ -311,6 +336,8 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         fused: bool | str = "auto",
         dtype: str = "auto",
         allow_non_integer: bool = False,
+        empty_genes: str = "exclude",
+        empty_cells: str = "error",
         random_state: int | np.random.RandomState | None = 0,
         verbose: bool = True,
     ) -> None:
@@ -339,6 +366,8 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         self.fused = fused
         self.dtype = dtype
         self.allow_non_integer = allow_non_integer
+        self.empty_genes = empty_genes
+        self.empty_cells = empty_cells
         self.random_state = random_state
         self.verbose = verbose
 
@@ -380,6 +409,14 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
             raise ValueError(
                 f"solver must be 'auto', 'full', 'sketch' or 'stochastic', got {self.solver!r}"
             )
+        for name, choices in (
+            ("empty_genes", ("exclude", "error")),
+            ("empty_cells", ("error", "exclude")),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(
+                    f"{name} must be {choices[0]!r} or {choices[1]!r}, got {getattr(self, name)!r}"
+                )
         if self.fused not in ("auto", True, False):
             raise ValueError(f"fused must be 'auto', True or False, got {self.fused!r}")
         rs = self.random_state
@@ -531,7 +568,8 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         t_start = time.perf_counter()
         comm = current_comm()
         dev, dt = self._torch_setup()
-        inp = open_counts(data, layer, allow_non_integer=self.allow_non_integer)
+        inp = open_counts(data, layer, allow_non_integer=self.allow_non_integer, check_empty=False)
+        cell_fitted, gene_fitted, var_names_in = self._leave_out_empty(inp, comm.rank == 0)
         n, J = inp.shape
         with cpu_threads(dev, n * J), flush_denormals(dev.type == "cpu"):
             self._check_hyperparameters(n, J)
@@ -638,6 +676,8 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
                 final.gamma_mu = comm.all_gather_rows(final.gamma_mu.T, n).T
                 final.gamma_pi = comm.all_gather_rows(final.gamma_pi.T, n).T
             self._store(final, pen, design_all, Xm, xnames, Vm, inp)
+            self.var_names_in_ = var_names_in
+            self.gene_fitted_, self.cell_fitted_ = gene_fitted, cell_fitted
             self.batch_info_ = batch_info
             traj = engine.trajectory
             self.fit_path_ = (
@@ -654,6 +694,51 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
             self.fit_time_ = time.perf_counter() - t_start
             self._set_criteria(n, J)
             return self
+
+    def _leave_out_empty(self, inp, warn: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Apply ``empty_cells`` / ``empty_genes`` to the validated input (restricting it to
+        the cells and genes that are fitted); returns the masks of the fitted cells and genes
+        and the input's gene names."""
+        import warnings
+
+        from .data.validate import empty_counts_message
+
+        if self.empty_genes not in ("exclude", "error") or self.empty_cells not in (
+            "error",
+            "exclude",
+        ):
+            self._check_hyperparameters(*inp.shape)  # names the bad option
+        n, J = inp.shape
+        cells = np.ones(n, dtype=bool)
+        genes = np.ones(J, dtype=bool)
+        var_names_in = np.asarray(inp.var_names).astype(str)
+        where = f"{inp.path}: " if inp.path else ""
+        notes: list[str] = []
+        if inp.empty_cells is not None and inp.empty_cells.size:
+            msg = empty_counts_message("cells", inp.empty_cells, inp.obs_names)
+            if self.empty_cells == "error":
+                raise ValueError(where + msg)
+            cells[inp.empty_cells] = False
+            short = empty_counts_message("cells", inp.empty_cells, inp.obs_names, hint=False)
+            notes.append(f"{where}{short}; they are left out of the fit (cell_fitted_)")
+        if inp.empty_genes is not None and inp.empty_genes.size:
+            if self.empty_genes == "error":
+                raise ValueError(
+                    where + empty_counts_message("genes", inp.empty_genes, inp.var_names)
+                )
+            genes[inp.empty_genes] = False
+            short = empty_counts_message("genes", inp.empty_genes, inp.var_names, hint=False)
+            notes.append(
+                f"{where}{short} in these cells; they are left out of the fit "
+                "(gene_fitted_; NaN parameters; empty_genes='error' refuses such data)"
+            )
+        if not genes.any() or not cells.any():
+            raise ValueError(f"{where}no counts left to fit after leaving out empty cells/genes")
+        if not cells.all() or not genes.all():
+            inp.keep(cells, genes)
+        for note in notes if warn else []:
+            warnings.warn(note, stacklevel=3)
+        return cells, genes, var_names_in
 
     def _store(self, params: Params, pen: Penalty, design: Design, Xm, xnames, Vm, counts) -> None:
         arrays = params.as_numpy()
@@ -710,6 +795,20 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         """Inverse dispersion ``exp(zeta_)`` per gene."""
         return np.exp(self.zeta_)
 
+    def fitted_masks(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(gene_fitted_, cell_fitted_, var_names_in_)``: which genes and cells of the
+        data passed to :meth:`fit` were fitted (all of them for models that left none
+        out, loaded from older files or built by :meth:`from_params`)."""
+        genes = getattr(self, "gene_fitted_", None)
+        if genes is None:
+            n = self.W_.shape[0]
+            return (
+                np.ones(len(self.var_names_), dtype=bool),
+                np.ones(n, dtype=bool),
+                np.asarray(self.var_names_).astype(str),
+            )
+        return genes, self.cell_fitted_, self.var_names_in_
+
     def _check_fitted(self) -> None:
         if not hasattr(self, "zeta_"):
             from sklearn.exceptions import NotFittedError
@@ -756,6 +855,11 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
     # ------------------------------------------------------------------ new cells
     def _align_genes(self, counts) -> None:
         J = len(self.var_names_)
+        genes, _, names_in = self.fitted_masks()
+        if not counts.named and counts.shape[1] == len(genes) != J and counts.X is not None:
+            # an array with the columns of the data passed to fit: the fitted ones are used
+            counts.X = counts.X[:, np.flatnonzero(genes)]
+            counts.shape = counts.X.shape
         if not counts.named:  # an array or sparse matrix: its columns are the model's genes
             if counts.shape[1] != J:
                 raise ValueError(
@@ -977,7 +1081,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
             common_dispersion=self.common_dispersion,
             options=FitOptions(block_entries=self._block_entries(dev, dt)),
         )
-        with flush_denormals(dev.type == "cpu"):
+        with cpu_threads(dev, n * len(self.var_names_)), flush_denormals(dev.type == "cpu"):
             ll_cells = engine.optimize_cells(max_steps=max_steps, path=path)
         if hasattr(source, "close"):
             source.close()
@@ -1092,6 +1196,8 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
             raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
         arrays = {k: getattr(self, k + "_") for k in _GENE_ARRAYS + _CELL_ARRAYS}
         arrays.update(X=self.X_, V=self.V_, var_names=self.var_names_, obs_names=self.obs_names_)
+        genes, cells, names_in = self.fitted_masks()
+        arrays.update(gene_fitted=genes, cell_fitted=cells, var_names_in=names_in)
         if self.O_mu_ is not None:
             arrays["O_mu"] = self.O_mu_
         if self.O_pi_ is not None:
@@ -1159,6 +1265,10 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         model.var_names_ = z["var_names"].astype(str)
         model.obs_names_ = z["obs_names"].astype(str)
         model.n_features_in_ = len(model.var_names_)
+        if "gene_fitted" in files:  # older files: every gene and cell was fitted
+            model.gene_fitted_ = np.asarray(z["gene_fitted"], dtype=bool)
+            model.cell_fitted_ = np.asarray(z["cell_fitted"], dtype=bool)
+            model.var_names_in_ = z["var_names_in"].astype(str)
         model.X_columns_ = [str(c) for c in meta["X_columns"]]
         model.batch_info_ = dict(meta.get("batch_info") or {})
         model.penalty_params_ = dict(meta["penalty_params"])
@@ -1197,6 +1307,14 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
             cols = n if name.startswith("gamma") else J
             if a.ndim != 2 or a.shape[1] != cols or a.shape[0] > rows:
                 raise ValueError(f"{name} has shape {a.shape}, expected (<= {rows}, {cols})")
+        genes, cells, names_in = self.fitted_masks()
+        if genes.sum() != J or cells.sum() != n or len(names_in) != len(genes):
+            raise ValueError(
+                f"gene_fitted/cell_fitted select {genes.sum()} genes and {cells.sum()} cells, "
+                f"not {J} and {n}"
+            )
+        if not np.array_equal(names_in[genes], self.var_names_):
+            raise ValueError("var_names_in[gene_fitted] differ from var_names")
         path = getattr(self, "fit_path_", None) or {}
         if "zeta" in path and np.shape(path["zeta"])[-1] != J:
             raise ValueError(f"the fit path has {np.shape(path['zeta'])[-1]} genes, not {J}")

@@ -165,6 +165,10 @@ class BackedCounts:
         Floating type and device of the blocks.
     row_range
         ``(start, stop)``: expose only these cells (re-indexed from 0).
+    genes
+        Boolean mask over the file's genes: expose only these (re-indexed from 0). The
+        genes left out must hold no non-zero count (genes without counts left out of a
+        fit); their explicitly stored zeros are dropped.
     """
 
     cache = False
@@ -176,6 +180,7 @@ class BackedCounts:
         dtype: torch.dtype = torch.float64,
         device: torch.device | str = "cpu",
         row_range: tuple[int, int] | None = None,
+        genes: np.ndarray | None = None,
     ) -> None:
         import h5py
 
@@ -210,6 +215,11 @@ class BackedCounts:
         lo, hi = row_range if row_range is not None else (0, shape[0])
         self.offset = lo
         self.n_obs, self.n_vars = hi - lo, shape[1]
+        self._gene_map = None
+        if genes is not None and not np.all(genes):
+            genes = np.asarray(genes, dtype=bool)
+            self._gene_map = np.where(genes, np.cumsum(genes) - 1, -1)
+            self.n_vars = int(genes.sum())
         self.dtype = dtype
         self.device = torch.device(device)
         self._pool = None
@@ -228,9 +238,14 @@ class BackedCounts:
         a, b = start + self.offset, stop + self.offset
         ptr = self._indptr_all[a : b + 1]
         lo, hi = int(ptr[0]), int(ptr[-1])
-        return sp.csr_matrix(
-            (self._data[lo:hi], self._indices[lo:hi], ptr - lo), shape=(stop - start, self.n_vars)
-        )
+        data, indices, indptr = self._data[lo:hi], self._indices[lo:hi], ptr - lo
+        if self._gene_map is not None:  # drop the left-out genes' (zero) entries, re-index
+            new = self._gene_map[indices]
+            keep = new >= 0
+            rows = np.repeat(np.arange(stop - start), np.diff(indptr))[keep]
+            indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=stop - start))])
+            data, indices = data[keep], new[keep].astype(self._indices.dtype)
+        return sp.csr_matrix((data, indices, indptr), shape=(stop - start, self.n_vars))
 
     def __getitem__(self, rows: slice) -> sp.csr_matrix:
         """``source[start:stop]``: the CSR rows, read from disk (contiguous slices only)."""
@@ -282,11 +297,16 @@ class BackedCounts:
 
     def validate(
         self, allow_non_integer: bool = False, block_rows: int = 65536, check_empty: bool = True
-    ) -> None:
-        """Streaming version of :func:`zinbgrad.data.validate.validate_counts`."""
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Streaming version of :func:`zinbgrad.data.validate.validate_counts`: one pass over
+        the blocks. Returns the indices of the cells and genes without a non-zero count
+        (raising for them with ``check_empty``)."""
         import warnings
 
+        from .validate import empty_counts_message
+
         gene_nnz = np.zeros(self.n_vars, dtype=np.int64)
+        empty_cells = []
         for start in range(0, self.n_obs, block_rows):
             M = self.rows_csr(start, min(start + block_rows, self.n_obs))
             d = np.asarray(M.data, dtype=np.float64)
@@ -303,15 +323,11 @@ class BackedCounts:
             gene_nnz += np.bincount(M.indices[nonzero], minlength=self.n_vars)
             rows = np.repeat(np.arange(M.shape[0]), np.diff(M.indptr))
             per_cell = np.bincount(rows[nonzero], minlength=M.shape[0])
-            if check_empty and (per_cell == 0).any():
-                first = start + int(np.argmax(per_cell == 0))
-                raise ValueError(
-                    f"{int((per_cell == 0).sum())} cells in {self.path} have only zero counts "
-                    f"(first: row {first}); filter empty cells first"
-                )
-        empty_genes = np.flatnonzero(gene_nnz == 0)
-        if check_empty and empty_genes.size:
-            raise ValueError(
-                f"{empty_genes.size} genes in {self.path} have only zero counts (e.g. index "
-                f"{empty_genes[0]}); filter them first"
-            )
+            empty_cells.append(start + np.flatnonzero(per_cell == 0))
+        cells = np.concatenate(empty_cells) if empty_cells else np.zeros(0, dtype=np.int64)
+        genes = np.flatnonzero(gene_nnz == 0)
+        if check_empty:
+            for what, idx in (("cells", cells), ("genes", genes)):
+                if idx.size:
+                    raise ValueError(f"{self.path}: " + empty_counts_message(what, idx))
+        return cells, genes

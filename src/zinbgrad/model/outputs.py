@@ -58,6 +58,8 @@ from .params import Design, Params, linear_predictors
 __all__ = [
     "OUTPUTS",
     "COUNT_OUTPUTS",
+    "EXCLUDED_GENE_VALUES",
+    "spread_to_input",
     "DEFAULT_BLOCK_ENTRIES",
     "WEIGHT_FLOOR",
     "zinb_mean",
@@ -96,6 +98,40 @@ OUTPUTS = (
     "impute_zeros",
 )
 COUNT_OUTPUTS = ("loglik", "deviance", "pearson", "weights", "impute_zeros")
+
+#: The value of each output for a gene left out of the fit for having no counts (see
+#: ``empty_genes`` of :class:`~zinbgrad.ZINBWaVE`): the model of a point mass at 0 (mu = 0,
+#: pi = 0), which gives the training cells' all-zero counts probability 1. Cells left out
+#: (``empty_cells``) get NaN.
+EXCLUDED_GENE_VALUES = {
+    "log_mu": -np.inf,
+    "mu": 0.0,
+    "logit_pi": -np.inf,
+    "pi": 0.0,
+    "mean": 0.0,
+    "variance": 0.0,
+    "loglik": 0.0,
+    "deviance": 0.0,
+    "pearson": 0.0,
+    "weights": 1.0,
+    "impute_zeros": 0.0,
+}
+
+
+def spread_to_input(
+    values: np.ndarray, what: str, genes: np.ndarray, cells: np.ndarray | None = None
+) -> np.ndarray:
+    """An output over the fitted cells x genes spread over all the cells and genes of the
+    data the model was fitted on (masks ``cells`` / ``genes``): genes left out get
+    :data:`EXCLUDED_GENE_VALUES`, cells left out NaN. Returned as is when nothing was left
+    out."""
+    cells = np.ones(values.shape[0], dtype=bool) if cells is None else cells
+    if genes.all() and cells.all():
+        return values
+    out = np.full((len(cells), len(genes)), np.nan, dtype=values.dtype)
+    out[np.ix_(cells, genes)] = values
+    out[np.ix_(cells, ~genes)] = EXCLUDED_GENE_VALUES.get(what, np.nan)
+    return out
 
 
 # ============================================================================ element-wise math

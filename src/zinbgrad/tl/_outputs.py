@@ -4,6 +4,10 @@ Each reads the model stored by :func:`zinbgrad.tl.zinbwave` (``key``, default ``
 or takes an explicit ``model=``, computes one cells x genes output block by block
 (:mod:`zinbgrad.model.outputs`) and writes it to ``adata.layers[key_added]``. ``adata.X`` is
 never modified; with ``copy=True`` a modified copy is returned instead of ``None``.
+
+Genes left out of the fit for having no counts get the values of a point mass at 0 (mu 0,
+residuals 0, imputed 0, weight 1, log mu -inf; :data:`zinbgrad.model.outputs.EXCLUDED_GENE_VALUES`);
+cells left out get NaN rows.
 """
 
 from __future__ import annotations
@@ -38,33 +42,49 @@ def _resolve_model(adata, key: str, model: ZINBWaVE | None) -> ZINBWaVE:
 
 
 def _check_cells(adata, model: ZINBWaVE) -> None:
-    n = model.W_.shape[0]
+    _, cells, _ = model.fitted_masks()
+    n = len(cells)
     if adata.n_obs != n:
         raise ValueError(
             f"adata has {adata.n_obs} cells but the model was fitted on {n}; these outputs are "
             "for the training cells (use zinbgrad.tl.project for new cells)"
         )
     names = getattr(model, "obs_names_", None)
-    if names is not None and not np.array_equal(np.asarray(adata.obs_names).astype(str), names):
+    if names is not None and not np.array_equal(
+        np.asarray(adata.obs_names).astype(str)[cells], names
+    ):
         raise ValueError("adata.obs_names differ from the cells the model was fitted on")
 
 
 def _counts(adata, layer: str | None, model: ZINBWaVE):
-    """Training counts in the model's gene order (CSR, float64)."""
+    """Training counts of the fitted cells in the model's gene order (CSR, float64)."""
+    _, cells, _ = model.fitted_masks()
     counts = extract_counts(
-        adata, layer, allow_non_integer=bool(model.allow_non_integer), check_empty=False
+        adata if cells.all() else adata[cells],
+        layer,
+        allow_non_integer=bool(model.allow_non_integer),
+        check_empty=False,
     )
     model._align_genes(counts)
     return counts.X
 
 
 def _check_genes(adata, model: ZINBWaVE) -> None:
+    """adata's genes are those of the data the model was fitted on (those left out for having
+    no counts included), in order."""
+    _, _, names_in = model.fitted_masks()
     names = np.asarray(adata.var_names).astype(str)
-    if not np.array_equal(names, np.asarray(model.var_names_).astype(str)):
+    if not np.array_equal(names, np.asarray(names_in).astype(str)):
         raise ValueError(
             "adata.var_names differ from the model's genes; subset/reorder adata to the model's "
-            "genes (model.var_names_) first"
+            "genes (model.var_names_in_) first"
         )
+
+
+def _spread(model: ZINBWaVE, what: str, values: np.ndarray) -> np.ndarray:
+    """Values of the fitted cells x genes over all of adata's (see ``EXCLUDED_GENE_VALUES``)."""
+    genes, cells, _ = model.fitted_masks()
+    return _out.spread_to_input(values, what, genes, cells)
 
 
 def _finish(adata, copy: bool, key_added: str, values: np.ndarray, uns_info: dict):
@@ -89,9 +109,10 @@ def _compute(
     _check_cells(adata, m)
     _check_genes(adata, m)
     counts = _counts(adata, layer, m) if what in _out.COUNT_OUTPUTS else None
-    return _out.model_output(
+    values = _out.model_output(
         m, what, counts, ignore_W=ignore_W, device=device, out_dtype=np.dtype(dtype)
     )
+    return _spread(m, what, values)
 
 
 def normalize(
@@ -297,6 +318,7 @@ def batch_corrected(
     vals = _out.batch_corrected(
         m, reference, kind=kind, ignore_W=ignore_W, device=device, out_dtype=np.dtype(dtype)
     )
+    vals = _spread(m, kind, vals)
     info = {
         "output": f"batch_corrected_{kind}",
         "key": key,
