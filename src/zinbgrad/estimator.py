@@ -260,7 +260,9 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         integer (the default 0 makes fits reproducible), or ``None`` / a numpy
         ``RandomState`` to draw the seed from numpy's random state, as in scikit-learn.
     verbose
-        Show a progress bar (tqdm) on fits that take longer than two seconds.
+        Show a progress bar (tqdm) on fits that take longer than two seconds. It names the
+        phase (initialization, sketch, extension, sweeps, minibatch epochs) and counts the
+        epochs of each; phases that stop at ``tol`` show no total (and so no ETA).
 
     Attributes
     ----------
@@ -498,17 +500,42 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
             O_pi=t(O_pi),
         )
 
-    def _progress(self):
+    def _progress(self, stochastic_epochs: int | None = None):
+        """A tqdm bar and its per-epoch callback. The bar names the phase (initialization,
+        sketch, extension, sweeps, minibatch epochs) and restarts at each: its total is the
+        phase's known length (the one extension pass, the minibatch epochs) or none where the
+        phase stops at ``tol`` (then no ETA, which would be a guess)."""
         if not self.verbose:
             return None, None
         from tqdm.auto import tqdm
 
         # appears only for fits that last longer than a moment
-        bar = tqdm(total=self.max_epochs, desc="zinbgrad fit", unit="epoch", leave=False, delay=2.0)
+        bar = tqdm(
+            total=None,
+            desc="zinbgrad fit [initialization]",
+            unit="epoch",
+            leave=False,
+            delay=2.0,
+        )
+        totals = {"extend": 1, "stochastic": stochastic_epochs}
+        names = {
+            "sketch": "sketch",
+            "extend": "extension",
+            "full": "sweeps",
+            "stochastic": "minibatch epochs",
+        }
+        state: dict[str, Any] = {"phase": None}
 
         def cb(rec: dict) -> None:
+            phase = rec["phase"]
+            if phase != state["phase"]:  # a new phase: its own count, total and clock
+                state["phase"] = phase
+                bar.total = totals.get(phase)
+                bar.n = bar.last_print_n = 0
+                bar.start_t = bar.last_print_t = time.time()
+                bar.set_description_str(f"zinbgrad fit [{names.get(phase, phase)}]", refresh=False)
             # postfix first without a refresh: a refresh would bypass tqdm's display delay
-            bar.set_postfix(objective=f"{rec['objective']:.6g}", phase=rec["phase"], refresh=False)
+            bar.set_postfix(objective=f"{rec['objective']:.6g}", refresh=False)
             bar.update(1)
 
         return cb, bar
@@ -593,7 +620,8 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
                 solver = "sketch" if m < n else "full"
             elif solver == "sketch" and m >= n:
                 solver = "full"
-            cb, bar = self._progress()
+            stochastic = min(FitOptions().stochastic_epochs, self.max_epochs)
+            cb, bar = self._progress(stochastic if solver == "stochastic" else None)
             fused = n * J >= FUSED_MIN_ENTRIES if self.fused == "auto" else bool(self.fused)
             opts = FitOptions(
                 fused=fused,
