@@ -120,7 +120,7 @@ def _run_layer_command(
     except (ValueError, KeyError, TypeError) as err:
         raise SystemExit(f"error: {err}") from err
     seconds = time.perf_counter() - t0
-    write_h5ad_atomic(adata, out)
+    write_h5ad_atomic(adata, out, like=inp)
     print(
         f"zinbgrad {args.command}: {describe} for {adata.n_obs} cells x {adata.n_vars} genes "
         f"in {seconds:.2f} s -> {out} (layers['{args.key_added}'])"
@@ -194,7 +194,7 @@ def _cmd_project(args) -> int:
     except (ValueError, KeyError) as err:
         raise SystemExit(f"error: {err}") from err
     seconds = time.perf_counter() - t0
-    write_h5ad_atomic(query, out)
+    write_h5ad_atomic(query, out, like=inp)
     print(
         f"zinbgrad project: {query.n_obs} cells into K={model.W_.shape[1]} in {seconds:.2f} s "
         f"-> {out} (obsm['{args.key_added}'])"
@@ -233,7 +233,7 @@ def _cmd_simulate(args) -> int:
     try:
         if args.n_cells is None:
             sim = zinb_sim(model, random_state=args.seed, count_dtype=args.count_dtype)
-            write_h5ad_atomic(sim, out)
+            write_h5ad_atomic(sim, out, like=inp)
             n = sim.n_obs
         else:
             make_synthetic(
