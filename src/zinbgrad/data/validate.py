@@ -146,9 +146,7 @@ def empty_counts_message(what: str, idx: np.ndarray, names=None, hint: bool = Tr
     streamed, distributed)."""
     idx = np.asarray(idx)
     shown = _first(np.asarray(names)[idx]) if names is not None else "index " + _first(idx)
-    one = idx.size == 1
-    noun, verb = (what[:-1], "has") if one else (what, "have")
-    msg = f"{idx.size} {noun} {verb} only zero counts ({shown})"
+    msg = f"{idx.size} {what} have only zero counts ({shown})"
     return msg + ("; " + _EMPTY_HINTS[what] if hint else "")
 
 
