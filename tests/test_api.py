@@ -143,8 +143,9 @@ def test_empty_cells_and_genes_are_rejected(pbmc):
         ZINBWaVE(n_components=2).fit(X)
     X = pbmc.X.toarray()
     X[:, 7] = 0
+    # genes without counts are left out by default (issue 21); the strict refusal on request
     with pytest.raises(ValueError, match="genes have only zero counts"):
-        ZINBWaVE(n_components=2).fit(X)
+        ZINBWaVE(n_components=2, empty_genes="error").fit(X)
 
 
 def test_bad_designs_and_keys_are_rejected(pbmc):
@@ -320,3 +321,25 @@ def test_projection_follows_the_fit_path_to_better_optima(shared):
     assert np.isfinite(with_path).all()
     assert with_path.mean() > cold.mean() + 0.1
     assert (with_path >= cold - 1e-6).mean() > 0.6
+
+
+def test_progress_bar_names_each_phase_with_a_truthful_total():
+    # issue 21 item 3: one 100-epoch total used to be spent across sketch, extension, sweeps
+    model = ZINBWaVE(2, max_epochs=100)
+    cb, bar = model._progress(stochastic_epochs=3)
+    try:
+        assert bar.desc.endswith("[initialization]") and bar.total is None
+        seen = []
+        for phase, k in (("stochastic", 3), ("sketch", 7), ("extend", 1), ("full", 4)):
+            for _ in range(k):
+                cb({"phase": phase, "objective": -1.0})
+            seen.append((bar.desc.split("[")[-1].rstrip("]"), bar.n, bar.total))
+    finally:
+        bar.close()
+    assert seen == [
+        ("minibatch epochs", 3, 3),  # a known number of epochs
+        ("sketch", 7, None),  # stops at tol: no total, no made-up ETA
+        ("extension", 1, 1),  # one pass over the cells
+        ("sweeps", 4, None),
+    ]
+    assert ZINBWaVE(2, verbose=False)._progress() == (None, None)

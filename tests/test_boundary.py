@@ -56,7 +56,7 @@ def test_new_cells_are_encoded_against_the_fitted_batch_levels(pbmc, batch_model
         np.testing.assert_allclose(W, W_all[mask], atol=1e-8)
     # the batch matters: the same C cells projected as if in the reference batch differ
     mask = (pbmc.obs["b3"] == "C").to_numpy()
-    assert np.abs(m.transform(pbmc[mask].copy()) - W_all[mask]).max() > 1e-3
+    assert np.abs(m.transform(pbmc[mask].copy(), reference_batch=True) - W_all[mask]).max() > 1e-3
     bad = pbmc[:6].copy()
     bad.obs["b3"] = ["A", "B", "D", "A", "B", "D"]
     with pytest.raises(ValueError, match=r"levels the model was not fitted with: D"):
@@ -190,8 +190,11 @@ def test_offsets_of_more_than_two_dimensions(pbmc):
 def test_tl_functions_need_an_anndata(pbmc, tmp_path, batch_model):
     with pytest.raises(TypeError, match="must be an AnnData"):
         zinbgrad.tl.zinbwave(str(tmp_path / "x.h5ad"), 2)
-    with pytest.raises(TypeError, match="must be an AnnData"):
+    # a model path is accepted (issue 21, item 7): a missing one is named
+    with pytest.raises(FileNotFoundError, match="model.npz"):
         zinbgrad.tl.project(pbmc.copy(), str(tmp_path / "model.npz"))
+    with pytest.raises(TypeError, match="must be an AnnData"):
+        zinbgrad.tl.project(pbmc.X, batch_model)
     with pytest.raises(TypeError, match="must be an AnnData"):
         zinbgrad.tl.normalize(pbmc.X, model=batch_model)
 
@@ -227,3 +230,92 @@ def test_random_state_none_or_randomstate_as_in_sklearn(pbmc, tmp_path):
         fits.append(ZINBWaVE(2, random_state=None, verbose=False).fit(pbmc))
     np.testing.assert_array_equal(fits[0].W_, fits[1].W_)
     assert ZINBWaVE.load(a.save(tmp_path / "a.npz")).random_state is None
+
+
+# ------------------------------------------------------------- new cells read the fit's keys
+@pytest.fixture(scope="module")
+def two_batch():
+    """pbmc_small with its two-level ``batch`` column, fitted to convergence with it."""
+    a = zinbgrad.datasets.pbmc_small()
+    m = ZINBWaVE(2, tol=1e-8, max_epochs=2000, verbose=False).fit(a, batch_key="batch")
+    return a, m
+
+
+def test_new_cells_are_encoded_with_the_fits_batch_by_default(two_batch):
+    a, m = two_batch
+    W = m.transform(a)
+    np.testing.assert_array_equal(W, m.transform(a, batch_key="batch"))
+    # the training cells re-projected land on their fitted W (the fit converged to 1e-8:
+    # measured 7.6e-4), not where the reference-batch encoding puts them (measured 0.14)
+    assert np.abs(W - m.W_).max() < 5e-3
+    assert np.abs(m.transform(a, reference_batch=True) - m.W_).max() > 0.05
+    per_cell = m.score_samples(a)
+    assert per_cell.shape == (a.n_obs,)
+    assert m.score(a) == pytest.approx(per_cell.mean(), rel=1e-12)
+    assert m.score(a) == m.score(a, batch_key="batch")
+    # the fit's own design: the held-out likelihood of the training cells is their fitted one
+    assert m.score(a) > m.score(a, reference_batch=True)
+    # every output for other cells reads the batch the same way
+    q = a[a.obs["batch"] == "g2"].copy()
+    assert q.n_obs and (m.X_[(a.obs["batch"] == "g2").to_numpy(), 1] == 1).all()
+    np.testing.assert_allclose(m.get_mu(q), m.get_mu(q, batch_key="batch"))
+    assert np.abs(m.get_mu(q) - m.get_mu(q, reference_batch=True)).max() > 1e-3
+
+
+def test_new_cells_without_the_fits_columns_are_refused(two_batch):
+    a, m = two_batch
+    no_batch = a.copy()
+    del no_batch.obs["batch"]
+    with pytest.raises(KeyError, match=r"\['batch'\].*reference_batch=True"):
+        m.transform(no_batch)
+    with pytest.raises(ValueError, match=r"obs columns \['batch'\]"):
+        m.transform(a.X)  # a bare matrix has no .obs
+    np.testing.assert_array_equal(
+        m.transform(no_batch, reference_batch=True), m.transform(a, reference_batch=True)
+    )
+    Xq = m.X_[:5]  # an explicit X is the other explicit request
+    np.testing.assert_array_equal(m.transform(a.X[:5], X=Xq), m.transform(a[:5].copy()))
+    with pytest.raises(ValueError, match="not both"):
+        m.transform(a, X=m.X_, reference_batch=True)
+
+
+def test_a_model_without_batch_ignores_a_batch_column(pbmc):
+    m = ZINBWaVE(2, verbose=False).fit(pbmc)
+    shuffled = pbmc.copy()
+    shuffled.obs["batch"] = shuffled.obs["batch"].to_numpy()[::-1]
+    np.testing.assert_array_equal(m.transform(pbmc), m.transform(shuffled))
+    assert m.fit_keys() == (None, [])
+
+
+def test_covariates_of_the_fit_are_read_from_new_cells(pbmc):
+    a = pbmc.copy()
+    a.obs["depth"] = np.log(np.asarray(a.X.sum(1)).ravel())
+    m = ZINBWaVE(2, verbose=False).fit(a, batch_key="b3", covariate_keys=["depth"])
+    assert m.fit_keys() == ("b3", ["depth"])
+    Xq = m.encode_cells(a.obs, a.n_obs)
+    np.testing.assert_array_equal(Xq, m.X_)  # the training cells' own design back
+    zero = a.copy()
+    zero.obs["depth"] = 0.0
+    assert np.abs(m.transform(a) - m.transform(zero)).max() > 1e-3
+    with pytest.raises(ValueError, match="covariate_keys=\\['other'\\]"):
+        m.transform(a, covariate_keys=["other"])
+    # a model file written before the keys were recorded: they are read off its columns
+    m.batch_info_ = {k: v for k, v in m.batch_info_.items() if k != "covariate_keys"}
+    assert m.fit_keys() == ("b3", ["depth"])
+
+
+def test_stored_and_saved_models_project_with_the_fits_batch(two_batch, tmp_path):
+    a, m = two_batch
+    ref = a.copy()
+    zinbgrad.tl._zinbwave.store_model(ref, m)
+    q = a[:30].copy()
+    zinbgrad.tl.project(q, ref)
+    np.testing.assert_allclose(q.obsm["X_zinbwave"], m.transform(a[:30].copy()))
+    path = m.save(tmp_path / "m.npz")
+    q2 = a[:30].copy()
+    zinbgrad.tl.project(q2, str(path))  # a model path, as on the command line
+    np.testing.assert_array_equal(q2.obsm["X_zinbwave"], q.obsm["X_zinbwave"])
+    q3 = a[:30].copy()
+    zinbgrad.tl.project(q3, path, reference_batch=True)
+    assert q3.uns["zinbgrad_outputs"]["X_zinbwave"]["reference_batch"]
+    assert np.abs(q3.obsm["X_zinbwave"] - q.obsm["X_zinbwave"]).max() > 1e-3

@@ -166,3 +166,52 @@ def test_failing_rank_of_nproc_is_one_clean_error(tmp_path, h5, capfd):
     err = capfd.readouterr().err
     assert "nope" not in err and "SIGTERM" not in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.h5ad"]
+
+
+def test_help_shows_defaults_and_demo_has_a_description(capsys):
+    for argv, expected in (
+        (["fit", "--help"], "(default: 10)"),
+        (["demo", "--help"], "pbmc_small"),
+    ):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert expected in capsys.readouterr().out
+
+
+def test_outputs_keep_the_inputs_compression(tmp_path, capsys):
+    import h5py
+
+    a = zinbgrad.datasets.pbmc_small()
+    a.obs["depth"] = np.log(np.asarray(a.X.sum(1)).ravel())
+    src = tmp_path / "gz.h5ad"
+    a.write_h5ad(src, compression="gzip")
+    out = tmp_path / "fit.h5ad"
+    argv = ["fit", str(src), "-o", str(out), "-k", "2", "-q", "--batch-key", "batch"]
+    assert main([*argv, "--covariate-keys", "depth"]) == 0
+    with h5py.File(out, "r") as f:
+        assert f["X/data"].compression == "gzip"
+    res = ad.read_h5ad(out)
+    assert list(res.uns["X_zinbwave"]["X_columns"]) == ["intercept", "batch[g2]", "depth"]
+    norm = tmp_path / "norm.h5ad"
+    assert main(["normalize", str(out), "-o", str(norm)]) == 0
+    with h5py.File(norm, "r") as f:
+        assert f["X/data"].compression == "gzip"
+    capsys.readouterr()
+
+
+def test_demo_title_stays_inside_the_figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from zinbgrad.cli import demo_figure
+
+    a = zinbgrad.datasets.pbmc_small()
+    a.obsm["X_zinbwave"] = np.random.default_rng(0).normal(size=(a.n_obs, 2))
+    fig = demo_figure(a)
+    fig.canvas.draw()
+    box = fig.axes[0].title.get_window_extent()
+    W, H = fig.bbox.width, fig.bbox.height
+    assert box.x0 >= 0 and box.x1 <= W and box.y1 <= H
+    # with room for wider fonts than this machine's: the old one-line title took 91 % of the
+    # width here (453 of 500 px), close to the edge
+    assert box.width <= 0.75 * W

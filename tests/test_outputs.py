@@ -515,13 +515,13 @@ def test_project_and_new_cell_likelihood_params(fitted):
         var=pd.DataFrame(index=list(a.var_names[::-1]) + ["extra_gene"]),
     )
     X_before = query.X.copy()
-    tl.project(query, a, batch_key="batch")
+    tl.project(query, a)  # the fit's batch_key, read from query.obs
     assert (query.X != X_before).nnz == 0
     # W of training cells re-fitted with the gene parameters fixed: near the fitted W (the fit
     # stops at a relative objective change of 1e-4, so not exactly at the conditional optimum)
     W = query.obsm["X_zinbwave"]
     assert np.abs(W - a.obsm["X_zinbwave"][:20]).max() < 0.05
-    p = model.get_likelihood_params(query, batch_key="batch")
+    p = model.get_likelihood_params(query)
     assert p["mu"].shape == (20, a.n_vars) and p["pi"].shape == (20, a.n_vars)
     # log mu of the new cells = X beta + W alpha + a per-cell intercept, with the projected W
     col = model.X_columns_.index(f"batch[{model.batch_info_['levels'][1]}]")
@@ -584,7 +584,22 @@ def test_cli_subcommands(fitted, tmp_path, capsys):
     for mdl in (tmp_path / "model.npz", src):
         out = tmp_path / f"proj_{Path(mdl).suffix[1:]}.h5ad"
         assert main(["project", str(q), "--model", str(mdl), "-o", str(out)]) == 0
-        assert ad.read_h5ad(out).obsm["X_zinbwave"].shape == (15, 2)
+        # the query's batch is read from its obs with the fit's batch_key (issue 21)
+        np.testing.assert_allclose(
+            ad.read_h5ad(out).obsm["X_zinbwave"], model.transform(a[:15].copy()), atol=1e-10
+        )
+    out = tmp_path / "proj_ref.h5ad"
+    assert main(["project", str(q), "--model", str(src), "-o", str(out), "--reference-batch"]) == 0
+    np.testing.assert_allclose(
+        ad.read_h5ad(out).obsm["X_zinbwave"],
+        model.transform(a[:15].copy(), reference_batch=True),
+        atol=1e-10,
+    )
+    nobatch = a[:15].copy()
+    del nobatch.obs["batch"]
+    nobatch.write_h5ad(tmp_path / "nobatch.h5ad")
+    with pytest.raises(SystemExit, match="batch"):
+        main(["project", str(tmp_path / "nobatch.h5ad"), "--model", str(src), "-o", str(q) + "2"])
     # simulate: zinbSim of the training cells, and a streamed synthetic dataset
     assert main(["simulate", str(src), "-o", str(tmp_path / "sim.h5ad"), "--seed", "3"]) == 0
     sim = ad.read_h5ad(tmp_path / "sim.h5ad")

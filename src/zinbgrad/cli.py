@@ -54,12 +54,31 @@ def check_key(key: str, what: str = "--key-added") -> None:
         raise cli_error(err) from None
 
 
-def write_h5ad_atomic(adata, out: Path) -> None:
-    """Write ``adata`` to a temporary file next to ``out`` and rename it into place."""
+def input_compression(path: Path | None) -> str | None:
+    """The HDF5 compression of an .h5ad's counts (``X``, its ``data`` when sparse), so that
+    outputs written from it in memory keep it (without, a gzip input of 1 MB became ~5 MB)."""
+    if path is None or not Path(path).exists():
+        return None
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            node = f.get("X")
+            if isinstance(node, h5py.Group):
+                node = node.get("data")
+            comp = getattr(node, "compression", None)
+    except OSError:
+        return None
+    return comp if comp in ("gzip", "lzf") else None
+
+
+def write_h5ad_atomic(adata, out: Path, like: Path | None = None) -> None:
+    """Write ``adata`` to a temporary file next to ``out`` and rename it into place, with the
+    compression of the input file ``like`` (if any)."""
     from .io_utils import atomic_write
 
     with atomic_write(out) as tmp:
-        adata.write_h5ad(tmp)
+        adata.write_h5ad(tmp, compression=input_compression(like))
 
 
 def write_model_into_copy(inp: Path, out: Path, model, key_added: str) -> None:
@@ -169,12 +188,15 @@ def _fit_and_write(args: argparse.Namespace) -> int:
             sketch_size=args.sketch_size,
             batch_size=args.batch_size,
             allow_non_integer=args.allow_non_integer,
+            empty_genes=args.empty_genes,
+            empty_cells=args.empty_cells,
             verbose=not args.quiet and comm.rank == 0,
         )
         model.fit(
             str(inp) if stream else adata,
             layer=args.layer,
             batch_key=args.batch_key,
+            covariate_keys=args.covariate_keys,
             checkpoint=args.checkpoint,
             checkpoint_every=args.checkpoint_every,
             resume=args.resume,
@@ -188,7 +210,7 @@ def _fit_and_write(args: argparse.Namespace) -> int:
         write_model_into_copy(inp, out, model, args.key_added)
     else:
         store_model(adata, model, args.key_added)
-        write_h5ad_atomic(adata, out)
+        write_h5ad_atomic(adata, out, like=inp)
     if args.save_model:
         model.save(args.save_model, overwrite=args.force)
     n, J = model.W_.shape[0], model.n_features_in_
@@ -216,6 +238,23 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def demo_figure(adata):
+    """The demo's scatter plot of the latent space, coloured by cluster (title kept inside)."""
+    import matplotlib.pyplot as plt
+
+    W = adata.obsm["X_zinbwave"]
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for ct in sorted(adata.obs["cell_type"].astype(str).unique()):
+        sel = (adata.obs["cell_type"].astype(str) == ct).to_numpy()
+        ax.scatter(W[sel, 0], W[sel, 1], s=18, label=f"cluster {ct}")
+    ax.set_xlabel("W1")
+    ax.set_ylabel("W2")
+    ax.set_title("zinbgrad ZINB-WaVE latent space\n(pbmc_small, K=2)", fontsize=11)
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    return fig
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     import matplotlib
 
@@ -234,16 +273,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - t0
     h5 = outdir / "pbmc_small_zinbwave.h5ad"
     write_h5ad_atomic(adata, h5)
-    W = adata.obsm["X_zinbwave"]
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for ct in sorted(adata.obs["cell_type"].astype(str).unique()):
-        sel = (adata.obs["cell_type"].astype(str) == ct).to_numpy()
-        ax.scatter(W[sel, 0], W[sel, 1], s=18, label=f"cluster {ct}")
-    ax.set_xlabel("W1")
-    ax.set_ylabel("W2")
-    ax.set_title("zinbgrad ZINB-WaVE latent space (pbmc_small, K=2)")
-    ax.legend(frameon=False)
-    fig.tight_layout()
+    fig = demo_figure(adata)
     png = outdir / "pbmc_small_zinbwave.png"
     from .io_utils import atomic_write
 
@@ -272,6 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("-o", "--output", required=True, help="output .h5ad (written atomically)")
     f.add_argument("-k", "--n-components", type=int, default=10, help="latent factors K")
     f.add_argument("--batch-key", default=None, help="obs column modelled as batch in X")
+    f.add_argument(
+        "--covariate-keys",
+        nargs="+",
+        default=None,
+        help="further obs columns in X (categorical as indicators, numeric as they are)",
+    )
     f.add_argument("--layer", default=None, help="layer with the raw counts (default .X)")
     f.add_argument("--epochs", type=int, default=100, help="maximum epochs")
     f.add_argument("--tol", type=float, default=1e-4, help="relative change to stop at")
@@ -288,6 +324,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-non-integer",
         action="store_true",
         help="fit non-integer counts (e.g. ambient-corrected), with a warning",
+    )
+    f.add_argument(
+        "--empty-genes",
+        default="exclude",
+        choices=["exclude", "error"],
+        help="genes without counts: leave them out of the fit (with a warning; "
+        "var['<key>_fitted']) or refuse the data",
+    )
+    f.add_argument(
+        "--empty-cells",
+        default="error",
+        choices=["error", "exclude"],
+        help="cells without counts: refuse the data, or leave them out of the fit "
+        "(in memory only; obs['<key>_fitted'])",
     )
     f.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     f.add_argument(
@@ -326,13 +376,22 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="replace an existing output")
     c.set_defaults(func=_cmd_convert)
 
-    d = sub.add_parser("demo", help="fit the bundled example and write the result and a PNG")
+    d = sub.add_parser(
+        "demo",
+        help="fit the bundled example and write the result and a PNG",
+        description="Fit ZINB-WaVE (K=2) to the bundled pbmc_small example (80 cells x 230 "
+        "genes of 10x pbmc3k) and write the fitted .h5ad and a PNG of the latent space, "
+        "coloured by cluster, into the output directory.",
+    )
     d.add_argument("-o", "--output", default="zinbgrad_demo", help="output directory")
     d.set_defaults(func=_cmd_demo)
 
     from .cli_downstream import add_subcommands
 
     add_subcommands(sub)
+    # every --help shows the defaults
+    for parser in (p, *sub.choices.values()):
+        parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     return p
 
 

@@ -131,7 +131,7 @@ def _run_layer_command(
     except (ValueError, KeyError, TypeError) as err:
         raise cli_error(err) from err
     seconds = time.perf_counter() - t0
-    write_h5ad_atomic(adata, out)
+    write_h5ad_atomic(adata, out, like=inp)
     print(
         f"zinbgrad {args.command}: {describe} for {adata.n_obs} cells x {adata.n_vars} genes "
         f"in {seconds:.2f} s -> {out} (layers['{args.key_added}'])"
@@ -194,12 +194,18 @@ def _cmd_project(args) -> int:
     t0 = time.perf_counter()
     try:
         tl.project(
-            query, model, key_added=args.key_added, layer=args.layer, batch_key=args.batch_key
+            query,
+            model,
+            key_added=args.key_added,
+            layer=args.layer,
+            reference_batch=args.reference_batch,
+            batch_key=args.batch_key,
+            covariate_keys=args.covariate_keys,
         )
     except (ValueError, KeyError) as err:
         raise cli_error(err) from err
     seconds = time.perf_counter() - t0
-    write_h5ad_atomic(query, out)
+    write_h5ad_atomic(query, out, like=inp)
     print(
         f"zinbgrad project: {query.n_obs} cells into K={model.W_.shape[1]} in {seconds:.2f} s "
         f"-> {out} (obsm['{args.key_added}'])"
@@ -238,7 +244,7 @@ def _cmd_simulate(args) -> int:
     try:
         if args.n_cells is None:
             sim = zinb_sim(model, random_state=args.seed, count_dtype=args.count_dtype)
-            write_h5ad_atomic(sim, out)
+            write_h5ad_atomic(sim, out, like=inp)
             n = sim.n_obs
         else:
             make_synthetic(
@@ -326,7 +332,9 @@ def add_subcommands(subparsers) -> None:
         "project",
         help="map new cells into a fitted model's latent space",
         description="Fit W (and the cell intercepts) of new cells with the model's gene "
-        "parameters fixed; genes are matched by name (all model genes must be present).",
+        "parameters fixed; genes are matched by name (all model genes must be present). Each "
+        "query cell is encoded with the fit's batch_key and covariate_keys, read from the "
+        "query's obs (a missing column is an error).",
     )
     p.add_argument("input", help="query .h5ad with raw counts (not modified)")
     p.add_argument("-o", "--output", required=True, help="output .h5ad (new file, atomic)")
@@ -334,7 +342,19 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--model-key", default="X_zinbwave", help="model key in the --model .h5ad")
     p.add_argument("--key-added", default="X_zinbwave", help="obsm key receiving W")
     p.add_argument("--layer", default=None, help="layer of the query with the raw counts")
-    p.add_argument("--batch-key", default=None, help="query obs column with the fit's batches")
+    p.add_argument(
+        "--reference-batch",
+        action="store_true",
+        help="encode every query cell as the fit's reference batch (default: read each cell's "
+        "batch and covariates from the query's obs, with the fit's keys)",
+    )
+    p.add_argument("--batch-key", default=None, help="optional check: must be the fit's batch key")
+    p.add_argument(
+        "--covariate-keys",
+        nargs="+",
+        default=None,
+        help="optional check: must be the fit's covariate keys",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.set_defaults(func=_cmd_project)
 

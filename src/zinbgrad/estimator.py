@@ -176,7 +176,7 @@ def _select_columns(M: np.ndarray, which, what: str) -> np.ndarray:
     return M[:, idx.astype(int)]
 
 
-class ZINBWaVE(TransformerMixin, BaseEstimator):
+class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
     """ZINB-WaVE (Risso et al. 2018) fitted by batched second-order optimization in PyTorch.
 
     ``Y[i, j] ~ ZINB(mu, theta, pi)`` with ``log mu = X beta_mu + (V gamma_mu)^T + W alpha_mu +
@@ -241,12 +241,32 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         ``"auto"`` (float64 on CPU, float32 on GPU), ``"float32"`` or ``"float64"``.
     allow_non_integer
         Accept non-integer counts (with a warning), e.g. ambient-corrected data.
+    empty_genes
+        Genes without a non-zero count in the data at hand (a train/test split, a cluster, one
+        sample of a study): ``"exclude"`` (default) leaves them out of the fit with one
+        warning that counts them (their parameters are not identified: the likelihood grows
+        without bound as their mean goes to 0); ``"error"`` refuses the data, naming them.
+        The fit on the other genes is exactly the fit of the data with those genes removed.
+        ``gene_fitted_`` records which genes were fitted; in an AnnData,
+        ``var[key_added + "_fitted"]``. Outputs for them: NaN loadings, intercepts and
+        dispersion; for the training cells (all zeros there) the model of a point mass at 0:
+        mu = 0, pi = 0, expected and imputed counts 0, residuals 0, observational weight 1,
+        log mu = -inf. New cells are projected on the fitted genes only (counts they have in
+        the excluded genes are ignored).
+    empty_cells
+        Cells without a non-zero count (they have no latent position): ``"error"``
+        (default) refuses the data, naming them; ``"exclude"`` leaves them out of the fit
+        (in-memory data only), recorded in ``cell_fitted_`` (in an AnnData,
+        ``obs[key_added + "_fitted"]``); their rows of W and of every per-cell output are
+        NaN.
     random_state
         Seed of the initialization subsample, the randomized SVD and the minibatch order: an
         integer (the default 0 makes fits reproducible), or ``None`` / a numpy
         ``RandomState`` to draw the seed from numpy's random state, as in scikit-learn.
     verbose
-        Show a progress bar (tqdm) on fits that take longer than two seconds.
+        Show a progress bar (tqdm) on fits that take longer than two seconds. It names the
+        phase (initialization, sketch, extension, sweeps, minibatch epochs) and counts the
+        epochs of each; phases that stop at ``tol`` show no total (and so no ETA).
 
     Attributes
     ----------
@@ -271,7 +291,14 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         The full cell design used (``X_columns_`` names its columns).
     V_ : ndarray (n_genes, L)
     var_names_ : ndarray
-        Gene names of the training data (new data is aligned on them).
+        Names of the fitted genes (new data is aligned on them).
+    var_names_in_ : ndarray
+        Gene names of the data passed to :meth:`fit` (those left out included).
+    gene_fitted_ : ndarray of bool (len(var_names_in_),)
+        Which genes of the data were fitted (see ``empty_genes``).
+    cell_fitted_ : ndarray of bool (cells of the data,)
+        Which cells of the data were fitted (see ``empty_cells``); ``W_`` and the
+        per-cell arrays hold the fitted cells.
     batch_info_ : dict
         ``categories``: the levels (reference first) of every categorical ``obs`` column in
         X, against which new cells are encoded; with a ``batch_key`` also ``batch_key``, its
@@ -315,6 +342,8 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         fused: bool | str = "auto",
         dtype: str = "auto",
         allow_non_integer: bool = False,
+        empty_genes: str = "exclude",
+        empty_cells: str = "error",
         random_state: int | np.random.RandomState | None = 0,
         verbose: bool = True,
     ) -> None:
@@ -343,6 +372,8 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         self.fused = fused
         self.dtype = dtype
         self.allow_non_integer = allow_non_integer
+        self.empty_genes = empty_genes
+        self.empty_cells = empty_cells
         self.random_state = random_state
         self.verbose = verbose
 
@@ -385,6 +416,14 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
             raise ValueError(
                 f"solver must be 'auto', 'full', 'sketch' or 'stochastic', got {self.solver!r}"
             )
+        for name, choices in (
+            ("empty_genes", ("exclude", "error")),
+            ("empty_cells", ("error", "exclude")),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(
+                    f"{name} must be {choices[0]!r} or {choices[1]!r}, got {getattr(self, name)!r}"
+                )
         if self.fused not in ("auto", True, False):
             raise ValueError(f"fused must be 'auto', True or False, got {self.fused!r}")
         rs = self.random_state
@@ -471,17 +510,42 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
             O_pi=t(O_pi),
         )
 
-    def _progress(self):
+    def _progress(self, stochastic_epochs: int | None = None):
+        """A tqdm bar and its per-epoch callback. The bar names the phase (initialization,
+        sketch, extension, sweeps, minibatch epochs) and restarts at each: its total is the
+        phase's known length (the one extension pass, the minibatch epochs) or none where the
+        phase stops at ``tol`` (then no ETA, which would be a guess)."""
         if not self.verbose:
             return None, None
         from tqdm.auto import tqdm
 
         # appears only for fits that last longer than a moment
-        bar = tqdm(total=self.max_epochs, desc="zinbgrad fit", unit="epoch", leave=False, delay=2.0)
+        bar = tqdm(
+            total=None,
+            desc="zinbgrad fit [initialization]",
+            unit="epoch",
+            leave=False,
+            delay=2.0,
+        )
+        totals = {"extend": 1, "stochastic": stochastic_epochs}
+        names = {
+            "sketch": "sketch",
+            "extend": "extension",
+            "full": "sweeps",
+            "stochastic": "minibatch epochs",
+        }
+        state: dict[str, Any] = {"phase": None}
 
         def cb(rec: dict) -> None:
+            phase = rec["phase"]
+            if phase != state["phase"]:  # a new phase: its own count, total and clock
+                state["phase"] = phase
+                bar.total = totals.get(phase)
+                bar.n = bar.last_print_n = 0
+                bar.start_t = bar.last_print_t = time.time()
+                bar.set_description_str(f"zinbgrad fit [{names.get(phase, phase)}]", refresh=False)
             # postfix first without a refresh: a refresh would bypass tqdm's display delay
-            bar.set_postfix(objective=f"{rec['objective']:.6g}", phase=rec["phase"], refresh=False)
+            bar.set_postfix(objective=f"{rec['objective']:.6g}", refresh=False)
             bar.update(1)
 
         return cb, bar
@@ -543,8 +607,9 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         dev, dt = self._torch_setup()
         # before any work: what would otherwise fail at the first checkpoint or the resume
         check_checkpoint_paths(checkpoint, resume, checkpoint_every, comm.world_size)
-        inp = open_counts(data, layer, allow_non_integer=self.allow_non_integer)
+        inp = open_counts(data, layer, allow_non_integer=self.allow_non_integer, check_empty=False)
         check_unique_names(inp.obs_names, inp.var_names)
+        cell_fitted, gene_fitted, var_names_in = self._leave_out_empty(inp, comm.rank == 0)
         n, J = inp.shape
         with cpu_threads(dev, n * J), flush_denormals(dev.type == "cpu"):
             self._check_hyperparameters(n, J)
@@ -568,7 +633,8 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
                 solver = "sketch" if m < n else "full"
             elif solver == "sketch" and m >= n:
                 solver = "full"
-            cb, bar = self._progress()
+            stochastic = min(FitOptions().stochastic_epochs, self.max_epochs)
+            cb, bar = self._progress(stochastic if solver == "stochastic" else None)
             fused = n * J >= FUSED_MIN_ENTRIES if self.fused == "auto" else bool(self.fused)
             opts = FitOptions(
                 fused=fused,
@@ -655,6 +721,8 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
                 final.gamma_mu = comm.all_gather_rows(final.gamma_mu.T, n).T
                 final.gamma_pi = comm.all_gather_rows(final.gamma_pi.T, n).T
             self._store(final, pen, design_all, Xm, xnames, Vm, inp)
+            self.var_names_in_ = var_names_in
+            self.gene_fitted_, self.cell_fitted_ = gene_fitted, cell_fitted
             self.batch_info_ = batch_info
             traj = engine.trajectory
             self.fit_path_ = (
@@ -671,6 +739,51 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
             self.fit_time_ = time.perf_counter() - t_start
             self._set_criteria(n, J)
             return self
+
+    def _leave_out_empty(self, inp, warn: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Apply ``empty_cells`` / ``empty_genes`` to the validated input (restricting it to
+        the cells and genes that are fitted); returns the masks of the fitted cells and genes
+        and the input's gene names."""
+        import warnings
+
+        from .data.validate import empty_counts_message
+
+        if self.empty_genes not in ("exclude", "error") or self.empty_cells not in (
+            "error",
+            "exclude",
+        ):
+            self._check_hyperparameters(*inp.shape)  # names the bad option
+        n, J = inp.shape
+        cells = np.ones(n, dtype=bool)
+        genes = np.ones(J, dtype=bool)
+        var_names_in = np.asarray(inp.var_names).astype(str)
+        where = f"{inp.path}: " if inp.path else ""
+        notes: list[str] = []
+        if inp.empty_cells is not None and inp.empty_cells.size:
+            msg = empty_counts_message("cells", inp.empty_cells, inp.obs_names)
+            if self.empty_cells == "error":
+                raise ValueError(where + msg)
+            cells[inp.empty_cells] = False
+            short = empty_counts_message("cells", inp.empty_cells, inp.obs_names, hint=False)
+            notes.append(f"{where}{short}; they are left out of the fit (cell_fitted_)")
+        if inp.empty_genes is not None and inp.empty_genes.size:
+            if self.empty_genes == "error":
+                raise ValueError(
+                    where + empty_counts_message("genes", inp.empty_genes, inp.var_names)
+                )
+            genes[inp.empty_genes] = False
+            short = empty_counts_message("genes", inp.empty_genes, inp.var_names, hint=False)
+            notes.append(
+                f"{where}{short} in these cells; they are left out of the fit "
+                "(gene_fitted_; NaN parameters; empty_genes='error' refuses such data)"
+            )
+        if not genes.any() or not cells.any():
+            raise ValueError(f"{where}no counts left to fit after leaving out empty cells/genes")
+        if not cells.all() or not genes.all():
+            inp.keep(cells, genes)
+        for note in notes if warn else []:
+            warnings.warn(note, stacklevel=3)
+        return cells, genes, var_names_in
 
     def _store(self, params: Params, pen: Penalty, design: Design, Xm, xnames, Vm, counts) -> None:
         arrays = params.as_numpy()
@@ -729,6 +842,20 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         """Inverse dispersion ``exp(zeta_)`` per gene."""
         return np.exp(self.zeta_)
 
+    def fitted_masks(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(gene_fitted_, cell_fitted_, var_names_in_)``: which genes and cells of the
+        data passed to :meth:`fit` were fitted (all of them for models that left none
+        out, loaded from older files or built by :meth:`from_params`)."""
+        genes = getattr(self, "gene_fitted_", None)
+        if genes is None:
+            n = self.W_.shape[0]
+            return (
+                np.ones(len(self.var_names_), dtype=bool),
+                np.ones(n, dtype=bool),
+                np.asarray(self.var_names_).astype(str),
+            )
+        return genes, self.cell_fitted_, self.var_names_in_
+
     def _check_fitted(self) -> None:
         if not hasattr(self, "zeta_"):
             from sklearn.exceptions import NotFittedError
@@ -775,6 +902,11 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
     # ------------------------------------------------------------------ new cells
     def _align_genes(self, counts) -> None:
         J = len(self.var_names_)
+        genes, _, names_in = self.fitted_masks()
+        if not counts.named and counts.shape[1] == len(genes) != J and counts.X is not None:
+            # an array with the columns of the data passed to fit: the fitted ones are used
+            counts.X = counts.X[:, np.flatnonzero(genes)]
+            counts.shape = counts.X.shape
         if not counts.named:  # an array or sparse matrix: its columns are the model's genes
             if counts.shape[1] != J:
                 raise ValueError(
@@ -817,54 +949,143 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
             return info["categories"]
         return {info["batch_key"]: info["levels"]} if "levels" in info else {}
 
-    def _new_cell_design(self, counts, X, batch_key, covariate_keys, O_mu, O_pi):
-        n = counts.shape[0]
-        J = len(self.var_names_)
-        if X is not None:
-            Xm = check_design_matrix(X, n, "X", "cells")
-        elif batch_key is not None or covariate_keys:
-            fitted_batch = (self.batch_info_ or {}).get("batch_key")
-            if batch_key is not None and batch_key != fitted_batch:
-                raise ValueError(
-                    f"batch_key={batch_key!r}, but the model was fitted "
-                    + (f"with batch_key={fitted_batch!r}" if fitted_batch else "without one")
-                )
-            # new cells are encoded against the fitted levels: any subset of them, with the
-            # fit's reference level
-            Xb, names, _ = build_cell_design(
-                counts.obs,
-                n,
-                batch_key=batch_key,
-                covariate_keys=covariate_keys,
-                categories=self._categories(),
+    def fit_keys(self) -> tuple[str | None, list[str]]:
+        """The ``obs`` columns the fit's design X was built from: ``(batch_key,
+        covariate_keys)`` (``(None, [])`` for a model with an intercept only).
+
+        Raises ``ValueError`` for a model fitted with an explicit ``X`` (or built by
+        :meth:`from_params` with more than an intercept): its columns come from no ``obs``
+        column, so new cells need ``X=``.
+        """
+        self._check_fitted()
+        info = self.batch_info_ or {}
+        batch_key = info.get("batch_key")
+        if "covariate_keys" in info:
+            return batch_key, [str(k) for k in info["covariate_keys"]]
+        if "categories" not in info and "batch_key" not in info:  # explicit X, from_params
+            if list(self.X_columns_) in ([], ["intercept"]):
+                return None, []
+            raise ValueError(
+                "the model was fitted with an explicit X (its columns come from no obs "
+                "column); pass X= with the new cells' design"
             )
-            Xm = np.zeros((n, len(self.X_columns_)))
-            for k, nm in enumerate(names):
-                if nm not in self.X_columns_:
-                    raise ValueError(
-                        f"covariate column {nm!r} is not in the fitted model "
-                        f"(its columns: {self.X_columns_})"
-                    )
-                Xm[:, self.X_columns_.index(nm)] = Xb[:, k]
-        elif self.X_columns_ and self.X_columns_[0] == "intercept":
-            # default for new cells: intercept only, i.e. the reference batch / zero covariates
-            Xm = np.zeros((n, len(self.X_columns_)))
+        # fitted before the keys were recorded: read them off the column names
+        cats = self._categories()
+        keys: list[str] = []
+        for name in self.X_columns_[1:]:
+            key = next((k for k in cats if name.startswith(f"{k}[")), name)
+            if key not in keys and key != batch_key:
+                keys.append(key)
+        return batch_key, keys
+
+    def encode_cells(
+        self,
+        obs,
+        n: int,
+        *,
+        X=None,
+        reference_batch: bool = False,
+        batch_key: str | None = None,
+        covariate_keys: list[str] | str | None = None,
+    ) -> np.ndarray:
+        """The design X (n x M, the fit's columns) of ``n`` new cells.
+
+        By default the fit's own ``batch_key`` and ``covariate_keys`` (:meth:`fit_keys`) are
+        read from ``obs``: categorical columns are encoded against the fitted levels with the
+        fit's reference level (the cells may hold any subset of them), numeric ones as they
+        are. A missing column, or a level the fit never saw, is an error that names it. A
+        model fitted without covariates ignores ``obs``.
+
+        Parameters
+        ----------
+        obs
+            The new cells' annotations (``adata.obs``), or ``None`` (arrays).
+        n
+            Number of new cells.
+        X
+            An explicit design instead (n x M, the fit's columns in order).
+        reference_batch
+            Encode every cell as the fit's reference batch with zero numeric covariates (an
+            intercept only), whatever ``obs`` holds.
+        batch_key, covariate_keys
+            Optional; when given they must be the fit's (a check, nothing more).
+        """
+        self._check_fitted()
+        M = len(self.X_columns_)
+        if X is not None:
+            if reference_batch:
+                raise ValueError("pass either X or reference_batch=True, not both")
+            Xm = check_design_matrix(X, n, "X", "cells")
+            if Xm.shape[1] != M:
+                raise ValueError(f"X has {Xm.shape[1]} columns; the model has {M}")
+            return Xm
+        if reference_batch:
+            if not self.X_columns_ or self.X_columns_[0] != "intercept":
+                raise ValueError(
+                    "the model was fitted with an explicit X; pass X for the new cells"
+                )
+            Xm = np.zeros((n, M))
             Xm[:, 0] = 1.0
-        else:
-            raise ValueError("the model was fitted with an explicit X; pass X for the new cells")
-        if Xm.shape[1] != self.X_.shape[1]:
-            raise ValueError(f"X has {Xm.shape[1]} columns; the model has {self.X_.shape[1]}")
-        return Xm, self._offset(O_mu, n, J, "O_mu"), self._offset(O_pi, n, J, "O_pi")
+            return Xm
+        fit_batch, fit_covs = self.fit_keys()
+        if batch_key is not None and batch_key != fit_batch:
+            raise ValueError(
+                f"batch_key={batch_key!r}, but the model was fitted "
+                + (f"with batch_key={fit_batch!r}" if fit_batch else "without one")
+                + "; new cells are encoded with the fit's keys (leave batch_key out)"
+            )
+        if covariate_keys is not None:
+            given = [covariate_keys] if isinstance(covariate_keys, str) else list(covariate_keys)
+            if sorted(given) != sorted(fit_covs):
+                raise ValueError(
+                    f"covariate_keys={given}, but the model was fitted with "
+                    f"covariate_keys={fit_covs}; new cells are encoded with the fit's keys "
+                    "(leave covariate_keys out)"
+                )
+        keys = ([fit_batch] if fit_batch else []) + fit_covs
+        if not keys:
+            Xm = np.zeros((n, M))
+            Xm[:, 0] = 1.0
+            return Xm
+        hint = (
+            "; pass reference_batch=True to encode every new cell as the reference batch "
+            f"({(self.batch_info_ or {}).get('reference', 'zero covariates')!r}), or an "
+            "explicit X"
+        )
+        if obs is None:
+            raise ValueError(
+                f"the model was fitted with obs columns {keys}: new cells need an AnnData "
+                "with them in .obs" + hint
+            )
+        missing = [k for k in keys if k not in obs.columns]
+        if missing:
+            raise KeyError(
+                f"the model was fitted with obs column(s) {missing}, missing from the new "
+                f"cells' .obs (its columns: {list(obs.columns)})" + hint
+            )
+        Xb, names, _ = build_cell_design(
+            obs, n, batch_key=fit_batch, covariate_keys=fit_covs, categories=self._categories()
+        )
+        Xm = np.zeros((n, M))
+        for k, nm in enumerate(names):
+            if nm not in self.X_columns_:
+                raise ValueError(
+                    f"covariate column {nm!r} is not in the fitted model "
+                    f"(its columns: {self.X_columns_})"
+                )
+            Xm[:, self.X_columns_.index(nm)] = Xb[:, k]
+        return Xm
 
     def _project(
         self,
         data,
-        layer,
-        X,
-        batch_key,
-        covariate_keys,
-        O_mu,
-        O_pi,
+        layer=None,
+        X=None,
+        batch_key=None,
+        covariate_keys=None,
+        O_mu=None,
+        O_pi=None,
+        reference_batch: bool = False,
         max_steps: int = 100,
         device=None,
     ) -> tuple[Params, np.ndarray, Engine]:
@@ -875,7 +1096,16 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         )
         self._align_genes(counts)
         n = counts.shape[0]
-        Xm, Om, Op = self._new_cell_design(counts, X, batch_key, covariate_keys, O_mu, O_pi)
+        J = len(self.var_names_)
+        Xm = self.encode_cells(
+            counts.obs,
+            n,
+            X=X,
+            reference_batch=reference_batch,
+            batch_key=batch_key,
+            covariate_keys=covariate_keys,
+        )
+        Om, Op = self._offset(O_mu, n, J, "O_mu"), self._offset(O_pi, n, J, "O_pi")
         design = self._make_design(Xm, self.V_, Om, Op, dev, dt)
         pen = self._penalty_obj(design)
         source = counts.source(0, n, dt, dev)  # in memory, or streamed from an .h5ad on disk
@@ -899,7 +1129,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
             common_dispersion=self.common_dispersion,
             options=FitOptions(block_entries=self._block_entries(dev, dt)),
         )
-        with flush_denormals(dev.type == "cpu"):
+        with cpu_threads(dev, n * len(self.var_names_)), flush_denormals(dev.type == "cpu"):
             ll_cells = engine.optimize_cells(max_steps=max_steps, path=path)
         if hasattr(source, "close"):
             source.close()
@@ -917,6 +1147,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         *,
         layer: str | None = None,
         X=None,
+        reference_batch: bool = False,
         batch_key: str | None = None,
         covariate_keys: list[str] | None = None,
         O_mu=None,
@@ -925,16 +1156,33 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
     ) -> np.ndarray:
         """Latent factors W of new cells (gene parameters fixed; zinbwave's projection).
 
-        Genes are aligned by name with the training data (extra genes are ignored, missing
-        genes are an error); an array or sparse matrix without names must have the model's
-        genes as its columns. New cells get the reference batch unless ``batch_key`` or ``X``
-        is given. With ``batch_key`` (the fit's) and ``covariate_keys``, categorical columns
-        are encoded against the fitted levels: the new cells may hold any of them, and a level
-        the fit did not see is an error. ``device`` overrides the ``device`` parameter for this
-        computation (a fitted model runs on any machine: ``"cpu"``, ``"cuda"``, ...).
+        Parameters
+        ----------
+        data
+            Counts of the new cells (AnnData, array, sparse matrix, DataFrame, or an
+            ``.h5ad`` path / backed AnnData, streamed). Genes are aligned by name with the
+            training data (extra genes are ignored, missing genes are an error); an array or
+            sparse matrix without names must have the model's genes as its columns.
+        layer
+            AnnData layer with the counts.
+        X
+            An explicit design for the new cells (n x M, the fit's columns).
+        reference_batch
+            Encode every new cell as the fit's reference batch (zero numeric covariates)
+            instead of reading its batch from ``.obs``.
+        batch_key, covariate_keys
+            Not needed: the new cells are encoded with the fit's own ``batch_key`` and
+            ``covariate_keys``, read from their ``.obs`` (see :meth:`encode_cells`: the
+            fitted levels, the fit's reference; a missing column or a level the fit never saw
+            is an error). When given they must be the fit's.
+        O_mu, O_pi
+            Offsets of the new cells, as in :meth:`fit`.
+        device
+            Overrides the ``device`` parameter for this computation (a fitted model runs on
+            any machine: ``"cpu"``, ``"cuda"``, ...).
         """
         params, _, _ = self._project(
-            data, layer, X, batch_key, covariate_keys, O_mu, O_pi, device=device
+            data, layer, X, batch_key, covariate_keys, O_mu, O_pi, reference_batch, device=device
         )
         return params.W.cpu().numpy()
 
@@ -944,24 +1192,26 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         *,
         layer: str | None = None,
         X=None,
+        reference_batch: bool = False,
         batch_key: str | None = None,
         covariate_keys: list[str] | None = None,
         O_mu=None,
         O_pi=None,
         device: str | torch.device | None = None,
     ) -> np.ndarray:
-        """Held-out log-likelihood of each new cell, its local parameters re-optimized.
+        """Held-out log-likelihood of each new cell (one value per cell), its local
+        parameters re-optimized with the gene parameters fixed.
 
-        The keywords are those of :meth:`transform`.
+        The keywords are those of :meth:`transform` (the cells' batch is read from ``.obs``).
         """
         _, ll, _ = self._project(
-            data, layer, X, batch_key, covariate_keys, O_mu, O_pi, device=device
+            data, layer, X, batch_key, covariate_keys, O_mu, O_pi, reference_batch, device=device
         )
         return ll
 
     def score(self, data, y=None, **kw) -> float:
-        """Mean held-out log-likelihood per cell (higher is better); keywords as in
-        :meth:`transform`."""
+        """Mean held-out log-likelihood per cell (higher is better; the mean of
+        :meth:`score_samples`); keywords as in :meth:`transform`."""
         return float(np.mean(self.score_samples(data, **kw)))
 
     def fit_transform(self, data, y=None, **fit_params) -> np.ndarray:
@@ -1002,6 +1252,8 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
             raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
         arrays = {k: getattr(self, k + "_") for k in _GENE_ARRAYS + _CELL_ARRAYS}
         arrays.update(X=self.X_, V=self.V_, var_names=self.var_names_, obs_names=self.obs_names_)
+        genes, cells, names_in = self.fitted_masks()
+        arrays.update(gene_fitted=genes, cell_fitted=cells, var_names_in=names_in)
         if self.O_mu_ is not None:
             arrays["O_mu"] = self.O_mu_
         if self.O_pi_ is not None:
@@ -1076,6 +1328,10 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         model.var_names_ = z["var_names"].astype(str)
         model.obs_names_ = z["obs_names"].astype(str)
         model.n_features_in_ = len(model.var_names_)
+        if "gene_fitted" in files:  # older files: every gene and cell was fitted
+            model.gene_fitted_ = np.asarray(z["gene_fitted"], dtype=bool)
+            model.cell_fitted_ = np.asarray(z["cell_fitted"], dtype=bool)
+            model.var_names_in_ = z["var_names_in"].astype(str)
         model.X_columns_ = [str(c) for c in meta["X_columns"]]
         model.batch_info_ = dict(meta.get("batch_info") or {})
         model.penalty_params_ = dict(meta["penalty_params"])
@@ -1151,6 +1407,14 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
             cols = n if name.startswith("gamma") else J
             if a.shape[1] != cols or a.shape[0] > rows:
                 raise ValueError(f"{name} has shape {a.shape}, expected (<= {rows}, {cols})")
+        genes, cells, names_in = self.fitted_masks()
+        if genes.sum() != J or cells.sum() != n or len(names_in) != len(genes):
+            raise ValueError(
+                f"gene_fitted/cell_fitted select {genes.sum()} genes and {cells.sum()} cells, "
+                f"not {J} and {n}"
+            )
+        if not np.array_equal(names_in[genes], self.var_names_):
+            raise ValueError("var_names_in[gene_fitted] differ from var_names")
         path = getattr(self, "fit_path_", None) or {}
         if path:
             steps = len(np.ravel(path.get("n_newton", [])))
@@ -1300,8 +1564,9 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         ignore_W
             Set the latent factors to 0 (zinbwave's ``ignoreW``).
         **project_kw
-            For new cells: ``layer``, ``X``, ``batch_key``, ``covariate_keys``, ``O_mu``,
-            ``O_pi`` as in :meth:`transform`.
+            For new cells: ``layer``, ``X``, ``reference_batch``, ``batch_key``,
+            ``covariate_keys``, ``O_mu``, ``O_pi`` as in :meth:`transform` (by default the
+            cells' batch and covariates are read from their ``.obs`` with the fit's keys).
 
         Returns
         -------
@@ -1331,7 +1596,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
             if project_kw:
                 raise TypeError(f"unexpected arguments without data: {sorted(project_kw)}")
             return self.training_design(dev, dt), self.get_params_torch(dev, dt)
-        allowed = {"layer", "X", "batch_key", "covariate_keys", "O_mu", "O_pi"}
+        allowed = {"layer", "X", "reference_batch", "batch_key", "covariate_keys", "O_mu", "O_pi"}
         unknown = set(project_kw) - allowed
         if unknown:
             raise TypeError(f"unexpected arguments: {sorted(unknown)}")
@@ -1343,6 +1608,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
             project_kw.get("covariate_keys"),
             project_kw.get("O_mu"),
             project_kw.get("O_pi"),
+            bool(project_kw.get("reference_batch", False)),
         )
         return engine.design.to(dev, dt), params.to(dev, dt)
 

@@ -109,21 +109,33 @@ def sample_zinb(
     -------
     nb, dropout
         int64 NB draws and a boolean dropout mask (True: the count is replaced by a zero); the
-        ZINB counts are ``np.where(dropout, 0, nb)``.
+        ZINB counts are ``np.where(dropout, 0, nb)``. Degenerate entries (log mu >
+        :data:`zinbgrad.model.outputs.DEGENERATE_LOG_MU`, where pi ~ 1) are not drawn where
+        they drop out (``nb`` 0) and drawn from the capped mean 2^30 where they do not.
     """
+    from .model.outputs import DEGENERATE_LOG_MU
+
     zeta = np.broadcast_to(np.asarray(zeta, dtype=np.float64), a.shape)
+    # degenerate entries (log mu beyond any count, pi ~ 1): the NB value is drawn only if
+    # the entry does not drop out (below), from the capped mean
+    deg = (a > DEGENERATE_LOG_MU) if b is not None else np.zeros(a.shape, dtype=bool)
     with np.errstate(over="ignore"):
-        mu = np.exp(a)
+        mu = np.exp(np.where(deg, -np.inf, a))
     lam = mu.copy()
-    mix = (a - zeta) > _GAMMA_SKIP_LOG_RATIO
+    mix = ((a - zeta) > _GAMMA_SKIP_LOG_RATIO) & ~deg
     if mix.any():
         th = np.exp(zeta[mix])
         lam[mix] = rng.gamma(th, mu[mix] / th)
     nb = _poisson(rng, lam)
     if b is None:
         return nb, np.zeros(a.shape, dtype=bool)
-    pi = 1.0 / (1.0 + np.exp(-b))
-    return nb, rng.random(a.shape) < pi
+    with np.errstate(over="ignore"):
+        pi = 1.0 / (1.0 + np.exp(-b))
+    drop = rng.random(a.shape) < pi
+    kept = deg & ~drop
+    if kept.any():
+        nb[kept] = rng.poisson(np.exp(DEGENERATE_LOG_MU), int(kept.sum()))
+    return nb, drop
 
 
 def _as_count_dtype(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -223,6 +235,14 @@ def zinb_sim(
     gen = _Generator(model)
     seed = _seed(random_state)
     n_train, J = model.W_.shape[0], len(model.zeta_)
+    if model.zero_inflation:
+        from .model.outputs import warn_degenerate
+
+        warn_degenerate(
+            model,
+            "their NB values are not drawn where they drop out, and drawn from a mean capped "
+            "at 2^30 where they do not",
+        )
     dtype = np.dtype(count_dtype)
     if n_cells is None:
         idx = np.arange(n_train)

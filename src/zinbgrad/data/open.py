@@ -12,7 +12,7 @@ import scipy.sparse as sp
 import torch
 
 from .source import BackedCounts, CountsFingerprint, InMemoryCounts, read_annotations
-from .validate import extract_counts
+from .validate import empty_counts_message, empty_rows_and_columns, extract_counts
 
 __all__ = ["CountsHandle", "open_counts"]
 
@@ -29,6 +29,11 @@ class CountsHandle:
     path: str | None = None
     layer: str | None = None
     named: bool = True  # see CountsInput.named
+    #: indices of the cells / genes without a non-zero count, found by the validation pass
+    empty_cells: np.ndarray | None = None
+    empty_genes: np.ndarray | None = None
+    #: a file's genes that the sources expose (all when None); see :meth:`keep`
+    genes: np.ndarray | None = None
     #: digest of a file's counts (computed while validating it); in memory, on demand
     digest: str | None = None
 
@@ -45,7 +50,30 @@ class CountsHandle:
         if self.X is not None:
             X = self.X if (start, stop) == (0, self.shape[0]) else self.X[start:stop]
             return InMemoryCounts(X, dtype=dtype, device=device)
-        return BackedCounts(self.path, self.layer, dtype, device, row_range=(start, stop))
+        return BackedCounts(
+            self.path, self.layer, dtype, device, row_range=(start, stop), genes=self.genes
+        )
+
+    def keep(self, cells: np.ndarray, genes: np.ndarray) -> None:
+        """Restrict to the cells and genes of two boolean masks (a file's cells cannot be
+        restricted: its shards are contiguous row ranges)."""
+        if not cells.all():
+            if self.X is None:
+                raise ValueError(
+                    f"{self.path}: cells cannot be left out of a streamed fit; remove them "
+                    "from the file first (e.g. scanpy.pp.filter_cells(adata, min_counts=1))"
+                )
+            self.X = self.X[np.flatnonzero(cells)]
+            self.obs_names = self.obs_names[cells]
+            if self.obs is not None:
+                self.obs = self.obs.iloc[np.flatnonzero(cells)]
+        if not genes.all():
+            if self.X is not None:
+                self.X = self.X[:, np.flatnonzero(genes)]
+            else:
+                self.genes = genes
+            self.var_names = self.var_names[genes]
+        self.shape = (int(cells.sum()), int(genes.sum()))
 
 
 def _backed(data):
@@ -71,10 +99,20 @@ def open_counts(
     """
     backed = _backed(data)
     if backed is None and not isinstance(data, str | os.PathLike):
-        c = extract_counts(
-            data, layer, allow_non_integer=allow_non_integer, check_empty=check_empty
+        c = extract_counts(data, layer, allow_non_integer=allow_non_integer, check_empty=False)
+        cells, genes = empty_rows_and_columns(c.X)
+        if check_empty:
+            _raise_empty(cells, genes, c.obs_names, c.var_names)
+        return CountsHandle(
+            c.X.shape,
+            c.obs,
+            c.obs_names,
+            c.var_names,
+            X=c.X,
+            named=c.named,
+            empty_cells=cells,
+            empty_genes=genes,
         )
-        return CountsHandle(c.X.shape, c.obs, c.obs_names, c.var_names, X=c.X, named=c.named)
     p = Path(data if backed is None else backed.filename)
     if not p.exists():
         raise FileNotFoundError(f"no such file: {p}")
@@ -86,7 +124,7 @@ def open_counts(
         var_names = np.asarray(backed.var_names).astype(str)
     src = BackedCounts(p, layer)
     try:
-        src.validate(allow_non_integer=allow_non_integer, check_empty=check_empty)
+        cells, genes = src.validate(allow_non_integer=allow_non_integer, check_empty=False)
         shape, digest = src.shape, src.fingerprint
     finally:
         src.close()
@@ -95,4 +133,24 @@ def open_counts(
             f"{p}: the counts are {shape[0]} x {shape[1]} but there are {len(obs_names)} cells "
             f"and {len(var_names)} genes"
         )
-    return CountsHandle(shape, obs, obs_names, var_names, path=str(p), layer=layer, digest=digest)
+    if check_empty:
+        _raise_empty(cells, genes, obs_names, var_names, f"{p}: ")
+    return CountsHandle(
+        shape,
+        obs,
+        obs_names,
+        var_names,
+        path=str(p),
+        layer=layer,
+        digest=digest,
+        empty_cells=cells,
+        empty_genes=genes,
+    )
+
+
+def _raise_empty(cells, genes, obs_names, var_names, prefix: str = "") -> None:
+    """The error for cells / genes without counts, named as on every other path."""
+    if cells.size:
+        raise ValueError(prefix + empty_counts_message("cells", cells, obs_names))
+    if genes.size:
+        raise ValueError(prefix + empty_counts_message("genes", genes, var_names))

@@ -190,6 +190,10 @@ class BackedCounts:
         Floating type and device of the blocks.
     row_range
         ``(start, stop)``: expose only these cells (re-indexed from 0).
+    genes
+        Boolean mask over the file's genes: expose only these (re-indexed from 0). The
+        genes left out must hold no non-zero count (genes without counts left out of a
+        fit); their explicitly stored zeros are dropped.
     """
 
     cache = False
@@ -203,6 +207,7 @@ class BackedCounts:
         dtype: torch.dtype = torch.float64,
         device: torch.device | str = "cpu",
         row_range: tuple[int, int] | None = None,
+        genes: np.ndarray | None = None,
     ) -> None:
         import h5py
 
@@ -241,6 +246,11 @@ class BackedCounts:
         lo, hi = row_range if row_range is not None else (0, shape[0])
         self.offset = lo
         self.n_obs, self.n_vars = hi - lo, shape[1]
+        self._gene_map = None
+        if genes is not None and not np.all(genes):
+            genes = np.asarray(genes, dtype=bool)
+            self._gene_map = np.where(genes, np.cumsum(genes) - 1, -1)
+            self.n_vars = int(genes.sum())
         self.dtype = dtype
         self.device = torch.device(device)
         self._pool = None
@@ -259,9 +269,14 @@ class BackedCounts:
         a, b = start + self.offset, stop + self.offset
         ptr = self._indptr_all[a : b + 1]
         lo, hi = int(ptr[0]), int(ptr[-1])
-        return sp.csr_matrix(
-            (self._data[lo:hi], self._indices[lo:hi], ptr - lo), shape=(stop - start, self.n_vars)
-        )
+        data, indices, indptr = self._data[lo:hi], self._indices[lo:hi], ptr - lo
+        if self._gene_map is not None:  # drop the left-out genes' (zero) entries, re-index
+            new = self._gene_map[indices]
+            keep = new >= 0
+            rows = np.repeat(np.arange(stop - start), np.diff(indptr))[keep]
+            indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=stop - start))])
+            data, indices = data[keep], new[keep].astype(self._indices.dtype)
+        return sp.csr_matrix((data, indices, indptr), shape=(stop - start, self.n_vars))
 
     def __getitem__(self, rows: slice) -> sp.csr_matrix:
         """``source[start:stop]``: the CSR rows, read from disk (contiguous slices only)."""
@@ -313,15 +328,20 @@ class BackedCounts:
 
     def validate(
         self, allow_non_integer: bool = False, block_rows: int = 65536, check_empty: bool = True
-    ) -> None:
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Streaming version of :func:`zinbgrad.data.validate.validate_counts`, with its
-        wording (the values are tallied over the whole file, then reported)."""
+        wording (the values are tallied over the whole file, then reported), in one pass over
+        the blocks. Returns the indices of the cells and genes without a non-zero count
+        (raising for them with ``check_empty``) and sets :attr:`fingerprint`."""
+        from .validate import empty_counts_message
+
         what = f"counts in {self.path}"
         if self.n_obs == 0 or self.n_vars == 0:
             raise ValueError(f"{what} are empty (shape {self.shape})")
         check_count_dtype(self._data.dtype, what)
         tally = CountTally()
         gene_nnz = np.zeros(self.n_vars, dtype=np.int64)
+        empty_cells = []
         fp = CountsFingerprint(self.n_obs, self.n_vars)
         for start in range(0, self.n_obs, block_rows):
             M = self.rows_csr(start, min(start + block_rows, self.n_obs))
@@ -332,17 +352,13 @@ class BackedCounts:
             gene_nnz += np.bincount(M.indices[nonzero], minlength=self.n_vars)
             rows = np.repeat(np.arange(M.shape[0]), np.diff(M.indptr))
             per_cell = np.bincount(rows[nonzero], minlength=M.shape[0])
-            if check_empty and (per_cell == 0).any():
-                first = start + int(np.argmax(per_cell == 0))
-                raise ValueError(
-                    f"{int((per_cell == 0).sum())} cells in {self.path} have only zero counts "
-                    f"(first: row {first}); filter empty cells first"
-                )
+            empty_cells.append(start + np.flatnonzero(per_cell == 0))
         tally.check(what, allow_non_integer, stacklevel=2)
         self.fingerprint = fp.hexdigest()
-        empty_genes = np.flatnonzero(gene_nnz == 0)
-        if check_empty and empty_genes.size:
-            raise ValueError(
-                f"{empty_genes.size} genes in {self.path} have only zero counts (e.g. index "
-                f"{empty_genes[0]}); filter them first"
-            )
+        cells = np.concatenate(empty_cells) if empty_cells else np.zeros(0, dtype=np.int64)
+        genes = np.flatnonzero(gene_nnz == 0)
+        if check_empty:
+            for kind, idx in (("cells", cells), ("genes", genes)):
+                if idx.size:
+                    raise ValueError(f"{self.path}: " + empty_counts_message(kind, idx))
+        return cells, genes

@@ -20,6 +20,8 @@ __all__ = [
     "CountTally",
     "check_anndata",
     "check_key",
+    "empty_counts_message",
+    "empty_rows_and_columns",
     "validate_counts",
     "extract_counts",
     "build_cell_design",
@@ -208,24 +210,42 @@ def validate_counts(
     M.eliminate_zeros()
     M.sort_indices()
     if check_empty:
-        cell_nnz = np.diff(M.indptr)
-        empty_cells = np.flatnonzero(cell_nnz == 0)
+        empty_cells, empty_genes = empty_rows_and_columns(M)
         if empty_cells.size:
-            names = np.asarray(obs_names)[empty_cells] if obs_names is not None else empty_cells
-            raise ValueError(
-                f"{empty_cells.size} cells have only zero counts ({_first(names)}); remove them "
-                "first, e.g. adata = adata[adata.X.sum(1).A1 > 0] or "
-                "scanpy.pp.filter_cells(adata, min_counts=1)"
-            )
-        gene_nnz = np.bincount(M.indices, minlength=M.shape[1])
-        empty_genes = np.flatnonzero(gene_nnz == 0)
+            raise ValueError(empty_counts_message("cells", empty_cells, obs_names))
         if empty_genes.size:
-            names = np.asarray(var_names)[empty_genes] if var_names is not None else empty_genes
-            raise ValueError(
-                f"{empty_genes.size} genes have only zero counts ({_first(names)}); remove them "
-                "first, e.g. scanpy.pp.filter_genes(adata, min_counts=1)"
-            )
+            raise ValueError(empty_counts_message("genes", empty_genes, var_names))
     return M
+
+
+def empty_rows_and_columns(M: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the cells (rows) and genes (columns) of a CSR matrix without a non-zero
+    count (explicit zeros do not count)."""
+    nonzero = M.data != 0
+    rows = np.repeat(np.arange(M.shape[0]), np.diff(M.indptr))
+    cell_nnz = np.bincount(rows[nonzero], minlength=M.shape[0])
+    gene_nnz = np.bincount(M.indices[nonzero], minlength=M.shape[1])
+    return np.flatnonzero(cell_nnz == 0), np.flatnonzero(gene_nnz == 0)
+
+
+#: How to get past cells / genes without counts, in every message that names them.
+_EMPTY_HINTS = {
+    "cells": "they have no latent position; remove them first (e.g. "
+    "scanpy.pp.filter_cells(adata, min_counts=1)) or pass empty_cells='exclude' "
+    "(--empty-cells exclude) to leave them out of the fit",
+    "genes": "remove them first (e.g. scanpy.pp.filter_genes(adata, min_counts=1)) or "
+    "pass empty_genes='exclude' (the default; --empty-genes exclude) to leave them out of the fit",
+}
+
+
+def empty_counts_message(what: str, idx: np.ndarray, names=None, hint: bool = True) -> str:
+    """``"N genes have only zero counts (A, B, ...)"``, naming them by ``names`` (or by
+    index, ``"index 3, 7"``, when there are none) - the same words on every path (in memory,
+    streamed, distributed)."""
+    idx = np.asarray(idx)
+    shown = _first(np.asarray(names)[idx]) if names is not None else "index " + _first(idx)
+    msg = f"{idx.size} {what} have only zero counts ({shown})"
+    return msg + ("; " + _EMPTY_HINTS[what] if hint else "")
 
 
 def extract_counts(data, layer: str | None = None, **kw) -> CountsInput:
@@ -339,7 +359,8 @@ def build_cell_design(
     Returns
     -------
     (X, column_names, info)
-        ``info["categories"]`` holds the levels of every categorical column; with a
+        ``info["categories"]`` holds the levels of every categorical column and
+        ``info["covariate_keys"]`` the covariate columns (the batch's excluded); with a
         ``batch_key``, ``info`` also holds ``batch_key``, its ``levels`` and ``reference``,
         for batch correction later.
     """
@@ -408,5 +429,6 @@ def build_cell_design(
             cols.append((values == lv).astype(np.float64))
             names.append(f"{key}[{lv}]")
     info["categories"] = seen
+    info["covariate_keys"] = [k for k in keys if k != batch_key]
     X = np.column_stack(cols) if cols else np.zeros((n, 0))
     return X, names, info

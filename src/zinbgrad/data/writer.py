@@ -17,7 +17,7 @@ import scipy.sparse as sp
 import torch
 
 from ..io_utils import atomic_write
-from ..model.outputs import COUNT_OUTPUTS, iter_output_blocks
+from ..model.outputs import COUNT_OUTPUTS, iter_output_blocks, spread_to_input
 from .source import BackedCounts, elem_io, read_annotations
 
 __all__ = ["CSRAppender", "add_elements", "write_output_layer"]
@@ -60,8 +60,9 @@ class CSRAppender:
 def add_elements(
     path: str | os.PathLike, elements: dict[str, dict], merge_uns: tuple[str, ...] = ()
 ) -> None:
-    """Add entries to the ``obsm``, ``varm``, ``var`` (columns) and ``uns`` of an .h5ad on disk,
-    through anndata's element I/O: nothing else of the file (X, layers) is loaded.
+    """Add entries to the ``obsm``, ``varm``, ``obs`` / ``var`` (columns) and ``uns`` of an
+    .h5ad on disk, through anndata's element I/O: nothing else of the file (X, layers) is
+    loaded.
 
     ``elements`` maps those element names to ``{key: value}``; existing keys are replaced,
     except the ``uns`` dicts named in ``merge_uns``, which are updated (as
@@ -84,13 +85,14 @@ def add_elements(
                 if key in group:
                     del group[key]
                 write_elem(group, key, value)
-        columns = elements.get("var") or {}
-        if columns:
-            var = read_elem(f["var"])
-            for key, values in columns.items():
-                var[key] = values
-            del f["var"]
-            write_elem(f, "var", var)
+        for name in ("obs", "var"):
+            columns = elements.get(name) or {}
+            if columns:
+                frame = read_elem(f[name])
+                for key, values in columns.items():
+                    frame[key] = values
+                del f[name]
+                write_elem(f, name, frame)
 
 
 def write_output_layer(
@@ -114,19 +116,26 @@ def write_output_layer(
     import h5py
 
     inp, out = Path(inp), Path(out)
+    genes, cells, names_in = model.fitted_masks()
+    if not cells.all():
+        raise ValueError(
+            "the model left cells without counts out of its fit; its outputs are written "
+            "in memory only (run without --stream)"
+        )
     src = BackedCounts(inp, layer)
     n, J = src.shape
-    if (n, J) != (model.W_.shape[0], model.n_features_in_):
-        src.close()
+    src.close()
+    if (n, J) != (model.W_.shape[0], len(genes)):
         raise ValueError(
             f"{inp} has {n} cells x {J} genes; the model was fitted on "
-            f"{model.W_.shape[0]} x {model.n_features_in_}"
+            f"{model.W_.shape[0]} x {len(genes)}"
         )
+    src = BackedCounts(inp, layer, genes=genes)  # the genes left out of the fit are skipped
     try:
         _, obs_names, var_names = read_annotations(inp)
         for what_, names, fitted in (
             ("cells", obs_names, model.obs_names_),
-            ("genes", var_names, model.var_names_),
+            ("genes", var_names, names_in),
         ):
             if not np.array_equal(names, np.asarray(fitted).astype(str)):
                 raise ValueError(
@@ -165,7 +174,8 @@ def write_output_layer(
                     block_entries=block_rows * J,
                 )
                 for start, stop, values in blocks:
-                    ds[start:stop] = values.numpy().astype(out_dtype)
+                    values = spread_to_input(values.numpy(), what, genes)
+                    ds[start:stop] = values.astype(out_dtype)
             record = {"output": what, "ignore_W": bool(ignore_W), "streamed": True}
             add_elements(
                 tmp, {"uns": {"zinbgrad_outputs": {key_added: record}}}, ("zinbgrad_outputs",)

@@ -58,6 +58,11 @@ from .params import Design, Params, linear_predictors
 __all__ = [
     "OUTPUTS",
     "COUNT_OUTPUTS",
+    "EXCLUDED_GENE_VALUES",
+    "DEGENERATE_LOG_MU",
+    "degenerate_genes",
+    "warn_degenerate",
+    "spread_to_input",
     "DEFAULT_BLOCK_ENTRIES",
     "WEIGHT_FLOOR",
     "zinb_mean",
@@ -96,6 +101,47 @@ OUTPUTS = (
     "impute_zeros",
 )
 COUNT_OUTPUTS = ("loglik", "deviance", "pearson", "weights", "impute_zeros")
+
+#: log mu above which an entry is *degenerate*: a NB mean beyond 2^30 counts, which no real
+#: count reaches (they are stored as int32; a whole 10x cell holds ~1e4-1e5 UMIs). The model
+#: allows it where the zero inflation is ~1 (pi -> 1 leaves mu unidentified: R zinbwave
+#: reaches log mu 41.6 on PBMC 8k too). Simulated NB values are not drawn there where they
+#: drop out (``tl.impute`` caps imputed zeros at the gene's largest observed count).
+DEGENERATE_LOG_MU = float(np.log(2.0**30))
+
+#: The value of each output for a gene left out of the fit for having no counts (see
+#: ``empty_genes`` of :class:`~zinbgrad.ZINBWaVE`): the model of a point mass at 0 (mu = 0,
+#: pi = 0), which gives the training cells' all-zero counts probability 1. Cells left out
+#: (``empty_cells``) get NaN.
+EXCLUDED_GENE_VALUES = {
+    "log_mu": -np.inf,
+    "mu": 0.0,
+    "logit_pi": -np.inf,
+    "pi": 0.0,
+    "mean": 0.0,
+    "variance": 0.0,
+    "loglik": 0.0,
+    "deviance": 0.0,
+    "pearson": 0.0,
+    "weights": 1.0,
+    "impute_zeros": 0.0,
+}
+
+
+def spread_to_input(
+    values: np.ndarray, what: str, genes: np.ndarray, cells: np.ndarray | None = None
+) -> np.ndarray:
+    """An output over the fitted cells x genes spread over all the cells and genes of the
+    data the model was fitted on (masks ``cells`` / ``genes``): genes left out get
+    :data:`EXCLUDED_GENE_VALUES`, cells left out NaN. Returned as is when nothing was left
+    out."""
+    cells = np.ones(values.shape[0], dtype=bool) if cells is None else cells
+    if genes.all() and cells.all():
+        return values
+    out = np.full((len(cells), len(genes)), np.nan, dtype=values.dtype)
+    out[np.ix_(cells, genes)] = values
+    out[np.ix_(cells, ~genes)] = EXCLUDED_GENE_VALUES.get(what, np.nan)
+    return out
 
 
 # ============================================================================ element-wise math
@@ -164,7 +210,8 @@ def impute_zeros(y: Tensor, a: Tensor, b: Tensor | None, zeta: Tensor) -> Tensor
     """zinbwave's ``imputeZeros``: zeros replaced by ``mu pi / ZINB(0)``, counts > 0 kept.
 
     ``mu pi / (pi + (1 - pi) NB(0)) = exp(a + log pi - log ZINB(0))``; 0 without zero
-    inflation.
+    inflation (zinbwave's definition; :func:`zinbgrad.tl.impute` caps it for degenerate
+    genes).
     """
     y = y.to(a.dtype)
     if b is None:
@@ -510,3 +557,34 @@ def batch_corrected(
             lm = torch.logsumexp(torch.stack(logs), dim=0) - log_L
             out[rows] = (lm if kind == "log_mu" else torch.exp(lm)).cpu().numpy()
     return out
+
+
+def degenerate_genes(model, X: np.ndarray | None = None, device="cpu") -> np.ndarray:
+    """Indices of the genes with a degenerate entry (log mu > :data:`DEGENERATE_LOG_MU`) among
+    the training cells (one pass over blocks of cells)."""
+    design, params = _model_tensors(model, X, device, torch.float64)
+    J = len(model.zeta_)
+    worst = np.full(J, -np.inf)
+    blocks = iter_output_blocks(
+        "log_mu", design, params, None, zero_inflation=bool(model.zero_inflation)
+    )
+    for _, _, values in blocks:
+        worst = np.maximum(worst, values.numpy().max(0))
+    return np.flatnonzero(worst > DEGENERATE_LOG_MU)
+
+
+def warn_degenerate(model, what: str, X: np.ndarray | None = None) -> np.ndarray:
+    """One warning naming the degenerate genes of ``model`` (if any) and what ``what`` does
+    with them; returns their indices."""
+    idx = degenerate_genes(model, X)
+    if idx.size:
+        import warnings
+
+        names = np.asarray(model.var_names_).astype(str)[idx]
+        shown = ", ".join(names[:10]) + (", ..." if idx.size > 10 else "")
+        warnings.warn(
+            f"{idx.size} genes have a fitted NB mean beyond 2^30 where their zero inflation "
+            f"is ~1, which the data cannot identify ({shown}); {what}",
+            stacklevel=3,
+        )
+    return idx

@@ -4,6 +4,10 @@ Each reads the model stored by :func:`zinbgrad.tl.zinbwave` (``key``, default ``
 or takes an explicit ``model=``, computes one cells x genes output block by block
 (:mod:`zinbgrad.model.outputs`) and writes it to ``adata.layers[key_added]``. ``adata.X`` is
 never modified; with ``copy=True`` a modified copy is returned instead of ``None``.
+
+Genes left out of the fit for having no counts get the values of a point mass at 0 (mu 0,
+residuals 0, imputed 0, weight 1, log mu -inf; :data:`zinbgrad.model.outputs.EXCLUDED_GENE_VALUES`);
+cells left out get NaN rows.
 """
 
 from __future__ import annotations
@@ -50,33 +54,49 @@ def _out_dtype(dtype) -> np.dtype:
 
 
 def _check_cells(adata, model: ZINBWaVE) -> None:
-    n = model.W_.shape[0]
+    _, cells, _ = model.fitted_masks()
+    n = len(cells)
     if adata.n_obs != n:
         raise ValueError(
             f"adata has {adata.n_obs} cells but the model was fitted on {n}; these outputs are "
             "for the training cells (use zinbgrad.tl.project for new cells)"
         )
     names = getattr(model, "obs_names_", None)
-    if names is not None and not np.array_equal(np.asarray(adata.obs_names).astype(str), names):
+    if names is not None and not np.array_equal(
+        np.asarray(adata.obs_names).astype(str)[cells], names
+    ):
         raise ValueError("adata.obs_names differ from the cells the model was fitted on")
 
 
 def _counts(adata, layer: str | None, model: ZINBWaVE):
-    """Training counts in the model's gene order (CSR, float64)."""
+    """Training counts of the fitted cells in the model's gene order (CSR, float64)."""
+    _, cells, _ = model.fitted_masks()
     counts = extract_counts(
-        adata, layer, allow_non_integer=bool(model.allow_non_integer), check_empty=False
+        adata if cells.all() else adata[cells],
+        layer,
+        allow_non_integer=bool(model.allow_non_integer),
+        check_empty=False,
     )
     model._align_genes(counts)
     return counts.X
 
 
 def _check_genes(adata, model: ZINBWaVE) -> None:
+    """adata's genes are those of the data the model was fitted on (those left out for having
+    no counts included), in order."""
+    _, _, names_in = model.fitted_masks()
     names = np.asarray(adata.var_names).astype(str)
-    if not np.array_equal(names, np.asarray(model.var_names_).astype(str)):
+    if not np.array_equal(names, np.asarray(names_in).astype(str)):
         raise ValueError(
             "adata.var_names differ from the model's genes; subset/reorder adata to the model's "
-            "genes (model.var_names_) first"
+            "genes (model.var_names_in_) first"
         )
+
+
+def _spread(model: ZINBWaVE, what: str, values: np.ndarray) -> np.ndarray:
+    """Values of the fitted cells x genes over all of adata's (see ``EXCLUDED_GENE_VALUES``)."""
+    genes, cells, _ = model.fitted_masks()
+    return _out.spread_to_input(values, what, genes, cells)
 
 
 def _finish(adata, copy: bool, key_added: str, values: np.ndarray, uns_info: dict):
@@ -106,6 +126,9 @@ def _layer_output(
     m, out_dtype, dev = _checked(adata, key, key_added, model, dtype, device)
     counts = _counts(adata, layer, m) if what in _out.COUNT_OUTPUTS else None
     vals = _out.model_output(m, what, counts, ignore_W=ignore_W, device=dev, out_dtype=out_dtype)
+    vals = _spread(m, what, vals)
+    if what == "impute_zeros":
+        vals = _cap_imputed(adata, layer, m, vals)
     return _finish(adata, copy, key_added, vals, info)
 
 
@@ -216,7 +239,11 @@ def impute(
     method
         ``"zeros"``: zinbwave's ``imputeZeros`` - every zero replaced by its expected value
         given that it is zero under the ZINB, ``mu pi / (pi + (1 - pi) NB(0))``, counts > 0
-        kept. ``"mean"``: the denoised mean ``(1 - pi) mu`` for every entry.
+        kept. Degenerate genes, with an imputed zero over 100x the largest count of the whole
+        matrix (where pi ~ 1 the data cannot identify the NB mean, which then reaches e.g.
+        9e18, and zinbwave's formula gives ~mu), are named in one warning and their imputed
+        zeros capped at the gene's largest observed count. ``"mean"``: the denoised mean
+        ``(1 - pi) mu`` for every entry.
     layer, key, key_added, model, dtype, device, copy
         As in :func:`normalize`.
     """
@@ -225,6 +252,41 @@ def impute(
         raise ValueError(f"method must be 'zeros' or 'mean', got {method!r}")
     info = {"output": f"imputed_{method}", "key": key}
     return _layer_output(adata, what, info, layer, key, key_added, model, dtype, device, copy)
+
+
+#: An imputed zero this many times the largest count of the whole matrix marks a degenerate
+#: gene (measured: at most 14x on pbmc_small, a regular fit; 1e5-1e15x for the 12 genes of
+#: PBMC 8k whose NB mean the data cannot identify).
+DEGENERATE_FACTOR = 100.0
+
+
+def _cap_imputed(adata, layer, m: ZINBWaVE, vals: np.ndarray) -> np.ndarray:
+    """Imputed zeros of degenerate genes capped at the gene's largest observed count, with one
+    warning naming them. Degenerate: an imputed zero 100 times beyond the largest count of
+    the whole matrix, which happens where pi ~ 1 leaves the NB mean unidentified (log mu
+    43.7 on PBMC 8k, R zinbwave 41.6: ``mu pi / ZINB(0)`` ~ mu gave 9.4e18 for a gene of
+    observed mean 0.05); no count in the data supports such a value."""
+    genes, cells, _ = m.fitted_masks()
+    cols = np.flatnonzero(genes)
+    Y = _counts(adata, layer, m)
+    top = np.asarray(Y.max(0).todense()).ravel().astype(vals.dtype)
+    fitted = vals[np.ix_(cells, cols)]
+    # degenerate: an imputed value 100 times beyond the largest count of the whole matrix
+    over = (fitted > DEGENERATE_FACTOR * Y.max()).any(0)
+    top = np.where(over, top, np.inf).astype(vals.dtype)
+    if over.any():
+        import warnings
+
+        names = np.asarray(m.var_names_).astype(str)[over]
+        shown = ", ".join(names[:10]) + (", ..." if over.sum() > 10 else "")
+        warnings.warn(
+            f"{int(over.sum())} genes have imputed zeros over 100x the largest count in the data "
+            f"({shown}): where their zero inflation is ~1 the data cannot identify their NB "
+            "mean; their imputed zeros are capped at the gene's largest observed count",
+            stacklevel=3,
+        )
+        vals[np.ix_(cells, cols)] = np.minimum(fitted, top)
+    return vals
 
 
 def observational_weights(
@@ -292,6 +354,7 @@ def batch_corrected(
     vals = _out.batch_corrected(
         m, reference, kind=kind, ignore_W=ignore_W, device=dev, out_dtype=out_dtype
     )
+    vals = _spread(m, kind, vals)
     info = {
         "output": f"batch_corrected_{kind}",
         "key": key,
@@ -308,6 +371,7 @@ def project(
     *,
     layer: str | None = None,
     key: str = "X_zinbwave",
+    reference_batch: bool = False,
     batch_key: str | None = None,
     covariate_keys: list[str] | None = None,
     copy: bool = False,
@@ -315,7 +379,9 @@ def project(
     """Map new cells into a fitted model's latent space (zinbwave's projection).
 
     The gene parameters stay fixed; each query cell's ``W`` and ``gamma`` are fitted to its
-    counts (:meth:`zinbgrad.ZINBWaVE.transform`).
+    counts (:meth:`zinbgrad.ZINBWaVE.transform`). The query cells are encoded with the fit's
+    own ``batch_key`` and ``covariate_keys``, read from ``adata_query.obs`` (fitted levels,
+    the fit's reference; a missing column or an unseen level is an error).
 
     Parameters
     ----------
@@ -323,26 +389,26 @@ def project(
         Raw counts of the new cells. Genes are aligned by name with the model (extra genes are
         ignored; a missing gene is an error).
     model
-        A fitted :class:`~zinbgrad.ZINBWaVE`, or the reference AnnData holding one under
-        ``key``.
+        A fitted :class:`~zinbgrad.ZINBWaVE`, the reference AnnData holding one under
+        ``key``, or the path of a model saved with :meth:`~zinbgrad.ZINBWaVE.save` (``.npz``)
+        or of an ``.h5ad`` holding one.
     key_added
         ``adata_query.obsm[key_added]`` receives the latent factors (cells x K).
     layer
         Layer of ``adata_query`` with the counts.
     key
-        Model key when ``model`` is an AnnData.
+        Model key when ``model`` is an AnnData or an ``.h5ad`` path.
+    reference_batch
+        Encode every query cell as the fit's reference batch instead of reading its batch
+        from ``adata_query.obs``.
     batch_key, covariate_keys
-        ``adata_query.obs`` columns, encoded against the levels of the fit (the query may
-        hold any of them; default: every query cell in the reference batch).
+        Not needed (the fit's are used); when given they must be the fit's.
     copy
         Return a modified copy instead of writing into ``adata_query``.
     """
     _check_anndata(adata_query, "adata_query")
     check_key(key_added, "key_added")
-    if not isinstance(model, ZINBWaVE):
-        _check_anndata(model, "model (a fitted ZINBWaVE or the reference AnnData)")
-        model = model_from_anndata(model, key)
-    model._check_fitted()
+    model = _model_argument(model, key)
     query_genes = set(np.asarray(adata_query.var_names).astype(str))
     missing = [g for g in np.asarray(model.var_names_).astype(str) if g not in query_genes]
     if missing:
@@ -351,12 +417,38 @@ def project(
             f"(e.g. {', '.join(missing[:5])}); the query needs every model gene"
         )
     W = model.transform(
-        adata_query, layer=layer, batch_key=batch_key, covariate_keys=covariate_keys
+        adata_query,
+        layer=layer,
+        reference_batch=reference_batch,
+        batch_key=batch_key,
+        covariate_keys=covariate_keys,
     )
     target = adata_query.copy() if copy else adata_query
     target.obsm[key_added] = W
     target.uns.setdefault("zinbgrad_outputs", {})[key_added] = {
         "output": "projection",
         "n_components": int(W.shape[1]),
+        "reference_batch": bool(reference_batch),
     }
     return target if copy else None
+
+
+def _model_argument(model, key: str) -> ZINBWaVE:
+    """A fitted model from a ZINBWaVE, an AnnData holding one, or a path (.npz / .h5ad)."""
+    import os
+    from pathlib import Path
+
+    if isinstance(model, str | os.PathLike):
+        path = Path(model)
+        if not path.exists():
+            raise FileNotFoundError(f"no such model file: {path}")
+        if path.suffix == ".npz":
+            return ZINBWaVE.load(path)
+        import anndata as ad
+
+        return model_from_anndata(ad.read_h5ad(path), key)
+    if not isinstance(model, ZINBWaVE):
+        _check_anndata(model, "model (a fitted ZINBWaVE, the reference AnnData or a path)")
+        model = model_from_anndata(model, key)
+    model._check_fitted()
+    return model

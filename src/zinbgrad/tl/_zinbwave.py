@@ -46,24 +46,42 @@ def model_elements(model: ZINBWaVE, key_added: str = "X_zinbwave") -> dict[str, 
     if path:  # the fit's path, which projections of new cells follow (see ZINBWaVE.transform)
         uns["fit_path"] = dict(path)
         uns["fit_path_var_names"] = np.asarray(model.var_names_, dtype=str)
-    # copies: editing the AnnData must not change the model (nor the model the AnnData)
+    genes, cells, _ = model.fitted_masks()
+    # copies (see _rows): editing the AnnData must not change the model (nor the model the
+    # AnnData)
+    # cells / genes left out of the fit (without counts) get NaN rows
     obsm = {
-        key_added: np.array(model.W_),
-        key_added + "_gamma_mu": np.array(model.gamma_mu_.T),
-        key_added + "_gamma_pi": np.array(model.gamma_pi_.T),
-        key_added + "_X": np.array(model.X_),
+        key_added: _rows(model.W_, cells),
+        key_added + "_gamma_mu": _rows(model.gamma_mu_.T, cells),
+        key_added + "_gamma_pi": _rows(model.gamma_pi_.T, cells),
+        key_added + "_X": _rows(model.X_, cells),
     }
     varm = {
-        f"{key_added}_{name}": np.array(getattr(model, name + "_").T)
+        f"{key_added}_{name}": _rows(getattr(model, name + "_").T, genes)
         for name in ("alpha_mu", "alpha_pi", "beta_mu", "beta_pi")
     }
-    varm[f"{key_added}_V"] = np.array(model.V_)
+    varm[f"{key_added}_V"] = _rows(model.V_, genes)
     return {
         "obsm": obsm,
         "varm": varm,
-        "var": {f"{key_added}_zeta": np.array(model.zeta_)},
+        "var": {
+            f"{key_added}_zeta": _rows(model.zeta_, genes),
+            f"{key_added}_fitted": genes.copy(),
+        },
+        "obs": {f"{key_added}_fitted": cells.copy()},
         "uns": {key_added: uns},
     }
+
+
+def _rows(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``values`` (one row per True of ``mask``) spread over all rows, NaN elsewhere; always
+    a new array."""
+    values = np.asarray(values, dtype=np.float64)
+    if mask.all():
+        return values.copy()
+    out = np.full((len(mask),) + values.shape[1:], np.nan)
+    out[mask] = values
+    return out
 
 
 def store_model(adata, model: ZINBWaVE, key_added: str = "X_zinbwave") -> None:
@@ -72,11 +90,20 @@ def store_model(adata, model: ZINBWaVE, key_added: str = "X_zinbwave") -> None:
     * ``obsm[key_added]``: W (cells x K); ``obsm[key_added + "_gamma_mu"/"_gamma_pi"]``;
     * ``varm[key_added + "_alpha_mu"/"_alpha_pi"/"_beta_mu"/"_beta_pi"]`` (genes x K / M);
     * ``var[key_added + "_zeta"]`` (log inverse dispersion);
+    * ``var[key_added + "_fitted"]`` / ``obs[key_added + "_fitted"]``: whether each gene / cell
+      was fitted (see ``empty_genes`` / ``empty_cells`` of :class:`~zinbgrad.ZINBWaVE`: those
+      left out have NaN parameters);
     * ``uns[key_added]``: settings, X column names, penalties, log-likelihood, history, ...
     """
     _check_anndata(adata)
+    genes, cells, _ = model.fitted_masks()
+    if (adata.n_obs, adata.n_vars) != (len(cells), len(genes)):
+        raise ValueError(
+            f"adata is {adata.n_obs} x {adata.n_vars} but the model was fitted on data of "
+            f"{len(cells)} x {len(genes)}; store a model in the AnnData it was fitted on"
+        )
     elements = model_elements(model, key_added)
-    for name in ("obsm", "varm", "var", "uns"):
+    for name in ("obsm", "varm", "var", "obs", "uns"):
         target = getattr(adata, name)
         for k, v in elements[name].items():
             target[k] = v
@@ -177,17 +204,26 @@ def _rebuild(adata, key: str) -> ZINBWaVE:
     if unknown:
         raise ValueError(f"unknown hyperparameters {unknown}")
     model = ZINBWaVE(**{k: v for k, v in params.items() if k != "device"})
-    model.W_ = array("obsm", key)
-    model.gamma_mu_ = array("obsm", key + "_gamma_mu").T
-    model.gamma_pi_ = array("obsm", key + "_gamma_pi").T
-    model.X_ = array("obsm", key + "_X")
+    fitted = key + "_fitted"
+    genes = np.asarray(adata.var[fitted], dtype=bool) if fitted in adata.var else None
+    if genes is None:  # stored before genes could be left out: all were fitted
+        genes = np.ones(adata.n_vars, dtype=bool)
+    cells = np.asarray(adata.obs[fitted], dtype=bool) if fitted in adata.obs else None
+    if cells is None:
+        cells = np.ones(adata.n_obs, dtype=bool)
+    model.W_ = array("obsm", key)[cells]
+    model.gamma_mu_ = array("obsm", key + "_gamma_mu")[cells].T
+    model.gamma_pi_ = array("obsm", key + "_gamma_pi")[cells].T
+    model.X_ = array("obsm", key + "_X")[cells]
     for name in ("alpha_mu", "alpha_pi", "beta_mu", "beta_pi"):
-        setattr(model, name + "_", array("varm", f"{key}_{name}").T)
-    model.V_ = array("varm", f"{key}_V")
-    model.zeta_ = array("var", f"{key}_zeta")
+        setattr(model, name + "_", array("varm", f"{key}_{name}")[genes].T)
+    model.V_ = array("varm", f"{key}_V")[genes]
+    model.zeta_ = array("var", f"{key}_zeta")[genes]
     model.O_mu_ = model.O_pi_ = None
-    model.var_names_ = np.asarray(adata.var_names).astype(str)
-    model.obs_names_ = np.asarray(adata.obs_names).astype(str)
+    model.var_names_in_ = np.asarray(adata.var_names).astype(str)
+    model.gene_fitted_, model.cell_fitted_ = genes, cells
+    model.var_names_ = model.var_names_in_[genes]
+    model.obs_names_ = np.asarray(adata.obs_names).astype(str)[cells]
     model.n_features_in_ = len(model.var_names_)
     model.X_columns_ = [str(c) for c in np.atleast_1d(field("X_columns"))]
     model.penalty_params_ = parsed("penalty_params")
