@@ -73,6 +73,28 @@ PAGES = {
     },
 }
 
+#: with --all-tutorials (the build that executes them all, docs/build.sh)
+TUTORIALS = {
+    "tutorials/2_batch_correction.html": {
+        "h1": "Batch correction",
+        "headings": ["Fits without and with the batch", "The planted batch effect, recovered"],
+        "min_figures": 4,
+        "selectors": ["div.cell_output"],
+    },
+    "tutorials/3_normalized_values_de.html": {
+        "h1": "Normalized values, residuals, imputation and weighted differential expression",
+        "headings": ["Normalized values", "Residuals", "Imputation"],
+        "min_figures": 4,
+        "selectors": ["div.cell_output"],
+    },
+    "tutorials/4_streaming_cli.html": {
+        "h1": "A large file streamed from disk, with the command line",
+        "headings": ["Fit from disk", "Reading the results without loading the counts"],
+        "min_figures": 1,
+        "selectors": ["div.cell_output"],
+    },
+}
+
 CHROMIUM_FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -280,7 +302,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--chromedriver", default=shutil.which("chromedriver") or "/usr/bin/chromedriver"
     )
+    ap.add_argument(
+        "--all-tutorials",
+        action="store_true",
+        help="also check tutorials 2-4 (when the build executed them: docs/build.sh)",
+    )
     args = ap.parse_args(argv)
+    pages = {**PAGES, **(TUTORIALS if args.all_tutorials else {})}
     root, out = Path(args.html), Path(args.out)
     if not (root / "index.html").exists():
         print(f"error: no built site in {root} (run sphinx-build first)", file=sys.stderr)
@@ -300,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     profile = tempfile.mkdtemp(prefix="zinbgrad-docs-chromium-")
     driver = make_driver(args.chromium, args.chromedriver, profile)
     try:
-        for page, spec in PAGES.items():
+        for page, spec in pages.items():
             failures += check_page(driver, base, page, spec, out)
     finally:
         driver.quit()

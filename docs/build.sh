@@ -10,5 +10,5 @@ check=1
 if [ "${1:-}" = "--no-browser-check" ]; then check=0; shift; fi
 ZINBGRAD_DOCS_EXECUTE=all sphinx-build -W --keep-going -b html docs docs/_build/html "$@"
 if [ "$check" = 1 ]; then
-    python docs/browser_check.py --html docs/_build/html --out docs/_build/screenshots
+    python docs/browser_check.py --all-tutorials --html docs/_build/html --out docs/_build/screenshots
 fi

@@ -60,7 +60,7 @@ python_maximum_signature_line_length = 88
 napoleon_numpy_docstring = True
 napoleon_google_docstring = False
 napoleon_use_rtype = False
-napoleon_use_param = True
+napoleon_use_param = False  # keeps "a, b, c" parameter groups together
 napoleon_use_ivar = True
 napoleon_custom_sections = [("Attributes", "params_style")]
 
