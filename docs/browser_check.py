@@ -1,8 +1,8 @@
 """Check the built documentation in a real browser (headless Chromium).
 
-Serves the built HTML on 127.0.0.1, opens the index, the API page of ``ZINBWaVE``, a tutorial
-and the model page in headless Chromium (Debian's ``chromium`` and ``chromium-driver``, driven
-by selenium), saves a screenshot of each, and asserts that
+Serves the built HTML on 127.0.0.1, opens the index, the API page of ``ZINBWaVE``, a tutorial,
+the benchmarks and the model page in headless Chromium (Debian's ``chromium`` and
+``chromium-driver``, driven by selenium), saves a screenshot of each, and asserts that
 
 * each page renders its expected headings (and the API page its parameters and methods);
 * every image on it has loaded with a non-zero size, and the tutorial has its figures;
@@ -64,6 +64,12 @@ PAGES = {
         "headings": ["Fit", "Neighbours, UMAP and Leiden clusters", "Marker genes"],
         "min_figures": 4,
         "selectors": ["div.cell_output"],
+    },
+    "benchmarks.html": {
+        "h1": "Benchmarks",
+        "headings": ["Scaling to 1.3 million cells", "Against scVI"],
+        "min_figures": 7,
+        "selectors": ["table", "div.admonition.warning"],
     },
     "user_guide/model.html": {
         "h1": "The model",
