@@ -375,7 +375,7 @@ def add_subcommands(subparsers) -> None:
     g.add_argument("--n-batches", type=int, help="synthetic batches (default 2)")
     g.add_argument("--batch-effect", type=float, help="sd of log batch shifts (default 0.5)")
     g.add_argument("--de-genes", type=float, help="number or fraction of DE genes (default 0)")
-    g.add_argument("--de-lfc", type=float, help="planted |log2 fold change| (default 1)")
+    g.add_argument("--de-lfc", type=float, help="planted absolute log2 fold change (default 1)")
     g.add_argument("--latent", choices=["resample", "gmm"], help="(default resample)")
     g.add_argument("--jitter", type=float, help="jitter of resampled cells (default 0.1)")
     g.add_argument("--chunk-cells", type=int, help="cells per write (default 50000)")
