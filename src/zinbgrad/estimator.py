@@ -34,6 +34,12 @@ FORMAT_NAME = "zinbgrad-model"
 FORMAT_VERSION = 1
 
 _GENE_ARRAYS = ("beta_mu", "beta_pi", "alpha_mu", "alpha_pi", "zeta")
+#: gene parameters of optional model parts (``None`` when the model has none)
+_OPTIONAL_ARRAYS = ("delta_mu",)
+
+#: default ridge weight of the batch-specific loading offsets (``batch_loadings=True``),
+#: relative to ``epsilon_alpha``; chosen by held-out log-likelihood (see BENCHMARKS.md)
+DELTA_RATIO = 1.0
 _CELL_ARRAYS = ("W", "gamma_mu", "gamma_pi")
 
 
@@ -141,8 +147,10 @@ def _jsonable(v):
 
 
 def _penalty_params(pen: Penalty) -> dict:
-    """Every epsilon of a penalty, as plain Python values."""
-    return {
+    """Every epsilon of a penalty, as plain Python values (``epsilon_delta`` only for a model
+    with batch-specific loadings)."""
+    extra = {} if pen.delta is None else {"epsilon_delta": pen.delta}
+    return extra | {
         "epsilon_beta_mu": pen.beta_mu.cpu().numpy().tolist(),
         "epsilon_beta_pi": pen.beta_pi.cpu().numpy().tolist(),
         "epsilon_gamma_mu": pen.gamma_mu.cpu().numpy().tolist(),
@@ -162,6 +170,7 @@ _EPSILONS = (
     "epsilon_alpha",
     "epsilon_zeta",
     "epsilon_min_logit",
+    "epsilon_delta",
 )
 
 
@@ -198,8 +207,19 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         ``epsilon`` (zeta).
     epsilon_beta, epsilon_gamma, epsilon_W, epsilon_alpha, epsilon_zeta, epsilon_min_logit
         Override single penalties; ``epsilon_min_logit`` is the zero-inflation intercepts'.
+    batch_loadings
+        Batch-specific loadings (needs ``batch_key`` at fit): a cell of batch b has mean
+        loadings ``alpha_mu + delta_b``, with the offsets ``delta_b`` (K x genes, one per
+        batch) ridge-penalized toward 0 by ``epsilon_delta`` and W shared by all batches, so
+        that a batch effect may differ between cell types (``W_i delta_b``), not only shift
+        each gene (the batch columns of X). ``W_`` stays the batch-free latent space.
+        ``False`` (the default) is zinbwave's model.
+    epsilon_delta
+        Ridge weight of the offsets ``delta_b`` (default: ``epsilon_alpha``, chosen by
+        held-out log-likelihood; larger values pull the batches' loadings together).
     which_X_mu, which_X_pi, which_V_mu, which_V_pi
         Column indices of X / V used in the mean and zero-inflation models (default: all).
+        With ``batch_key`` the batch is in both (a batch-specific zero-inflation intercept).
     max_epochs
         Maximum number of epochs (full sweeps over the cells). The sketch's own fit
         (``solver="sketch"``) is not counted; it stops at ``tol`` or after 100 epochs.
@@ -255,6 +275,9 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
     alpha_mu_, alpha_pi_ : ndarray (K, n_genes)
     beta_mu_, beta_pi_ : ndarray (M_mu, n_genes), (M_pi, n_genes)
     gamma_mu_, gamma_pi_ : ndarray (L_mu, n_cells), (L_pi, n_cells)
+    delta_mu_ : ndarray (n_batches, K, n_genes) or None
+        Batch-specific loading offsets (``batch_loadings=True``; batches in the order of
+        ``batch_info_["levels"]``), else ``None``.
     zeta_ : ndarray (n_genes,)
         Log inverse dispersion (``theta = exp(zeta)``); ``theta_`` is a property.
     loglik_, penalty_, objective_ : float
@@ -300,6 +323,8 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         epsilon_alpha: float | None = None,
         epsilon_zeta: float | None = None,
         epsilon_min_logit: float = 1e-3,
+        batch_loadings: bool = False,
+        epsilon_delta: float | None = None,
         which_X_mu=None,
         which_X_pi=None,
         which_V_mu=None,
@@ -328,6 +353,8 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         self.epsilon_alpha = epsilon_alpha
         self.epsilon_zeta = epsilon_zeta
         self.epsilon_min_logit = epsilon_min_logit
+        self.batch_loadings = batch_loadings
+        self.epsilon_delta = epsilon_delta
         self.which_X_mu = which_X_mu
         self.which_X_pi = which_X_pi
         self.which_V_mu = which_V_mu
@@ -385,6 +412,8 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
             raise ValueError(
                 f"solver must be 'auto', 'full', 'sketch' or 'stochastic', got {self.solver!r}"
             )
+        if not isinstance(self.batch_loadings, bool | np.bool_):
+            raise ValueError(f"batch_loadings must be True or False, got {self.batch_loadings!r}")
         if self.fused not in ("auto", True, False):
             raise ValueError(f"fused must be 'auto', True or False, got {self.fused!r}")
         rs = self.random_state
@@ -430,7 +459,16 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         return check_design_matrix(Xm, n, "X (cell covariates)", "cells", names), names, info
 
     def _default_penalty(self, design: Design) -> Penalty:
-        """zinbwave's penalty for ``design`` with this estimator's epsilon overrides."""
+        """zinbwave's penalty for ``design`` with this estimator's epsilon overrides (and the
+        weight of the batch-specific loading offsets, with ``batch_loadings``)."""
+        pen = self._zinbwave_penalty(design)
+        if self.batch_loadings:
+            pen.delta = (
+                DELTA_RATIO * pen.alpha if self.epsilon_delta is None else float(self.epsilon_delta)
+            )
+        return pen
+
+    def _zinbwave_penalty(self, design: Design) -> Penalty:
         return Penalty.zinbwave_defaults(
             design,
             epsilon=self.epsilon,
@@ -458,10 +496,29 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
             raise ValueError(f"{what} contains NaN or infinite values")
         return A
 
-    def _make_design(self, Xm, Vm, O_mu, O_pi, dev, dt) -> Design:
+    def _batch_codes(self, Xm: np.ndarray, columns=None, info=None) -> np.ndarray:
+        """Each cell's batch code (its level's position in ``levels``) from its batch
+        indicator columns of X (named ``columns``; the reference level has none)."""
+        columns = self.X_columns_ if columns is None else columns
+        info = self.batch_info_ if info is None else info
+        key, levels = info["batch_key"], info["levels"]
+        cols = [list(columns).index(f"{key}[{lv}]") for lv in levels[1:]]
+        Xb = np.asarray(Xm)[:, cols]
+        if not np.isin(Xb, (0.0, 1.0)).all() or (Xb.sum(1) > 1).any():
+            raise ValueError("the batch columns of X must be 0/1 indicators of one batch per cell")
+        return np.where(Xb.sum(1) > 0, Xb.argmax(1) + 1, 0).astype(np.int64)
+
+    def _make_design(self, Xm, Vm, O_mu, O_pi, dev, dt, columns=None, info=None) -> Design:
+        """The design of cells ``Xm``; with ``batch_loadings``, their batch codes too (from the
+        batch columns of X, named by ``columns``/``info``: the fitted ones by default)."""
+
         def t(a):
             return None if a is None else torch.as_tensor(a, dtype=dt, device=dev)
 
+        codes, B = None, 0
+        if self.batch_loadings:
+            codes = torch.as_tensor(self._batch_codes(Xm, columns, info), device=dev)
+            B = len((self.batch_info_ if info is None else info)["levels"])
         return Design(
             X_mu=t(np.ascontiguousarray(_select_columns(Xm, self.which_X_mu, "which_X_mu"))),
             X_pi=t(np.ascontiguousarray(_select_columns(Xm, self.which_X_pi, "which_X_pi"))),
@@ -469,6 +526,8 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
             V_pi=t(np.ascontiguousarray(_select_columns(Vm, self.which_V_pi, "which_V_pi"))),
             O_mu=t(O_mu),
             O_pi=t(O_pi),
+            batch=codes,
+            n_batches=B,
         )
 
     def _progress(self):
@@ -549,10 +608,17 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         with cpu_threads(dev, n * J), flush_denormals(dev.type == "cpu"):
             self._check_hyperparameters(n, J)
             Xm, xnames, batch_info = self._cell_design(inp.obs, n, X, batch_key, covariate_keys)
+            if self.batch_loadings and "batch_key" not in batch_info:
+                raise ValueError(
+                    "batch_loadings=True needs batch_key (the obs column of the batches whose "
+                    "loadings may differ)"
+                )
             Vm = np.ones((J, 1)) if V is None else check_design_matrix(V, J, "V", "genes")
             O_mu_a = self._offset(O_mu, n, J, "O_mu")
             O_pi_a = self._offset(O_pi, n, J, "O_pi")
-            design_all = self._make_design(Xm, Vm, O_mu_a, O_pi_a, dev, dt)
+            design_all = self._make_design(
+                Xm, Vm, O_mu_a, O_pi_a, dev, dt, columns=xnames, info=batch_info
+            )
             pen = self._default_penalty(design_all)
             lo, hi = shard_bounds(n, comm.rank, comm.world_size)
             design = design_all.rows(lo, hi)
@@ -679,6 +745,10 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
                 arrays[name] = np.zeros_like(arrays[name])
         for name in _GENE_ARRAYS + _CELL_ARRAYS:
             setattr(self, name + "_", np.asarray(arrays[name], dtype=np.float64))
+        self.delta_mu_ = None
+        if "delta_mu" in arrays:  # stored as (B*K, J): one K x J block per batch
+            d = np.asarray(arrays["delta_mu"], dtype=np.float64)
+            self.delta_mu_ = d.reshape(design.n_batches, params.K, d.shape[1])
         self.X_ = np.asarray(Xm, dtype=np.float64)
         self.X_columns_ = list(xnames)
         self.V_ = np.asarray(Vm, dtype=np.float64)
@@ -721,6 +791,8 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
             + n * K
             + n_disp
         )
+        if getattr(self, "delta_mu_", None) is not None:
+            self.n_params_ += int(self.delta_mu_.size)
         self.aic_ = 2.0 * self.n_params_ - 2.0 * self.loglik_
         self.bic_ = math.log(n) * self.n_params_ - 2.0 * self.loglik_
 
@@ -748,12 +820,18 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
             alpha=float(pp["epsilon_alpha"]),
             zeta=float(pp["epsilon_zeta"]),
             common_dispersion=self.common_dispersion,
+            delta=None if pp.get("epsilon_delta") is None else float(pp["epsilon_delta"]),
         )
 
     def _gene_params(self, dev, dt) -> dict[str, torch.Tensor]:
-        return {
+        out = {
             k: torch.as_tensor(getattr(self, k + "_"), dtype=dt, device=dev) for k in _GENE_ARRAYS
         }
+        for k in _OPTIONAL_ARRAYS:
+            v = getattr(self, k + "_", None)
+            if v is not None:  # stacked per batch: (B*K, J), as the engine holds it
+                out[k] = torch.as_tensor(v.reshape(-1, v.shape[-1]), dtype=dt, device=dev)
+        return out
 
     def get_params_torch(self, device="cpu", dtype=torch.float64) -> Params:
         """All fitted parameters as a :class:`~zinbgrad.model.Params` of torch tensors."""
@@ -922,6 +1000,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         O_mu=None,
         O_pi=None,
         device: str | torch.device | None = None,
+        new_batches: bool = False,
     ) -> np.ndarray:
         """Latent factors W of new cells (gene parameters fixed; zinbwave's projection).
 
@@ -930,13 +1009,59 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         genes as its columns. New cells get the reference batch unless ``batch_key`` or ``X``
         is given. With ``batch_key`` (the fit's) and ``covariate_keys``, categorical columns
         are encoded against the fitted levels: the new cells may hold any of them, and a level
-        the fit did not see is an error. ``device`` overrides the ``device`` parameter for this
+        the fit did not see is an error, unless ``new_batches=True``: then the coefficients
+        of each unseen level of the fit's ``batch_key`` (its X column effects, and its loading
+        offsets with ``batch_loadings``) are estimated from its cells, every fitted gene
+        parameter fixed, before their W (:meth:`map_query`; the cells' batches are read from
+        ``obs[batch_key]`` of the fit). ``device`` overrides the ``device`` parameter for this
         computation (a fitted model runs on any machine: ``"cpu"``, ``"cuda"``, ...).
         """
-        params, _, _ = self._project(
-            data, layer, X, batch_key, covariate_keys, O_mu, O_pi, device=device
-        )
+        query = (data, layer, X, batch_key, covariate_keys, O_mu, O_pi)
+        if new_batches:
+            return self._map_query_checked(*query, device=device).W
+        params, _, _ = self._project(*query, device=device)
         return params.W.cpu().numpy()
+
+    def map_query(
+        self,
+        data,
+        *,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        O_mu=None,
+        O_pi=None,
+        max_epochs: int = 100,
+        tol: float = 1e-6,
+        device: str | torch.device | None = None,
+    ):
+        """Map cells of batch levels the fit did not see (the linear-model scArches).
+
+        Each new level of the fit's ``batch_key`` gets an X column and, with
+        ``batch_loadings``, loading offsets, estimated from its cells with every fitted gene
+        parameter fixed, together with the cells' W and gamma. Returns a
+        :class:`zinbgrad.query.QueryMapping` (``W``, per-cell ``loglik``, the new ``levels``
+        and their coefficients). The model is not changed.
+        """
+        from .query import map_query
+
+        return map_query(
+            self,
+            data,
+            layer=layer,
+            batch_key=batch_key,
+            O_mu=O_mu,
+            O_pi=O_pi,
+            max_epochs=max_epochs,
+            tol=tol,
+            device=device,
+        )
+
+    def _map_query_checked(self, data, layer, X, batch_key, covariate_keys, O_mu, O_pi, device):
+        if X is not None or covariate_keys:
+            raise ValueError("new_batches=True reads the batch from obs; X/covariate_keys unused")
+        return self.map_query(
+            data, layer=layer, batch_key=batch_key, O_mu=O_mu, O_pi=O_pi, device=device
+        )
 
     def score_samples(
         self,
@@ -949,14 +1074,17 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         O_mu=None,
         O_pi=None,
         device: str | torch.device | None = None,
+        new_batches: bool = False,
     ) -> np.ndarray:
         """Held-out log-likelihood of each new cell, its local parameters re-optimized.
 
-        The keywords are those of :meth:`transform`.
+        The keywords are those of :meth:`transform` (with ``new_batches=True``, at the
+        coefficients of the unseen levels estimated from these cells).
         """
-        _, ll, _ = self._project(
-            data, layer, X, batch_key, covariate_keys, O_mu, O_pi, device=device
-        )
+        query = (data, layer, X, batch_key, covariate_keys, O_mu, O_pi)
+        if new_batches:
+            return self._map_query_checked(*query, device=device).loglik
+        _, ll, _ = self._project(*query, device=device)
         return ll
 
     def score(self, data, y=None, **kw) -> float:
@@ -1006,6 +1134,9 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
             arrays["O_mu"] = self.O_mu_
         if self.O_pi_ is not None:
             arrays["O_pi"] = self.O_pi_
+        for k in _OPTIONAL_ARRAYS:
+            if getattr(self, k + "_", None) is not None:
+                arrays[k] = getattr(self, k + "_")
         for k, v in (getattr(self, "fit_path_", None) or {}).items():
             arrays["path_" + k] = v
         arrays["metadata"] = np.array(json.dumps(self._metadata()))
@@ -1071,6 +1202,8 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         model.V_ = np.asarray(z["V"], dtype=np.float64)
         model.O_mu_ = np.asarray(z["O_mu"], dtype=np.float64) if "O_mu" in files else None
         model.O_pi_ = np.asarray(z["O_pi"], dtype=np.float64) if "O_pi" in files else None
+        for k in _OPTIONAL_ARRAYS:
+            setattr(model, k + "_", np.asarray(z[k], dtype=np.float64) if k in files else None)
         path = {k[5:]: z[k] for k in z.files if k.startswith("path_")}
         model.fit_path_ = path or None
         model.var_names_ = z["var_names"].astype(str)
@@ -1151,6 +1284,18 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
             cols = n if name.startswith("gamma") else J
             if a.shape[1] != cols or a.shape[0] > rows:
                 raise ValueError(f"{name} has shape {a.shape}, expected (<= {rows}, {cols})")
+        delta = getattr(self, "delta_mu_", None)
+        if self.batch_loadings:
+            B = len((self.batch_info_ or {}).get("levels", ()))
+            if delta is None or delta.shape != (B, K, J) or B < 2:
+                raise ValueError(
+                    f"delta_mu has shape {None if delta is None else delta.shape}, expected "
+                    f"({B}, {K}, {J}) (batch_loadings=True with {B} batch levels)"
+                )
+            if not np.isfinite(delta).all():
+                raise ValueError("delta_mu has NaN or infinite values")
+        elif delta is not None:
+            raise ValueError("delta_mu is set but batch_loadings is False")
         path = getattr(self, "fit_path_", None) or {}
         if path:
             steps = len(np.ravel(path.get("n_newton", [])))
@@ -1229,6 +1374,9 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
             model.gamma_pi_ = np.zeros_like(model.gamma_pi_)
         model.X_, model.V_ = Xm, Vm
         model.O_mu_ = model.O_pi_ = None
+        if model.batch_loadings:
+            raise ValueError("from_params builds zinbwave's model: batch_loadings must be False")
+        model.delta_mu_ = None
         model.fit_path_ = None
         model.X_columns_ = (
             list(X_columns)

@@ -58,6 +58,9 @@ def model_elements(model: ZINBWaVE, key_added: str = "X_zinbwave") -> dict[str, 
         for name in ("alpha_mu", "alpha_pi", "beta_mu", "beta_pi")
     }
     varm[f"{key_added}_V"] = np.array(model.V_)
+    delta = getattr(model, "delta_mu_", None)
+    if delta is not None:  # batch-specific loading offsets: genes x (batch, factor)
+        varm[f"{key_added}_delta_mu"] = np.array(delta.reshape(-1, delta.shape[-1]).T)
     return {
         "obsm": obsm,
         "varm": varm,
@@ -116,7 +119,8 @@ def _fit_path(u, var_names: np.ndarray) -> dict | None:
         )
         return None
     idx = np.array([pos[g] for g in var_names], dtype=np.int64)
-    return {k: (v[..., idx] if k in Params.GENE_FIELDS else v) for k, v in path.items()}
+    genes = Params.GENE_FIELDS + Params.OPTIONAL_GENE_FIELDS
+    return {k: (v[..., idx] if k in genes else v) for k, v in path.items()}
 
 
 def model_from_anndata(adata, key: str = "X_zinbwave", *, device="auto") -> ZINBWaVE:
@@ -184,6 +188,10 @@ def _rebuild(adata, key: str) -> ZINBWaVE:
     for name in ("alpha_mu", "alpha_pi", "beta_mu", "beta_pi"):
         setattr(model, name + "_", array("varm", f"{key}_{name}").T)
     model.V_ = array("varm", f"{key}_V")
+    model.delta_mu_ = None
+    if f"{key}_delta_mu" in adata.varm:
+        d = array("varm", f"{key}_delta_mu").T
+        model.delta_mu_ = d.reshape(-1, model.W_.shape[1], d.shape[1])
     model.zeta_ = array("var", f"{key}_zeta")
     model.O_mu_ = model.O_pi_ = None
     model.var_names_ = np.asarray(adata.var_names).astype(str)
