@@ -1031,7 +1031,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         O_mu=None,
         O_pi=None,
         max_epochs: int = 100,
-        tol: float = 1e-6,
+        tol: float = 1e-4,
         device: str | torch.device | None = None,
     ):
         """Map cells of batch levels the fit did not see (the linear-model scArches).

@@ -98,7 +98,7 @@ def map_query(
     O_mu=None,
     O_pi=None,
     max_epochs: int = 100,
-    tol: float = 1e-6,
+    tol: float = 1e-4,
     device=None,
 ) -> QueryMapping:
     """Map query cells whose batch levels the fit may not have seen (see the module's notes).
@@ -119,7 +119,8 @@ def map_query(
         The device of this computation (default: the model's ``device`` parameter).
     max_epochs, tol
         Sweeps at most, and the relative change of the query's penalized log-likelihood
-        below which they stop.
+        below which they stop (the fit's default rule: later sweeps creep, e.g. 6 nats in
+        50 sweeps on 150 simulated cells after 90 % of the gain in the first 6).
     """
     model._check_fitted()
     counts = open_counts(data, layer, allow_non_integer=model.allow_non_integer, check_empty=False)

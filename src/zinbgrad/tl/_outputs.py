@@ -310,6 +310,7 @@ def project(
     key: str = "X_zinbwave",
     batch_key: str | None = None,
     covariate_keys: list[str] | None = None,
+    new_batches: bool = False,
     copy: bool = False,
 ):
     """Map new cells into a fitted model's latent space (zinbwave's projection).
@@ -334,6 +335,11 @@ def project(
     batch_key, covariate_keys
         ``adata_query.obs`` columns, encoded against the levels of the fit (the query may
         hold any of them; default: every query cell in the reference batch).
+    new_batches
+        Query cells of levels of the fit's ``batch_key`` that the fit did not see: estimate
+        those levels' coefficients from their cells first, every fitted gene parameter
+        fixed (:meth:`zinbgrad.ZINBWaVE.map_query`, a linear-model scArches); without it such
+        a level is an error.
     copy
         Return a modified copy instead of writing into ``adata_query``.
     """
@@ -351,7 +357,11 @@ def project(
             f"(e.g. {', '.join(missing[:5])}); the query needs every model gene"
         )
     W = model.transform(
-        adata_query, layer=layer, batch_key=batch_key, covariate_keys=covariate_keys
+        adata_query,
+        layer=layer,
+        batch_key=batch_key,
+        covariate_keys=covariate_keys,
+        new_batches=new_batches,
     )
     target = adata_query.copy() if copy else adata_query
     target.obsm[key_added] = W
