@@ -222,3 +222,22 @@ def test_map_query_needs_batch_design(planted):
         plain.map_query(planted[0])
     with pytest.raises(ValueError, match="X/covariate_keys unused"):
         m.score_samples(planted[0], new_batches=True, X=np.ones((planted[0].n_obs, 2)))
+
+
+def test_map_query_onto_single_batch_fit():
+    """A model fitted on one batch (no batch_key) maps another batch's cells: the fitted
+    cells are the reference level, the query's level gets an X column and, on request,
+    loading offsets."""
+    adata, truth = simulate(n=400, B=2, seed=3)
+    b = truth["batch"]
+    ref, query = adata[b == 0].copy(), adata[b == 1].copy()
+    m = ZINBWaVE(2, zero_inflation=False, verbose=False, solver="full").fit(ref)
+    with pytest.raises(ValueError, match="needs a model fitted with batch_key"):
+        m.map_query(query)
+    plain = m.map_query(query, batch_key="batch")
+    q = m.map_query(query, batch_key="batch", batch_loadings=True)
+    assert plain.levels == q.levels == ["b1"]
+    assert plain.delta_mu is None and q.delta_mu.shape == (1, 2, adata.n_vars)
+    assert np.corrcoef(q.beta_mu[0], truth["shift"][1])[0, 1] > 0.8
+    # the planted offsets: the query's loadings differ from the reference's
+    assert q.loglik.mean() > plain.loglik.mean() + 1.0 > m.score(query) + 1.0

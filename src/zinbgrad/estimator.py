@@ -1033,12 +1033,15 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         max_epochs: int = 100,
         tol: float = 1e-4,
         device: str | torch.device | None = None,
+        batch_loadings: bool | None = None,
     ):
         """Map cells of batch levels the fit did not see (the linear-model scArches).
 
         Each new level of the fit's ``batch_key`` gets an X column and, with
         ``batch_loadings``, loading offsets, estimated from its cells with every fitted gene
-        parameter fixed, together with the cells' W and gamma. Returns a
+        parameter fixed, together with the cells' W and gamma (a model fitted on one batch
+        without ``batch_key`` maps every level of the query's ``obs[batch_key]`` this way;
+        ``batch_loadings``: estimate the new levels' offsets too, default as fitted). Returns a
         :class:`zinbgrad.query.QueryMapping` (``W``, per-cell ``loglik``, the new ``levels``
         and their coefficients). The model is not changed.
         """
@@ -1054,6 +1057,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
             max_epochs=max_epochs,
             tol=tol,
             device=device,
+            batch_loadings=batch_loadings,
         )
 
     def _map_query_checked(self, data, layer, X, batch_key, covariate_keys, O_mu, O_pi, device):

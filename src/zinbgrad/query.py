@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from .data.open import open_counts
-from .estimator import cpu_threads
+from .estimator import DELTA_RATIO, cpu_threads
 from .model.params import Params
 from .optim.engine import Engine, FitOptions
 from .optim.fpenv import flush_denormals
@@ -61,13 +61,23 @@ class QueryMapping:
     converged: bool
 
 
-def _query_levels(model, counts, batch_key: str | None) -> tuple[str, np.ndarray, list[str]]:
-    """The fitted batch key, the query cells' batch values and the new levels among them."""
+def _query_levels(
+    model, counts, batch_key: str | None
+) -> tuple[str, np.ndarray, list[str], list[str]]:
+    """The batch key, the query cells' batch values, the fitted levels and the new ones.
+
+    A model fitted without ``batch_key`` (X an intercept only) counts as one fitted batch,
+    unnamed (``[""]``): every level of the query's ``obs[batch_key]`` is then new."""
     info = model.batch_info_ or {}
     key = info.get("batch_key")
     if key is None:
-        raise ValueError("mapping cells of new batches needs a model fitted with batch_key")
-    if batch_key is not None and batch_key != key:
+        if batch_key is None or list(model.X_columns_) != ["intercept"]:
+            raise ValueError(
+                "mapping cells of new batches needs a model fitted with batch_key, or one "
+                "fitted on a single batch (X an intercept only) and the query's batch_key"
+            )
+        key = batch_key
+    elif batch_key is not None and batch_key != key:
         raise ValueError(f"batch_key={batch_key!r}, but the model was fitted with {key!r}")
     cols = model.X_columns_
     other = [c for c in cols[1:] if not c.startswith(f"{key}[")]
@@ -84,9 +94,9 @@ def _query_levels(model, counts, batch_key: str | None) -> tuple[str, np.ndarray
     if col.isna().any():
         raise ValueError(f"obs[{key!r}] of the query has {int(col.isna().sum())} missing values")
     values = np.asarray(col.astype(str))
-    fitted = set(info["levels"])
-    new = [str(v) for v in pd.unique(values) if v not in fitted]
-    return key, values, new
+    fitted = [str(v) for v in info.get("levels", [""])]
+    new = [str(v) for v in pd.unique(values) if v not in set(fitted)]
+    return key, values, fitted, new
 
 
 def map_query(
@@ -99,6 +109,7 @@ def map_query(
     O_pi=None,
     max_epochs: int = 100,
     tol: float = 1e-4,
+    batch_loadings: bool | None = None,
     device=None,
 ) -> QueryMapping:
     """Map query cells whose batch levels the fit may not have seen (see the module's notes).
@@ -114,27 +125,31 @@ def map_query(
     layer, O_mu, O_pi
         As in :meth:`ZINBWaVE.transform`.
     batch_key
-        The ``obs`` column of the batches (default and only choice: the fit's).
+        The ``obs`` column of the batches: the fit's (the default), or any for a model fitted
+        on one batch without ``batch_key`` (its cells are then the reference batch).
     device
         The device of this computation (default: the model's ``device`` parameter).
     max_epochs, tol
         Sweeps at most, and the relative change of the query's penalized log-likelihood
         below which they stop (the fit's default rule: later sweeps creep, e.g. 6 nats in
         50 sweeps on 150 simulated cells after 90 % of the gain in the first 6).
+    batch_loadings
+        Estimate loading offsets ``delta_b`` for the new levels (the fitted batches' are kept,
+        zero for a model without them; ridge weight: the model's ``epsilon_delta`` or its
+        default). Default: as the model was fitted.
     """
     model._check_fitted()
     counts = open_counts(data, layer, allow_non_integer=model.allow_non_integer, check_empty=False)
     model._align_genes(counts)
-    key, values, new = _query_levels(model, counts, batch_key)
-    levels = list(model.batch_info_["levels"])
+    key, values, levels, new = _query_levels(model, counts, batch_key)
+    loadings = model.batch_loadings if batch_loadings is None else bool(batch_loadings)
     n, J, K = counts.shape[0], len(model.var_names_), model.n_components
     M, B, Bn = len(model.X_columns_), len(levels), len(new)
     columns = list(model.X_columns_) + [f"{key}[{lv}]" for lv in new]
     Xm = np.zeros((n, M + Bn))
     Xm[:, 0] = 1.0
-    for c, name in enumerate(columns[1:], start=1):
-        Xm[:, c] = values == name[len(key) + 1 : -1]
-    info = {"batch_key": key, "levels": levels + new}
+    for c, lv in enumerate(levels[1:] + new, start=1):  # X's batch columns, in order
+        Xm[:, c] = values == lv
     dev, dt = model._torch_setup(device)
     design = model._make_design(
         Xm,
@@ -144,16 +159,28 @@ def map_query(
         dev,
         dt,
         columns=columns,
-        info=info,
+        info={"batch_key": key, "levels": levels + new},
     )
+    if loadings:  # each cell's batch: a fitted level's position, or B + k for new level k
+        pos = {lv: i for i, lv in enumerate(levels + new)}
+        design.batch = torch.as_tensor([pos[v] for v in values], device=dev)
+        design.n_batches = B + Bn
     pen = model._penalty_obj(design)
-    # the new columns are penalized as the fitted batch columns are
-    pen.beta_mu = torch.cat([pen.beta_mu, pen.beta_mu[-1:].expand(Bn)])
-    pen.beta_pi = torch.cat([pen.beta_pi, pen.beta_pi[-1:].expand(Bn)])
-    genes = _padded(model._gene_params(dev, dt), Bn, K)
+    # the new columns are penalized as zinbwave penalizes any non-intercept column
+    e_beta = _epsilon_beta(model, J)
+    pen.beta_mu = torch.cat([pen.beta_mu, pen.beta_mu.new_full((Bn,), e_beta)])
+    pen.beta_pi = torch.cat([pen.beta_pi, pen.beta_pi.new_full((Bn,), e_beta)])
+    genes = model._gene_params(dev, dt)
+    if loadings and pen.delta is None:  # a model without offsets: the fitted ones are zero
+        pen.delta = DELTA_RATIO * pen.alpha
+        genes["delta_mu"] = torch.zeros(B * K, J, dtype=dt, device=dev)
+    elif not loadings:
+        genes.pop("delta_mu", None)
+        pen.delta = None
+    genes = _padded(genes, Bn, K)
     path = model._fit_path(dev, dt)
     if path is not None:  # the query cells follow the fit's path, as in transform
-        path.steps = [(_padded(g, Bn, K), T, s) for g, T, s in path.steps]
+        path.steps = [(_path_genes(g, genes, Bn, K), T, s) for g, T, s in path.steps]
     params = Params.zeros(design, K, genes=genes)
     opts = FitOptions(max_epochs=max_epochs, tol=tol, block_entries=model._block_entries(dev, dt))
     source = counts.source(0, n, dt, dev)
@@ -192,6 +219,24 @@ def map_query(
         n_iter=0 if result is None else int(result.n_epochs),
         converged=True if result is None else bool(result.converged),
     )
+
+
+def _epsilon_beta(model, J: int) -> float:
+    """zinbwave's ridge weight of a non-intercept column of X for this model's settings."""
+    if model.epsilon_beta is not None:
+        return float(model.epsilon_beta)
+    return float(J if model.epsilon is None else model.epsilon) / J
+
+
+def _path_genes(step: dict, final: dict, Bn: int, K: int) -> dict:
+    """A fit-path step's gene parameters in the query's shapes: new levels' coefficients
+    zero; loading offsets the path lacks (a model fitted without them) zero too."""
+    out = _padded(step, Bn, K)
+    if "delta_mu" in final and "delta_mu" not in out:
+        out["delta_mu"] = torch.zeros_like(final["delta_mu"])
+    elif "delta_mu" not in final:
+        out.pop("delta_mu", None)
+    return out
 
 
 def _padded(genes: dict, Bn: int, K: int) -> dict:
