@@ -241,3 +241,22 @@ def test_map_query_onto_single_batch_fit():
     assert np.corrcoef(q.beta_mu[0], truth["shift"][1])[0, 1] > 0.8
     # the planted offsets: the query's loadings differ from the reference's
     assert q.loglik.mean() > plain.loglik.mean() + 1.0 > m.score(query) + 1.0
+
+
+def test_latent_scores_keep_log_mean_distances(fitted, planted):
+    m = fitted
+    S = m.latent_scores()
+    P = m.W_ @ m.alpha_mu_
+    i, j = np.triu_indices(40, 1)
+    dS = np.linalg.norm(S[i] - S[j], axis=1)
+    dP = np.linalg.norm(P[i] - P[j], axis=1)
+    np.testing.assert_allclose(dS, dP, rtol=1e-10)
+    var = S.var(0)
+    assert (np.diff(var) <= 0).all() and np.allclose(S.mean(0), 0.0, atol=1e-12)
+    # the principal scores of the centred W alpha_mu: its singular values
+    sv = np.linalg.svd(P - P.mean(0), compute_uv=False)[:2]
+    np.testing.assert_allclose(np.linalg.norm(S, axis=0), sv, rtol=1e-8)
+    np.testing.assert_allclose(m.latent_scores(m.W_[:5]), S[:5])
+    target = planted[0].copy()
+    zinbgrad.tl.zinbwave(target, 2, batch_key="batch", zero_inflation=False, verbose=False)
+    assert target.obsm["X_zinbwave_scores"].shape == (target.n_obs, 2)

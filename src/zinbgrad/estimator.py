@@ -1096,6 +1096,36 @@ class ZINBWaVE(TransformerMixin, BaseEstimator):
         :meth:`transform`."""
         return float(np.mean(self.score_samples(data, **kw)))
 
+    def latent_scores(self, W=None) -> np.ndarray:
+        """W as principal scores of the latent part of the log mean, for neighbour graphs.
+
+        With ``Wc`` the training cells' W with centred columns and ``Wc alpha_mu_ = U S V^T``,
+        the scores of the training cells are ``U S`` (columns by decreasing variance): each
+        factor weighted by how much it moves the log means, so that Euclidean distances between
+        cells are those between their latent log-mean profiles ``W_i alpha_mu`` (the raw
+        ``W_`` weighs its factors by zinbwave's trace-norm balance instead, about the square
+        root of that). ``W``: latent factors of other cells (e.g. from :meth:`transform`),
+        mapped by the same linear map (default: the training cells' ``W_``).
+
+        The batch-specific loading offsets of ``batch_loadings`` do not enter: the scores are
+        batch-free, as ``W_`` is.
+        """
+        self._check_fitted()
+        K = self.W_.shape[1]
+        W = self.W_ if W is None else np.asarray(W, dtype=np.float64)
+        if W.ndim != 2 or W.shape[1] != K:
+            raise ValueError(f"W must have shape (n_cells, {K}), got {W.shape}")
+        mean = self.W_.mean(0)
+        Wc = self.W_ - mean
+        # L L^T = alpha alpha^T, then the principal axes of Wc L
+        lam, U = np.linalg.eigh(self.alpha_mu_ @ self.alpha_mu_.T)
+        L = U * np.sqrt(np.clip(lam, 0.0, None))
+        Y = Wc @ L
+        ev, R = np.linalg.eigh(Y.T @ Y)
+        R = R[:, np.argsort(ev)[::-1]]
+        R = R * np.where(R[np.abs(R).argmax(0), np.arange(K)] < 0, -1.0, 1.0)
+        return (W - mean) @ L @ R
+
     def fit_transform(self, data, y=None, **fit_params) -> np.ndarray:
         return self.fit(data, **fit_params).W_
 
