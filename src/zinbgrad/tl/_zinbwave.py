@@ -49,7 +49,7 @@ def model_elements(model: ZINBWaVE, key_added: str = "X_zinbwave") -> dict[str, 
     # copies: editing the AnnData must not change the model (nor the model the AnnData)
     obsm = {
         key_added: np.array(model.W_),
-        # W as principal scores of W alpha_mu: the representation for neighbours / UMAP
+        # W as principal scores of W alpha_mu: another representation for neighbours / UMAP
         key_added + "_scores": model.latent_scores(),
         key_added + "_gamma_mu": np.array(model.gamma_mu_.T),
         key_added + "_gamma_pi": np.array(model.gamma_pi_.T),
@@ -76,8 +76,9 @@ def store_model(adata, model: ZINBWaVE, key_added: str = "X_zinbwave") -> None:
 
     * ``obsm[key_added]``: W (cells x K); ``obsm[key_added + "_gamma_mu"/"_gamma_pi"]``;
     * ``obsm[key_added + "_scores"]``: W as principal scores of ``W alpha_mu``
-      (:meth:`ZINBWaVE.latent_scores`), the better input for neighbour graphs (scib-metrics
-      bio conservation +0.04 over W on the PBMC pair, see BENCHMARKS.md);
+      (:meth:`ZINBWaVE.latent_scores`), another input for neighbour graphs: in the
+      scib-metrics runs of issue 17 it beat W on the PBMC pair (bio conservation +0.037) and
+      lost on the thinned Zeisel set (-0.037), so W stays the default;
     * ``varm[key_added + "_alpha_mu"/"_alpha_pi"/"_beta_mu"/"_beta_pi"]`` (genes x K / M);
     * ``var[key_added + "_zeta"]`` (log inverse dispersion);
     * ``uns[key_added]``: settings, X column names, penalties, log-likelihood, history, ...
