@@ -260,3 +260,19 @@ def test_latent_scores_keep_log_mean_distances(fitted, planted):
     target = planted[0].copy()
     zinbgrad.tl.zinbwave(target, 2, batch_key="batch", zero_inflation=False, verbose=False)
     assert target.obsm["X_zinbwave_scores"].shape == (target.n_obs, 2)
+
+
+def test_outputs_use_the_batch_loadings(fitted):
+    """Fitted means and batch-corrected means follow each cell's (or the target batch's)
+    loadings alpha_mu + delta_b."""
+    from zinbgrad.model.outputs import batch_corrected
+
+    m = fitted
+    code = (m.X_[:, 1] == 1).astype(int)  # b1 is the only non-reference level
+    cell = (m.V_ @ m.gamma_mu_).T  # the cells' intercepts (library size)
+    bias = m.beta_mu_[0] + m.X_[:, 1:2] * m.beta_mu_[1] + cell
+    eta = bias + np.einsum("ik,ikj->ij", m.W_, m.alpha_mu_[None] + m.delta_mu_[code])
+    np.testing.assert_allclose(m.get_mu(), np.exp(eta), rtol=1e-10)
+    moved = batch_corrected(m, reference="b1")
+    eta1 = m.beta_mu_[0] + m.beta_mu_[1] + cell + m.W_ @ (m.alpha_mu_ + m.delta_mu_[1])
+    np.testing.assert_allclose(moved, np.exp(eta1), rtol=1e-10)
