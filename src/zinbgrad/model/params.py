@@ -60,7 +60,7 @@ class Design:
         batch = None if self.batch is None else self.batch.to(device=device)
         return Design(*(mv(getattr(self, f.name)) for f in fields(self)[:6]), batch, self.n_batches)
 
-    def take(self, idx: Tensor) -> Design:
+    def take(self, idx: Tensor | slice) -> Design:
         """The design of the cells ``idx`` (e.g. a subsample); gene covariates unchanged."""
 
         def sl(t: Tensor | None) -> Tensor | None:
@@ -89,20 +89,7 @@ class Design:
         """The design of the cells ``[start, stop)`` (a shard); gene covariates unchanged."""
         if start == 0 and stop == self.n:
             return self
-
-        def sl(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t[start:stop]
-
-        return Design(
-            sl(self.X_mu),
-            sl(self.X_pi),
-            self.V_mu,
-            self.V_pi,
-            sl(self.O_mu),
-            sl(self.O_pi),
-            sl(self.batch),
-            self.n_batches,
-        )
+        return self.take(slice(start, stop))
 
 
 def batch_interaction(W: Tensor, onehot: Tensor) -> Tensor:
