@@ -276,3 +276,15 @@ def test_outputs_use_the_batch_loadings(fitted):
     moved = batch_corrected(m, reference="b1")
     eta1 = m.beta_mu_[0] + m.beta_mu_[1] + cell + m.W_ @ (m.alpha_mu_ + m.delta_mu_[1])
     np.testing.assert_allclose(moved, np.exp(eta1), rtol=1e-10)
+
+
+@pytest.mark.parametrize(
+    ("solver", "kw"), [("sketch", {"sketch_size": 150}), ("stochastic", {"batch_size": 64})]
+)
+def test_other_solvers_fit_the_offsets(planted, fitted, solver, kw):
+    adata, truth = planted
+    m = fit(adata, batch_loadings=True, solver=solver, **kw)
+    est = m.W_ @ (m.delta_mu_[1] - m.delta_mu_[0])
+    true = truth["W"] @ (truth["delta"][1] - truth["delta"][0])
+    assert np.corrcoef(est.ravel(), true.ravel())[0, 1] > 0.85
+    assert m.loglik_ == pytest.approx(fitted.loglik_, rel=1e-3)
