@@ -40,6 +40,10 @@ class Design:
     V_pi: Tensor
     O_mu: Tensor | None = None
     O_pi: Tensor | None = None
+    #: each cell's batch code (n,), int64, for the batch-specific parts of a model (loadings
+    #: ``alpha_mu + delta_b``); ``None`` when the model has none
+    batch: Tensor | None = None
+    n_batches: int = 0
 
     @property
     def n(self) -> int:
@@ -53,29 +57,46 @@ class Design:
         def mv(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.to(device=device, dtype=dtype)
 
-        return Design(*(mv(getattr(self, f.name)) for f in fields(self)))
+        batch = None if self.batch is None else self.batch.to(device=device)
+        return Design(*(mv(getattr(self, f.name)) for f in fields(self)[:6]), batch, self.n_batches)
 
-    def take(self, idx: Tensor) -> Design:
+    def take(self, idx: Tensor | slice) -> Design:
         """The design of the cells ``idx`` (e.g. a subsample); gene covariates unchanged."""
 
         def sl(t: Tensor | None) -> Tensor | None:
             return None if t is None else t[idx]
 
         return Design(
-            sl(self.X_mu), sl(self.X_pi), self.V_mu, self.V_pi, sl(self.O_mu), sl(self.O_pi)
+            sl(self.X_mu),
+            sl(self.X_pi),
+            self.V_mu,
+            self.V_pi,
+            sl(self.O_mu),
+            sl(self.O_pi),
+            sl(self.batch),
+            self.n_batches,
         )
+
+    def batch_onehot(self, rows: slice | Tensor) -> Tensor:
+        """Indicators (cells x n_batches) of the batches of the cells ``rows``."""
+        if self.batch is None:
+            raise ValueError("this design has no batch codes")
+        b = self.batch[rows]
+        out = torch.zeros(b.shape[0], self.n_batches, dtype=self.X_mu.dtype, device=b.device)
+        return out.scatter_(1, b[:, None], 1.0)
 
     def rows(self, start: int, stop: int) -> Design:
         """The design of the cells ``[start, stop)`` (a shard); gene covariates unchanged."""
         if start == 0 and stop == self.n:
             return self
+        return self.take(slice(start, stop))
 
-        def sl(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t[start:stop]
 
-        return Design(
-            sl(self.X_mu), sl(self.X_pi), self.V_mu, self.V_pi, sl(self.O_mu), sl(self.O_pi)
-        )
+def batch_interaction(W: Tensor, onehot: Tensor) -> Tensor:
+    """The features ``Z`` (cells x B*K) of batch-specific loadings: ``Z[i, b*K:(b+1)*K] = W_i``
+    for the cell's batch b, zero elsewhere, so that ``Z @ delta`` (delta: B*K x J, the batches'
+    loading offsets stacked) is ``W_i delta_{b_i}``."""
+    return (onehot[:, :, None] * W[:, None, :]).reshape(W.shape[0], -1)
 
 
 @dataclass
@@ -90,13 +111,22 @@ class Params:
     W: Tensor
     gamma_mu: Tensor
     gamma_pi: Tensor
+    #: batch-specific loading offsets (B*K x J: delta_0 ... delta_{B-1} stacked), so that a
+    #: cell of batch b has mean loadings ``alpha_mu + delta_b``; ``None`` in zinbwave's model
+    delta_mu: Tensor | None = None
 
     GENE_FIELDS = ("beta_mu", "beta_pi", "alpha_mu", "alpha_pi", "zeta")
     CELL_FIELDS = ("W", "gamma_mu", "gamma_pi")
+    OPTIONAL_GENE_FIELDS = ("delta_mu",)
 
     @property
     def K(self) -> int:
         return self.W.shape[1]
+
+    def gene_fields(self) -> tuple[str, ...]:
+        """The gene parameters this model has (:attr:`GENE_FIELDS` and the optional ones set)."""
+        extra = tuple(k for k in self.OPTIONAL_GENE_FIELDS if getattr(self, k) is not None)
+        return self.GENE_FIELDS + extra
 
     @classmethod
     def zeros(
@@ -117,21 +147,35 @@ class Params:
             gamma_pi=torch.zeros(design.V_pi.shape[1], n, **kw),
         )
         for name, value in (genes or {}).items():
-            if name not in cls.GENE_FIELDS:
+            if name not in cls.GENE_FIELDS + cls.OPTIONAL_GENE_FIELDS:
                 raise KeyError(f"{name!r} is not a gene parameter ({cls.GENE_FIELDS})")
             setattr(out, name, value)
         return out
 
     def clone(self) -> Params:
-        return Params(*(getattr(self, f.name).clone() for f in fields(self)))
+        return Params(*(_opt(getattr(self, f.name), lambda t: t.clone()) for f in fields(self)))
 
     def to(
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> Params:
-        return Params(*(getattr(self, f.name).to(device=device, dtype=dtype) for f in fields(self)))
+        return Params(
+            *(
+                _opt(getattr(self, f.name), lambda t: t.to(device=device, dtype=dtype))
+                for f in fields(self)
+            )
+        )
 
     def as_numpy(self) -> dict:
-        return {f.name: getattr(self, f.name).detach().cpu().numpy() for f in fields(self)}
+        """Every parameter set (an optional one that is ``None`` is left out)."""
+        return {
+            f.name: getattr(self, f.name).detach().cpu().numpy()
+            for f in fields(self)
+            if getattr(self, f.name) is not None
+        }
+
+
+def _opt(t: Tensor | None, fn) -> Tensor | None:
+    return None if t is None else fn(t)
 
 
 def linear_predictors(
@@ -148,6 +192,8 @@ def linear_predictors(
     )
     if design.O_mu is not None:
         a = a + design.O_mu[rows]
+    if params.delta_mu is not None:
+        a = a + batch_interaction(W, design.batch_onehot(rows)) @ params.delta_mu
     if not zero_inflation:
         return a, None
     b = torch.cat([design.X_pi[rows], params.gamma_pi[:, rows].T, W], 1) @ torch.cat(
@@ -176,6 +222,9 @@ class Penalty:
     zeta: float
     common_dispersion: bool = True
     extra: dict = field(default_factory=dict)
+    #: ridge weight of the batch-specific loading offsets ``delta_mu`` (``None``: the model
+    #: has none)
+    delta: float | None = None
 
     @classmethod
     def zinbwave_defaults(
@@ -232,13 +281,17 @@ class Penalty:
             self.zeta,
             self.common_dispersion,
             dict(self.extra),
+            self.delta,
         )
 
     # -- pieces -----------------------------------------------------------------------------
-    def gene_vector(self, K: int, zero_inflation: bool) -> Tensor:
-        """Ridge weights of one gene's block ``[beta_mu, alpha_mu, (beta_pi, alpha_pi)]``."""
+    def gene_vector(self, K: int, zero_inflation: bool, n_batches: int = 0) -> Tensor:
+        """Ridge weights of one gene's block ``[beta_mu, alpha_mu, (delta_mu), (beta_pi,
+        alpha_pi)]`` (``delta_mu``: ``n_batches * K`` weights, when :attr:`delta` is set)."""
         a = torch.full((K,), self.alpha, dtype=self.beta_mu.dtype, device=self.beta_mu.device)
         parts = [self.beta_mu, a]
+        if self.delta is not None:
+            parts.append(torch.full_like(a, self.delta).repeat(n_batches))
         if zero_inflation:
             parts += [self.beta_pi, a]
         return torch.cat(parts)
@@ -261,6 +314,8 @@ class Penalty:
         out = 0.5 * (self.beta_mu[:, None] * p.beta_mu**2).sum(0)
         out = out + 0.5 * (self.beta_pi[:, None] * p.beta_pi**2).sum(0)
         out = out + 0.5 * self.alpha * ((p.alpha_mu**2).sum(0) + (p.alpha_pi**2).sum(0))
+        if p.delta_mu is not None:
+            out = out + 0.5 * self.delta * (p.delta_mu**2).sum(0)
         return out
 
     def cell_values(self, p: Params) -> Tensor:

@@ -147,6 +147,8 @@ def load_checkpoint(engine, path: str | os.PathLike) -> list[dict]:
         )
     kw = {"dtype": engine.dtype, "device": engine.device}
     for name in engine.params.__dataclass_fields__:
+        if getattr(engine.params, name) is None:  # an optional parameter this model lacks
+            continue
         setattr(engine.params, name, torch.as_tensor(z[f"param_{name}"], **kw))
     for k in _STATE:
         setattr(engine, k, torch.as_tensor(z[f"state_{k}"], **kw))

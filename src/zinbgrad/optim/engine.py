@@ -43,7 +43,14 @@ from ..model.likelihood import (
     entry_derivatives,
     nonzero_constant,
 )
-from ..model.params import Design, Params, Penalty, linear_predictors, orthogonalization_transform
+from ..model.params import (
+    Design,
+    Params,
+    Penalty,
+    batch_interaction,
+    linear_predictors,
+    orthogonalization_transform,
+)
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import LocalComm
 from .newton import SymmetricPacking, damped_newton_step, outer_flat, update_damping
@@ -135,13 +142,13 @@ class FitPath:
 
     def start(self, params: Params) -> None:
         """The gene parameters the first recorded sweep starts from."""
-        self._genes = {k: getattr(params, k).clone() for k in Params.GENE_FIELDS}
+        self._genes = {k: getattr(params, k).clone() for k in params.gene_fields()}
 
     def record(self, params: Params, T: Tensor | None, local_steps: int) -> None:
         if self._genes is None:
             raise RuntimeError("FitPath.start must be called before the first sweep")
         self.steps.append((self._genes, None if T is None else T.clone(), local_steps))
-        self._genes = {k: getattr(params, k).clone() for k in Params.GENE_FIELDS}
+        self._genes = {k: getattr(params, k).clone() for k in params.gene_fields()}
 
     def schedule(
         self, dense: int | None = None, stride: int | None = None
@@ -180,7 +187,7 @@ class FitPath:
         """Every tensor of the path (for a broadcast from rank 0)."""
         out = []
         for genes, T, _ in self.steps:
-            out += [genes[k] for k in Params.GENE_FIELDS]
+            out += list(genes.values())
             if T is not None:
                 out.append(T)
         return out
@@ -192,7 +199,7 @@ class FitPath:
         gene values the next recorded sweep starts from (a checkpoint needs them)."""
         out: dict[str, np.ndarray] = {}
         if self.steps:
-            for k in Params.GENE_FIELDS:
+            for k in self.steps[0][0]:
                 out[k] = torch.stack([g[k] for g, _, _ in self.steps]).cpu().numpy()
             K = self.steps[0][0]["alpha_mu"].shape[0]
             eye = torch.eye(K, dtype=self.steps[0][0]["zeta"].dtype)
@@ -219,7 +226,10 @@ class FitPath:
         S = len(n_newton)
         kw = {"dtype": dtype, "device": device}
         if S:
-            fields = {k: torch.as_tensor(np.asarray(arrays[k]), **kw) for k in Params.GENE_FIELDS}
+            names = Params.GENE_FIELDS + tuple(
+                k for k in Params.OPTIONAL_GENE_FIELDS if k in arrays
+            )
+            fields = {k: torch.as_tensor(np.asarray(arrays[k]), **kw) for k in names}
             T = torch.as_tensor(np.asarray(arrays["T"]), **kw)
             if any(v.shape[0] != S for v in fields.values()) or T.shape[0] != S:
                 raise ValueError("inconsistent fit path arrays")
@@ -227,9 +237,10 @@ class FitPath:
                 genes = {k: v[t].contiguous() for k, v in fields.items()}
                 path.steps.append((genes, T[t].contiguous(), int(n_newton[t])))
         if "start_zeta" in arrays:
-            path._genes = {
-                k: torch.as_tensor(arrays["start_" + k], **kw) for k in Params.GENE_FIELDS
-            }
+            names = Params.GENE_FIELDS + tuple(
+                k for k in Params.OPTIONAL_GENE_FIELDS if "start_" + k in arrays
+            )
+            path._genes = {k: torch.as_tensor(arrays["start_" + k], **kw) for k in names}
         return path
 
 
@@ -271,6 +282,8 @@ class _Cells:
     d: EntryDerivatives | None
     f: Tensor | None
     lam: Tensor
+    #: with batch-specific loadings: the cells' batch indicators and, per batch, its cells
+    groups: tuple[Tensor, list[Tensor]] | None = None
 
     _FIELDS = ("u", "a", "b", "f", "lam")  # per step; base_a/base_b are fixed in a block
 
@@ -344,13 +357,24 @@ class Engine:
         self.lam_cells = torch.full((self.n,), 1e-3, dtype=self.dtype, device=self.device)
         self.lam_genes = torch.full((self.J,), 1e-3, dtype=self.dtype, device=self.device)
         self.zeta_cap = torch.full((self.J,), 1.0, dtype=self.dtype, device=self.device)
+        #: batch-specific loadings (``params.delta_mu``; see zinbgrad.model.params)
+        self.bl = params.delta_mu is not None
+        if self.bl and (design.batch is None or penalty.delta is None):
+            raise ValueError("batch-specific loadings need the cells' batches and a penalty")
+        self.B = design.n_batches if self.bl else 0
+        #: gene-vector columns held fixed by gene steps (see :meth:`fix_gene_columns`)
+        self.fixed_cols: Tensor | None = None
+        #: whether a sweep re-balances W and alpha (off when the loadings are fixed)
+        self.rebalance = True
+        #: whether sweeps update the dispersion (off when it is fixed)
+        self.update_dispersion = True
         self.eps_cell = penalty.cell_vector(self.K, self.zi)
-        self.eps_gene = penalty.gene_vector(self.K, self.zi)
+        self.eps_gene = penalty.gene_vector(self.K, self.zi, self.B)
         self._nzc: dict = {}
         # packed symmetric Hessians: of the cells' problems and of the genes' two blocks
         Lmu, Lpi = design.V_mu.shape[1], design.V_pi.shape[1] if self.zi else 0
         self.pack_cell = SymmetricPacking(self.K + Lmu + Lpi, self.device)
-        self.pack_ga = SymmetricPacking(design.X_mu.shape[1] + self.K, self.device)
+        self.pack_ga = SymmetricPacking(design.X_mu.shape[1] + self.K * (1 + self.B), self.device)
         self.pack_gb = (
             SymmetricPacking(design.X_pi.shape[1] + self.K, self.device) if self.zi else None
         )
@@ -389,7 +413,27 @@ class Engine:
             Fb = torch.cat([p.alpha_pi.T, z(J, Lmu, **kw), self.design.V_pi], 1)
             prods["bb"] = pack.outer(Fb)
             prods["ab"] = pack.outer(Fa, Fb)
+        if self.bl:  # per batch b: the products of its loadings alpha_mu + delta_b
+            K = self.K
+            delta = p.delta_mu.view(self.B, K, J)
+            prods["delta"] = p.delta_mu
+            prods["aa_b"], prods["ab_b"] = [], []
+            for b in range(self.B):
+                Fab = Fa.clone()
+                Fab[:, :K] += delta[b].T
+                prods["aa_b"].append(pack.outer(Fab))
+                if self.zi:
+                    prods["ab_b"].append(pack.outer(Fab, Fb))
         return Fa, Fb, prods
+
+    def _batch_groups(self, rows: slice) -> tuple[Tensor, list[Tensor]] | None:
+        """The batch indicators of the cells ``rows`` and, per batch, the positions of its
+        cells in the block (None without batch-specific loadings)."""
+        if not self.bl:
+            return None
+        onehot = self.design.batch_onehot(rows)
+        codes = self.design.batch[rows]
+        return onehot, [(codes == b).nonzero().squeeze(1) for b in range(self.B)]
 
     def _get_cell_vec(self, rows: slice) -> Tensor:
         p = self.params
@@ -471,7 +515,17 @@ class Engine:
         nzc = self._nz_const(counts, self.params.zeta)
         u = self._get_cell_vec(rows)
         base_a, base_b = self._cell_base(rows)
-        st = _Cells(u, base_a, base_b, None, None, None, None, self.lam_cells[rows])
+        st = _Cells(
+            u,
+            base_a,
+            base_b,
+            None,
+            None,
+            None,
+            None,
+            self.lam_cells[rows],
+            self._batch_groups(rows),
+        )
         self._predict(st, feats)
         st.d = self._derivs(st.a, st.b, counts, order=2, nz_const=nzc)
         st.f = self._cell_objective(st)
@@ -488,31 +542,60 @@ class Engine:
         return st.d, st.a, st.b
 
     def _predict(self, st: _Cells, feats) -> None:
-        Fa, Fb, _ = feats
+        Fa, Fb, prods = feats
         st.a = torch.addmm(st.base_a, st.u, Fa.T)
+        if self.bl:
+            Z = batch_interaction(st.u[:, : self.K], st.groups[0])
+            st.a.addmm_(Z, prods["delta"])
         st.b = torch.addmm(st.base_b, st.u, Fb.T) if self.zi else None
 
     def _cell_objective(self, st: _Cells) -> Tensor:
         return st.d.ll.sum(1) - 0.5 * (self.eps_cell * st.u * st.u).sum(1)
 
-    def _cell_system(self, d: EntryDerivatives, u: Tensor, feats) -> tuple[Tensor, Tensor]:
+    def _cell_system(
+        self, d: EntryDerivatives, u: Tensor, feats, groups=None
+    ) -> tuple[Tensor, Tensor]:
         """The cells' Newton systems ``(A, g)``: minus the Hessian and the gradient of each
-        cell's penalized objective in its local parameters ``u`` (B x p x p, B x p)."""
+        cell's penalized objective in its local parameters ``u`` (B x p x p, B x p);
+        ``groups``: the cells' batches (:meth:`_batch_groups`), with batch-specific loadings."""
         Fa, Fb, prods = feats
         eps = self.eps_cell
         g = torch.addmm(eps * u, d.la, Fa, beta=-1)
+        if self.bl:
+            return self._cell_system_batches(d, g, feats, groups)
         H = d.laa @ prods["aa"]
         if self.zi:
             g.addmm_(d.lb, Fb)
             H.addmm_(d.lbb, prods["bb"]).addmm_(d.lab, prods["ab"])
         return torch.diag(eps) - self.pack_cell.unpack(H), g
 
+    def _cell_system_batches(
+        self, d: EntryDerivatives, g: Tensor, feats, groups
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`_cell_system` with batch-specific loadings: the W part of a cell's gradient
+        gains ``la delta_b^T``, its Hessian uses its batch's loadings."""
+        _, Fb, prods = feats
+        onehot, idx = groups
+        r, K = g.shape[0], self.K
+        gd = (d.la @ prods["delta"].T).view(r, self.B, K)
+        g[:, :K] += (gd * onehot[:, :, None]).sum(1)
+        H = g.new_empty(r, self.pack_cell.width)
+        for b, rows in enumerate(idx):
+            if rows.numel():
+                H[rows] = d.laa[rows] @ prods["aa_b"][b]
+                if self.zi:
+                    H[rows] += d.lab[rows] @ prods["ab_b"][b]
+        if self.zi:
+            g.addmm_(d.lb, Fb)
+            H.addmm_(d.lbb, prods["bb"])
+        return torch.diag(self.eps_cell) - self.pack_cell.unpack(H), g
+
     def _cell_step(self, st: _Cells, counts: SparseCounts, nzc: Tensor, feats, order: int) -> None:
         """One damped Newton step of the cells in ``st`` (updated in place, per cell only where
         it does not lower the cell's objective); the new point is evaluated at ``order``."""
-        A, g = self._cell_system(st.d, st.u, feats)
+        A, g = self._cell_system(st.d, st.u, feats, st.groups)
         delta, lam = damped_newton_step(A, g, st.lam)
-        new = _Cells(st.u + delta, st.base_a, st.base_b, None, None, None, None, lam)
+        new = _Cells(st.u + delta, st.base_a, st.base_b, None, None, None, None, lam, st.groups)
         self._predict(new, feats)
         new.d = self._derivs(new.a, new.b, counts, order=order, nz_const=nzc)
         new.f = self._cell_objective(new)
@@ -526,7 +609,11 @@ class Engine:
     # ------------------------------------------------------------------ gene-level pieces
     def _gene_features(self, rows: slice) -> tuple[Tensor, Tensor | None]:
         d, p = self.design, self.params
-        Ga = torch.cat([d.X_mu[rows], p.W[rows]], 1)
+        if self.bl:
+            Z = batch_interaction(p.W[rows], d.batch_onehot(rows))
+            Ga = torch.cat([d.X_mu[rows], p.W[rows], Z], 1)
+        else:
+            Ga = torch.cat([d.X_mu[rows], p.W[rows]], 1)
         Gb = torch.cat([d.X_pi[rows], p.W[rows]], 1) if self.zi else None
         return Ga, Gb
 
@@ -559,6 +646,8 @@ class Engine:
     def _get_gene_vec(self) -> Tensor:
         p = self.params
         parts = [p.beta_mu.T, p.alpha_mu.T]
+        if self.bl:
+            parts.append(p.delta_mu.T)
         if self.zi:
             parts += [p.beta_pi.T, p.alpha_pi.T]
         return torch.cat(parts, 1)
@@ -568,11 +657,26 @@ class Engine:
         p, K = self.params, self.K
         Mmu = p.beta_mu.shape[0]
         out = {"beta_mu": slice(0, Mmu), "alpha_mu": slice(Mmu, Mmu + K)}
+        o = Mmu + K
+        if self.bl:
+            out["delta_mu"] = slice(o, o + self.B * K)
+            o += self.B * K
         if self.zi:
-            o, Mpi = Mmu + K, p.beta_pi.shape[0]
+            Mpi = p.beta_pi.shape[0]
             out["beta_pi"] = slice(o, o + Mpi)
             out["alpha_pi"] = slice(o + Mpi, o + Mpi + K)
         return out
+
+    def gene_slices(self) -> dict[str, slice]:
+        """Where each gene field lies in a gene's vector of unknowns (see
+        :meth:`fix_gene_columns`)."""
+        return self._gene_slices()
+
+    def fix_gene_columns(self, fixed: Tensor | None) -> None:
+        """Hold the gene-vector columns ``fixed`` (bool, one per column of
+        :meth:`_get_gene_vec`) at their values in every gene step (e.g. all but a new batch's
+        coefficients, when mapping cells of a batch the fit did not see)."""
+        self.fixed_cols = fixed
 
     def _set_gene_vec(self, v: Tensor) -> None:
         for name, cols in self._gene_slices().items():
@@ -652,6 +756,12 @@ class Engine:
         changes by more than that."""
         v_old = self._get_gene_vec()
         A, g = self._gene_system(stats, v_old)
+        if self.fixed_cols is not None:  # Newton step in the free coordinates only
+            fx = self.fixed_cols
+            A[:, fx, :] = 0.0
+            A[:, :, fx] = 0.0
+            A[:, fx, fx] = 1.0
+            g[:, fx] = 0.0
         delta, lam = damped_newton_step(A, g, self.lam_genes)
         if frozen is not None:
             delta[frozen] = 0.0
@@ -663,15 +773,14 @@ class Engine:
         """Per gene, the factor (<= 1) that keeps the change of every cell's log mu and logit
         pi below ``max_change``: the change at cell i is ``(X_i, W_i)`` times the gene's step,
         its largest size over the cells is found block by block (no data is read)."""
-        p, d, at = self.params, self.design, self._gene_slices()
+        qa = self.pack_ga.p
         change = torch.zeros(self.J, dtype=self.dtype, device=self.device)
-        parts = [(d.X_mu, delta[:, : at["alpha_mu"].stop])]
-        if self.zi:
-            parts.append((d.X_pi, delta[:, at["beta_pi"].start :]))
         for start, stop in self.bounds:
-            W = p.W[start:stop]
-            for X, step in parts:
-                c = torch.cat([X[start:stop], W], 1) @ step.T
+            Ga, Gb = self._gene_features(slice(start, stop))
+            for G, step in ((Ga, delta[:, :qa]), (Gb, delta[:, qa:])):
+                if G is None:
+                    continue
+                c = G @ step.T
                 change = torch.maximum(change, c.abs().amax(0))
         self.comm.all_reduce_max_(change)
         return torch.clamp(max_change / change.clamp(min=1e-300), max=1.0)
@@ -797,15 +906,14 @@ class Engine:
         if prop is None or T is None:
             return
         v = prop.v_old.clone()
-        Td = T.double()
+        at = self._gene_slices()
         for name in ("alpha_mu", "alpha_pi") if self.zi else ("alpha_mu",):
-            c = self._gene_slices()[name]
-            alpha = v[:, c].T.double()
-            try:
-                rot = torch.linalg.solve(Td, alpha)
-            except RuntimeError:  # singular T (a factor without signal)
-                rot = torch.linalg.pinv(Td) @ alpha
-            v[:, c] = rot.T.to(v.dtype)
+            c = at[name]
+            v[:, c] = self._inverse_rotate(T, v[:, c].T).T
+        if self.bl:  # each batch's offsets, K columns apiece
+            c = at["delta_mu"]
+            blocks = v[:, c].T.reshape(self.B, self.K, self.J)
+            v[:, c] = self._inverse_rotate(T, blocks).reshape(-1, self.J).T
         keep = torch.isfinite(prop.f_old)
         with self._genes_restored():
             self._set_gene_vec(v)
@@ -819,18 +927,53 @@ class Engine:
         """zinbwave's orthogonalizeTraceNorm on (W, [alpha_mu, alpha_pi]); keeps W alpha.
 
         Returns the K x K matrix T applied to W (``None`` for K = 0)."""
-        if self.K == 0:
+        if self.K == 0 or not self.rebalance:
             return None
         p = self.params
         gram = p.W.T @ p.W
         self.comm.all_reduce_(gram)
         alpha = torch.cat([p.alpha_mu, p.alpha_pi], 1) if self.zi else p.alpha_mu
+        if self.bl:
+            return self._orthogonalize_batches(gram, alpha)
         T, alpha_new = orthogonalization_transform(gram, alpha, self.pen.W, self.pen.alpha)
         p.W = p.W @ T
         p.alpha_mu = alpha_new[:, : self.J].contiguous()
         if self.zi:
             p.alpha_pi = alpha_new[:, self.J :].contiguous()
         return T
+
+    def _orthogonalize_batches(self, gram: Tensor, alpha: Tensor) -> Tensor:
+        """:meth:`orthogonalize` with batch-specific loadings: W delta_b is kept too, and the
+        balance minimizes the whole penalty ``eps_W |W|^2 + eps_alpha |alpha|^2 + eps_delta
+        |delta|^2`` (the offsets enter the trace-norm balancing scaled by
+        ``sqrt(eps_delta / eps_alpha)``; unscaled, and rotated along, when a weight is 0)."""
+        p, K, J = self.params, self.K, self.J
+        blocks = list(p.delta_mu.view(self.B, K, J))
+        e_a, e_d = self.pen.alpha, self.pen.delta
+        s = (e_d / e_a) ** 0.5 if e_a > 0 and e_d > 0 else 0.0
+        aug = torch.cat([alpha] + [s * d for d in blocks], 1) if s > 0 else alpha
+        T, new = orthogonalization_transform(gram, aug, self.pen.W, e_a)
+        p.W = p.W @ T
+        m = alpha.shape[1]
+        p.alpha_mu = new[:, :J].contiguous()
+        if self.zi:
+            p.alpha_pi = new[:, J:m].contiguous()
+        if s > 0:
+            p.delta_mu = (new[:, m:] / s).reshape(K, self.B, J).transpose(0, 1).reshape(-1, J)
+        else:
+            p.delta_mu = self._inverse_rotate(T, p.delta_mu.view(self.B, K, J)).reshape(-1, J)
+        p.delta_mu = p.delta_mu.contiguous()
+        return T
+
+    @staticmethod
+    def _inverse_rotate(T: Tensor, loadings: Tensor) -> Tensor:
+        """``T^-1 loadings`` (K x m, or a stack of them): loadings in the basis of ``W T``."""
+        Td = T.double()
+        try:
+            out = torch.linalg.solve(Td, loadings.double())
+        except RuntimeError:  # singular T (a factor without signal)
+            out = torch.linalg.pinv(Td) @ loadings.double()
+        return out.to(loadings.dtype)
 
     # ------------------------------------------------------------------ objective
     def penalty_value(self) -> float:
@@ -847,6 +990,8 @@ class Engine:
         """Whether this sweep updates the dispersion: it pauses for a few sweeps once its
         steps stop mattering (:meth:`_zeta_moved`), which saves the dispersion-derivative
         evaluation of every block."""
+        if not self.update_dispersion:
+            return False
         if self.zeta_skip > 0:
             self.zeta_skip -= 1
             return False
@@ -886,7 +1031,7 @@ class Engine:
     def _genes_restored(self) -> Iterator[None]:
         """Gene parameters set inside the block are put back to the current ones on exit."""
         p = self.params
-        saved = {k: getattr(p, k) for k in Params.GENE_FIELDS}
+        saved = {k: getattr(p, k) for k in p.gene_fields()}
         try:
             yield
         finally:

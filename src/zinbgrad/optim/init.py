@@ -130,7 +130,8 @@ def initialize(
     shard: tuple[int, int] | None = None,
     shard_source=None,
 ) -> Params:
-    """Initial parameters for a fit (deterministic given ``seed``).
+    """Initial parameters for a fit (deterministic given ``seed``); with a penalty on
+    batch-specific loading offsets (``penalty.delta``), those offsets start at zero.
 
     ``source``/``design`` describe all cells. With ``shard=(start, stop)`` (data-parallel fits)
     only the local parameters of those cells are returned (``shard_source`` reads them); the
@@ -255,6 +256,10 @@ def initialize(
         W=W_loc.contiguous(),
         gamma_mu=gmu_loc.contiguous(),
         gamma_pi=gpi_loc.contiguous(),
+        # batch-specific loading offsets start at zero: the shared loadings' initialization
+        delta_mu=(
+            None if penalty.delta is None else torch.zeros(max(design.n_batches, 0) * K, J, **kw)
+        ),
     )
 
 

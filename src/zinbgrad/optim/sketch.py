@@ -165,8 +165,8 @@ def fit_sketch(
     engine.fit_full([])
     p = engine.params
     # ranks fitted the same sketch; make the path bitwise identical anyway
-    comm.broadcast_(*[getattr(p, k) for k in Params.GENE_FIELDS], *path.tensors())
+    comm.broadcast_(*[getattr(p, k) for k in p.gene_fields()], *path.tensors())
     lo, hi = shard
-    genes = {name: getattr(p, name) for name in Params.GENE_FIELDS}
+    genes = {name: getattr(p, name) for name in p.gene_fields()}
     zeros = Params.zeros(design, K, hi - lo, genes=genes)
     return zeros, history, path, {"zeta_pause": engine.dispersion_state()["zeta_pause"]}

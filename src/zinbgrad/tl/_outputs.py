@@ -374,6 +374,7 @@ def project(
     reference_batch: bool = False,
     batch_key: str | None = None,
     covariate_keys: list[str] | None = None,
+    new_batches: bool = False,
     copy: bool = False,
 ):
     """Map new cells into a fitted model's latent space (zinbwave's projection).
@@ -403,6 +404,11 @@ def project(
         from ``adata_query.obs``.
     batch_key, covariate_keys
         Not needed (the fit's are used); when given they must be the fit's.
+    new_batches
+        Query cells of levels of the fit's ``batch_key`` that the fit did not see: estimate
+        those levels' coefficients from their cells first, every fitted gene parameter
+        fixed (:meth:`zinbgrad.ZINBWaVE.map_query`, a linear-model scArches); without it such
+        a level is an error.
     copy
         Return a modified copy instead of writing into ``adata_query``.
     """
@@ -422,6 +428,7 @@ def project(
         reference_batch=reference_batch,
         batch_key=batch_key,
         covariate_keys=covariate_keys,
+        new_batches=new_batches,
     )
     target = adata_query.copy() if copy else adata_query
     target.obsm[key_added] = W

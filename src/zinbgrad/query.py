@@ -1,0 +1,264 @@
+"""Mapping query cells of batches a fit did not see: the linear-model analogue of scArches.
+
+A model fitted with ``batch_key`` holds, per batch level, a column of X (its effect on every
+gene's log mean and logit zero-inflation) and, with ``batch_loadings=True``, loading offsets
+``delta_b``. Cells of a new level have none of these. :func:`map_query` estimates them from the
+query cells: every fitted gene parameter (intercepts, the fitted batches' effects, loadings,
+dispersion) stays fixed, and the new levels' coefficients (one X column each, and their
+``delta_b``) are fitted together with the query cells' W and gamma by the same alternating
+Newton sweeps as a fit (:class:`zinbgrad.optim.engine.Engine`, with every other gene
+coordinate held fixed and W not re-balanced, so that W stays in the model's basis). The cells'
+W is then comparable with the training cells' ``W_``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .data.open import open_counts
+from .estimator import DELTA_RATIO, cpu_threads
+from .model.params import Params
+from .optim.engine import Engine, FitOptions
+from .optim.fpenv import flush_denormals
+
+__all__ = ["QueryMapping", "map_query"]
+
+
+@dataclass
+class QueryMapping:
+    """The result of :func:`map_query`.
+
+    Attributes
+    ----------
+    W
+        Latent factors of the query cells (cells x K), in the model's basis.
+    loglik
+        Each query cell's log-likelihood at its fitted local parameters and the estimated
+        batch coefficients (the held-out log-likelihood of :meth:`ZINBWaVE.score_samples`).
+    levels
+        The new batch levels (in order of appearance in the query).
+    beta_mu, beta_pi
+        Their estimated X column effects (levels x genes); ``beta_pi`` zero without zero
+        inflation.
+    delta_mu
+        Their estimated loading offsets (levels x K x genes), or ``None`` for a model without
+        batch-specific loadings.
+    n_iter
+        Sweeps taken; ``converged``: whether the objective settled within ``max_epochs``.
+    """
+
+    W: np.ndarray
+    loglik: np.ndarray
+    levels: list[str]
+    beta_mu: np.ndarray
+    beta_pi: np.ndarray
+    delta_mu: np.ndarray | None
+    n_iter: int
+    converged: bool
+
+
+def _query_levels(
+    model, counts, batch_key: str | None
+) -> tuple[str, np.ndarray, list[str], list[str]]:
+    """The batch key, the query cells' batch values, the fitted levels and the new ones.
+
+    A model fitted without ``batch_key`` (X an intercept only) counts as one fitted batch,
+    unnamed (``[""]``): every level of the query's ``obs[batch_key]`` is then new."""
+    info = model.batch_info_ or {}
+    key = info.get("batch_key")
+    if key is None:
+        if batch_key is None or list(model.X_columns_) != ["intercept"]:
+            raise ValueError(
+                "mapping cells of new batches needs a model fitted with batch_key, or one "
+                "fitted on a single batch (X an intercept only) and the query's batch_key"
+            )
+        key = batch_key
+    elif batch_key is not None and batch_key != key:
+        raise ValueError(f"batch_key={batch_key!r}, but the model was fitted with {key!r}")
+    cols = model.X_columns_
+    other = [c for c in cols[1:] if not c.startswith(f"{key}[")]
+    if not cols or cols[0] != "intercept" or other:
+        raise ValueError(
+            "mapping cells of new batches supports designs of an intercept and the batch "
+            f"only; the model's X also has {other or 'no intercept'}"
+        )
+    if model.which_X_mu is not None or model.which_X_pi is not None:
+        raise ValueError("mapping cells of new batches needs which_X_mu = which_X_pi = None")
+    if counts.obs is None or key not in counts.obs.columns:
+        raise ValueError(f"the query cells need their batch in obs[{key!r}]")
+    col = counts.obs[key]
+    if col.isna().any():
+        raise ValueError(f"obs[{key!r}] of the query has {int(col.isna().sum())} missing values")
+    values = np.asarray(col.astype(str))
+    fitted = [str(v) for v in info.get("levels", [""])]
+    new = [str(v) for v in pd.unique(values) if v not in set(fitted)]
+    return key, values, fitted, new
+
+
+def map_query(
+    model,
+    data,
+    *,
+    layer: str | None = None,
+    batch_key: str | None = None,
+    O_mu=None,
+    O_pi=None,
+    max_epochs: int = 100,
+    tol: float = 1e-4,
+    batch_loadings: bool | None = None,
+    device=None,
+) -> QueryMapping:
+    """Map query cells whose batch levels the fit may not have seen (see the module's notes).
+
+    Parameters
+    ----------
+    model
+        A :class:`~zinbgrad.ZINBWaVE` fitted with ``batch_key`` (X: intercept and batch).
+    data
+        Counts of the query cells (AnnData, or anything :meth:`ZINBWaVE.transform` reads, with
+        ``.obs``); genes aligned by name. Cells of fitted levels keep those levels' fitted
+        coefficients; each new level gets its own, estimated from its cells.
+    layer, O_mu, O_pi
+        As in :meth:`ZINBWaVE.transform`.
+    batch_key
+        The ``obs`` column of the batches: the fit's (the default), or any for a model fitted
+        on one batch without ``batch_key`` (its cells are then the reference batch).
+    device
+        The device of this computation (default: the model's ``device`` parameter).
+    max_epochs, tol
+        Sweeps at most, and the relative change of the query's penalized log-likelihood
+        below which they stop (the fit's default rule: later sweeps creep, e.g. 6 nats in
+        50 sweeps on 150 simulated cells after 90 % of the gain in the first 6).
+    batch_loadings
+        Estimate loading offsets ``delta_b`` for the new levels (the fitted batches' are kept,
+        zero for a model without them; ridge weight: the model's ``epsilon_delta`` or its
+        default). Default: as the model was fitted.
+    """
+    model._check_fitted()
+    counts = open_counts(data, layer, allow_non_integer=model.allow_non_integer, check_empty=False)
+    model._align_genes(counts)
+    key, values, levels, new = _query_levels(model, counts, batch_key)
+    loadings = model.batch_loadings if batch_loadings is None else bool(batch_loadings)
+    n, J, K = counts.shape[0], len(model.var_names_), model.n_components
+    M, B, Bn = len(model.X_columns_), len(levels), len(new)
+    columns = list(model.X_columns_) + [f"{key}[{lv}]" for lv in new]
+    Xm = np.zeros((n, M + Bn))
+    Xm[:, 0] = 1.0
+    for c, lv in enumerate(levels[1:] + new, start=1):  # X's batch columns, in order
+        Xm[:, c] = values == lv
+    dev, dt = model._torch_setup(device)
+    design = model._make_design(
+        Xm,
+        model.V_,
+        model._offset(O_mu, n, J, "O_mu"),
+        model._offset(O_pi, n, J, "O_pi"),
+        dev,
+        dt,
+        columns=columns,
+        info={"batch_key": key, "levels": levels + new},
+    )
+    if loadings:  # each cell's batch: a fitted level's position, or B + k for new level k
+        pos = {lv: i for i, lv in enumerate(levels + new)}
+        design.batch = torch.as_tensor([pos[v] for v in values], device=dev)
+        design.n_batches = B + Bn
+    pen = model._penalty_obj(design)
+    # the new columns are penalized as zinbwave penalizes any non-intercept column
+    e_beta = _epsilon_beta(model, J)
+    pen.beta_mu = torch.cat([pen.beta_mu, pen.beta_mu.new_full((Bn,), e_beta)])
+    pen.beta_pi = torch.cat([pen.beta_pi, pen.beta_pi.new_full((Bn,), e_beta)])
+    genes = model._gene_params(dev, dt)
+    if loadings and pen.delta is None:  # a model without offsets: the fitted ones are zero
+        pen.delta = DELTA_RATIO * pen.alpha
+        genes["delta_mu"] = torch.zeros(B * K, J, dtype=dt, device=dev)
+    elif not loadings:
+        genes.pop("delta_mu", None)
+        pen.delta = None
+    genes = _padded(genes, Bn, K)
+    path = model._fit_path(dev, dt)
+    if path is not None:  # the query cells follow the fit's path, as in transform
+        path.steps = [(_path_genes(g, genes, Bn, K), T, s) for g, T, s in path.steps]
+    params = Params.zeros(design, K, genes=genes)
+    opts = FitOptions(max_epochs=max_epochs, tol=tol, block_entries=model._block_entries(dev, dt))
+    source = counts.source(0, n, dt, dev)
+    engine = Engine(
+        source,
+        design,
+        params,
+        pen,
+        zero_inflation=model.zero_inflation,
+        common_dispersion=model.common_dispersion,
+        options=opts,
+    )
+    engine.rebalance = False  # the loadings are the model's: W keeps its basis
+    engine.update_dispersion = False
+    engine.fix_gene_columns(_fixed_columns(engine, M, Bn, B, K, model.zero_inflation))
+    try:
+        with cpu_threads(dev, n * J), flush_denormals(dev.type == "cpu"):
+            # new levels start with zero coefficients (the reference batch), then alternate
+            engine.optimize_cells(max_steps=100, path=path)
+            result = engine.fit_full([]) if Bn else None
+            ll = engine.optimize_cells(max_steps=100, tol=1e-10)
+    finally:
+        if hasattr(source, "close"):
+            source.close()
+    p = engine.params
+    delta = None
+    if p.delta_mu is not None:
+        delta = p.delta_mu[B * K :].reshape(Bn, K, J).cpu().numpy()
+    return QueryMapping(
+        W=p.W.cpu().numpy(),
+        loglik=ll.cpu().numpy(),
+        levels=new,
+        beta_mu=p.beta_mu[M:].cpu().numpy(),
+        beta_pi=p.beta_pi[M:].cpu().numpy() if model.zero_inflation else np.zeros((Bn, J)),
+        delta_mu=delta,
+        n_iter=0 if result is None else int(result.n_epochs),
+        converged=True if result is None else bool(result.converged),
+    )
+
+
+def _epsilon_beta(model, J: int) -> float:
+    """zinbwave's ridge weight of a non-intercept column of X for this model's settings."""
+    if model.epsilon_beta is not None:
+        return float(model.epsilon_beta)
+    return float(J if model.epsilon is None else model.epsilon) / J
+
+
+def _path_genes(step: dict, final: dict, Bn: int, K: int) -> dict:
+    """A fit-path step's gene parameters in the query's shapes: new levels' coefficients
+    zero; loading offsets the path lacks (a model fitted without them) zero too."""
+    out = _padded(step, Bn, K)
+    if "delta_mu" in final and "delta_mu" not in out:
+        out["delta_mu"] = torch.zeros_like(final["delta_mu"])
+    elif "delta_mu" not in final:
+        out.pop("delta_mu", None)
+    return out
+
+
+def _padded(genes: dict, Bn: int, K: int) -> dict:
+    """Gene parameters with zero coefficients for ``Bn`` new batch levels appended."""
+    out = dict(genes)
+    for name in ("beta_mu", "beta_pi"):
+        v = genes[name]
+        out[name] = torch.cat([v, v.new_zeros(Bn, v.shape[1])])
+    if genes.get("delta_mu") is not None:
+        v = genes["delta_mu"]
+        out["delta_mu"] = torch.cat([v, v.new_zeros(Bn * K, v.shape[1])])
+    return out
+
+
+def _fixed_columns(engine: Engine, M: int, Bn: int, B: int, K: int, zi: bool) -> torch.Tensor:
+    """Every gene-vector column but the new levels' X columns and loading offsets."""
+    at = engine.gene_slices()
+    q = max(s.stop for s in at.values())
+    fixed = torch.ones(q, dtype=torch.bool, device=engine.device)
+    fixed[at["beta_mu"].start + M : at["beta_mu"].stop] = False
+    if zi:
+        fixed[at["beta_pi"].start + M : at["beta_pi"].stop] = False
+    if "delta_mu" in at:
+        fixed[at["delta_mu"].start + B * K : at["delta_mu"].stop] = False
+    return fixed
