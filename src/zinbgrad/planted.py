@@ -92,9 +92,7 @@ def make_planted(
     alpha = rng.normal(scale=loading_sd, size=(K, J))
     alpha -= alpha.mean(1, keepdims=True)
     if K:
-        Wt, at = orthogonalize_trace_norm(
-            torch.from_numpy(W), torch.from_numpy(alpha), J / n, 1.0
-        )
+        Wt, at = orthogonalize_trace_norm(torch.from_numpy(W), torch.from_numpy(alpha), J / n, 1.0)
         W, alpha = Wt.numpy(), at.numpy()
     beta = rng.normal(mean_log_mu, sd_log_mu, size=J)
     gamma = rng.normal(scale=library_sd, size=n)

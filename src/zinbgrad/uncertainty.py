@@ -5,7 +5,8 @@ gamma_pi_i)`` given the gene parameters is approximated by a Gaussian whose prec
 negative Hessian of the cell's penalized log-likelihood (the ridge penalty is its Gaussian
 prior): ``Cov(u_i) = A_i^{-1}`` with
 
-    A_i = diag(eps_cell) - sum_j [l_aa Fa_j Fa_j^T + l_bb Fb_j Fb_j^T + l_ab (Fa_j Fb_j^T + Fb_j Fa_j^T)]
+    A_i = diag(eps_cell)
+          - sum_j [l_aa Fa_j Fa_j^T + l_bb Fb_j Fb_j^T + l_ab (Fa_j Fb_j^T + Fb_j Fa_j^T)]
 
 where ``l_aa, l_bb, l_ab`` are the second derivatives of the entry log-likelihood in ``a = log
 mu`` and ``b = logit pi`` (:func:`zinbgrad.model.entry_derivatives`, the optimizer's own) and
@@ -115,7 +116,12 @@ def _iter_derivs(design: Design, params: Params, source, zero_inflation: bool):
 
 
 def cell_precisions(
-    design: Design, params: Params, source, eps_W: float, eps_gamma_mu, eps_gamma_pi,
+    design: Design,
+    params: Params,
+    source,
+    eps_W: float,
+    eps_gamma_mu,
+    eps_gamma_pi,
     zero_inflation: bool = True,
 ) -> Tensor:
     """Negative Hessians ``A_i`` (n, p, p) of the cells' penalized log-likelihoods in
@@ -151,7 +157,12 @@ def cell_precisions(
 
 
 def gene_precisions(
-    design: Design, params: Params, source, eps_beta_mu, eps_beta_pi, eps_alpha: float,
+    design: Design,
+    params: Params,
+    source,
+    eps_beta_mu,
+    eps_beta_pi,
+    eps_alpha: float,
     zero_inflation: bool = True,
 ) -> Tensor:
     """Negative Hessians (J, q, q) of the genes' penalized log-likelihoods in
@@ -269,9 +280,7 @@ def latent_uncertainty(
     cov = _invert(A, "cells")[:, :K, :K]
     cov = 0.5 * (cov + cov.transpose(1, 2))
     sd = cov.diagonal(dim1=1, dim2=2).clamp(min=0).sqrt()
-    return LatentUncertainty(
-        params.W.cpu().numpy(), cov.cpu().numpy(), sd.cpu().numpy(), names
-    )
+    return LatentUncertainty(params.W.cpu().numpy(), cov.cpu().numpy(), sd.cpu().numpy(), names)
 
 
 def loading_uncertainty(model, data, *, layer: str | None = None) -> LoadingUncertainty:
@@ -316,7 +325,9 @@ def loading_uncertainty(model, data, *, layer: str | None = None) -> LoadingUnce
 
 
 def predictor_sd(
-    latent: LatentUncertainty, alpha: np.ndarray, loadings_cov: np.ndarray | None = None,
+    latent: LatentUncertainty,
+    alpha: np.ndarray,
+    loadings_cov: np.ndarray | None = None,
 ) -> np.ndarray:
     """Standard deviation of the latent part ``W_i . alpha_j`` of ``log mu`` (cells x genes).
 
