@@ -222,7 +222,8 @@ def select_n_components(
       reported, not used by default;
     * ``bicross_loglik``: the same, bi-cross-validated over ``n_folds`` gene folds
       (:func:`zinbgrad.selection.bicross_loglik`): every held-out count is scored by
-      parameters fitted without it (``bicross_se``: its standard error over cells);
+      parameters fitted without it (``bicross_se``: the standard error over the held-out
+      cells of its difference to the best K's, cell by cell);
     * ``aic``, ``bic``: zinbwave's criteria of the fit on the training cells.
 
     Each K is fitted from zinbwave's initialization (no warm start between K).
@@ -277,7 +278,7 @@ def select_n_components(
     kwargs.setdefault("random_state", random_state)
     kwargs.setdefault("verbose", False)
     proj = {"batch_key": batch_key, "covariate_keys": covariate_keys}
-    rows = []
+    rows, per_cell = [], []
     for K in ks:
         t0 = time.perf_counter()
         m = ZINBWaVE(K, **kwargs).fit(train, layer=layer, **proj)
@@ -285,12 +286,12 @@ def select_n_components(
         bc = bicross_loglik(
             m, test, layer=layer, n_folds=n_folds, random_state=random_state, **proj
         )
+        per_cell.append(bc)
         rows.append(
             {
                 "n_components": K,
                 "heldout_loglik": float(np.mean(ho)),
                 "bicross_loglik": float(np.mean(bc)),
-                "bicross_se": float(np.std(bc, ddof=1) / np.sqrt(len(bc))),
                 "aic": float(m.aic_),
                 "bic": float(m.bic_),
                 "train_loglik": float(m.loglik_),
@@ -301,6 +302,13 @@ def select_n_components(
             }
         )
     df = pd.DataFrame(rows)
+    # standard error of each K's paired (same cells) difference to the best K
+    ref = per_cell[int(df["bicross_loglik"].idxmax())]
+    df.insert(
+        3,
+        "bicross_se",
+        [float(np.std(bc - ref, ddof=1) / np.sqrt(len(bc))) for bc in per_cell],
+    )
     best = {}
     for c, how in crits.items():
         col = df["bicross_loglik" if c == "bicross" else "heldout_loglik" if c == "heldout" else c]
