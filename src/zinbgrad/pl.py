@@ -265,8 +265,8 @@ def n_components(
     """The K-selection curve of :func:`zinbgrad.tl.select_n_components`.
 
     Held-out log-likelihood per cell (bi-cross-validated, with the standard error of its
-    paired difference to the best K, and re-optimized) against K on the left axis, BIC on the right axis; a dashed line at the
-    recommended K.
+    paired difference to the best K, and re-optimized) against K on the left axis, BIC on the
+    right axis; a dashed line at the recommended K.
     """
     if key not in adata.uns:
         raise KeyError(f"uns[{key!r}] not found; run zinbgrad.tl.select_n_components first")
