@@ -5,6 +5,7 @@ from __future__ import annotations
 import anndata as ad
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 from scipy.stats import norm
 
@@ -225,6 +226,7 @@ def test_latent_uncertainty_new_cells_tl():
         zinbgrad.tl.latent_uncertainty(np.zeros((3, 3)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("K_true, ks", [(3, [2, 3, 4]), (6, [5, 6, 7])])
 def test_select_n_components_recovers_planted_K(K_true, ks):
     adata = make_planted(500, 200, K_true, random_state=2)
@@ -246,3 +248,16 @@ def test_select_n_components_validates():
         zinbgrad.tl.select_n_components(adata, [1], holdout=0.9)
     with pytest.raises(ValueError, match="criterion"):
         zinbgrad.tl.select_n_components(adata, [1], criterion="x")
+
+
+def test_select_n_components_drops_genes_absent_from_training_cells():
+    adata = make_planted(60, 30, 1, random_state=2)
+    n_test = 12  # holdout=0.2 of 60 cells; the split below is select_n_components'
+    first_test = np.random.default_rng(0).permutation(60)[0]
+    X = adata.X.toarray()
+    X[:, 0] = 0
+    X[first_test, 0] = 3  # gene 0 is seen in one held-out cell only
+    adata.X = sp.csr_matrix(X)
+    df = zinbgrad.tl.select_n_components(adata, [1], holdout=n_test / 60)
+    assert np.isfinite(df.bicross_loglik).all()
+    assert adata.uns["zinbwave_n_components"]["n_genes"] == 29

@@ -214,7 +214,8 @@ def select_n_components(
     """Fit ZINB-WaVE for several K and compare them on held-out cells and by AIC/BIC.
 
     A random ``holdout`` fraction of the cells is held out; for each K a model is fitted on
-    the other cells and scored on the held-out ones:
+    the other cells (genes without a count there are left out) and scored on the held-out
+    ones:
 
     * ``heldout_loglik``: mean log-likelihood per held-out cell with its local parameters
       re-optimized on its counts (:meth:`ZINBWaVE.score`). Each factor adds a free parameter
@@ -274,7 +275,12 @@ def select_n_components(
     rng = np.random.default_rng(random_state)
     perm = rng.permutation(n)
     test_idx, train_idx = np.sort(perm[:n_test]), np.sort(perm[n_test:])
-    train, test = adata[train_idx], adata[test_idx]
+    counts = adata.X if layer is None else adata.layers[layer]
+    if counts is None:
+        raise ValueError("adata.X is empty; pass layer= with the raw counts")
+    # genes without a count in the training cells cannot be fitted: left out of every K
+    genes = np.flatnonzero(np.asarray(abs(counts[train_idx]).sum(0)).ravel() > 0)
+    train, test = adata[train_idx, genes], adata[test_idx, genes]
     kwargs.setdefault("random_state", random_state)
     kwargs.setdefault("verbose", False)
     proj = {"batch_key": batch_key, "covariate_keys": covariate_keys}
@@ -320,5 +326,6 @@ def select_n_components(
         "recommended_by": best,
         "holdout": float(holdout),
         "n_test": int(n_test),
+        "n_genes": int(len(genes)),
     }
     return df
