@@ -12,7 +12,7 @@ from ..estimator import ZINBWaVE
 from ..selection import bicross_loglik
 from ..uncertainty import latent_uncertainty as _latent
 from ..uncertainty import loading_uncertainty
-from ._zinbwave import model_from_anndata
+from ._zinbwave import resolve_model
 
 __all__ = ["latent_uncertainty", "loadings", "top_genes", "select_n_components"]
 
@@ -22,15 +22,6 @@ def _anndata(adata, what: str = "adata") -> None:
 
     if not isinstance(adata, ad.AnnData):
         raise TypeError(f"{what} must be an AnnData, got {type(adata).__name__}")
-
-
-def _model(adata, key: str, model):
-    if model is None:
-        return model_from_anndata(adata, key)
-    if not isinstance(model, ZINBWaVE):
-        raise TypeError(f"model must be a fitted zinbgrad.ZINBWaVE, got {type(model).__name__}")
-    model._check_fitted()
-    return model
 
 
 def _is_training(adata, model) -> bool:
@@ -85,7 +76,7 @@ def latent_uncertainty(
         Return a modified copy instead of writing into ``adata``.
     """
     _anndata(adata)
-    m = _model(adata, key, model)
+    m = resolve_model(adata, key, model)
     prefix = key if key_added is None else key_added
     new = not _is_training(adata, m)
     kw = {}
@@ -126,7 +117,7 @@ def loadings(
         As in :func:`latent_uncertainty`.
     """
     _anndata(adata)
-    m = _model(adata, key, model)
+    m = resolve_model(adata, key, model)
     if not _is_training(adata, m):
         raise ValueError("loadings need the training cells of the model")
     res = loading_uncertainty(m, adata, layer=layer)
