@@ -214,7 +214,7 @@ def mcv(args) -> None:
         res["zinbgrad_K_lowest"] = zdf.attrs["lowest"]
         res["zinbgrad_s"] = time.perf_counter() - t0
         prow = []
-        for k in ks:
+        for k in [int(x) for x in args.pca_ks.split(",")]:
             t0 = time.perf_counter()
             sc = mcv_loss(train, test, pca_denoise(train, k))
             prow.append({"k": k, **sc, "seconds": time.perf_counter() - t0})
@@ -331,6 +331,7 @@ def main(argv=None) -> int:
             s.add_argument("--with-mcv", action="store_true", help="also choose K by MCV")
         else:
             s.add_argument("--no-scvi", action="store_true")
+            s.add_argument("--pca-ks", default="2,5,10,15,20,30,50")
             s.add_argument("--scvi-ks", default="10")
             s.add_argument("--scvi-epochs", type=int, default=None)
     r = sub.add_parser("report")
