@@ -112,7 +112,7 @@ def coverage(args) -> None:
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
-    _write("coverage", args.out, {"rows": rows})
+            _write("coverage", args.out, {"rows": rows})
 
 
 # --------------------------------------------------------------------------- data sets
@@ -162,7 +162,7 @@ def kselect(args) -> None:
             rec["recommended_by"]["mcv_lowest"] = mcv.attrs["lowest"]
         rows.append(rec)
         print(json.dumps({k: rec[k] for k in ("dataset", "recommended_by", "seconds")}), flush=True)
-    _write("kselect" + (args.tag or ""), args.out, {"rows": rows})
+        _write("kselect" + (args.tag or ""), args.out, {"rows": rows})  # after each data set
 
 
 # --------------------------------------------------------------------------- MCV denoising
@@ -232,7 +232,7 @@ def mcv(args) -> None:
             res["scvi"] = srow
         rows.append(res)
         print(json.dumps({k: v for k, v in res.items() if k not in ("zinbgrad",)}), flush=True)
-    _write("mcv" + (args.tag or ""), args.out, {"have_scvi": have_scvi, "rows": rows})
+        _write("mcv" + (args.tag or ""), args.out, {"have_scvi": have_scvi, "rows": rows})
 
 
 # --------------------------------------------------------------------------- report
