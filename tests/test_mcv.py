@@ -64,3 +64,23 @@ def test_mcv_zinbwave_denoises():
     raw = mcv_loss(train, test, train.toarray())
     # (the log1p MSE can favour the raw counts on sparse data: E[log1p Y] < log1p E[Y])
     assert df.poisson.iloc[1] < raw["poisson"]
+
+
+def test_pca_baseline_full_rank_returns_the_counts():
+    """The benchmark's PCA denoiser at full rank reproduces the training counts (log1p CP10k,
+    then back to counts), and at low rank is smoother (lower Poisson loss than the raw counts
+    on low-rank Poisson data)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.interpret import pca_denoise
+
+    rng = np.random.default_rng(0)
+    lam = np.exp(rng.normal(size=(120, 2)) @ rng.normal(size=(2, 40)) * 0.7 + 1.0)
+    X = sp.csr_matrix(rng.poisson(lam))
+    train, test = molecular_split(X, 0.9, random_state=1)
+    np.testing.assert_allclose(pca_denoise(train, 40), train.toarray(), atol=1e-8)
+    low = mcv_loss(train, test, pca_denoise(train, 2))
+    raw = mcv_loss(train, test, train.toarray())
+    assert low["poisson"] < raw["poisson"]
