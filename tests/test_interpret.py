@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
@@ -261,3 +262,11 @@ def test_select_n_components_drops_genes_absent_from_training_cells():
     df = zinbgrad.tl.select_n_components(adata, [1], holdout=n_test / 60)
     assert np.isfinite(df.bicross_loglik).all()
     assert adata.uns["zinbwave_n_components"]["n_genes"] == 29
+
+
+def test_select_n_components_with_batch_key():
+    adata = make_planted(120, 40, 1, random_state=6)
+    adata.obs["batch"] = pd.Categorical(np.where(np.arange(120) % 2, "b", "a"))
+    df = zinbgrad.tl.select_n_components(adata, [0, 1], batch_key="batch")
+    # the held-out cells are encoded against the fitted batch levels (in both scores)
+    assert np.isfinite(df[["heldout_loglik", "bicross_loglik"]].to_numpy()).all()

@@ -13,6 +13,7 @@ saw it.
 
 from __future__ import annotations
 
+import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -117,7 +118,9 @@ def bicross_loglik(
     for f in range(n_folds):
         keep, held = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
         sub = gene_submodel(model, keep)
-        design_k, cells = sub._likelihood_tensors(Y[:, keep], dict(project_kw))
+        part = ad.AnnData(Y[:, keep], obs=counts.obs.copy() if counts.obs is not None else None)
+        part.var_names = np.asarray(model.var_names_)[keep]
+        design_k, cells = sub._likelihood_tensors(part, dict(project_kw))
 
         def t(x):
             return torch.as_tensor(np.asarray(x), dtype=dt)
