@@ -122,11 +122,20 @@ def loadings(
         raise ValueError("loadings need the training cells of the model")
     res = loading_uncertainty(m, adata, layer=layer)
     target = adata.copy() if copy else adata
-    target.varm[key + "_alpha_mu_se"] = res.alpha_mu_se.T
-    target.varm[key + "_alpha_pi_se"] = res.alpha_pi_se.T
+    # genes the model left out (no counts) get NaN rows
+    pos = {g: j for j, g in enumerate(res.var_names)}
+    idx = np.array([pos.get(g, -1) for g in np.asarray(adata.var_names).astype(str)])
+
+    def rows(M: np.ndarray) -> np.ndarray:
+        out = np.full((len(idx), M.shape[0]), np.nan)
+        out[idx >= 0] = M.T[idx[idx >= 0]]
+        return out
+
+    target.varm[key + "_alpha_mu_se"] = rows(res.alpha_mu_se)
+    target.varm[key + "_alpha_pi_se"] = rows(res.alpha_pi_se)
     if model is not None:  # keep the loadings next to their standard errors
-        target.varm[key + "_alpha_mu"] = res.alpha_mu.T
-        target.varm[key + "_alpha_pi"] = res.alpha_pi.T
+        target.varm[key + "_alpha_mu"] = rows(res.alpha_mu)
+        target.varm[key + "_alpha_pi"] = rows(res.alpha_pi)
     return target if copy else None
 
 
@@ -177,8 +186,8 @@ def top_genes(
     k_top = min(int(n_genes), alpha.shape[0])
     rows = []
     for k in range(alpha.shape[1]):
-        order = np.argsort(alpha[:, k])
-        for direction, idx in (("+", order[::-1][:k_top]), ("-", order[:k_top])):
+        up, down = np.argsort(-alpha[:, k]), np.argsort(alpha[:, k])  # NaN (no fit) last
+        for direction, idx in (("+", up[:k_top]), ("-", down[:k_top])):
             for r, j in enumerate(idx):
                 rows.append((k, direction, r, genes[j], alpha[j, k], se[j, k]))
     df = pd.DataFrame(rows, columns=["factor", "direction", "rank", "gene", "loading", "se"])
