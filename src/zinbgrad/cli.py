@@ -271,6 +271,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     model = tl.zinbwave(adata, n_components=2, random_state=0, verbose=False)
     seconds = time.perf_counter() - t0
+    # uncertainty of W, loadings with standard errors, the choice of K (zinbgrad.pl below)
+    tl.latent_uncertainty(adata, store_cov=True)
+    tl.top_genes(adata, 4)
+    tl.select_n_components(adata, [1, 2, 3])
     h5 = outdir / "pbmc_small_zinbwave.h5ad"
     write_h5ad_atomic(adata, h5)
     fig = demo_figure(adata)
@@ -280,10 +284,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     with atomic_write(png, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=120)
     plt.close(fig)
+    from . import pl
+
+    diag = outdir / "pbmc_small_diagnostics.png"
+    pl.diagnostics(adata, model, color="cell_type", save=diag, show=False)
+    plt.close("all")
     print(
         f"zinbgrad demo: pbmc_small ({adata.n_obs} cells x {adata.n_vars} genes), K=2, "
         f"log-likelihood {model.loglik_:.6g}, penalized {model.objective_:.6g}, "
-        f"{seconds:.2f} s\n  wrote {h5}\n  wrote {png}"
+        f"{seconds:.2f} s\n  wrote {h5}\n  wrote {png}\n  wrote {diag} (history, latent "
+        f"space with 90 % regions, choice of K: {adata.uns['zinbwave_n_components']['recommended']}"
+        ", top loadings)"
     )
     return 0
 

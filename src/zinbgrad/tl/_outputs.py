@@ -20,6 +20,7 @@ from ..data.validate import check_key, extract_counts
 from ..estimator import ZINBWaVE, resolve_device
 from ..model import outputs as _out
 from ._zinbwave import _check_anndata, model_from_anndata
+from ._zinbwave import resolve_model as _resolve_model
 
 __all__ = [
     "normalize",
@@ -29,16 +30,6 @@ __all__ = [
     "batch_corrected",
     "project",
 ]
-
-
-def _resolve_model(adata, key: str, model: ZINBWaVE | None) -> ZINBWaVE:
-    _check_anndata(adata)
-    if model is None:
-        return model_from_anndata(adata, key)
-    if not isinstance(model, ZINBWaVE):
-        raise TypeError(f"model must be a fitted zinbgrad.ZINBWaVE, got {type(model).__name__}")
-    model._check_fitted()
-    return model
 
 
 def _out_dtype(dtype) -> np.dtype:

@@ -11,7 +11,7 @@ from ..data.validate import check_anndata, check_key
 from ..estimator import ZINBWaVE, resolve_device
 from ..model.params import Params
 
-__all__ = ["zinbwave", "store_model", "model_elements", "model_from_anndata"]
+__all__ = ["zinbwave", "store_model", "model_elements", "model_from_anndata", "resolve_model"]
 
 
 def model_elements(model: ZINBWaVE, key_added: str = "X_zinbwave") -> dict[str, dict]:
@@ -253,6 +253,18 @@ def _rebuild(adata, key: str) -> ZINBWaVE:
     if not hasattr(h, "get") or any(np.ndim(h.get(k)) != 1 for k in cols):
         raise TypeError(f"adata.uns[{key!r}]['history'] must map {cols} to 1-D arrays")
     model.history_ = [{k: float(h[k][i]) for k in cols} for i in range(len(h["epoch"]))]
+    return model
+
+
+def resolve_model(adata, key: str = "X_zinbwave", model: ZINBWaVE | None = None) -> ZINBWaVE:
+    """``model`` (checked to be a fitted :class:`ZINBWaVE`), or the one stored in ``adata``
+    under ``key`` when ``model`` is None."""
+    _check_anndata(adata)
+    if model is None:
+        return model_from_anndata(adata, key)
+    if not isinstance(model, ZINBWaVE):
+        raise TypeError(f"model must be a fitted zinbgrad.ZINBWaVE, got {type(model).__name__}")
+    model._check_fitted()
     return model
 
 

@@ -1,0 +1,345 @@
+"""Issue 18: coverage of the latent uncertainty, choosing K, and denoising by molecular
+cross-validation (zinbgrad vs PCA, and scVI when scvi-tools is installed).
+
+usage:
+  python benchmarks/interpret.py coverage [--out benchmarks/results/interpret/coverage.json]
+  python benchmarks/interpret.py kselect  [--datasets zeisel,pbmc8k] [--ks 2,5,10,15,20]
+  python benchmarks/interpret.py mcv      [--datasets zeisel,pbmc8k] [--ks 2,5,10,15,20]
+  python benchmarks/interpret.py report   (markdown tables of the JSON files)
+
+Every part writes one JSON file (results, settings, date, machine load) under
+benchmarks/results/interpret/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+OUT = Path(__file__).resolve().parent / "results" / "interpret"
+
+
+def _meta() -> dict:
+    return {
+        "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "loadavg": list(os.getloadavg()),
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "command": "python " + " ".join(sys.argv),
+    }
+
+
+def _write(name: str, out: str | None, payload: dict) -> Path:
+    path = Path(out) if out else OUT / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"meta": _meta(), **payload}
+    path.write_text(json.dumps(payload, indent=1, default=float))
+    print(f"wrote {path}")
+    return path
+
+
+# --------------------------------------------------------------------------- coverage
+
+
+def coverage(args) -> None:
+    from scipy.stats import norm
+
+    import zinbgrad
+    from zinbgrad.planted import make_planted
+    from zinbgrad.uncertainty import latent_uncertainty, loading_uncertainty, predictor_sd
+
+    z = norm.ppf(0.95)
+    configs = [
+        (500, 200, 2, False),
+        (500, 200, 3, True),
+        (1000, 300, 4, True),
+        (2000, 500, 6, True),
+    ]
+    rows = []
+    for n, J, K, zi in configs:
+        for tol in (1e-4, 1e-8):
+            adata = make_planted(n, J, K, random_state=1, logit_pi=-2.0 if zi else None)
+            t0 = time.perf_counter()
+            m = zinbgrad.ZINBWaVE(K, zero_inflation=zi, tol=tol, max_epochs=500, verbose=False).fit(
+                adata
+            )
+            t_fit = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            lu = latent_uncertainty(m, adata)
+            gu = loading_uncertainty(m, adata)
+            t_unc = time.perf_counter() - t0
+            s = np.sign(np.sum(adata.obsm["W_true"] * m.W_, 0))
+            Wt, at = adata.obsm["W_true"], adata.varm["alpha_mu_true"].T
+
+            def dc(M):
+                return M - M.mean(0) - M.mean(1, keepdims=True) + M.mean()
+
+            err = dc(m.W_ @ m.alpha_mu_) - dc(Wt @ at)
+            ac = m.alpha_mu_ - m.alpha_mu_.mean(1, keepdims=True)
+            sd_cell = predictor_sd(lu, ac)
+            sd_both = predictor_sd(lu, ac, gu.cov[:, 1 : 1 + K, 1 : 1 + K])
+            sim = m.sample(random_state=5)
+            t0 = time.perf_counter()
+            lp = latent_uncertainty(m, sim, new=True)
+            t_proj = time.perf_counter() - t0
+            row = {
+                "n_cells": n,
+                "n_genes": J,
+                "K": K,
+                "zero_inflation": zi,
+                "tol": tol,
+                "n_iter": m.n_iter_,
+                "fit_s": t_fit,
+                "uncertainty_s": t_unc,
+                "project_with_uncertainty_s": t_proj,
+                "cover_pred_cells_and_genes": float(np.mean(np.abs(err) <= z * sd_both)),
+                "cover_pred_cells_only": float(np.mean(np.abs(err) <= z * sd_cell)),
+                "cover_W": float(np.mean(np.abs(m.W_ * s - Wt) <= z * lu.sd)),
+                "cover_alpha": float(
+                    np.mean(np.abs(m.alpha_mu_ * s[:, None] - at) <= z * gu.alpha_mu_se)
+                ),
+                "cover_W_projected": float(np.mean(np.abs(lp.W - m.W_) <= z * lp.sd)),
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            _write("coverage", args.out, {"rows": rows})
+
+
+# --------------------------------------------------------------------------- data sets
+
+
+def _datasets(names: list[str], max_cells: int | None):
+    from benchmarks.datasets import find_data_dir, load_dataset
+    from zinbgrad.planted import make_planted
+
+    data_dir = find_data_dir()
+    for name in names:
+        if name.startswith("planted"):  # planted<K>
+            K = int(name[len("planted") :])
+            yield name, make_planted(500, 200, K, random_state=2), K
+            continue
+        if data_dir is None:
+            print(f"skip {name}: shared data not found", file=sys.stderr)
+            continue
+        yield name, load_dataset(name, data_dir, max_cells=max_cells, seed=0), None
+
+
+def kselect(args) -> None:
+    import zinbgrad
+    from zinbgrad.metrics import mcv_zinbwave
+
+    rows = []
+    for name, adata, planted in _datasets(args.datasets.split(","), args.max_cells):
+        t0 = time.perf_counter()
+        ks = [int(k) for k in args.ks.split(",")]
+        if planted is not None:
+            ks = [k for k in range(max(1, planted - 2), planted + 3)]
+        df = zinbgrad.tl.select_n_components(adata, ks)
+        u = adata.uns["zinbwave_n_components"]
+        mcv = mcv_zinbwave(adata, ks) if args.with_mcv else None
+        rec = {
+            "dataset": name,
+            "n_cells": adata.n_obs,
+            "n_genes": adata.n_vars,
+            "planted_K": planted,
+            "table": df.to_dict(orient="list"),
+            "recommended_by": u["recommended_by"],
+            "seconds": time.perf_counter() - t0,
+        }
+        if mcv is not None:
+            rec["mcv"] = mcv.to_dict(orient="list")
+            rec["recommended_by"]["mcv_1se"] = mcv.attrs["recommended"]
+            rec["recommended_by"]["mcv_lowest"] = mcv.attrs["lowest"]
+        rows.append(rec)
+        print(json.dumps({k: rec[k] for k in ("dataset", "recommended_by", "seconds")}), flush=True)
+        _write("kselect" + (args.tag or ""), args.out, {"rows": rows})  # after each data set
+
+
+# --------------------------------------------------------------------------- MCV denoising
+
+
+def pca_denoise(train, k: int, target: float = 1e4) -> np.ndarray:
+    """Rank-k PCA of log1p(CP10k) of the training counts, mapped back to counts (expm1, then
+    each cell's training library size): the PCA baseline of Batson et al."""
+    X = np.asarray(train.toarray(), dtype=np.float64)
+    lib = X.sum(1, keepdims=True)
+    lib[lib == 0] = 1.0
+    L = np.log1p(X / lib * target)
+    mean = L.mean(0)
+    U, S, Vt = np.linalg.svd(L - mean, full_matrices=False)
+    R = (U[:, :k] * S[:k]) @ Vt[:k] + mean
+    return np.clip(np.expm1(R), 0, None) / target * lib
+
+
+def scvi_denoise(train, n_latent: int, seed: int, max_epochs: int | None):
+    import anndata as ad
+    import scvi
+
+    scvi.settings.seed = seed
+    a = ad.AnnData(train.astype(np.float32))
+    scvi.model.SCVI.setup_anndata(a)
+    model = scvi.model.SCVI(a, n_latent=n_latent)
+    model.train(max_epochs=max_epochs, enable_progress_bar=False)
+    return np.asarray(model.get_normalized_expression(library_size="latent", return_numpy=True))
+
+
+def mcv(args) -> None:
+    from zinbgrad.metrics import mcv_loss, mcv_zinbwave, molecular_split
+
+    try:
+        import scvi  # noqa: F401
+
+        have_scvi = True
+    except ImportError:
+        have_scvi = False
+    ks = [int(k) for k in args.ks.split(",")]
+    rows = []
+    for name, adata, _planted in _datasets(args.datasets.split(","), args.max_cells):
+        train, test = molecular_split(adata.X, 0.9, random_state=0)
+        res = {"dataset": name, "n_cells": adata.n_obs, "n_genes": adata.n_vars}
+        t0 = time.perf_counter()
+        zdf = mcv_zinbwave(adata, ks)
+        res["zinbgrad"] = zdf.to_dict(orient="list")
+        res["zinbgrad_K_1se"] = zdf.attrs["recommended"]
+        res["zinbgrad_K_lowest"] = zdf.attrs["lowest"]
+        res["zinbgrad_s"] = time.perf_counter() - t0
+        prow = []
+        for k in [int(x) for x in args.pca_ks.split(",")]:
+            t0 = time.perf_counter()
+            sc = mcv_loss(train, test, pca_denoise(train, k))
+            prow.append({"k": k, **sc, "seconds": time.perf_counter() - t0})
+        res["pca"] = prow
+        res["raw"] = mcv_loss(train, test, train.toarray())
+        if have_scvi and not args.no_scvi:
+            srow = []
+            for k in [int(x) for x in args.scvi_ks.split(",")]:
+                t0 = time.perf_counter()
+                d = scvi_denoise(train, k, 0, args.scvi_epochs)
+                srow.append(
+                    {"n_latent": k, **mcv_loss(train, test, d), "seconds": time.perf_counter() - t0}
+                )
+                print(json.dumps({"dataset": name, "scvi": srow[-1]}), flush=True)
+            res["scvi"] = srow
+        rows.append(res)
+        print(json.dumps({k: v for k, v in res.items() if k not in ("zinbgrad",)}), flush=True)
+        _write("mcv" + (args.tag or ""), args.out, {"have_scvi": have_scvi, "rows": rows})
+
+
+# --------------------------------------------------------------------------- report
+
+
+def report(args) -> None:
+    d = Path(args.dir) if args.dir else OUT
+    p = d / "coverage.json"
+    if p.exists():
+        r = json.loads(p.read_text())
+        print(
+            f"Coverage of nominal 90 % intervals ({r['meta']['date_utc']}, load "
+            f"{r['meta']['loadavg'][0]:.1f})\n"
+        )
+        print(
+            "| cells x genes | K | ZI | tol | epochs | W_i.alpha_j (cells+genes) | "
+            "W_i.alpha_j (cells only) | W | alpha | W, projected cells | fit s | "
+            "uncertainty s |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for x in r["rows"]:
+            print(
+                f"| {x['n_cells']} x {x['n_genes']} | {x['K']} | "
+                f"{'yes' if x['zero_inflation'] else 'no'} "
+                f"| {x['tol']:g} | {x['n_iter']} | {x['cover_pred_cells_and_genes']:.3f} | "
+                f"{x['cover_pred_cells_only']:.3f} | {x['cover_W']:.3f} | {x['cover_alpha']:.3f} "
+                f"| {x['cover_W_projected']:.3f} | {x['fit_s']:.1f} | {x['uncertainty_s']:.2f} |"
+            )
+        print()
+    for p in sorted(d.glob("kselect*.json")):
+        r = json.loads(p.read_text())
+        print(
+            f"K selection ({p.name}, {r['meta']['date_utc']}, load {r['meta']['loadavg'][0]:.1f})\n"
+        )
+        print(
+            "| data | cells x genes | planted K | K grid | bi-cross | held-out (re-opt.) | "
+            "AIC | BIC | MCV 1-SE | MCV lowest | s |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for x in r["rows"]:
+            rb = x["recommended_by"]
+            print(
+                f"| {x['dataset']} | {x['n_cells']} x {x['n_genes']} | {x['planted_K'] or '-'} | "
+                f"{','.join(str(k) for k in x['table']['n_components'])} | {rb['bicross']} | "
+                f"{rb['heldout']} | {rb['aic']} | {rb['bic']} | {rb.get('mcv_1se', '-')} | "
+                f"{rb.get('mcv_lowest', '-')} | {x['seconds']:.0f} |"
+            )
+        print()
+    for p in sorted(d.glob("mcv*.json")):
+        r = json.loads(p.read_text())
+        print(
+            f"MCV denoising ({p.name}, {r['meta']['date_utc']}, load "
+            f"{r['meta']['loadavg'][0]:.1f}; Poisson loss / MSE of log1p-normalized, lower "
+            "is better)\n"
+        )
+        print("| data | method | K | Poisson | MSE | s |")
+        print("|---|---|---|---|---|---|")
+        for x in r["rows"]:
+            z = x["zinbgrad"]
+            for i, k in enumerate(z["n_components"]):
+                mark = " (1-SE)" if k == x["zinbgrad_K_1se"] else ""
+                print(
+                    f"| {x['dataset']} | zinbgrad | {k}{mark} | {z['poisson'][i]:.5f} | "
+                    f"{z['mse'][i]:.5f} | {z['seconds'][i]:.1f} |"
+                )
+            for y in x["pca"]:
+                print(
+                    f"| {x['dataset']} | PCA (log1p CP10k) | {y['k']} | {y['poisson']:.5f} | "
+                    f"{y['mse']:.5f} | {y['seconds']:.1f} |"
+                )
+            for y in x.get("scvi", []):
+                print(
+                    f"| {x['dataset']} | scVI | {y['n_latent']} | {y['poisson']:.5f} | "
+                    f"{y['mse']:.5f} | {y['seconds']:.1f} |"
+                )
+            print(
+                f"| {x['dataset']} | raw train counts | - | {x['raw']['poisson']:.5f} | "
+                f"{x['raw']['mse']:.5f} | - |"
+            )
+        print()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="part", required=True)
+    c = sub.add_parser("coverage")
+    c.add_argument("--out")
+    for name in ("kselect", "mcv"):
+        s = sub.add_parser(name)
+        s.add_argument("--datasets", default="planted3,planted6,zeisel,pbmc8k")
+        s.add_argument("--ks", default="2,5,10,15,20")
+        s.add_argument("--max-cells", type=int, default=None)
+        s.add_argument("--out")
+        s.add_argument("--tag", default="")
+        if name == "kselect":
+            s.add_argument("--with-mcv", action="store_true", help="also choose K by MCV")
+        else:
+            s.add_argument("--no-scvi", action="store_true")
+            s.add_argument("--pca-ks", default="2,5,10,15,20,30,50")
+            s.add_argument("--scvi-ks", default="10")
+            s.add_argument("--scvi-epochs", type=int, default=None)
+    r = sub.add_parser("report")
+    r.add_argument("--dir")
+    args = p.parse_args(argv)
+    {"coverage": coverage, "kselect": kselect, "mcv": mcv, "report": report}[args.part](args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
