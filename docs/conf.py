@@ -75,6 +75,11 @@ API_MODULES = {
         "Scanpy-style functions: they take an AnnData, write their results into it "
         "(``key_added=``) and never modify ``.X``; ``copy=True`` returns a modified copy.",
     ),
+    "zinbgrad.pl": (
+        "Plots: ``zinbgrad.pl``",
+        "Matplotlib plots in scanpy style (``show=``, ``save=``; they return the axes): the "
+        "objective history, the embedding with its uncertainty, the choice of K, the loadings.",
+    ),
     "zinbgrad.datasets": (
         "Example data: ``zinbgrad.datasets``",
         "Small data sets shipped inside the package (nothing is downloaded).",
