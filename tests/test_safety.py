@@ -106,6 +106,13 @@ def test_outputs_that_are_not_regular_files_are_refused(files, tmp_path):
                 pass
     assert fifo.exists() and not fifo.is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
+    # the demo replaces its own files, but not one of them that is a pipe: refused up front
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    os.mkfifo(demo / "pbmc_small_zinbwave.png")
+    with pytest.raises(SystemExit, match="not a regular file"):
+        main(["demo", "-o", str(demo)])
+    assert sorted(p.name for p in demo.iterdir()) == ["pbmc_small_zinbwave.png"]
 
 
 @pytest.mark.parametrize("key", ["", "a/b", ".", 3])

@@ -266,6 +266,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     outdir = Path(args.output)
     if outdir.exists() and not outdir.is_dir():
         raise SystemExit(f"error: {outdir} is a file; the demo writes into a directory")
+    h5 = outdir / "pbmc_small_zinbwave.h5ad"
+    png = outdir / "pbmc_small_zinbwave.png"
+    diag = outdir / "pbmc_small_diagnostics.png"
+    for out in (h5, png, diag):  # the demo replaces its own files, never a non-regular one
+        check_output_path(None, out, force=True, what="demo output")
     outdir.mkdir(parents=True, exist_ok=True)
     adata = datasets.pbmc_small()
     t0 = time.perf_counter()
@@ -275,10 +280,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     tl.latent_uncertainty(adata, store_cov=True)
     tl.top_genes(adata, 4)
     tl.select_n_components(adata, [1, 2, 3])
-    h5 = outdir / "pbmc_small_zinbwave.h5ad"
     write_h5ad_atomic(adata, h5)
     fig = demo_figure(adata)
-    png = outdir / "pbmc_small_zinbwave.png"
     from .io_utils import atomic_write
 
     with atomic_write(png, suffix=".png") as tmp:
@@ -286,7 +289,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     plt.close(fig)
     from . import pl
 
-    diag = outdir / "pbmc_small_diagnostics.png"
     pl.diagnostics(adata, model, color="cell_type", save=diag, show=False)
     plt.close("all")
     print(
