@@ -227,6 +227,24 @@ def test_latent_uncertainty_new_cells_tl():
         zinbgrad.tl.latent_uncertainty(np.zeros((3, 3)))
 
 
+@pytest.mark.parametrize("key", ["", "a/b"])
+def test_interpretation_keys_are_checked_before_any_work(key):
+    """Keys anndata cannot write back are refused up front (as every other tl function does):
+    nothing is computed or stored."""
+    adata = make_planted(60, 30, 1, random_state=2)
+    zinbgrad.tl.zinbwave(adata, 1, verbose=False)
+    before = (set(adata.obsm), set(adata.varm), set(adata.uns))
+    calls = (
+        lambda: zinbgrad.tl.latent_uncertainty(adata, key_added=key),
+        lambda: zinbgrad.tl.top_genes(adata, 2, key_added=key),
+        lambda: zinbgrad.tl.select_n_components(adata, [1], key_added=key),
+    )
+    for call in calls:
+        with pytest.raises(ValueError, match="key_added"):
+            call()
+    assert (set(adata.obsm), set(adata.varm), set(adata.uns)) == before
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("K_true, ks", [(3, [2, 3, 4]), (6, [5, 6, 7])])
 def test_select_n_components_recovers_planted_K(K_true, ks):

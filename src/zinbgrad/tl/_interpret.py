@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from ..data.validate import check_anndata, check_key
 from ..estimator import ZINBWaVE
 from ..selection import bicross_loglik
 from ..uncertainty import latent_uncertainty as _latent
@@ -15,13 +16,6 @@ from ..uncertainty import loading_uncertainty
 from ._zinbwave import resolve_model
 
 __all__ = ["latent_uncertainty", "loadings", "top_genes", "select_n_components"]
-
-
-def _anndata(adata, what: str = "adata") -> None:
-    import anndata as ad
-
-    if not isinstance(adata, ad.AnnData):
-        raise TypeError(f"{what} must be an AnnData, got {type(adata).__name__}")
 
 
 def _is_training(adata, model) -> bool:
@@ -75,9 +69,10 @@ def latent_uncertainty(
     copy
         Return a modified copy instead of writing into ``adata``.
     """
-    _anndata(adata)
-    m = resolve_model(adata, key, model)
+    check_anndata(adata)
     prefix = key if key_added is None else key_added
+    check_key(prefix, "key_added")
+    m = resolve_model(adata, key, model)
     new = not _is_training(adata, m)
     kw = {}
     if new:
@@ -116,7 +111,7 @@ def loadings(
     model, key, layer, copy
         As in :func:`latent_uncertainty`.
     """
-    _anndata(adata)
+    check_anndata(adata)
     m = resolve_model(adata, key, model)
     if not _is_training(adata, m):
         raise ValueError("loadings need the training cells of the model")
@@ -172,7 +167,9 @@ def top_genes(
         ``"-"``), ``rank``, ``gene``, ``loading``, ``se``, ``z`` (loading / se). Also stored in
         ``uns[key_added]``.
     """
-    _anndata(adata)
+    check_anndata(adata)
+    if key_added is not None:
+        check_key(key_added, "key_added")
     if component not in ("mu", "pi"):
         raise ValueError(f"component must be 'mu' or 'pi', got {component!r}")
     if int(n_genes) != n_genes or n_genes < 1:
@@ -258,7 +255,8 @@ def select_n_components(
         One row per K (sorted), the columns above plus ``train_loglik``, ``n_params``,
         ``n_iter``, ``converged``, ``seconds`` (fit and scoring).
     """
-    _anndata(adata)
+    check_anndata(adata)
+    check_key(key_added, "key_added")
     given = list(np.atleast_1d(n_components))
     if not given or any(isinstance(k, bool) or int(k) != k or k < 0 for k in given):
         raise ValueError(f"n_components must be non-negative integers, got {n_components!r}")
