@@ -87,7 +87,7 @@ def test_bad_outputs_are_refused_before_any_work(tmp_path, h5, monkeypatch):
     def never(*a, **k):
         raise AssertionError("the fit ran although its output cannot be written")
 
-    monkeypatch.setattr("zinbgrad.cli._fit_and_write", never)
+    monkeypatch.setattr("zinbgrad.cli.fit._fit_and_write", never)
     (tmp_path / "adir").mkdir()
     (tmp_path / "afile").write_text("x")
     (tmp_path / "m.npz").write_text("x")
@@ -150,7 +150,7 @@ def test_interrupt_exits_130_without_a_traceback(tmp_path, h5, monkeypatch, caps
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("zinbgrad.cli._fit_and_write", interrupted)
+    monkeypatch.setattr("zinbgrad.cli.fit._fit_and_write", interrupted)
     assert main(["fit", str(h5), "-o", str(tmp_path / "o.h5ad"), "-q"]) == 130
     assert "interrupted" in capsys.readouterr().err
 

@@ -540,7 +540,7 @@ def _main():
     except ImportError:  # pragma: no cover - the CLI is wired by the lead
         import argparse
 
-        from zinbgrad.cli_downstream import add_subcommands
+        from zinbgrad.cli.downstream import add_subcommands
 
         def main(argv):
             p = argparse.ArgumentParser()

@@ -131,7 +131,7 @@ def test_keys_are_checked_before_any_work(pbmc, model, files, tmp_path, monkeypa
         tl._zinbwave.store_model(a, model, key)
     assert not a.layers and not a.obsm and set(a.uns) == set(pbmc.uns)
     if isinstance(key, str):
-        monkeypatch.setattr("zinbgrad.cli._fit_and_write", no_work)
+        monkeypatch.setattr("zinbgrad.cli.fit._fit_and_write", no_work)
         out = ["-o", str(tmp_path / "o.h5ad"), f"--key-added={key}"]
         for argv in (
             ["fit", str(files / "counts.h5ad"), *out, "-q"],
@@ -290,7 +290,7 @@ def test_checkpoint_and_resume_are_checked_before_any_work(pbmc, files, tmp_path
         ZINBWaVE(2).fit(pbmc, resume=tmp_path / "missing.npz")
     with pytest.raises(ValueError, match="not a zinbgrad checkpoint"):
         ZINBWaVE(2).fit(pbmc, resume=files / "model.npz")  # a model, not a checkpoint
-    monkeypatch.setattr("zinbgrad.cli._fit_and_write", no_work)
+    monkeypatch.setattr("zinbgrad.cli.fit._fit_and_write", no_work)
     inp = str(files / "counts.h5ad")
     out = str(tmp_path / "o.h5ad")
     for extra, match in (

@@ -314,7 +314,7 @@ def test_streamed_fit_output_keeps_layers_and_adds_the_model(tmp_path):
 
 
 def test_streamed_layers_check_the_cells_and_genes(tmp_path):
-    from zinbgrad.data.writer import write_output_layer
+    from zinbgrad.cli.streaming import write_output_layer
 
     a = _synthetic(n=200, J=30)
     src = tmp_path / "in.h5ad"

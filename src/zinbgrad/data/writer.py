@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
-import torch
 
 from ..io_utils import atomic_write
-from ..model.outputs import COUNT_OUTPUTS, iter_output_blocks, spread_to_input
-from .source import BackedCounts, elem_io, read_annotations
+from .source import elem_io
 
-__all__ = ["CSRAppender", "add_elements", "write_output_layer"]
+__all__ = ["CSRAppender", "add_elements", "write_layer"]
 
 
 class CSRAppender:
@@ -95,91 +94,66 @@ def add_elements(
                 write_elem(f, name, frame)
 
 
-def write_output_layer(
-    model,
-    what: str,
+def write_layer(
     inp: str | os.PathLike,
     out: str | os.PathLike,
     key_added: str,
+    shape: tuple[int, int],
+    blocks: Iterable[tuple[int, int, np.ndarray]],
     *,
-    ignore_W: bool = False,
-    layer: str | None = None,
+    record: dict | None = None,
     block_rows: int = 4096,
     out_dtype=np.float32,
 ) -> Path:
-    """Compute ``what`` (see :func:`zinbgrad.model.outputs.block_output`) for every training cell
-    of ``model`` and write it as ``layers[key_added]`` of a copy of ``inp`` saved as ``out``.
+    """Write a copy of the .h5ad ``inp`` as ``out`` with a new dense ``layers[key_added]``
+    filled block of cells by block of cells, atomically.
 
-    The counts (for residuals, weights, imputation) are read from ``inp`` (``layer`` or ``X``,
-    CSR) block by block; peak memory is one block of cells x genes.
+    Parameters
+    ----------
+    inp, out
+        The input .h5ad (copied, never modified) and the output path.
+    key_added
+        Key of the new layer (an existing one is replaced).
+    shape
+        ``(n_cells, n_genes)`` of the layer.
+    blocks
+        ``(start, stop, values)`` triples: rows ``start:stop`` of the layer, as an array of
+        shape ``(stop - start, n_genes)``; consumed while the copy is open, so that a
+        generator computes each block only when it is written (peak memory one block).
+    record
+        Stored as ``uns["zinbgrad_outputs"][key_added]`` (merged with the records of other
+        layers), e.g. what the layer holds.
+    block_rows
+        Rows per HDF5 chunk of the layer.
+    out_dtype
+        dtype of the layer; each block is cast to it.
+
+    Returns
+    -------
+    pathlib.Path
+        ``out``.
     """
     import h5py
 
     inp, out = Path(inp), Path(out)
-    genes, cells, names_in = model.fitted_masks()
-    if not cells.all():
-        raise ValueError(
-            "the model left cells without counts out of its fit; its outputs are written "
-            "in memory only (run without --stream)"
-        )
-    src = BackedCounts(inp, layer)
-    n, J = src.shape
-    src.close()
-    if (n, J) != (model.W_.shape[0], len(genes)):
-        raise ValueError(
-            f"{inp} has {n} cells x {J} genes; the model was fitted on "
-            f"{model.W_.shape[0]} x {len(genes)}"
-        )
-    src = BackedCounts(inp, layer, genes=genes)  # the genes left out of the fit are skipped
-    try:
-        _, obs_names, var_names = read_annotations(inp)
-        for what_, names, fitted in (
-            ("cells", obs_names, model.obs_names_),
-            ("genes", var_names, names_in),
-        ):
-            if not np.array_equal(names, np.asarray(fitted).astype(str)):
-                raise ValueError(
-                    f"the {what_} of {inp} (their names or order) differ from those the model "
-                    "was fitted on; these outputs are for the training data as it was fitted"
-                )
-        if what in COUNT_OUTPUTS:  # the same checks as the in-memory path, one pass
-            src.validate(allow_non_integer=bool(model.allow_non_integer), check_empty=False)
-    except BaseException:
-        src.close()
-        raise
-    dev, dt = torch.device("cpu"), torch.float64
-    design = model.training_design(dev, dt)
-    params = model.get_params_torch(dev, dt)
-    try:
-        with atomic_write(out) as tmp:
-            shutil.copyfile(inp, tmp)
-            with h5py.File(tmp, "r+") as f:
-                layers = f.require_group("layers")
-                layers.attrs.setdefault("encoding-type", "dict")
-                layers.attrs.setdefault("encoding-version", "0.1.0")
-                if key_added in layers:
-                    del layers[key_added]
-                ds = layers.create_dataset(
-                    key_added, shape=(n, J), dtype=out_dtype, chunks=(min(block_rows, n), J)
-                )
-                ds.attrs["encoding-type"] = "array"
-                ds.attrs["encoding-version"] = "0.2.0"
-                blocks = iter_output_blocks(
-                    what,
-                    design,
-                    params,
-                    src if what in COUNT_OUTPUTS else None,
-                    zero_inflation=bool(model.zero_inflation),
-                    ignore_W=ignore_W,
-                    block_entries=block_rows * J,
-                )
-                for start, stop, values in blocks:
-                    values = spread_to_input(values.numpy(), what, genes)
-                    ds[start:stop] = values.astype(out_dtype)
-            record = {"output": what, "ignore_W": bool(ignore_W), "streamed": True}
+    n, J = shape
+    with atomic_write(out) as tmp:
+        shutil.copyfile(inp, tmp)
+        with h5py.File(tmp, "r+") as f:
+            layers = f.require_group("layers")
+            layers.attrs.setdefault("encoding-type", "dict")
+            layers.attrs.setdefault("encoding-version", "0.1.0")
+            if key_added in layers:
+                del layers[key_added]
+            ds = layers.create_dataset(
+                key_added, shape=(n, J), dtype=out_dtype, chunks=(min(block_rows, n), J)
+            )
+            ds.attrs["encoding-type"] = "array"
+            ds.attrs["encoding-version"] = "0.2.0"
+            for start, stop, values in blocks:
+                ds[start:stop] = values.astype(out_dtype)
+        if record is not None:
             add_elements(
                 tmp, {"uns": {"zinbgrad_outputs": {key_added: record}}}, ("zinbgrad_outputs",)
             )
-    finally:
-        src.close()
     return out

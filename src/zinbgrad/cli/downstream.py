@@ -1,4 +1,5 @@
-"""Downstream subcommands of the ``zinbgrad`` command line.
+"""Downstream subcommands of the ``zinbgrad`` command line, each with the builder of its
+argument parser.
 
 ``normalize``, ``residuals``, ``impute``, ``weights``, ``project`` and ``simulate`` each read an
 ``.h5ad`` file (holding a model fitted by ``zinbgrad fit``, or with ``--model`` a model saved as
@@ -11,62 +12,18 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
-from .cli import cli_error
+from .common import check_io, cli_error, load_model, read_h5ad_checked, write_h5ad_atomic
 
-__all__ = ["add_subcommands"]
-
-
-def _helpers():
-    from .cli import check_output_path, read_h5ad_checked, write_h5ad_atomic
-
-    return check_output_path, read_h5ad_checked, write_h5ad_atomic
-
-
-def _load_model(path: str | None, key: str, adata=None):
-    """The model from ``--model`` (.npz or .h5ad) or, without it, from ``adata``."""
-    from .estimator import ZINBWaVE
-    from .tl._zinbwave import model_from_anndata
-
-    if path is None:
-        if adata is None:
-            raise SystemExit("error: --model is required")
-        try:
-            return model_from_anndata(adata, key)
-        except KeyError as err:
-            raise SystemExit(
-                f"error: {err.args[0] if err.args else err} (fit one with `zinbgrad fit`, or "
-                "pass --model)"
-            ) from err
-    p = Path(path)
-    if p.suffix == ".npz":
-        try:
-            return ZINBWaVE.load(p)
-        except (OSError, ValueError) as err:
-            raise cli_error(err) from err
-    _, read_h5ad_checked, _ = _helpers()
-    ref = read_h5ad_checked(p)
-    try:
-        return model_from_anndata(ref, key)
-    except KeyError as err:
-        raise SystemExit(f"error: {p}: {err.args[0] if err.args else err}") from err
-
-
-def _io(args) -> tuple[Path, Path]:
-    """The input and output paths, checked before any work: the output is none of the
-    command's inputs (the input file, the --model file) and can be written; --key-added is a
-    key anndata can store."""
-    from .cli import check_key
-
-    check_output_path, _, _ = _helpers()
-    inp, out = Path(args.input), Path(args.output)
-    model = getattr(args, "model", None)
-    inputs = {"the input file": inp, "the --model file": None if model is None else Path(model)}
-    check_output_path(inputs, out, args.force)
-    if getattr(args, "key_added", None) is not None:
-        check_key(args.key_added)
-    return inp, out
+__all__ = [
+    "add_impute_parser",
+    "add_normalize_parser",
+    "add_project_parser",
+    "add_residuals_parser",
+    "add_simulate_parser",
+    "add_subcommands",
+    "add_weights_parser",
+]
 
 
 def _run_layer_streaming(args, describe: str, what: str, ignore_W: bool) -> int:
@@ -75,18 +32,18 @@ def _run_layer_streaming(args, describe: str, what: str, ignore_W: bool) -> int:
     import anndata as ad
     import numpy as np
 
-    from .data.writer import write_output_layer
+    from .streaming import write_output_layer
 
-    inp, out = _io(args)
+    inp, out = check_io(args)
     if args.model is None:
         try:
             backed = ad.read_h5ad(inp, backed="r")
         except Exception as err:  # noqa: BLE001 - any reader failure is reported the same way
             raise SystemExit(f"error: cannot read {inp} as .h5ad ({err})") from err
-        model = _load_model(None, args.key, backed)
+        model = load_model(None, args.key, backed)
         backed.file.close()
     else:
-        model = _load_model(args.model, args.key)
+        model = load_model(args.model, args.key)
     t0 = time.perf_counter()
     try:
         write_output_layer(
@@ -113,10 +70,9 @@ def _run_layer_command(
 ) -> int:
     if args.stream:
         return _run_layer_streaming(args, describe, stream_what, stream_ignore_W)
-    _, read_h5ad_checked, write_h5ad_atomic = _helpers()
-    inp, out = _io(args)
+    inp, out = check_io(args)
     adata = read_h5ad_checked(inp)
-    model = _load_model(args.model, args.key, adata if args.model is None else None)
+    model = load_model(args.model, args.key, adata if args.model is None else None)
     t0 = time.perf_counter()
     try:
         fn(
@@ -140,7 +96,7 @@ def _run_layer_command(
 
 
 def _cmd_normalize(args) -> int:
-    from . import tl
+    from .. import tl
 
     return _run_layer_command(
         args, tl.normalize, "normalized values", stream_what="deviance", stream_ignore_W=True
@@ -148,7 +104,7 @@ def _cmd_normalize(args) -> int:
 
 
 def _cmd_residuals(args) -> int:
-    from . import tl
+    from .. import tl
 
     key_added = args.key_added or f"zinbwave_{args.kind}_residuals"
     args.key_added = key_added
@@ -164,7 +120,7 @@ def _cmd_residuals(args) -> int:
 
 
 def _cmd_impute(args) -> int:
-    from . import tl
+    from .. import tl
 
     what = f"imputed values ({args.method})"
     return _run_layer_command(
@@ -177,7 +133,7 @@ def _cmd_impute(args) -> int:
 
 
 def _cmd_weights(args) -> int:
-    from . import tl
+    from .. import tl
 
     return _run_layer_command(
         args, tl.observational_weights, "observational weights", stream_what="weights"
@@ -185,12 +141,11 @@ def _cmd_weights(args) -> int:
 
 
 def _cmd_project(args) -> int:
-    from . import tl
+    from .. import tl
 
-    _, read_h5ad_checked, write_h5ad_atomic = _helpers()
-    inp, out = _io(args)
+    inp, out = check_io(args)
     query = read_h5ad_checked(inp)
-    model = _load_model(args.model, args.model_key)
+    model = load_model(args.model, args.model_key)
     t0 = time.perf_counter()
     try:
         tl.project(
@@ -227,12 +182,11 @@ _SYNTHETIC = (
 
 
 def _cmd_simulate(args) -> int:
-    from .simulate import make_synthetic, zinb_sim
+    from ..simulate import make_synthetic, zinb_sim
 
-    _, read_h5ad_checked, write_h5ad_atomic = _helpers()
-    inp, out = _io(args)
+    inp, out = check_io(args)
     adata = read_h5ad_checked(inp)
-    model = _load_model(args.model, args.key, adata if args.model is None else None)
+    model = load_model(args.model, args.key, adata if args.model is None else None)
     del adata
     given = {k: getattr(args, k) for k in _SYNTHETIC if getattr(args, k) is not None}
     if args.n_cells is None and given:
@@ -264,7 +218,7 @@ def _cmd_simulate(args) -> int:
     return 0
 
 
-def _common(p: argparse.ArgumentParser, *, model_help: str) -> None:
+def _add_common_options(p: argparse.ArgumentParser, *, model_help: str) -> None:
     p.add_argument("-o", "--output", required=True, help="output .h5ad (new file, atomic)")
     p.add_argument("--key", default="X_zinbwave", help="key of the model stored in the input")
     p.add_argument("--model", default=None, help=model_help)
@@ -274,7 +228,7 @@ def _common(p: argparse.ArgumentParser, *, model_help: str) -> None:
 def _layer_command(sub, name: str, help_: str, key_added: str | None, dtype: str):
     p = sub.add_parser(name, help=help_, description=help_)
     p.add_argument("input", help="input .h5ad with the counts and a fitted model (not modified)")
-    _common(
+    _add_common_options(
         p,
         model_help="use this model (.npz from ZINBWaVE.save, or an .h5ad holding one under "
         "--key) instead of the one stored in the input",
@@ -290,9 +244,8 @@ def _layer_command(sub, name: str, help_: str, key_added: str | None, dtype: str
     return p
 
 
-def add_subcommands(subparsers) -> None:
-    """Register ``normalize``, ``residuals``, ``impute``, ``weights``, ``project`` and
-    ``simulate`` on an ``argparse`` subparsers object (from ``add_subparsers``)."""
+def add_normalize_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``zinbgrad normalize`` on an ``argparse`` subparsers object."""
     p = _layer_command(
         subparsers,
         "normalize",
@@ -301,14 +254,22 @@ def add_subcommands(subparsers) -> None:
         "float32",
     )
     p.set_defaults(func=_cmd_normalize)
+    return p
 
+
+def add_residuals_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``zinbgrad residuals`` on an ``argparse`` subparsers object."""
     p = _layer_command(
         subparsers, "residuals", "deviance or Pearson residuals into a layer", None, "float32"
     )
     p.add_argument("--kind", default="deviance", choices=["deviance", "pearson"])
     p.add_argument("--ignore-w", action="store_true", help="set the latent factors W to 0")
     p.set_defaults(func=_cmd_residuals)
+    return p
 
+
+def add_impute_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``zinbgrad impute`` on an ``argparse`` subparsers object."""
     p = _layer_command(
         subparsers,
         "impute",
@@ -318,7 +279,11 @@ def add_subcommands(subparsers) -> None:
     )
     p.add_argument("--method", default="zeros", choices=["zeros", "mean"])
     p.set_defaults(func=_cmd_impute)
+    return p
 
+
+def add_weights_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``zinbgrad weights`` on an ``argparse`` subparsers object."""
     p = _layer_command(
         subparsers,
         "weights",
@@ -327,7 +292,11 @@ def add_subcommands(subparsers) -> None:
         "float64",
     )
     p.set_defaults(func=_cmd_weights)
+    return p
 
+
+def add_project_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``zinbgrad project`` on an ``argparse`` subparsers object."""
     p = subparsers.add_parser(
         "project",
         help="map new cells into a fitted model's latent space",
@@ -357,7 +326,11 @@ def add_subcommands(subparsers) -> None:
     )
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.set_defaults(func=_cmd_project)
+    return p
 
+
+def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``zinbgrad simulate`` on an ``argparse`` subparsers object."""
     p = subparsers.add_parser(
         "simulate",
         help="simulate counts from a fitted model (zinbSim, or large synthetic datasets)",
@@ -366,7 +339,7 @@ def add_subcommands(subparsers) -> None:
         "drawn from the fit, planted batch effect and DE), streamed to the output in chunks.",
     )
     p.add_argument("input", help=".h5ad holding a fitted model (not modified)")
-    _common(
+    _add_common_options(
         p,
         model_help="use this model (.npz, or an .h5ad holding one) instead of the input's",
     )
@@ -383,3 +356,22 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--count-dtype", default="int32", choices=["int32", "int64"])
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.set_defaults(func=_cmd_simulate)
+    return p
+
+
+#: The downstream commands' parser builders, in the order ``zinbgrad --help`` lists them.
+PARSER_BUILDERS = (
+    add_normalize_parser,
+    add_residuals_parser,
+    add_impute_parser,
+    add_weights_parser,
+    add_project_parser,
+    add_simulate_parser,
+)
+
+
+def add_subcommands(subparsers) -> None:
+    """Register ``normalize``, ``residuals``, ``impute``, ``weights``, ``project`` and
+    ``simulate`` on an ``argparse`` subparsers object (from ``add_subparsers``)."""
+    for add in PARSER_BUILDERS:
+        add(subparsers)

@@ -1,119 +1,28 @@
-"""Command-line interface: ``zinbgrad fit``, ``convert``, ``demo`` and the downstream commands."""
+"""The commands that fit or produce a model's input: ``zinbgrad fit``, ``convert`` and
+``demo``, each with the builder of its argument parser."""
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
-__all__ = ["main", "write_h5ad_atomic", "check_output_path", "check_key", "cli_error"]
+from .common import (
+    check_key,
+    check_output_path,
+    cli_error,
+    read_h5ad_checked,
+    write_h5ad_atomic,
+    write_model_into_copy,
+)
 
-
-def cli_error(err: BaseException) -> SystemExit:
-    """The command line's one-line ``error: ...`` for an exception (a KeyError's message
-    without the quotes its ``str`` adds)."""
-    msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-    return SystemExit(f"error: {msg}")
-
-
-def check_output_path(
-    inputs: Path | None | dict[str, Path | None], out: Path, force: bool, what: str = "output"
-) -> None:
-    """Refuse, before any work is done, an output that could not be written or would destroy
-    what the user owns: one of the command's inputs (``inputs``: the input file, or a mapping
-    from how to name each input to its path, e.g. ``{"--model": ...}``), an existing file
-    without ``--force``, a directory, a device or other non-regular file, or a place without
-    write permission (missing folders are created later). Temporary files that earlier
-    interrupted writes of ``out`` left behind (``kill -9``) are removed now, not at the end."""
-    from .io_utils import check_writable, remove_stale_temps, same_file
-
-    if not isinstance(inputs, dict):
-        inputs = {"the input file": inputs}
-    for name, inp in inputs.items():
-        if inp is not None and same_file(out, inp):
-            raise SystemExit(f"error: {what} {out} is {name}; choose another path")
-    try:
-        check_writable(out, what)
-    except ValueError as err:
-        raise cli_error(err) from None
-    if out.exists() and not force:
-        raise SystemExit(f"error: {out} exists; pass --force to replace it")
-    remove_stale_temps(out)
-
-
-def check_key(key: str, what: str = "--key-added") -> None:
-    """Refuse, before any work, a key that anndata cannot store (see
-    :func:`zinbgrad.data.validate.check_key`)."""
-    from .data.validate import check_key as _check
-
-    try:
-        _check(key, what)
-    except (TypeError, ValueError) as err:
-        raise cli_error(err) from None
-
-
-def input_compression(path: Path | None) -> str | None:
-    """The HDF5 compression of an .h5ad's counts (``X``, its ``data`` when sparse), so that
-    outputs written from it in memory keep it (without, a gzip input of 1 MB became ~5 MB)."""
-    if path is None or not Path(path).exists():
-        return None
-    import h5py
-
-    try:
-        with h5py.File(path, "r") as f:
-            node = f.get("X")
-            if isinstance(node, h5py.Group):
-                node = node.get("data")
-            comp = getattr(node, "compression", None)
-    except OSError:
-        return None
-    return comp if comp in ("gzip", "lzf") else None
-
-
-def write_h5ad_atomic(adata, out: Path, like: Path | None = None) -> None:
-    """Write ``adata`` to a temporary file next to ``out`` and rename it into place, with the
-    compression of the input file ``like`` (if any)."""
-    from .io_utils import atomic_write
-
-    with atomic_write(out) as tmp:
-        adata.write_h5ad(tmp, compression=input_compression(like))
-
-
-def write_model_into_copy(inp: Path, out: Path, model, key_added: str) -> None:
-    """Copy ``inp`` to a temporary file, add the model (obsm/varm/var/uns) through anndata's
-    element I/O (neither the counts nor any layer is loaded), then rename it to ``out``:
-    memory-bounded and atomic."""
-    import shutil
-
-    from .data.writer import add_elements
-    from .io_utils import atomic_write
-    from .tl._zinbwave import model_elements
-
-    elements = model_elements(model, key_added)
-    with atomic_write(out) as tmp:
-        shutil.copyfile(inp, tmp)
-        add_elements(tmp, elements)
-
-
-def read_h5ad_checked(path: Path):
-    """Read an .h5ad with a clear error for missing or unreadable files."""
-    import anndata as ad
-
-    if not path.exists():
-        raise SystemExit(f"error: input file {path} does not exist")
-    try:
-        return ad.read_h5ad(path)
-    except Exception as err:  # noqa: BLE001 - any reader failure is reported the same way
-        raise SystemExit(
-            f"error: cannot read {path} as .h5ad ({type(err).__name__}: {err})"
-        ) from err
+__all__ = ["add_convert_parser", "add_demo_parser", "add_fit_parser", "demo_figure"]
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
-    from .estimator import model_file
-    from .optim.checkpoint import check_checkpoint_paths
+    from ..estimator import model_file
+    from ..optim.checkpoint import check_checkpoint_paths
 
     inp, out = Path(args.input), Path(args.output)
     if not inp.exists():
@@ -141,7 +50,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise SystemExit(f"error: --nproc must be at least 1, got {args.nproc}")
     if args.nproc > 1:
-        from .optim.distributed import RankFailed, launch
+        from ..optim.distributed import RankFailed, launch
 
         try:
             launch(_fit_worker, args.nproc, args)
@@ -162,9 +71,9 @@ def _fit_and_write(args: argparse.Namespace) -> int:
 
     Under torch.distributed every rank fits its shard; rank 0 writes the output.
     """
-    from .estimator import ZINBWaVE
-    from .optim.distributed import current_comm, init_from_env
-    from .tl._zinbwave import store_model
+    from ..estimator import ZINBWaVE
+    from ..optim.distributed import current_comm, init_from_env
+    from ..tl._zinbwave import store_model
 
     comm = init_from_env() if "WORLD_SIZE" in os.environ else current_comm()
     inp, out = Path(args.input), Path(args.output)
@@ -224,7 +133,7 @@ def _fit_and_write(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .data.convert import to_csr
+    from ..data.convert import to_csr
 
     inp, out = Path(args.input), Path(args.output)
     check_output_path(inp, out, args.force)
@@ -261,7 +170,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from . import datasets, tl
+    from .. import datasets, tl
 
     outdir = Path(args.output)
     if outdir.exists() and not outdir.is_dir():
@@ -282,12 +191,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     tl.select_n_components(adata, [1, 2, 3])
     write_h5ad_atomic(adata, h5)
     fig = demo_figure(adata)
-    from .io_utils import atomic_write
+    from ..io_utils import atomic_write
 
     with atomic_write(png, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    from . import pl
+    from .. import pl
 
     pl.diagnostics(adata, model, color="cell_type", save=diag, show=False)
     plt.close("all")
@@ -301,16 +210,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
-    p = argparse.ArgumentParser(
-        prog="zinbgrad", description="ZINB-WaVE for single-cell counts, fitted with PyTorch."
-    )
-    p.add_argument("--version", action="version", version=f"zinbgrad {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    f = sub.add_parser("fit", help="fit ZINB-WaVE to an .h5ad file and write a new .h5ad")
+def _add_fit_model_options(f: argparse.ArgumentParser) -> None:
+    """The input, the output and the model (K, design, dispersion, zero inflation)."""
     f.add_argument("input", help="input .h5ad with raw counts (never modified)")
     f.add_argument("-o", "--output", required=True, help="output .h5ad (written atomically)")
     f.add_argument("-k", "--n-components", type=int, default=10, help="latent factors K")
@@ -329,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--epsilon", type=float, default=None, help="penalty scale (default J)")
     f.add_argument("--genewise-dispersion", action="store_true", help="one theta per gene")
     f.add_argument("--no-zero-inflation", action="store_true", help="negative binomial model")
+
+
+def _add_fit_output_options(f: argparse.ArgumentParser) -> None:
+    """Where the result goes, and what the data may hold (non-integer, empty genes/cells)."""
     f.add_argument("--key-added", default="X_zinbwave", help="obsm key of the latent space")
     f.add_argument("--save-model", default=None, help="also save the model (.npz)")
     f.add_argument("--seed", type=int, default=0, help="random seed")
@@ -353,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(in memory only; obs['<key>_fitted'])",
     )
     f.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def _add_fit_solver_options(f: argparse.ArgumentParser) -> None:
+    """The solver, checkpoints, streaming from disk and data-parallel processes."""
     f.add_argument(
         "--solver",
         default="auto",
@@ -375,9 +284,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="data-parallel processes on this host (torch.distributed; gloo on CPU)",
     )
-    f.set_defaults(func=_cmd_fit)
 
-    c = sub.add_parser(
+
+def add_fit_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``zinbgrad fit`` on an ``argparse`` subparsers object."""
+    f = subparsers.add_parser("fit", help="fit ZINB-WaVE to an .h5ad file and write a new .h5ad")
+    _add_fit_model_options(f)
+    _add_fit_output_options(f)
+    _add_fit_solver_options(f)
+    f.set_defaults(func=_cmd_fit)
+    return f
+
+
+def add_convert_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``zinbgrad convert`` on an ``argparse`` subparsers object."""
+    c = subparsers.add_parser(
         "convert",
         help="rewrite a dense or CSC .h5ad with CSR counts, in chunks (for --stream)",
         description="Copy an .h5ad, storing its counts (X or --layer) as CSR, so that fits can "
@@ -388,8 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--layer", default=None, help="convert this layer instead of X")
     c.add_argument("--force", action="store_true", help="replace an existing output")
     c.set_defaults(func=_cmd_convert)
+    return c
 
-    d = sub.add_parser(
+
+def add_demo_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``zinbgrad demo`` on an ``argparse`` subparsers object."""
+    d = subparsers.add_parser(
         "demo",
         help="fit the bundled example and write the result and a PNG",
         description="Fit ZINB-WaVE (K=2) to the bundled pbmc_small example (80 cells x 230 "
@@ -398,33 +323,4 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("-o", "--output", default="zinbgrad_demo", help="output directory")
     d.set_defaults(func=_cmd_demo)
-
-    from .cli_downstream import add_subcommands
-
-    add_subcommands(sub)
-    # every --help shows the defaults
-    for parser in (p, *sub.choices.values()):
-        parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .io_utils import Terminated, terminate_as_interrupt
-
-    args = build_parser().parse_args(argv)
-    try:
-        # SIGTERM (kill, SLURM's time limit) unwinds like Ctrl-C: temporary files are removed
-        with terminate_as_interrupt():
-            return int(args.func(args) or 0)
-    except Terminated:
-        print("zinbgrad: terminated", file=sys.stderr)
-        return 143
-    except KeyboardInterrupt:  # outputs are written atomically: nothing half-written remains
-        print("zinbgrad: interrupted", file=sys.stderr)
-        return 130
-    except OSError as err:  # a full disk, a file removed under our feet, ...
-        raise cli_error(err) from None
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    return d
