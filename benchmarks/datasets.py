@@ -356,7 +356,7 @@ def subsample(adata: ad.AnnData, n_cells: int | None, seed: int) -> ad.AnnData:
 
 
 def _top_variance(adata: ad.AnnData, n_top: int) -> ad.AnnData:
-    from zinbgrad.data.readers import select_top_variance_genes
+    from zinbgrad.pp import select_top_variance_genes
 
     if n_top >= adata.n_vars:
         return adata

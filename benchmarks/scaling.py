@@ -81,7 +81,7 @@ def prepare_reference(scratch: Path, max_epochs: int, dtype: str) -> dict:
     import numpy as np
 
     import zinbgrad
-    from zinbgrad.data.readers import select_top_variance_genes
+    from zinbgrad.pp import select_top_variance_genes
 
     data_path, model_path = reference_paths(scratch)
     info: dict = {"data": str(data_path), "model": str(model_path)}

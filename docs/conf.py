@@ -80,9 +80,14 @@ API_MODULES = {
         "Matplotlib plots in scanpy style (``show=``, ``save=``; they return the axes): the "
         "objective history, the embedding with its uncertainty, the choice of K, the loadings.",
     ),
+    "zinbgrad.pp": (
+        "Preprocessing: ``zinbgrad.pp``",
+        "Gene selection in scanpy's style: the scVI benchmarks' top-variance genes.",
+    ),
     "zinbgrad.datasets": (
-        "Example data: ``zinbgrad.datasets``",
-        "Small data sets shipped inside the package (nothing is downloaded).",
+        "Data sets: ``zinbgrad.datasets``",
+        "Small data sets shipped inside the package (nothing is downloaded), and readers of "
+        "the original files of the benchmark data sets (Zeisel text, loom, 10x HDF5).",
     ),
     "zinbgrad.simulate": (
         "Simulation: ``zinbgrad.simulate``",

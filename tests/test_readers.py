@@ -12,13 +12,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from zinbgrad.data.readers import (
-    read_10x_h5,
-    read_counts,
-    read_loom,
-    read_zeisel_txt,
-    select_top_variance_genes,
-)
+from zinbgrad.datasets import read_10x_h5, read_counts, read_loom, read_zeisel_txt
+from zinbgrad.pp import select_top_variance_genes
 
 # --------------------------------------------------------------------------- fixtures
 

@@ -12,7 +12,7 @@ from .openmp import prefer_passive_wait
 
 prefer_passive_wait()
 
-from . import datasets, pl, tl  # noqa: E402
+from . import datasets, pl, pp, tl  # noqa: E402
 from .estimator import ZINBWaVE  # noqa: E402
 
-__all__ = ["ZINBWaVE", "datasets", "pl", "tl", "__version__"]
+__all__ = ["ZINBWaVE", "datasets", "pl", "pp", "tl", "__version__"]
