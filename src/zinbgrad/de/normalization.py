@@ -165,22 +165,8 @@ def ave_log_cpm_gn(
     dispersion: Any = 0.05,
     prior_count: float = 2.0,
 ) -> np.ndarray:
-    """edgeR's ``aveLogCPM`` on genes x cells data with log library sizes ``offset``.
-
-    Parameters
-    ----------
-    y, offset, w
-        ``(n_genes, n_cells)`` counts, log library sizes and weights.
-    dispersion
-        NB dispersion(s) of the fit.
-    prior_count
-        Average prior count added to each observation.
-
-    Returns
-    -------
-    numpy.ndarray
-        ``(n_genes,)`` average log2-CPM.
-    """
+    """:func:`ave_log_cpm` on genes x cells counts ``y``, log library sizes ``offset`` and
+    weights ``w`` (all ``(n_genes, n_cells)``); returns the ``(n_genes,)`` average log2-CPM."""
     lib = np.exp(offset)
     prior = prior_count * lib / lib.mean(axis=1, keepdims=True)
     off2 = np.log(lib + 2.0 * prior)
