@@ -116,7 +116,7 @@ def _check_test_design(
     return x, np.unique(coefs)
 
 
-def _test_dispersion(
+def _dispersion_for_test(
     y: np.ndarray,
     x: np.ndarray,
     off: np.ndarray,
@@ -194,18 +194,18 @@ def _weighted_f_test(
     else:
         padj_filter, filter_theta = np.full(ng, np.nan), np.nan
     return _FTest(
-        full,
-        null,
-        shrunk,
-        lr,
-        fstat,
-        df_test,
-        df_total,
-        pval,
-        padj,
-        padj_filter,
-        filter_theta,
-        gamma,
+        full=full,
+        null=null,
+        shrunk=shrunk,
+        lr=lr,
+        fstat=fstat,
+        df_test=df_test,
+        df_total=df_total,
+        pval=pval,
+        padj=padj,
+        padj_filter=padj_filter,
+        filter_theta=filter_theta,
+        gamma=gamma,
     )
 
 
@@ -337,7 +337,7 @@ def glm_weighted_f(
     off, norm_factors = resolve_offsets(y, offset, lib_size)
     if not np.all(np.isfinite(off)):
         raise ValueError("offsets must be finite")
-    disp, pdf, a_cpm, disp_est = _test_dispersion(y, x, off, w, dispersion, prior_df)
+    disp, pdf, a_cpm, disp_est = _dispersion_for_test(y, x, off, w, dispersion, prior_df)
     t = _weighted_f_test(y, x, off, w, disp, pdf, coefs, zi_adjust, independent_filtering)
     table = _result_table(t, coefs, a_cpm, disp, w, gene_names)
     if not return_details:
