@@ -64,7 +64,9 @@ FILE_ALLOW: dict[str, str] = {
 # "module:qualname" -> reason it may exceed MAX_FUNCTION_LINES
 FUNCTION_ALLOW: dict[str, str] = {
     "zinbgrad.data.validate:build_cell_design": "issue 16: not yet split",
-    "zinbgrad.de.wrapper:differential_expression": "issue 16: not yet split",
+    "zinbgrad.de.wrapper:differential_expression": (
+        "numpydoc docstring is 53 of its 88 lines; the body is 19"
+    ),
     "zinbgrad.estimator:ZINBWaVE.fit": "issue 16: not yet split",
     "zinbgrad.estimator:ZINBWaVE.encode_cells": "issue 16: not yet split",
     "zinbgrad.estimator:ZINBWaVE._check_consistency": "issue 16: not yet split",
