@@ -189,10 +189,7 @@ def embedding(
             "(or pass uncertainty=None)"
         )
     if uncertainty == "size":
-        sd = np.asarray(adata.obsm[sd_key])[:, [c0, c1]]
-        prec = 1.0 / np.maximum(np.prod(sd, 1), 1e-300)
-        sizes = size * prec / np.mean(prec)
-        sizes = np.clip(sizes, size / 10, size * 10)
+        sizes = _precision_sizes(np.asarray(adata.obsm[sd_key])[:, [c0, c1]], size)
     if uncertainty == "ellipse":
         _add_ellipses(ax, adata, basis, (c0, c1), xy, level, colors, values)
     if values is not None:
@@ -238,6 +235,14 @@ def _point_colors(
     colors = np.array([lut[v] for v in col.astype(str)], dtype=object)
     handles = [plt.Line2D([], [], marker="o", ls="", color=lut[lv], label=lv) for lv in levels]
     return colors, handles, None
+
+
+def _precision_sizes(sd: np.ndarray, size: float) -> np.ndarray:
+    """Marker areas proportional to the precision ``1 / (sd_0 sd_1)``, mean ``size``, clipped
+    to ``[size / 10, 10 size]``."""
+    prec = 1.0 / np.maximum(np.prod(sd, 1), 1e-300)
+    sizes = size * prec / np.mean(prec)
+    return np.clip(sizes, size / 10, size * 10)
 
 
 def _add_ellipses(ax, adata, basis: str, comps, xy, level: float, colors, values) -> None:

@@ -79,12 +79,7 @@ def make_planted(
     gamma -= gamma.mean()
     a = beta[None, :] + gamma[:, None] + W @ alpha
     zeta = np.full(J, np.log(theta))
-    if logit_pi is None:
-        beta_pi = np.full(J, -np.inf)
-        b = None
-    else:
-        beta_pi = rng.normal(logit_pi, 0.5, size=J)
-        b = np.broadcast_to(beta_pi, (n, J))
+    beta_pi, b = _planted_logits(rng, logit_pi, n, J)
     nb, drop = sample_zinb(rng, a, b, zeta)
     Y = sp.csr_matrix(np.where(drop, 0, nb).astype(np.int32))
     out = ad.AnnData(Y)
@@ -138,3 +133,14 @@ def _planted_factors(
         Wt, at = orthogonalize_trace_norm(torch.from_numpy(W), torch.from_numpy(alpha), J / n, 1.0)
         W, alpha = Wt.numpy(), at.numpy()
     return W, alpha
+
+
+def _planted_logits(
+    rng: np.random.Generator, logit_pi: float | None, n: int, J: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The genes' zero-inflation logits ``N(logit_pi, 0.5^2)`` and their ``(n, J)`` broadcast
+    (``-inf`` and ``None`` without zero inflation: nothing drawn)."""
+    if logit_pi is None:
+        return np.full(J, -np.inf), None
+    beta_pi = rng.normal(logit_pi, 0.5, size=J)
+    return beta_pi, np.broadcast_to(beta_pi, (n, J))
