@@ -169,10 +169,6 @@ def embedding(
     ax, show, save
         See the module docstring.
     """
-    import matplotlib.pyplot as plt
-    from matplotlib.collections import PatchCollection
-    from scipy.stats import chi2
-
     if basis not in adata.obsm:
         raise KeyError(f"obsm[{basis!r}] not found; run zinbgrad.tl.zinbwave first")
     if uncertainty not in (None, "ellipse", "size"):
@@ -184,26 +180,7 @@ def embedding(
     xy = W[:, [c0, c1]]
     ax = _axes(ax, (5.5, 4.5))
     n = len(xy)
-    colors = np.array(["tab:blue"] * n, dtype=object)
-    handles = None
-    values = None
-    if color is not None:
-        if color not in adata.obs:
-            raise KeyError(f"obs column {color!r} not found")
-        col = adata.obs[color]
-        if col.dtype.kind in "biuf":
-            values = col.to_numpy(dtype=float)
-        else:
-            if hasattr(col, "cat"):
-                levels = [str(c) for c in col.cat.categories if (col == c).any()]
-            else:
-                levels = sorted(set(col.astype(str)))
-            cmap = plt.get_cmap("tab10" if len(levels) <= 10 else "tab20")
-            lut = {lv: cmap(i % cmap.N) for i, lv in enumerate(levels)}
-            colors = np.array([lut[v] for v in col.astype(str)], dtype=object)
-            handles = [
-                plt.Line2D([], [], marker="o", ls="", color=lut[lv], label=lv) for lv in levels
-            ]
+    colors, handles, values = _point_colors(adata, color, n)
     sizes = np.full(n, size)
     sd_key, cov_key = basis + "_sd", basis + "_cov"
     if uncertainty is not None and sd_key not in adata.obsm and cov_key not in adata.obsm:
@@ -212,29 +189,9 @@ def embedding(
             "(or pass uncertainty=None)"
         )
     if uncertainty == "size":
-        sd = np.asarray(adata.obsm[sd_key])[:, [c0, c1]]
-        prec = 1.0 / np.maximum(np.prod(sd, 1), 1e-300)
-        sizes = size * prec / np.mean(prec)
-        sizes = np.clip(sizes, size / 10, size * 10)
+        sizes = _precision_sizes(np.asarray(adata.obsm[sd_key])[:, [c0, c1]], size)
     if uncertainty == "ellipse":
-        if cov_key in adata.obsm:
-            cov2 = np.asarray(adata.obsm[cov_key])[:, [c0, c1]][:, :, [c0, c1]]
-        else:
-            sd = np.asarray(adata.obsm[sd_key])[:, [c0, c1]]
-            cov2 = np.zeros((n, 2, 2))
-            cov2[:, 0, 0], cov2[:, 1, 1] = sd[:, 0] ** 2, sd[:, 1] ** 2
-        scale = float(np.sqrt(chi2.ppf(level, 2)))
-        fc = (
-            colors
-            if values is None
-            else plt.get_cmap("viridis")(
-                (values - np.nanmin(values)) / max(np.nanmax(values) - np.nanmin(values), 1e-300)
-            )
-        )
-        pc = PatchCollection(
-            _ellipse_paths(cov2, xy, scale), facecolors=list(fc), alpha=0.15, edgecolors="none"
-        )
-        ax.add_collection(pc)
+        _add_ellipses(ax, adata, basis, (c0, c1), xy, level, colors, values)
     if values is not None:
         sc = ax.scatter(xy[:, 0], xy[:, 1], c=values, s=sizes, cmap="viridis", zorder=3)
         ax.figure.colorbar(sc, ax=ax, label=color)
@@ -252,6 +209,69 @@ def embedding(
     ax.set_title(title)
     ax.autoscale_view()
     return _finish(ax, show, save)
+
+
+def _point_colors(
+    adata, color: str | None, n: int
+) -> tuple[np.ndarray, list | None, np.ndarray | None]:
+    """``(colors, legend handles, values)`` of the points: one color per category of
+    ``obs[color]`` with a legend, or the numeric values (``values``, colored by viridis)."""
+    import matplotlib.pyplot as plt
+
+    colors = np.array(["tab:blue"] * n, dtype=object)
+    if color is None:
+        return colors, None, None
+    if color not in adata.obs:
+        raise KeyError(f"obs column {color!r} not found")
+    col = adata.obs[color]
+    if col.dtype.kind in "biuf":
+        return colors, None, col.to_numpy(dtype=float)
+    if hasattr(col, "cat"):
+        levels = [str(c) for c in col.cat.categories if (col == c).any()]
+    else:
+        levels = sorted(set(col.astype(str)))
+    cmap = plt.get_cmap("tab10" if len(levels) <= 10 else "tab20")
+    lut = {lv: cmap(i % cmap.N) for i, lv in enumerate(levels)}
+    colors = np.array([lut[v] for v in col.astype(str)], dtype=object)
+    handles = [plt.Line2D([], [], marker="o", ls="", color=lut[lv], label=lv) for lv in levels]
+    return colors, handles, None
+
+
+def _precision_sizes(sd: np.ndarray, size: float) -> np.ndarray:
+    """Marker areas proportional to the precision ``1 / (sd_0 sd_1)``, mean ``size``, clipped
+    to ``[size / 10, 10 size]``."""
+    prec = 1.0 / np.maximum(np.prod(sd, 1), 1e-300)
+    sizes = size * prec / np.mean(prec)
+    return np.clip(sizes, size / 10, size * 10)
+
+
+def _add_ellipses(ax, adata, basis: str, comps, xy, level: float, colors, values) -> None:
+    """Draw each cell's ``level`` credible ellipse from ``obsm[basis + "_cov"]`` (or the
+    diagonal one from ``obsm[basis + "_sd"]``) in the plane of the components ``comps``."""
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import PatchCollection
+    from scipy.stats import chi2
+
+    c0, c1 = comps
+    sd_key, cov_key = basis + "_sd", basis + "_cov"
+    if cov_key in adata.obsm:
+        cov2 = np.asarray(adata.obsm[cov_key])[:, [c0, c1]][:, :, [c0, c1]]
+    else:
+        sd = np.asarray(adata.obsm[sd_key])[:, [c0, c1]]
+        cov2 = np.zeros((len(xy), 2, 2))
+        cov2[:, 0, 0], cov2[:, 1, 1] = sd[:, 0] ** 2, sd[:, 1] ** 2
+    scale = float(np.sqrt(chi2.ppf(level, 2)))
+    fc = (
+        colors
+        if values is None
+        else plt.get_cmap("viridis")(
+            (values - np.nanmin(values)) / max(np.nanmax(values) - np.nanmin(values), 1e-300)
+        )
+    )
+    pc = PatchCollection(
+        _ellipse_paths(cov2, xy, scale), facecolors=list(fc), alpha=0.15, edgecolors="none"
+    )
+    ax.add_collection(pc)
 
 
 def n_components(

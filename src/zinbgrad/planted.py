@@ -71,40 +71,15 @@ def make_planted(
     """
     import anndata as ad
 
-    for v, name in ((n_cells, "n_cells"), (n_genes, "n_genes")):
-        if int(v) != v or v < 2:
-            raise ValueError(f"{name} must be an integer >= 2, got {v!r}")
-    K = int(n_components)
-    if K != n_components or K < 0:
-        raise ValueError(f"n_components must be an integer >= 0, got {n_components!r}")
-    if not theta > 0:
-        raise ValueError(f"theta must be > 0, got {theta!r}")
-    n, J = int(n_cells), int(n_genes)
-    scales = np.atleast_1d(np.asarray(factor_scales, dtype=np.float64))
-    if scales.size == 1:
-        scales = np.full(K, scales[0])
-    elif scales.size < K:
-        raise ValueError(f"factor_scales has {scales.size} entries for {K} factors")
-    scales = scales[:K]
+    n, J, K, scales = _check_planted_args(n_cells, n_genes, n_components, factor_scales, theta)
     rng = np.random.default_rng(random_state)
-    W = rng.normal(size=(n, K)) * scales
-    W -= W.mean(0)
-    alpha = rng.normal(scale=loading_sd, size=(K, J))
-    alpha -= alpha.mean(1, keepdims=True)
-    if K:
-        Wt, at = orthogonalize_trace_norm(torch.from_numpy(W), torch.from_numpy(alpha), J / n, 1.0)
-        W, alpha = Wt.numpy(), at.numpy()
+    W, alpha = _planted_factors(rng, n, J, scales, loading_sd)
     beta = rng.normal(mean_log_mu, sd_log_mu, size=J)
     gamma = rng.normal(scale=library_sd, size=n)
     gamma -= gamma.mean()
     a = beta[None, :] + gamma[:, None] + W @ alpha
     zeta = np.full(J, np.log(theta))
-    if logit_pi is None:
-        beta_pi = np.full(J, -np.inf)
-        b = None
-    else:
-        beta_pi = rng.normal(logit_pi, 0.5, size=J)
-        b = np.broadcast_to(beta_pi, (n, J))
+    beta_pi, b = _planted_logits(rng, logit_pi, n, J)
     nb, drop = sample_zinb(rng, a, b, zeta)
     Y = sp.csr_matrix(np.where(drop, 0, nb).astype(np.int32))
     out = ad.AnnData(Y)
@@ -122,3 +97,50 @@ def make_planted(
         "random_state": int(random_state),
     }
     return out
+
+
+def _check_planted_args(
+    n_cells, n_genes, n_components, factor_scales, theta
+) -> tuple[int, int, int, np.ndarray]:
+    """``(n, J, K, scales)`` checked: the shape, the planted K and the K factors' scales."""
+    for v, name in ((n_cells, "n_cells"), (n_genes, "n_genes")):
+        if int(v) != v or v < 2:
+            raise ValueError(f"{name} must be an integer >= 2, got {v!r}")
+    K = int(n_components)
+    if K != n_components or K < 0:
+        raise ValueError(f"n_components must be an integer >= 0, got {n_components!r}")
+    if not theta > 0:
+        raise ValueError(f"theta must be > 0, got {theta!r}")
+    scales = np.atleast_1d(np.asarray(factor_scales, dtype=np.float64))
+    if scales.size == 1:
+        scales = np.full(K, scales[0])
+    elif scales.size < K:
+        raise ValueError(f"factor_scales has {scales.size} entries for {K} factors")
+    return int(n_cells), int(n_genes), K, scales[:K]
+
+
+def _planted_factors(
+    rng: np.random.Generator, n: int, J: int, scales: np.ndarray, loading_sd: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Centered ``W`` (n x K, column sds ``scales``) and loadings ``alpha`` (K x J, centered
+    rows), put in zinbwave's orthogonalized frame (``eps_W = J / n``, ``eps_alpha = 1``)."""
+    K = scales.size
+    W = rng.normal(size=(n, K)) * scales
+    W -= W.mean(0)
+    alpha = rng.normal(scale=loading_sd, size=(K, J))
+    alpha -= alpha.mean(1, keepdims=True)
+    if K:
+        Wt, at = orthogonalize_trace_norm(torch.from_numpy(W), torch.from_numpy(alpha), J / n, 1.0)
+        W, alpha = Wt.numpy(), at.numpy()
+    return W, alpha
+
+
+def _planted_logits(
+    rng: np.random.Generator, logit_pi: float | None, n: int, J: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The genes' zero-inflation logits ``N(logit_pi, 0.5^2)`` and their ``(n, J)`` broadcast
+    (``-inf`` and ``None`` without zero inflation: nothing drawn)."""
+    if logit_pi is None:
+        return np.full(J, -np.inf), None
+    beta_pi = rng.normal(logit_pi, 0.5, size=J)
+    return beta_pi, np.broadcast_to(beta_pi, (n, J))

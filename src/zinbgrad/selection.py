@@ -113,34 +113,44 @@ def bicross_loglik(
     rng = np.random.default_rng(random_state)
     fold = rng.permutation(np.arange(J) % n_folds)
     out = np.zeros(n)
-    dt = torch.float64
-    zi = bool(model.zero_inflation)
     for f in range(n_folds):
         keep, held = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
         sub = gene_submodel(model, keep)
         part = ad.AnnData(Y[:, keep], obs=counts.obs.copy() if counts.obs is not None else None)
         part.var_names = np.asarray(model.var_names_)[keep]
         design_k, cells = sub._likelihood_tensors(part, dict(project_kw))
+        out += _held_out_loglik(model, Y[:, held], held, design_k, cells, block_entries)
+    return out
 
-        def t(x):
-            return torch.as_tensor(np.asarray(x), dtype=dt)
 
-        design = Design(design_k.X_mu, design_k.X_pi, t(model.V_[held]), t(model.V_[held]))
-        params = Params(
-            beta_mu=t(model.beta_mu_[:, held]),
-            beta_pi=t(model.beta_pi_[:, held]),
-            alpha_mu=t(model.alpha_mu_[:, held]),
-            alpha_pi=t(model.alpha_pi_[:, held]),
-            zeta=t(np.asarray(model.zeta_)[held]),
-            W=cells.W,
-            gamma_mu=cells.gamma_mu,
-            gamma_pi=cells.gamma_pi,
-        )
-        Yh = Y[:, held]
-        step = max(1, block_entries // max(len(held), 1))
-        for s in range(0, n, step):
-            rows = slice(s, min(s + step, n))
-            a, b = linear_predictors(design, params, rows, zi)
-            y = t(Yh[rows].toarray())
-            out[rows] += entry_loglik(y, a, b, params.zeta).sum(1).numpy()
+def _held_out_loglik(
+    model, Yh: sp.csr_matrix, held: np.ndarray, design_k: Design, cells, block_entries: int
+) -> np.ndarray:
+    """Per-cell log-likelihood of the held-out genes ``held`` (counts ``Yh``), from the cells'
+    parameters ``cells`` fitted on the other genes and the full model's gene parameters."""
+    dt = torch.float64
+    zi = bool(model.zero_inflation)
+
+    def t(x):
+        return torch.as_tensor(np.asarray(x), dtype=dt)
+
+    design = Design(design_k.X_mu, design_k.X_pi, t(model.V_[held]), t(model.V_[held]))
+    params = Params(
+        beta_mu=t(model.beta_mu_[:, held]),
+        beta_pi=t(model.beta_pi_[:, held]),
+        alpha_mu=t(model.alpha_mu_[:, held]),
+        alpha_pi=t(model.alpha_pi_[:, held]),
+        zeta=t(np.asarray(model.zeta_)[held]),
+        W=cells.W,
+        gamma_mu=cells.gamma_mu,
+        gamma_pi=cells.gamma_pi,
+    )
+    n = Yh.shape[0]
+    out = np.zeros(n)
+    step = max(1, block_entries // max(len(held), 1))
+    for s in range(0, n, step):
+        rows = slice(s, min(s + step, n))
+        a, b = linear_predictors(design, params, rows, zi)
+        y = t(Yh[rows].toarray())
+        out[rows] += entry_loglik(y, a, b, params.zeta).sum(1).numpy()
     return out

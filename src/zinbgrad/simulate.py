@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import numbers
 import os
 from contextlib import ExitStack
 from pathlib import Path
@@ -35,6 +34,13 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from ._synthetic import (
+    LatentSampler,
+    batch_shifts,
+    offset_rows,
+    planted_de_genes,
+    whole_number,
+)
 from .data.writer import CSRAppender
 from .io_utils import atomic_write
 from .model.params import linear_predictors
@@ -61,17 +67,6 @@ def _seed(random_state: int | None) -> int:
         "random_state (--seed on the command line) must be a non-negative integer or None, "
         f"got {random_state!r}"
     )
-
-
-def _whole(v, name: str, minimum: int = 1) -> int:
-    """``v`` as an integer of at least ``minimum``; a fractional value is an error, not
-    truncated."""
-    ok = isinstance(v, numbers.Integral) and not isinstance(v, bool)
-    if not ok and isinstance(v, numbers.Real) and np.isfinite(v) and float(v).is_integer():
-        ok = True
-    if not ok or int(v) < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {v!r}")
-    return int(v)
 
 
 def _poisson(rng: np.random.Generator, lam: np.ndarray) -> np.ndarray:
@@ -189,14 +184,6 @@ class _Generator:
         return a.numpy(), (None if b is None else b.numpy())
 
 
-def _rows(O: np.ndarray | None, idx) -> np.ndarray | None:
-    return None if O is None else O[idx]
-
-
-def _mean_rows(O: np.ndarray | None, u: int) -> np.ndarray | None:
-    return None if O is None else np.broadcast_to(O.mean(0), (u,) + O.shape[1:])
-
-
 def zinb_sim(
     model,
     n_cells: int | None = None,
@@ -234,7 +221,7 @@ def zinb_sim(
 
     gen = _Generator(model)
     seed = _seed(random_state)
-    n_train, J = model.W_.shape[0], len(model.zeta_)
+    J = len(model.zeta_)
     if model.zero_inflation:
         from .model.outputs import warn_degenerate
 
@@ -244,38 +231,9 @@ def zinb_sim(
             "at 2^30 where they do not",
         )
     dtype = np.dtype(count_dtype)
-    if n_cells is None:
-        idx = np.arange(n_train)
-        obs = pd.DataFrame(index=pd.Index(np.asarray(model.obs_names_).astype(str)))
-    else:
-        n_cells = _whole(n_cells, "n_cells")
-        pick = np.random.default_rng([seed, _STREAM_GLOBAL])
-        idx = np.sort(pick.integers(n_train, size=n_cells))
-        obs = pd.DataFrame(index=pd.Index([f"sim{i}" for i in range(n_cells)]))
-        obs["source_cell"] = np.asarray(model.obs_names_).astype(str)[idx]
+    idx, obs = _sim_cells(model, n_cells, seed)
     W = np.zeros_like(model.W_[idx]) if ignore_W else model.W_[idx]
-    n = len(idx)
-    step = _unit_rows(J)
-    parts: dict[str, list] = {"X": [], "nb": [], "drop": []}
-    n_zero = 0
-    for unit, start in enumerate(range(0, n, step)):
-        rows = idx[start : start + step]
-        sel = slice(start, start + len(rows))
-        a, b = gen.predictors(
-            model.X_[rows],
-            W[sel],
-            model.gamma_mu_[:, rows],
-            model.gamma_pi_[:, rows],
-            _rows(model.O_mu_, rows),
-            _rows(model.O_pi_, rows),
-        )
-        rng = np.random.default_rng([seed, _STREAM_CELLS, unit])
-        nb, drop = sample_zinb(rng, a, b, gen.zeta)
-        counts = np.where(drop, 0, nb)
-        n_zero += int((counts == 0).sum())
-        parts["X"].append(sp.csr_matrix(_as_count_dtype(counts, dtype)))
-        parts["nb"].append(sp.csr_matrix(_as_count_dtype(nb, dtype)))
-        parts["drop"].append(sp.csr_matrix(drop.astype(np.int8)))
+    parts, n_zero = _sim_counts(model, gen, idx, W, seed, dtype)
     labels = _batch_labels(model, model.X_[idx])
     if labels is not None:
         obs[labels[0]] = labels[1]
@@ -291,7 +249,7 @@ def zinb_sim(
         obsm={"W": np.asarray(W, dtype=np.float64)},
         uns={
             "zinb_sim": {
-                "zero_fraction": n_zero / float(n * J),
+                "zero_fraction": n_zero / float(len(idx) * J),
                 "random_state": seed,
                 "ignore_W": bool(ignore_W),
             }
@@ -300,134 +258,54 @@ def zinb_sim(
     return adata
 
 
+def _sim_cells(model, n_cells: int | None, seed: int) -> tuple[np.ndarray, pd.DataFrame]:
+    """The training cells simulated by :func:`zinb_sim` (sorted, with repeats when drawn) and
+    the ``obs`` frame of the result."""
+    names = np.asarray(model.obs_names_).astype(str)
+    if n_cells is None:
+        return np.arange(model.W_.shape[0]), pd.DataFrame(index=pd.Index(names))
+    n_cells = whole_number(n_cells, "n_cells")
+    pick = np.random.default_rng([seed, _STREAM_GLOBAL])
+    idx = np.sort(pick.integers(model.W_.shape[0], size=n_cells))
+    obs = pd.DataFrame(index=pd.Index([f"sim{i}" for i in range(n_cells)]))
+    obs["source_cell"] = names[idx]
+    return idx, obs
+
+
+def _sim_counts(
+    model, gen: _Generator, idx: np.ndarray, W: np.ndarray, seed: int, dtype: np.dtype
+) -> tuple[dict[str, list], int]:
+    """ZINB draws for the training cells ``idx`` (latent factors ``W``), one random unit at a
+    time: CSR blocks of the counts, the NB draws and the dropouts, and the number of zeros."""
+    step = _unit_rows(len(model.zeta_))
+    parts: dict[str, list] = {"X": [], "nb": [], "drop": []}
+    n_zero = 0
+    for unit, start in enumerate(range(0, len(idx), step)):
+        rows = idx[start : start + step]
+        sel = slice(start, start + len(rows))
+        a, b = gen.predictors(
+            model.X_[rows],
+            W[sel],
+            model.gamma_mu_[:, rows],
+            model.gamma_pi_[:, rows],
+            offset_rows(model.O_mu_, rows),
+            offset_rows(model.O_pi_, rows),
+        )
+        rng = np.random.default_rng([seed, _STREAM_CELLS, unit])
+        nb, drop = sample_zinb(rng, a, b, gen.zeta)
+        counts = np.where(drop, 0, nb)
+        n_zero += int((counts == 0).sum())
+        parts["X"].append(sp.csr_matrix(_as_count_dtype(counts, dtype)))
+        parts["nb"].append(sp.csr_matrix(_as_count_dtype(nb, dtype)))
+        parts["drop"].append(sp.csr_matrix(drop.astype(np.int8)))
+    return parts, n_zero
+
+
 # ============================================================================ make_synthetic
 def _write_elem(group, key: str, value) -> None:
     from .data.source import elem_io
 
     elem_io()[1](group, key, value)
-
-
-def _latent_matrix(model) -> np.ndarray:
-    parts = [model.W_, model.gamma_mu_.T, model.gamma_pi_.T]
-    return np.concatenate([np.asarray(p, dtype=np.float64) for p in parts], axis=1)
-
-
-def _reference_design(model) -> np.ndarray:
-    """The training X with every batch indicator set to 0 (the reference batch)."""
-    X = np.array(model.X_, dtype=np.float64, copy=True)
-    info = getattr(model, "batch_info_", None)
-    if info and "levels" in info:
-        from .model.outputs import batch_columns
-
-        for idx in batch_columns(model.X_columns_, info).values():
-            if idx is not None:
-                X[:, idx] = 0.0
-    return X
-
-
-class _Latent:
-    """Draws of (W, gamma_mu, gamma_pi, X row, offsets) for new cells."""
-
-    def __init__(
-        self, model, method: str, jitter: float, n_mixture: int, rng: np.random.Generator
-    ) -> None:
-        self.model = model
-        Z = _latent_matrix(model)
-        self.K, self.Lmu = model.W_.shape[1], model.gamma_mu_.shape[0]
-        self.center = Z.mean(0)
-        sd = Z.std(0)
-        self.scale = np.where(sd > 0, sd, 1.0)
-        self.Z = Z
-        self.Xref = _reference_design(model)
-        self.method, self.jitter = method, float(jitter)
-        if method == "gmm":
-            from sklearn.mixture import GaussianMixture
-
-            G = max(1, min(int(n_mixture), Z.shape[0] // 5))
-            gm = GaussianMixture(
-                n_components=G,
-                covariance_type="full",
-                reg_covar=1e-6,
-                random_state=int(rng.integers(2**31 - 1)),
-            ).fit((Z - self.center) / self.scale)
-            self.weights = gm.weights_ / gm.weights_.sum()
-            self.means = gm.means_
-            self.chol = np.linalg.cholesky(gm.covariances_)
-        elif method != "resample":
-            raise ValueError(f"latent must be 'resample' or 'gmm', got {method!r}")
-
-    def draw(self, rng: np.random.Generator, u: int) -> dict[str, Any]:
-        m = self.model
-        if self.method == "resample":
-            src = rng.integers(self.Z.shape[0], size=u)
-            noise = rng.standard_normal((u, self.Z.shape[1])) * (self.jitter * self.scale)
-            Z = self.Z[src] + noise
-            X = self.Xref[src]
-            O_mu, O_pi = _rows(m.O_mu_, src), _rows(m.O_pi_, src)
-            label = src
-        else:
-            comp = rng.choice(len(self.weights), size=u, p=self.weights)
-            eps = rng.standard_normal((u, self.Z.shape[1]))
-            zs = self.means[comp] + np.einsum("nij,nj->ni", self.chol[comp], eps)
-            Z = zs * self.scale + self.center
-            X = np.broadcast_to(self.Xref.mean(0), (u, self.Xref.shape[1]))
-            O_mu, O_pi = _mean_rows(m.O_mu_, u), _mean_rows(m.O_pi_, u)
-            label = comp
-        K, L = self.K, self.Lmu
-        return {
-            "W": Z[:, :K],
-            "gamma_mu": Z[:, K : K + L].T,
-            "gamma_pi": Z[:, K + L :].T,
-            "X": np.ascontiguousarray(X),
-            "O_mu": None if O_mu is None else np.ascontiguousarray(O_mu),
-            "O_pi": None if O_pi is None else np.ascontiguousarray(O_pi),
-            "label": label,
-        }
-
-
-def _batch_shifts(batch_effect, n_batches: int, J: int, rng: np.random.Generator) -> np.ndarray:
-    if np.ndim(batch_effect) == 0:
-        sd = float(batch_effect)
-        if not (np.isfinite(sd) and sd >= 0):
-            raise ValueError(f"batch_effect must be a finite number >= 0, got {batch_effect!r}")
-        shifts = rng.standard_normal((n_batches, J)) * sd
-        shifts[0] = 0.0
-        return shifts
-    shifts = np.asarray(batch_effect, dtype=np.float64)
-    if shifts.shape != (n_batches, J):
-        raise ValueError(f"batch_effect array must have shape {(n_batches, J)}, got {shifts.shape}")
-    if not np.isfinite(shifts).all():
-        raise ValueError("batch_effect array has NaN or infinite values")
-    return shifts
-
-
-def _de_genes(
-    de_genes, de_lfc: float, J: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """The genes with planted differential expression, and their log2 fold changes (0 for
-    the others, and for all of them with ``de_lfc=0``: a null control)."""
-    frac = isinstance(de_genes, numbers.Real) and not isinstance(de_genes, numbers.Integral)
-    if frac and 0 < de_genes < 1:
-        n_de = int(round(float(de_genes) * J))
-    else:
-        try:
-            n_de = _whole(de_genes, "de_genes", 0)
-        except ValueError:
-            n_de = -1
-    if not 0 <= n_de <= J:
-        raise ValueError(
-            f"de_genes must be a whole number between 0 and {J}, or a fraction in (0, 1); "
-            f"got {de_genes!r}"
-        )
-    if not np.isfinite(de_lfc):
-        raise ValueError(f"de_lfc must be finite, got {de_lfc!r}")
-    is_de = np.zeros(J, dtype=bool)
-    lfc = np.zeros(J)
-    if n_de:
-        genes = rng.choice(J, size=n_de, replace=False)
-        is_de[genes] = True
-        lfc[genes] = float(de_lfc) * rng.choice([-1.0, 1.0], size=n_de)
-    return is_de, lfc
 
 
 def make_synthetic(
@@ -501,130 +379,189 @@ def make_synthetic(
         the latent factors of the cells; ``obs["total_counts"]`` their library sizes;
         ``uns["synthetic"]`` the settings and the zero fraction.
     """
-    import anndata as ad
-
     model._check_fitted()
-    n_cells = _whole(n_cells, "n_cells")
-    n_batches = _whole(n_batches, "n_batches")
-    chunk_cells = _whole(chunk_cells, "chunk_cells")
-    n_mixture = _whole(n_mixture, "n_mixture")
+    n_cells, n_batches, chunk_cells, n_mixture = (
+        whole_number(v, name)
+        for v, name in (
+            (n_cells, "n_cells"),
+            (n_batches, "n_batches"),
+            (chunk_cells, "chunk_cells"),
+            (n_mixture, "n_mixture"),
+        )
+    )
     if not (np.isfinite(jitter) and jitter >= 0):
         raise ValueError(f"jitter must be a finite number >= 0, got {jitter!r}")
     seed = _seed(random_state)
     dtype = np.dtype(count_dtype)
     J = len(model.zeta_)
-    K = model.W_.shape[1]
     grng = np.random.default_rng([seed, _STREAM_GLOBAL])
-    shifts = _batch_shifts(batch_effect, n_batches, J, grng)
-    is_de, lfc = _de_genes(de_genes, de_lfc, J, grng)
-    has_de = bool(is_de.any())
-    # batches are recorded where there are several, or one with a planted shift
-    has_batch = n_batches > 1 or bool(np.any(shifts))
-    lat = _Latent(model, latent, jitter, n_mixture, grng)
+    truth = _Truth(
+        shifts=batch_shifts(batch_effect, n_batches, J, grng),
+        de=planted_de_genes(de_genes, de_lfc, J, grng),
+        latent=LatentSampler(model, latent, jitter, n_mixture, grng),
+    )
     gen = _Generator(model)
-
-    batch = np.zeros(n_cells, dtype=np.int32)
-    cond = np.zeros(n_cells, dtype=np.int8)
-    label = np.zeros(n_cells, dtype=np.int64)
-    total = np.zeros(n_cells, dtype=np.int64)
-    W_true = np.zeros((n_cells, K), dtype=np.float32)
-    n_zero = 0
-
-    writer = None
-    h5 = None
-    blocks: list[sp.csr_matrix] = []
+    cells = _CellRecord(n_cells, model.W_.shape[1])
     # the temporary file is renamed onto ``path`` after h5 is closed (the stack unwinds in
     # reverse), or removed on any exception
     with ExitStack() as stack:
-        if path is not None:
-            import h5py
-
-            path = Path(path)
-            tmp = stack.enter_context(atomic_write(path, overwrite=overwrite))
-            h5 = stack.enter_context(h5py.File(tmp, "w"))
-            h5.attrs["encoding-type"] = "anndata"
-            h5.attrs["encoding-version"] = "0.1.0"
-            writer = CSRAppender(h5.create_group("X"), (n_cells, J), dtype, compression)
-        step = _unit_rows(J)
-        pending: list[sp.csr_matrix] = []
-        pending_rows = 0
-        for unit, start in enumerate(range(0, n_cells, step)):
-            u = min(step, n_cells - start)
-            sel = slice(start, start + u)
-            rng = np.random.default_rng([seed, _STREAM_CELLS, unit])
-            d = lat.draw(rng, u)
-            bt = rng.integers(n_batches, size=u) if n_batches > 1 else np.zeros(u, np.int64)
-            cd = rng.integers(2, size=u) if has_de else np.zeros(u, np.int64)
-            a, b = gen.predictors(
-                d["X"], d["W"], d["gamma_mu"], d["gamma_pi"], d["O_mu"], d["O_pi"]
-            )
-            a = a + shifts[bt]
-            if has_de:
-                a = a + np.log(2.0) * lfc[None, :] * cd[:, None]
-            nb, drop = sample_zinb(rng, a, b, gen.zeta)
-            counts = np.where(drop, 0, nb)
-            n_zero += int((counts == 0).sum())
-            m = sp.csr_matrix(_as_count_dtype(counts, dtype))
-            batch[sel], cond[sel], label[sel] = bt, cd, d["label"]
-            total[sel] = counts.sum(1)
-            W_true[sel] = d["W"]
-            if writer is None:
-                blocks.append(m)
-                continue
-            pending.append(m)
-            pending_rows += u
-            if pending_rows >= chunk_cells:
-                writer.append(sp.vstack(pending, format="csr"))
-                pending, pending_rows = [], 0
-        if writer is not None and pending:
-            writer.append(sp.vstack(pending, format="csr"))
-
-        obs = pd.DataFrame(index=pd.Index([f"cell{i}" for i in range(n_cells)]))
-        if has_batch:
-            obs["batch"] = pd.Categorical.from_codes(
-                batch, categories=[f"batch{k}" for k in range(n_batches)]
-            )
-        if has_de:
-            obs["condition"] = pd.Categorical.from_codes(cond, categories=["A", "B"])
-        if latent == "resample":
-            obs["source_cell"] = np.asarray(model.obs_names_).astype(str)[label]
-        else:
-            obs["component"] = label
-        obs["total_counts"] = total
-        var = pd.DataFrame(index=pd.Index(np.asarray(model.var_names_).astype(str)))
-        var["true_zeta"] = np.asarray(model.zeta_, dtype=np.float64)
-        if has_de:
-            var["is_de"] = is_de
-            var["true_log2fc"] = lfc
-        varm = {"true_batch_shift": shifts.T.copy()} if has_batch else {}
+        sink = _Sink(stack, path, overwrite, (n_cells, J), dtype, compression, chunk_cells)
+        _draw_cells(seed, truth, gen, n_batches, dtype, cells, sink)
+        obs, var, varm = _synthetic_frames(model, truth, cells, latent, n_batches)
         settings = {
             "n_cells": n_cells,
             "n_batches": n_batches,
             "batch_effect": (
                 float(batch_effect) if np.ndim(batch_effect) == 0 else "explicit array"
             ),
-            "de_genes": int(is_de.sum()),
+            "de_genes": int(truth.de[0].sum()),
             "de_lfc": float(de_lfc),
             "latent": latent,
             "jitter": float(jitter),
             "random_state": seed,
-            "zero_fraction": n_zero / float(n_cells * J),
+            "zero_fraction": cells.n_zero / float(n_cells * J),
             "model_params": json.dumps(
                 {k: v for k, v in model.get_params().items() if np.isscalar(v) or v is None}
             ),
         }
-        uns = {"synthetic": settings}
-        obsm = {"W_true": W_true}
-        if writer is None:
-            return ad.AnnData(
-                X=sp.vstack(blocks, format="csr"), obs=obs, var=var, obsm=obsm, varm=varm, uns=uns
-            )
-        writer.finish()
-        _write_elem(h5, "obs", obs)
-        _write_elem(h5, "var", var)
-        _write_elem(h5, "obsm", obsm)
-        _write_elem(h5, "varm", varm)
-        _write_elem(h5, "uns", uns)
+        return sink.finish(obs, var, {"W_true": cells.W_true}, varm, {"synthetic": settings})
+
+
+@dataclasses.dataclass
+class _Truth:
+    """The draws shared by all cells of :func:`make_synthetic`: the batch shifts of ``log mu``,
+    the planted DE genes and log2 fold changes, and the sampler of new cells' latent values."""
+
+    shifts: np.ndarray
+    de: tuple[np.ndarray, np.ndarray]
+    latent: LatentSampler
+
+    @property
+    def has_de(self) -> bool:
+        return bool(self.de[0].any())
+
+    @property
+    def has_batch(self) -> bool:
+        """Batches are recorded where there are several, or one with a planted shift."""
+        return self.shifts.shape[0] > 1 or bool(np.any(self.shifts))
+
+
+def _synthetic_unit(
+    rng: np.random.Generator, u: int, truth: _Truth, gen: _Generator, n_batches: int
+) -> tuple[np.ndarray, dict[str, Any], np.ndarray, np.ndarray]:
+    """One unit of ``u`` new cells, all its draws from ``rng`` in a fixed order: latent values,
+    batches, conditions, then the counts. Returns the counts, the latent draw, the batch and
+    condition codes."""
+    d = truth.latent.draw(rng, u)
+    bt = rng.integers(n_batches, size=u) if n_batches > 1 else np.zeros(u, np.int64)
+    cd = rng.integers(2, size=u) if truth.has_de else np.zeros(u, np.int64)
+    a, b = gen.predictors(d["X"], d["W"], d["gamma_mu"], d["gamma_pi"], d["O_mu"], d["O_pi"])
+    a = a + truth.shifts[bt]
+    if truth.has_de:
+        a = a + np.log(2.0) * truth.de[1][None, :] * cd[:, None]
+    nb, drop = sample_zinb(rng, a, b, gen.zeta)
+    return np.where(drop, 0, nb), d, bt, cd
+
+
+def _draw_cells(seed, truth, gen, n_batches, dtype, cells, sink) -> None:
+    """Draw :func:`make_synthetic`'s cells one random unit at a time (each unit's generator is
+    seeded by its index), recording them in ``cells`` and handing their counts to ``sink``."""
+    n_cells = cells.batch.size
+    step = _unit_rows(len(gen.zeta))
+    for unit, start in enumerate(range(0, n_cells, step)):
+        u = min(step, n_cells - start)
+        rng = np.random.default_rng([seed, _STREAM_CELLS, unit])
+        counts, d, bt, cd = _synthetic_unit(rng, u, truth, gen, n_batches)
+        sink.add(sp.csr_matrix(_as_count_dtype(counts, dtype)), u)
+        cells.record(slice(start, start + u), counts, d, bt, cd)
+
+
+class _CellRecord:
+    """Per-cell annotations of :func:`make_synthetic`, filled one unit of cells at a time."""
+
+    def __init__(self, n_cells: int, K: int) -> None:
+        self.batch = np.zeros(n_cells, dtype=np.int32)
+        self.cond = np.zeros(n_cells, dtype=np.int8)
+        self.label = np.zeros(n_cells, dtype=np.int64)
+        self.total = np.zeros(n_cells, dtype=np.int64)
+        self.W_true = np.zeros((n_cells, K), dtype=np.float32)
+        self.n_zero = 0
+
+    def record(self, sel: slice, counts: np.ndarray, d: dict, bt, cd) -> None:
+        self.n_zero += int((counts == 0).sum())
+        self.batch[sel], self.cond[sel], self.label[sel] = bt, cd, d["label"]
+        self.total[sel] = counts.sum(1)
+        self.W_true[sel] = d["W"]
+
+
+class _Sink:
+    """Where :func:`make_synthetic`'s count blocks go: kept in memory (``path=None``), or
+    buffered up to ``chunk_cells`` cells and appended to ``X`` of an ``.h5ad`` file written
+    atomically (a temporary file entered on ``stack``, renamed when the stack closes)."""
+
+    def __init__(self, stack: ExitStack, path, overwrite, shape, dtype, compression, chunk_cells):
+        self.blocks: list[sp.csr_matrix] = []
+        self.pending: list[sp.csr_matrix] = []
+        self.pending_rows, self.chunk_cells = 0, chunk_cells
+        self.path, self.h5, self.writer = None, None, None
+        if path is not None:
+            import h5py
+
+            self.path = Path(path)
+            tmp = stack.enter_context(atomic_write(self.path, overwrite=overwrite))
+            self.h5 = h5 = stack.enter_context(h5py.File(tmp, "w"))
+            h5.attrs["encoding-type"] = "anndata"
+            h5.attrs["encoding-version"] = "0.1.0"
+            self.writer = CSRAppender(h5.create_group("X"), shape, dtype, compression)
+
+    def add(self, m: sp.csr_matrix, u: int) -> None:
+        if self.writer is None:
+            self.blocks.append(m)
+            return
+        self.pending.append(m)
+        self.pending_rows += u
+        if self.pending_rows >= self.chunk_cells:
+            self.writer.append(sp.vstack(self.pending, format="csr"))
+            self.pending, self.pending_rows = [], 0
+
+    def finish(self, obs, var, obsm, varm, uns):
+        """The AnnData (in memory), or the path after writing the rest of the file."""
+        if self.writer is None:
+            import anndata as ad
+
+            X = sp.vstack(self.blocks, format="csr")
+            return ad.AnnData(X=X, obs=obs, var=var, obsm=obsm, varm=varm, uns=uns)
+        if self.pending:
+            self.writer.append(sp.vstack(self.pending, format="csr"))
+        self.writer.finish()
+        parts = {"obs": obs, "var": var, "obsm": obsm, "varm": varm, "uns": uns}
+        for key, value in parts.items():
+            _write_elem(self.h5, key, value)
         for key in ("layers", "obsp", "varp"):
-            _write_elem(h5, key, {})
-    return path
+            _write_elem(self.h5, key, {})
+        return self.path
+
+
+def _synthetic_frames(
+    model, truth: _Truth, cells: _CellRecord, latent: str, n_batches: int
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, np.ndarray]]:
+    """``obs``, ``var`` and ``varm`` of :func:`make_synthetic`'s result, with the truth."""
+    n_cells = cells.batch.size
+    obs = pd.DataFrame(index=pd.Index([f"cell{i}" for i in range(n_cells)]))
+    if truth.has_batch:
+        obs["batch"] = pd.Categorical.from_codes(
+            cells.batch, categories=[f"batch{k}" for k in range(n_batches)]
+        )
+    if truth.has_de:
+        obs["condition"] = pd.Categorical.from_codes(cells.cond, categories=["A", "B"])
+    if latent == "resample":
+        obs["source_cell"] = np.asarray(model.obs_names_).astype(str)[cells.label]
+    else:
+        obs["component"] = cells.label
+    obs["total_counts"] = cells.total
+    var = pd.DataFrame(index=pd.Index(np.asarray(model.var_names_).astype(str)))
+    var["true_zeta"] = np.asarray(model.zeta_, dtype=np.float64)
+    if truth.has_de:
+        var["is_de"], var["true_log2fc"] = truth.de
+    varm = {"true_batch_shift": truth.shifts.T.copy()} if truth.has_batch else {}
+    return obs, var, varm

@@ -1,7 +1,7 @@
 """Count sources: a cells x genes count matrix read in blocks of contiguous cells.
 
 The optimizer never sees a whole matrix: it asks a source for the nonzero entries of rows
-``[start, stop)`` as a :class:`~zinbgrad.model.likelihood.SparseCounts`. Counts are never
+``[start, stop)`` as a :class:`~zinbgrad.data.counts.SparseCounts`. Counts are never
 densified.
 """
 
@@ -15,7 +15,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from ..model.likelihood import SparseCounts
+from .counts import SparseCounts
 from .validate import CountTally, check_count_dtype
 
 __all__ = ["BackedCounts", "CountsFingerprint", "InMemoryCounts", "block_bounds"]

@@ -379,11 +379,7 @@ def build_cell_design(
     if keys and obs is None:
         raise ValueError("batch_key / covariate_keys need an AnnData input (with .obs)")
     for key in keys:
-        if key not in obs.columns:
-            raise KeyError(f"{key!r} not found in adata.obs (available: {list(obs.columns)})")
-        col = obs[key]
-        if col.isna().any():
-            raise ValueError(f"adata.obs[{key!r}] has {int(col.isna().sum())} missing values")
+        col = _obs_column(obs, key)
         known = None if categories is None else categories.get(key)
         if known is None and not (key == batch_key or _is_categorical(col)):
             cols.append(np.asarray(col, dtype=np.float64))
@@ -391,37 +387,13 @@ def build_cell_design(
             continue
         values = np.asarray(col.astype(str))
         if known is not None:
-            levels = [str(lv) for lv in known]
-            unseen = sorted(set(values) - set(levels))
-            if unseen:
-                raise ValueError(
-                    f"adata.obs[{key!r}] has levels the model was not fitted with: "
-                    f"{_first(np.asarray(unseen))} (fitted levels: {levels})"
-                )
+            levels = _fitted_levels(key, values, known)
         else:
             # levels in the column's own order (numeric order for integer batch codes)
             cat = pd.Categorical(col.astype(str) if pd.api.types.is_bool_dtype(col) else col)
             levels = [str(lv) for lv in cat.remove_unused_categories().categories]
             if key == batch_key:
-                if len(levels) < 2:
-                    raise ValueError(
-                        f"batch_key {key!r} has a single level ({levels[0]!r}); nothing to correct"
-                    )
-                counts = pd.Series(values).value_counts()
-                small = [lv for lv in levels if counts[lv] < 2]
-                if small and pd.api.types.is_numeric_dtype(col):
-                    raise ValueError(
-                        f"batch_key {key!r} is a numeric column with {len(levels)} distinct "
-                        f"values, {len(small)} of them in a single cell: a batch_key needs a "
-                        "few levels with several cells each; a numeric covariate goes in "
-                        "covariate_keys (modelled as a number)"
-                    )
-                if small:
-                    raise ValueError(
-                        f"{len(small)} batch(es) of {key!r} have fewer than 2 cells "
-                        f"({_first(np.asarray(small))}); a batch effect cannot be estimated "
-                        "from one cell"
-                    )
+                _check_batch_levels(key, col, values, levels)
         if key == batch_key:
             info.update(batch_key=key, levels=levels, reference=levels[0])
         seen[key] = levels
@@ -432,3 +404,48 @@ def build_cell_design(
     info["covariate_keys"] = [k for k in keys if k != batch_key]
     X = np.column_stack(cols) if cols else np.zeros((n, 0))
     return X, names, info
+
+
+def _obs_column(obs: pd.DataFrame, key: str) -> pd.Series:
+    """``obs[key]``, which must exist and have no missing values."""
+    if key not in obs.columns:
+        raise KeyError(f"{key!r} not found in adata.obs (available: {list(obs.columns)})")
+    col = obs[key]
+    if col.isna().any():
+        raise ValueError(f"adata.obs[{key!r}] has {int(col.isna().sum())} missing values")
+    return col
+
+
+def _fitted_levels(key: str, values: np.ndarray, known) -> list[str]:
+    """The levels a model was fitted with, as strings; ``values`` must not have others."""
+    levels = [str(lv) for lv in known]
+    unseen = sorted(set(values) - set(levels))
+    if unseen:
+        raise ValueError(
+            f"adata.obs[{key!r}] has levels the model was not fitted with: "
+            f"{_first(np.asarray(unseen))} (fitted levels: {levels})"
+        )
+    return levels
+
+
+def _check_batch_levels(key: str, col: pd.Series, values: np.ndarray, levels: list[str]) -> None:
+    """A batch column needs at least two levels, each with at least two cells."""
+    if len(levels) < 2:
+        raise ValueError(
+            f"batch_key {key!r} has a single level ({levels[0]!r}); nothing to correct"
+        )
+    counts = pd.Series(values).value_counts()
+    small = [lv for lv in levels if counts[lv] < 2]
+    if small and pd.api.types.is_numeric_dtype(col):
+        raise ValueError(
+            f"batch_key {key!r} is a numeric column with {len(levels)} distinct "
+            f"values, {len(small)} of them in a single cell: a batch_key needs a "
+            "few levels with several cells each; a numeric covariate goes in "
+            "covariate_keys (modelled as a number)"
+        )
+    if small:
+        raise ValueError(
+            f"{len(small)} batch(es) of {key!r} have fewer than 2 cells "
+            f"({_first(np.asarray(small))}); a batch effect cannot be estimated "
+            "from one cell"
+        )

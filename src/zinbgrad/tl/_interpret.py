@@ -266,13 +266,8 @@ def select_n_components(
     crits = {"bicross": "max", "heldout": "max", "aic": "min", "bic": "min"}
     if criterion not in crits:
         raise ValueError(f"criterion must be one of {sorted(crits)}, got {criterion!r}")
-    n = adata.n_obs
-    n_test = int(round(float(holdout) * n))
-    if n_test < 2 or n - n_test < 2:
-        raise ValueError(f"holdout={holdout} leaves too few cells on one side ({n} cells)")
-    rng = np.random.default_rng(random_state)
-    perm = rng.permutation(n)
-    test_idx, train_idx = np.sort(perm[:n_test]), np.sort(perm[n_test:])
+    test_idx, train_idx = _split_cells(adata.n_obs, holdout, random_state)
+    n_test = len(test_idx)
     counts = adata.X if layer is None else adata.layers[layer]
     if counts is None:
         raise ValueError("adata.X is empty; pass layer= with the raw counts")
@@ -284,27 +279,9 @@ def select_n_components(
     proj = {"batch_key": batch_key, "covariate_keys": covariate_keys}
     rows, per_cell = [], []
     for K in ks:
-        t0 = time.perf_counter()
-        m = ZINBWaVE(K, **kwargs).fit(train, layer=layer, **proj)
-        ho = m.score_samples(test, layer=layer, **proj)
-        bc = bicross_loglik(
-            m, test, layer=layer, n_folds=n_folds, random_state=random_state, **proj
-        )
+        row, bc = _score_k(K, train, test, layer, proj, n_folds, random_state, kwargs)
+        rows.append(row)
         per_cell.append(bc)
-        rows.append(
-            {
-                "n_components": K,
-                "heldout_loglik": float(np.mean(ho)),
-                "bicross_loglik": float(np.mean(bc)),
-                "aic": float(m.aic_),
-                "bic": float(m.bic_),
-                "train_loglik": float(m.loglik_),
-                "n_params": int(m.n_params_),
-                "n_iter": int(m.n_iter_),
-                "converged": bool(m.converged_),
-                "seconds": time.perf_counter() - t0,
-            }
-        )
     df = pd.DataFrame(rows)
     # standard error of each K's paired (same cells) difference to the best K
     ref = per_cell[int(df["bicross_loglik"].idxmax())]
@@ -327,3 +304,37 @@ def select_n_components(
         "n_genes": int(len(genes)),
     }
     return df
+
+
+def _split_cells(n: int, holdout: float, random_state: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted indices of the held-out and the training cells (one random permutation)."""
+    n_test = int(round(float(holdout) * n))
+    if n_test < 2 or n - n_test < 2:
+        raise ValueError(f"holdout={holdout} leaves too few cells on one side ({n} cells)")
+    rng = np.random.default_rng(random_state)
+    perm = rng.permutation(n)
+    return np.sort(perm[:n_test]), np.sort(perm[n_test:])
+
+
+def _score_k(
+    K: int, train, test, layer, proj: dict, n_folds: int, random_state: int, kwargs: dict
+) -> tuple[dict, np.ndarray]:
+    """Fit K factors on ``train``; its row of :func:`select_n_components`' table and the
+    held-out cells' bi-cross-validated log-likelihoods."""
+    t0 = time.perf_counter()
+    m = ZINBWaVE(K, **kwargs).fit(train, layer=layer, **proj)
+    ho = m.score_samples(test, layer=layer, **proj)
+    bc = bicross_loglik(m, test, layer=layer, n_folds=n_folds, random_state=random_state, **proj)
+    row = {
+        "n_components": K,
+        "heldout_loglik": float(np.mean(ho)),
+        "bicross_loglik": float(np.mean(bc)),
+        "aic": float(m.aic_),
+        "bic": float(m.bic_),
+        "train_loglik": float(m.loglik_),
+        "n_params": int(m.n_params_),
+        "n_iter": int(m.n_iter_),
+        "converged": bool(m.converged_),
+        "seconds": time.perf_counter() - t0,
+    }
+    return row, bc
