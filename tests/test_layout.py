@@ -55,33 +55,24 @@ PRIVATE_ALLOW: set[str] = {
 # module (dotted, relative to zinbgrad) -> reason it may exceed MAX_FILE_LINES
 FILE_ALLOW: dict[str, str] = {
     "zinbgrad.estimator": "issue 16: not yet split",
-    "zinbgrad.metrics": "issue 16: not yet split",
-    "zinbgrad.model.likelihood": "issue 16: not yet split",
     "zinbgrad.optim.engine": "issue 16: not yet split",
-    "zinbgrad.simulate": "issue 16: not yet split",
 }
 
 # "module:qualname" -> reason it may exceed MAX_FUNCTION_LINES
 FUNCTION_ALLOW: dict[str, str] = {
-    "zinbgrad.data.validate:build_cell_design": "issue 16: not yet split",
-    "zinbgrad.de.wrapper:differential_expression": (
-        "numpydoc docstring is 53 of its 88 lines; the body is 19"
-    ),
+    "zinbgrad.de.wrapper:differential_expression": "numpydoc docstring is 53 of its 88 lines; the body is 19",
     "zinbgrad.estimator:ZINBWaVE.fit": "issue 16: not yet split",
     "zinbgrad.estimator:ZINBWaVE.encode_cells": "issue 16: not yet split",
     "zinbgrad.estimator:ZINBWaVE._check_consistency": "issue 16: not yet split",
-    "zinbgrad.metrics:clustering_scores": "issue 16: not yet split",
-    "zinbgrad.metrics:batch_mixing_entropy": "issue 16: not yet split",
-    "zinbgrad.metrics:binomial_thinning_batch": "issue 16: not yet split",
     "zinbgrad.optim.init:initialize": "issue 16: not yet split",
     "zinbgrad.optim.sketch:fit_sketch": "issue 16: not yet split",
-    "zinbgrad.pl:embedding": "issue 16: not yet split",
-    "zinbgrad.planted:make_planted": "issue 16: not yet split",
     "zinbgrad.query:map_query": "issue 16: not yet split",
-    "zinbgrad.selection:bicross_loglik": "issue 16: not yet split",
-    "zinbgrad.simulate:zinb_sim": "issue 16: not yet split",
-    "zinbgrad.simulate:make_synthetic": "issue 16: not yet split",
-    "zinbgrad.tl._interpret:select_n_components": "issue 16: not yet split",
+    "zinbgrad.simulate:make_synthetic": (
+        "17 parameters: 20-line signature, 57-line numpydoc docstring, 46-line body"
+    ),
+    "zinbgrad.tl._interpret:select_n_components": (
+        "60-line numpydoc docstring; the body is 49 lines"
+    ),
 }
 
 
