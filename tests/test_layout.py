@@ -54,19 +54,21 @@ PRIVATE_ALLOW: set[str] = {
 
 # module (dotted, relative to zinbgrad) -> reason it may exceed MAX_FILE_LINES
 FILE_ALLOW: dict[str, str] = {
-    "zinbgrad.estimator": "issue 16: not yet split",
-    "zinbgrad.optim.engine": "issue 16: not yet split",
+    "zinbgrad.estimator": ("issue 16: not yet split"),
+    "zinbgrad.optim.engine": ("issue 16: not yet split"),
 }
 
 # "module:qualname" -> reason it may exceed MAX_FUNCTION_LINES
 FUNCTION_ALLOW: dict[str, str] = {
-    "zinbgrad.de.wrapper:differential_expression": "numpydoc docstring is 53 of its 88 lines; the body is 19",
-    "zinbgrad.estimator:ZINBWaVE.fit": "issue 16: not yet split",
-    "zinbgrad.estimator:ZINBWaVE.encode_cells": "issue 16: not yet split",
-    "zinbgrad.estimator:ZINBWaVE._check_consistency": "issue 16: not yet split",
-    "zinbgrad.optim.init:initialize": "issue 16: not yet split",
-    "zinbgrad.optim.sketch:fit_sketch": "issue 16: not yet split",
-    "zinbgrad.query:map_query": "issue 16: not yet split",
+    "zinbgrad.de.wrapper:differential_expression": (
+        "numpydoc docstring is 53 of its 88 lines; the body is 19"
+    ),
+    "zinbgrad.estimator:ZINBWaVE.fit": ("issue 16: not yet split"),
+    "zinbgrad.estimator:ZINBWaVE.encode_cells": ("issue 16: not yet split"),
+    "zinbgrad.estimator:ZINBWaVE._check_consistency": ("issue 16: not yet split"),
+    "zinbgrad.optim.init:initialize": ("issue 16: not yet split"),
+    "zinbgrad.optim.sketch:fit_sketch": ("issue 16: not yet split"),
+    "zinbgrad.query:map_query": ("issue 16: not yet split"),
     "zinbgrad.simulate:make_synthetic": (
         "17 parameters: 20-line signature, 57-line numpydoc docstring, 46-line body"
     ),
