@@ -436,7 +436,7 @@ def test_pending_step_old_genes_follow_the_orthogonalization():
     import torch
 
     from zinbgrad.model.params import linear_predictors
-    from zinbgrad.optim.engine import _Proposal
+    from zinbgrad.optim.state import Proposal as _Proposal
 
     adata = _planted_genes(n=400, J=60)
     eng = _engine(adata, 3, False, tol=0.0)

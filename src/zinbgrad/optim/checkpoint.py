@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from ..io_utils import (
     atomic_write,
@@ -30,7 +29,6 @@ __all__ = ["save_checkpoint", "load_checkpoint", "checkpoint_file", "check_check
 
 FORMAT = "zinbgrad-checkpoint"
 VERSION = 1
-_STATE = ("lam_cells", "lam_genes", "zeta_cap")
 
 
 def checkpoint_file(path: str | os.PathLike, rank: int = 0, world_size: int = 1) -> Path:
@@ -81,35 +79,24 @@ def check_checkpoint_paths(
 
 
 def save_checkpoint(engine, history: list[dict], path: str | os.PathLike) -> Path:
-    """Write the engine's parameters, optimizer state and history atomically."""
+    """Write the engine's parameters, optimizer state (``engine.state``, see
+    :meth:`~zinbgrad.optim.state.OptimizerState.state_dict`) and history atomically."""
     out = checkpoint_file(path, engine.comm.rank, engine.comm.world_size)
-    arrays = {f"param_{k}": v for k, v in engine.params.as_numpy().items()}
-    for k in _STATE:
-        arrays[f"state_{k}"] = getattr(engine, k).detach().cpu().numpy()
-    if engine.sto_H is not None:
-        arrays["state_sto_H"] = engine.sto_H.detach().cpu().numpy()
-        arrays["state_sto_lam"] = engine.sto_lam.detach().cpu().numpy()
-    if engine.proposal is not None:  # a gene step awaiting its check
-        for k in engine.proposal.FIELDS:
-            arrays[f"proposal_{k}"] = getattr(engine.proposal, k).detach().cpu().numpy()
-    if engine.trajectory is not None:  # the fit's path (kept by the model), in full precision
-        for k, v in engine.trajectory.to_arrays(with_start=True).items():
-            arrays[f"path_{k}"] = v
+    arrays, state = engine.state.state_dict()
+    problem = engine.problem
     meta = {
         "format": FORMAT,
         "version": VERSION,
         "history": history,
-        "rng": engine.rng.bit_generator.state,
-        "n": engine.n,
-        "J": engine.J,
-        "K": engine.K,
-        "zero_inflation": engine.zi,
-        "common_dispersion": engine.common,
+        "rng": state.pop("rng"),
+        "n": problem.design.n,
+        "J": problem.design.J,
+        "K": problem.K,
+        "zero_inflation": problem.zero_inflation,
+        "common_dispersion": problem.common_dispersion,
         "rank": engine.comm.rank,
         "world_size": engine.comm.world_size,
-        "sto_t": engine.sto_t,
-        **engine.dispersion_state(),
-        "gene_rejected": engine.gene_rejected,
+        **state,
         "tag": engine.opt.checkpoint_tag,
     }
     arrays["metadata"] = np.array(json.dumps(meta, default=float))
@@ -119,15 +106,17 @@ def save_checkpoint(engine, history: list[dict], path: str | os.PathLike) -> Pat
 
 
 def load_checkpoint(engine, path: str | os.PathLike) -> list[dict]:
-    """Restore parameters and optimizer state into ``engine``; returns the history."""
+    """Restore parameters and optimizer state into ``engine`` (``engine.state``, see
+    :meth:`~zinbgrad.optim.state.OptimizerState.load_state_dict`); returns the history."""
     f = checkpoint_file(path, engine.comm.rank, engine.comm.world_size)
     z, meta = _read_meta(f)
+    problem = engine.problem
     expect = {
-        "n": engine.n,
-        "J": engine.J,
-        "K": engine.K,
-        "zero_inflation": engine.zi,
-        "common_dispersion": engine.common,
+        "n": problem.design.n,
+        "J": problem.design.J,
+        "K": problem.K,
+        "zero_inflation": problem.zero_inflation,
+        "common_dispersion": problem.common_dispersion,
         "world_size": engine.comm.world_size,
     }
     wrong = {k: (meta.get(k), v) for k, v in expect.items() if meta.get(k) != v}
@@ -145,30 +134,5 @@ def load_checkpoint(engine, path: str | os.PathLike) -> list[dict]:
             f"checkpoint {f} was written by a fit of other data or settings: its {differ} differ "
             "from this fit's; resume with the same data, design and penalty"
         )
-    kw = {"dtype": engine.dtype, "device": engine.device}
-    for name in engine.params.__dataclass_fields__:
-        if getattr(engine.params, name) is None:  # an optional parameter this model lacks
-            continue
-        setattr(engine.params, name, torch.as_tensor(z[f"param_{name}"], **kw))
-    for k in _STATE:
-        setattr(engine, k, torch.as_tensor(z[f"state_{k}"], **kw))
-    engine.rng.bit_generator.state = meta["rng"]
-    engine.sto_t = int(meta.get("sto_t", 0))
-    engine.set_dispersion_state(meta)
-    engine.gene_rejected = float(meta.get("gene_rejected", 1.0))
-    if "path_n_newton" in z.files:
-        from .engine import FitPath
-
-        arr = {k[5:]: z[k] for k in z.files if k.startswith("path_")}
-        engine.trajectory = FitPath.from_arrays(arr, engine.dtype, engine.device)
-    engine.proposal = None
-    if "proposal_v_old" in z.files:
-        from .engine import _Proposal
-
-        engine.proposal = _Proposal(
-            **{k: torch.as_tensor(z[f"proposal_{k}"], **kw) for k in _Proposal.FIELDS}
-        )
-    if "state_sto_H" in z.files:
-        engine.sto_H = torch.as_tensor(z["state_sto_H"], **kw)
-        engine.sto_lam = torch.as_tensor(z["state_sto_lam"], **kw)
+    engine.state.load_state_dict({k: z[k] for k in z.files if k != "metadata"}, meta)
     return list(meta["history"])
