@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -24,8 +25,11 @@ from .optim.checkpoint import check_checkpoint_paths
 from .optim.distributed import current_comm, local_gpu, shard_bounds
 from .optim.engine import Engine, FitOptions, FitPath
 from .optim.fpenv import flush_denormals
-from .optim.init import init_local_mean, init_local_zi, initialize
-from .optim.sketch import fit_sketch, sketch_size
+from .optim.init import init_local_mean, init_local_zi
+from .optim.sketch import sketch_size
+from .optim.solve import solve
+from .optim.solvers import resolve_solver
+from .optim.state import Problem
 
 __all__ = ["ZINBWaVE", "resolve_device"]
 
@@ -701,11 +705,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
             m = sketch_size(
                 n, J, K, self.sketch_size, max_fraction=1.0 if self.solver == "sketch" else None
             )
-            solver = self.solver
-            if solver == "auto":
-                solver = "sketch" if m < n else "full"
-            elif solver == "sketch" and m >= n:
-                solver = "full"
+            solver = resolve_solver(self.solver, n, m)
             stochastic = min(FitOptions().stochastic_epochs, self.max_epochs)
             cb, bar = self._progress(stochastic if solver == "stochastic" else None)
             fused = n * J >= FUSED_MIN_ENTRIES if self.fused == "auto" else bool(self.fused)
@@ -727,77 +727,30 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
                 ),
                 t_origin=t_start,
             )
-            init_kw = {
-                "zero_inflation": self.zero_inflation,
-                "common_dispersion": self.common_dispersion,
-                "seed": seed,
-            }
-            history: list[dict] = []
-            path = None
-            zeta_state = None
+            problem = Problem(
+                full_source, design_all, pen, K, self.zero_inflation, self.common_dispersion
+            )
+            local = dataclasses.replace(problem, source=source, design=design)
             try:
-                if resume is not None and solver == "sketch":
-                    # shapes only: the checkpoint holds every value
-                    params = Params.zeros(design, K)
-                elif solver == "sketch":
-                    params, history, path, zeta_state = fit_sketch(
-                        full_source,
-                        design_all,
-                        pen,
-                        K,
-                        m=m,
-                        options=opts,
-                        shard=(lo, hi),
-                        comm=comm,
-                        **init_kw,
-                    )
-                else:
-                    # every rank derives the same gene initialization from the same subsample
-                    params = initialize(
-                        full_source,
-                        design_all,
-                        pen,
-                        K,
-                        shard=(lo, hi),
-                        shard_source=source,
-                        **init_kw,
-                    )
-                if full_source is not source and hasattr(full_source, "close"):
-                    full_source.close()
-                engine = Engine(
-                    source,
-                    design,
-                    params,
-                    pen,
-                    zero_inflation=self.zero_inflation,
-                    common_dispersion=self.common_dispersion,
-                    options=opts,
+                outcome = solve(
+                    problem,
+                    opts,
+                    local=local,
+                    shard=(lo, hi),
+                    sketch_cells=m,
                     seed=seed,
                     comm=comm,
-                )
-                if path is not None:  # the full sweeps continue the sketch's path
-                    engine.trajectory = path
-                if zeta_state is not None:  # ... and its dispersion-pause length
-                    engine.set_dispersion_state(zeta_state)
-                result = engine.fit(
-                    history, resume=None if resume is None else str(resume), path=path
+                    resume=resume,
                 )
             finally:
                 if bar is not None:
                     bar.close()
-                if hasattr(source, "close"):
-                    source.close()
-            final = engine.params
-            if comm.world_size > 1:
-                final = final.clone()
-                final.W = comm.all_gather_rows(final.W, n)
-                final.gamma_mu = comm.all_gather_rows(final.gamma_mu.T, n).T
-                final.gamma_pi = comm.all_gather_rows(final.gamma_pi.T, n).T
+            final, result = outcome.params, outcome.result
             self._store(final, pen, design_all, Xm, xnames, Vm, inp)
             self.var_names_in_ = var_names_in
             self.gene_fitted_, self.cell_fitted_ = gene_fitted, cell_fitted
             self.batch_info_ = batch_info
-            traj = engine.trajectory
+            traj = outcome.trajectory
             self.fit_path_ = (
                 traj.compact().to_arrays(np.float32)
                 if traj is not None and len(traj) and solver != "stochastic"

@@ -115,6 +115,83 @@ def _soft_impute(
     return U, S, Vh
 
 
+def cell_runs(rng: np.random.Generator, n_runs: int, count: int, run: int) -> np.ndarray:
+    """Sorted indices of ``count`` of the ``n_runs`` runs of ``run`` consecutive cells, drawn
+    at random without replacement: a subsample read from disk in few, large pieces."""
+    pick = np.sort(rng.choice(n_runs, size=count, replace=False))
+    return (pick[:, None] * run + np.arange(run)[None, :]).ravel()
+
+
+def _subsample(n: int, n0: int, seed: int) -> np.ndarray:
+    """The cells the gene parameters are initialized from: all ``n`` if ``n0 >= n``, else
+    about ``n0`` in runs of 32 consecutive cells at random places (few, larger reads)."""
+    if n0 >= n:
+        return np.arange(n)
+    run = 32
+    n_runs = -(-n // run)
+    idx = cell_runs(np.random.default_rng(seed), n_runs, min(n_runs, -(-n0 // run)), run)
+    return idx[idx < n]
+
+
+def _positives(rows_csr: sp.csr_matrix, offset: Tensor | None, kw: dict):
+    """Rows, columns and ``log y`` (minus the offset O_mu) of the positive entries."""
+    r, c, y = _coo(rows_csr, kw)
+    logy = torch.log(y)
+    if offset is not None:
+        logy = logy - (offset[r, c] if offset.shape[1] > 1 else offset[r, 0])
+    return r, c, logy
+
+
+def _mean_regressions(r, c, L, Xs, Vmu, penalty, n0, J, nb_repeat, kw):
+    """Step 1: log-Gaussian ridge regressions of ``L`` on X (per gene) and V (per cell),
+    alternated ``nb_repeat`` times; returns ``(beta_mu, gamma_mu)`` of the subsample."""
+    beta_mu = torch.zeros(Xs.shape[1], J, **kw)
+    gamma_s = torch.zeros(Vmu.shape[1], n0, **kw)
+    for _ in range(nb_repeat):
+        if Vmu.shape[1] > 0:
+            xb = (Xs[r] * beta_mu.T[c]).sum(1)
+            gamma_s = _ridge_on_positives(r, c, Vmu, L - xb, n0, penalty.gamma_mu).T
+        if Xs.shape[1] > 0:
+            vg = (Vmu[c] * gamma_s.T[r]).sum(1)
+            beta_mu = _ridge_on_positives(c, r, Xs, L - vg, J, penalty.beta_mu).T
+    return beta_mu, gamma_s
+
+
+def _factors(r, c, resid, penalty, K, n0, n, J, seed, kw) -> tuple[Tensor, Tensor]:
+    """Step 2: ``(W, alpha_mu)`` of the subsample, the balanced factors of the softImpute of
+    the residual ``resid`` at the positive entries (missing at the zeros)."""
+    D = torch.zeros(n0, J, **kw)
+    mask = torch.zeros(n0, J, dtype=torch.bool, device=kw["device"])
+    D[r, c] = resid
+    mask[r, c] = True
+    lam = (penalty.W * penalty.alpha) ** 0.5 * (n0 / n) ** 0.5
+    U, S, Vh = _soft_impute(D, mask, K, lam, seed)
+    del D, mask
+    ok = penalty.W > 0 and penalty.alpha > 0
+    c4 = (penalty.alpha / penalty.W) ** 0.25 if ok else 1.0
+    sgn = torch.sign(Vh.gather(1, Vh.abs().argmax(1, keepdim=True))).squeeze(1)
+    sgn = torch.where(sgn == 0, torch.ones_like(sgn), sgn)
+    return c4 * U * S.sqrt() * sgn, (S.sqrt() * sgn / c4)[:, None] * Vh
+
+
+def _zero_inflation(r, c, XW, Vpi, Opi_s, penalty, K, n0, J, nb_repeat, kw):
+    """Step 3: logistic ridge regressions of ``1[y = 0]`` on ``[X_pi, W]`` (per gene) and
+    V_pi (per cell) on the subsample, alternated; returns the genes' coefficients and the
+    subsample's gamma_pi."""
+    Zs = torch.ones(n0, J, **kw)
+    Zs[r, c] = 0.0
+    coef = torch.zeros(XW.shape[1], J, **kw)
+    reg_gene = torch.cat([penalty.beta_pi, torch.full((K,), penalty.alpha, **kw)])
+    gpi_s = torch.zeros(Vpi.shape[1], n0, **kw)
+    for _ in range(nb_repeat):
+        off_c = XW @ coef + (0 if Opi_s is None else Opi_s)
+        if Vpi.shape[1] > 0:
+            gpi_s = _logistic_newton(Vpi, Zs.T, off_c.T, gpi_s, penalty.gamma_pi)
+        off_g = (Vpi @ gpi_s).T + (0 if Opi_s is None else Opi_s)
+        coef = _logistic_newton(XW, Zs, off_g, coef, reg_gene)
+    return coef, gpi_s
+
+
 def initialize(
     source,
     design: Design,
@@ -140,99 +217,35 @@ def initialize(
     n, J = design.n, design.J
     dt, dev = design.X_mu.dtype, design.X_mu.device
     kw = {"dtype": dt, "device": dev}
-    rng = np.random.default_rng(seed)
-    n0 = int(min(n, max(4 * K + 10, max_init_entries // max(J, 1))))
-    if n0 < n:
-        # runs of consecutive cells at random places: few, larger reads from disk
-        run = 32
-        n_runs = -(-n // run)
-        pick = np.sort(rng.choice(n_runs, size=min(n_runs, -(-n0 // run)), replace=False))
-        idx = (pick[:, None] * run + np.arange(run)[None, :]).ravel()
-        idx = idx[idx < n]
-        n0 = idx.size
-    else:
-        idx = np.arange(n)
-    idx_t = torch.as_tensor(idx, device=dev)
+    idx = _subsample(n, int(min(n, max(4 * K + 10, max_init_entries // max(J, 1)))), seed)
+    n0, idx_t = idx.size, torch.as_tensor(idx, device=dev)
     sub = source.rows_subset(idx)
-    Xmu, Vmu = design.X_mu, design.V_mu
-    Xs = Xmu[idx_t]
-
-    def positives(rows_csr: sp.csr_matrix, row_offset_O: Tensor | None):
-        r, c, y = _coo(rows_csr, kw)
-        logy = torch.log(y)
-        if row_offset_O is not None:
-            logy = logy - (row_offset_O[r, c] if row_offset_O.shape[1] > 1 else row_offset_O[r, 0])
-        return r, c, logy
-
+    Xs, Vmu = design.X_mu[idx_t], design.V_mu
     Os = design.O_mu[idx_t] if design.O_mu is not None else None
-    r, c, L = positives(sub, Os)
-
-    # 1. log-Gaussian ridge regressions on the positive entries, alternated
-    beta_mu = torch.zeros(Xmu.shape[1], J, **kw)
-    gamma_s = torch.zeros(Vmu.shape[1], n0, **kw)
-    for _ in range(nb_repeat):
-        if Vmu.shape[1] > 0:
-            xb = (Xs[r] * beta_mu.T[c]).sum(1)
-            gamma_s = _ridge_on_positives(r, c, Vmu, L - xb, n0, penalty.gamma_mu).T
-        if Xmu.shape[1] > 0:
-            vg = (Vmu[c] * gamma_s.T[r]).sum(1)
-            beta_mu = _ridge_on_positives(c, r, Xs, L - vg, J, penalty.beta_mu).T
-
-    # 2. softImpute of the residual (missing at zeros) on the subsample
+    Opi_s = design.O_pi[idx_t] if design.O_pi is not None else None
+    r, c, L = _positives(sub, Os, kw)
+    beta_mu, gamma_s = _mean_regressions(r, c, L, Xs, Vmu, penalty, n0, J, nb_repeat, kw)
     alpha_mu = torch.zeros(K, J, **kw)
     W_sub = torch.zeros(n0, K, **kw)
     if K > 0:
         resid = L - (Xs[r] * beta_mu.T[c]).sum(1) - (Vmu[c] * gamma_s.T[r]).sum(1)
-        D = torch.zeros(n0, J, **kw)
-        mask = torch.zeros(n0, J, dtype=torch.bool, device=dev)
-        D[r, c] = resid
-        mask[r, c] = True
-        lam = (penalty.W * penalty.alpha) ** 0.5 * (n0 / n) ** 0.5
-        U, S, Vh = _soft_impute(D, mask, K, lam, seed)
-        del D, mask
-        ok = penalty.W > 0 and penalty.alpha > 0
-        c4 = (penalty.alpha / penalty.W) ** 0.25 if ok else 1.0
-        sgn = torch.sign(Vh.gather(1, Vh.abs().argmax(1, keepdim=True))).squeeze(1)
-        sgn = torch.where(sgn == 0, torch.ones_like(sgn), sgn)
-        W_sub = c4 * U * S.sqrt() * sgn
-        alpha_mu = (S.sqrt() * sgn / c4)[:, None] * Vh
-
+        W_sub, alpha_mu = _factors(r, c, resid, penalty, K, n0, n, J, seed, kw)
     if n0 < n:  # subsample cells like all others: ridge projection on alpha_mu
-        sub_src = _CSRSource(sub)
-        sub_design = Design(
-            Xs,
-            design.X_pi[idx_t],
-            Vmu,
-            design.V_pi,
-            Os,
-            design.O_pi[idx_t] if design.O_pi is not None else None,
-        )
+        sub_design = Design(Xs, design.X_pi[idx_t], Vmu, design.V_pi, Os, Opi_s)
         W_sub, gamma_s = init_local_mean(
-            sub_src, sub_design, penalty, beta_mu, alpha_mu, block_rows
+            _CSRSource(sub), sub_design, penalty, beta_mu, alpha_mu, block_rows
         )
-
-    # 3. zero inflation: logistic ridge regressions of 1[y = 0], on the subsample for genes
     beta_pi = torch.zeros(design.X_pi.shape[1], J, **kw)
     alpha_pi = torch.zeros(K, J, **kw)
     gamma_pi = torch.zeros(design.V_pi.shape[1], n, **kw)
-    Vpi, Xpi = design.V_pi, design.X_pi
+    gpi_s = None
     if zero_inflation:
-        Zs = torch.ones(n0, J, **kw)
-        Zs[r, c] = 0.0
-        XW = torch.cat([Xpi[idx_t], W_sub], 1)
-        coef = torch.zeros(XW.shape[1], J, **kw)
-        reg_gene = torch.cat([penalty.beta_pi, torch.full((K,), penalty.alpha, **kw)])
-        gpi_s = torch.zeros(Vpi.shape[1], n0, **kw)
-        Opi_s = design.O_pi[idx_t] if design.O_pi is not None else None
-        for _ in range(nb_repeat):
-            off_c = XW @ coef + (0 if Opi_s is None else Opi_s)
-            if Vpi.shape[1] > 0:
-                gpi_s = _logistic_newton(Vpi, Zs.T, off_c.T, gpi_s, penalty.gamma_pi)
-            off_g = (Vpi @ gpi_s).T + (0 if Opi_s is None else Opi_s)
-            coef = _logistic_newton(XW, Zs, off_g, coef, reg_gene)
-        del Zs
-        beta_pi = coef[: Xpi.shape[1]].contiguous()
-        alpha_pi = coef[Xpi.shape[1] :].contiguous()
+        XW = torch.cat([design.X_pi[idx_t], W_sub], 1)
+        coef, gpi_s = _zero_inflation(
+            r, c, XW, design.V_pi, Opi_s, penalty, K, n0, J, nb_repeat, kw
+        )
+        beta_pi = coef[: design.X_pi.shape[1]].contiguous()
+        alpha_pi = coef[design.X_pi.shape[1] :].contiguous()
     lo, hi = shard if shard is not None else (0, n)
     if n0 == n:
         W_loc, gmu_loc = W_sub[lo:hi], gamma_s[:, lo:hi]
@@ -241,18 +254,15 @@ def initialize(
         src = shard_source if shard_source is not None else source
         des = design.rows(lo, hi)
         W_loc, gmu_loc = init_local_mean(src, des, penalty, beta_mu, alpha_mu, block_rows)
-        gpi_loc = (
-            init_local_zi(src, des, penalty, beta_pi, alpha_pi, W_loc, block_rows)
-            if zero_inflation
-            else gamma_pi[:, lo:hi]
-        )
-    zeta = torch.zeros(J, **kw)
+        gpi_loc = gamma_pi[:, lo:hi]
+        if zero_inflation:
+            gpi_loc = init_local_zi(src, des, penalty, beta_pi, alpha_pi, W_loc, block_rows)
     return Params(
         beta_mu=beta_mu,
         beta_pi=beta_pi,
         alpha_mu=alpha_mu,
         alpha_pi=alpha_pi,
-        zeta=zeta,
+        zeta=torch.zeros(J, **kw),
         W=W_loc.contiguous(),
         gamma_mu=gmu_loc.contiguous(),
         gamma_pi=gpi_loc.contiguous(),

@@ -37,12 +37,14 @@ import numpy as np
 import torch
 
 from ..data.source import InMemoryCounts
-from ..model.params import Design, Params, Penalty
+from ..model.params import Params, Penalty
 from .distributed import LocalComm
-from .engine import Engine, FitOptions, FitPath
-from .init import initialize
+from .engine import Engine
+from .init import cell_runs, initialize
+from .path import FitPath
+from .state import FitOptions, Problem
 
-__all__ = ["sketch_indices", "sketch_penalty", "sketch_size", "fit_sketch"]
+__all__ = ["sketch_indices", "sketch_penalty", "sketch_problem", "sketch_size", "fit_sketch"]
 
 #: default size of the sketch, in matrix entries (about 47,000 cells of 715 genes)
 SKETCH_ENTRIES = 2**25
@@ -70,9 +72,7 @@ def sketch_indices(n: int, m: int, seed: int, run: int = 256) -> np.ndarray:
     run = max(1, min(run, m // 32))
     rng = np.random.default_rng([seed, 0x5EC7])
     n_runs = n // run  # whole runs only
-    pick = np.sort(rng.choice(n_runs, size=min(n_runs, -(-m // run)), replace=False))
-    idx = (pick[:, None] * run + np.arange(run)[None, :]).ravel()
-    return idx[:m]
+    return cell_runs(rng, n_runs, min(n_runs, -(-m // run)), run)[:m]
 
 
 def sketch_penalty(pen: Penalty, n: int, m: int) -> Penalty:
@@ -87,21 +87,29 @@ def sketch_penalty(pen: Penalty, n: int, m: int) -> Penalty:
     )
 
 
+def sketch_problem(problem: Problem, m: int, seed: int) -> Problem:
+    """The problem of a sketch of about ``m`` of the cells of ``problem`` (:func:`sketch_indices`;
+    in memory, with the per-cell penalty weights scaled, :func:`sketch_penalty`)."""
+    n = problem.design.n
+    idx = sketch_indices(n, m, seed)
+    full = problem.source
+    sub_source = InMemoryCounts(full.rows_subset(idx), dtype=full.dtype, device=full.device)
+    sub_design = problem.design.take(torch.as_tensor(idx, device=problem.design.X_mu.device))
+    sub_pen = sketch_penalty(problem.penalty, n, int(idx.size))
+    return dataclasses.replace(problem, source=sub_source, design=sub_design, penalty=sub_pen)
+
+
 def fit_sketch(
-    full_source,
-    design: Design,
-    pen: Penalty,
-    K: int,
+    problem: Problem,
     *,
     m: int,
-    zero_inflation: bool,
-    common_dispersion: bool,
     options: FitOptions,
     seed: int,
     shard: tuple[int, int],
     comm: LocalComm,
 ) -> tuple[Params, list[dict], FitPath, dict]:
-    """Fit the model to a sketch of ``m`` cells; return the starting point of ``shard``.
+    """Fit the model to a sketch of ``m`` of the cells of ``problem``; return the starting
+    point of ``shard``.
 
     Returns the gene parameters of the sketch fit with zero local parameters for the cells
     ``shard = (start, stop)``, the sketch's history records (``phase = "sketch"``; their
@@ -113,21 +121,15 @@ def fit_sketch(
     long as it would have there, instead of being derived over every cell again after 4
     sweeps.
     """
-    n = design.n
-    idx = sketch_indices(n, m, seed)
-    m = int(idx.size)
-    sub_source = InMemoryCounts(
-        full_source.rows_subset(idx), dtype=full_source.dtype, device=full_source.device
-    )
-    sub_design = design.take(torch.as_tensor(idx, device=design.X_mu.device))
-    sub_pen = sketch_penalty(pen, n, m)
+    sub = sketch_problem(problem, m, seed)
+    m = sub.design.n
     params = initialize(
-        sub_source,
-        sub_design,
-        sub_pen,
-        K,
-        zero_inflation=zero_inflation,
-        common_dispersion=common_dispersion,
+        sub.source,
+        sub.design,
+        sub.penalty,
+        sub.K,
+        zero_inflation=sub.zero_inflation,
+        common_dispersion=sub.common_dispersion,
         seed=seed,
     )
     t0 = options.t_origin if options.t_origin is not None else time.perf_counter()
@@ -148,12 +150,12 @@ def fit_sketch(
         t_origin=t0,
     )
     engine = Engine(
-        sub_source,
-        sub_design,
+        sub.source,
+        sub.design,
         params,
-        sub_pen,
-        zero_inflation=zero_inflation,
-        common_dispersion=common_dispersion,
+        sub.penalty,
+        zero_inflation=sub.zero_inflation,
+        common_dispersion=sub.common_dispersion,
         options=sub_opts,
         seed=seed,
     )
@@ -168,5 +170,5 @@ def fit_sketch(
     comm.broadcast_(*[getattr(p, k) for k in p.gene_fields()], *path.tensors())
     lo, hi = shard
     genes = {name: getattr(p, name) for name in p.gene_fields()}
-    zeros = Params.zeros(design, K, hi - lo, genes=genes)
+    zeros = Params.zeros(problem.design, problem.K, hi - lo, genes=genes)
     return zeros, history, path, {"zeta_pause": engine.dispersion_state()["zeta_pause"]}
