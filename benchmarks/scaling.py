@@ -248,11 +248,12 @@ def child_main(args: argparse.Namespace) -> int:
     import zinbgrad
     import zinbgrad.estimator as est
     from zinbgrad.optim import engine as eng
+    from zinbgrad.optim import solve as solve_mod
 
     t_imported = time.perf_counter()
     timer = _Timer()
     timer.wrap(est, "open_counts", "open+validate", event=True)
-    timer.wrap(est, "initialize", "initialize", event=True)
+    timer.wrap(solve_mod, "initialize", "initialize", event=True)
 
     def after_dispersion(t: float) -> None:
         timer.solver_start = t
