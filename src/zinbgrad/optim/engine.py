@@ -138,6 +138,29 @@ class Engine(CellSteps, GeneSteps, DispersionSteps, Solvers):
             SymmetricPacking(design.X_pi.shape[1] + self.K, self.device) if self.zi else None
         )
 
+    @classmethod
+    def from_problem(
+        cls,
+        problem: Problem,
+        params: Params,
+        *,
+        options: FitOptions | None = None,
+        seed: int = 0,
+        comm: LocalComm | None = None,
+    ) -> Engine:
+        """An engine for ``problem`` starting at ``params``."""
+        return cls(
+            problem.source,
+            problem.design,
+            params,
+            problem.penalty,
+            zero_inflation=problem.zero_inflation,
+            common_dispersion=problem.common_dispersion,
+            options=options,
+            seed=seed,
+            comm=comm,
+        )
+
     # the optimizer state, reachable as the engine's attributes
     params = _state_attribute("params")
     rng = _state_attribute("rng")

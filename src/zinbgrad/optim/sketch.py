@@ -149,16 +149,7 @@ def fit_sketch(
         progress=None,
         t_origin=t0,
     )
-    engine = Engine(
-        sub.source,
-        sub.design,
-        params,
-        sub.penalty,
-        zero_inflation=sub.zero_inflation,
-        common_dispersion=sub.common_dispersion,
-        options=sub_opts,
-        seed=seed,
-    )
+    engine = Engine.from_problem(sub, params, options=sub_opts, seed=seed)
     engine.opt.progress = record
     engine.optimize_dispersion()
     path = FitPath()

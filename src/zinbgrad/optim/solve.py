@@ -89,9 +89,10 @@ def solve(
     :func:`~zinbgrad.optim.solvers.resolve_solver`).
 
     ``local``: this process's part of the problem, the cells ``shard = (start, stop)`` (default:
-    all of them); ``sketch_cells``: the size of the sketch (solver ``"sketch"``); ``resume``: a
-    checkpoint to continue from. Both sources are closed when done (``problem.source`` as soon
-    as the starting point is found, when it is not ``local.source``).
+    all of them; the same penalty, K and model); ``sketch_cells``: the size of the sketch
+    (solver ``"sketch"``); ``resume``: a checkpoint to continue from. Both sources are closed
+    when done (``problem.source`` as soon as the starting point is found, when it is not
+    ``local.source``).
     """
     comm = comm or LocalComm()
     local = problem if local is None else local
@@ -109,17 +110,7 @@ def solve(
         )
         if problem.source is not local.source and hasattr(problem.source, "close"):
             problem.source.close()
-        engine = Engine(
-            local.source,
-            local.design,
-            params,
-            problem.penalty,
-            zero_inflation=problem.zero_inflation,
-            common_dispersion=problem.common_dispersion,
-            options=options,
-            seed=seed,
-            comm=comm,
-        )
+        engine = Engine.from_problem(local, params, options=options, seed=seed, comm=comm)
         if path is not None:  # the full sweeps continue the sketch's path
             engine.trajectory = path
         if zeta_state is not None:  # ... and its dispersion-pause length
