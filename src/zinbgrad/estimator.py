@@ -1,15 +1,18 @@
-"""The user-facing estimator: :class:`ZINBWaVE`, in scikit-learn style."""
+"""The user-facing estimator: :class:`ZINBWaVE`, in scikit-learn style.
+
+The estimator holds the hyper-parameters and the fitted state and delegates: runtime policy to
+:mod:`zinbgrad.runtime`, design encoding to :mod:`zinbgrad.encoding`, penalties to
+:mod:`zinbgrad.penalties`, fit support to :mod:`zinbgrad.fitting`, new cells to
+:mod:`zinbgrad.projection` and :mod:`zinbgrad.query`, the optimization to :mod:`zinbgrad.optim`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
-import numbers
 import os
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,18 +21,50 @@ import torch
 from sklearn.base import BaseEstimator, TransformerMixin
 
 from .data.open import open_counts
-from .data.validate import build_cell_design, check_design_matrix, check_unique_names
+from .data.validate import check_unique_names
+from .encoding import (
+    encode_cells,
+    fit_keys,
+    make_design,
+    training_design,
+    training_inputs,
+)
+from .fitted import CELL_ARRAYS as _CELL_ARRAYS
+from .fitted import GENE_ARRAYS as _GENE_ARRAYS
+from .fitted import OPTIONAL_ARRAYS as _OPTIONAL_ARRAYS
+from .fitted import check_fitted, fitted_masks, latent_scores, model_params
+from .fitting import (
+    check_hyperparameters,
+    checkpoint_tag,
+    fit_seed,
+    leave_out_empty,
+    progress_bar,
+    set_criteria,
+    store_params,
+    store_result,
+)
+from .fitting import is_int as _is_int
 from .io_utils import atomic_write, npz_file, read_npz_metadata
+from .model.outputs import compute_output
 from .model.params import Design, Params, Penalty
 from .optim.checkpoint import check_checkpoint_paths
-from .optim.distributed import current_comm, local_gpu, shard_bounds
-from .optim.engine import Engine, FitOptions, FitPath
+from .optim.distributed import current_comm, shard_bounds
+from .optim.engine import FitOptions
 from .optim.fpenv import flush_denormals
-from .optim.init import init_local_mean, init_local_zi
 from .optim.sketch import sketch_size
 from .optim.solve import solve
 from .optim.solvers import resolve_solver
 from .optim.state import Problem
+from .penalties import DELTA_RATIO as DELTA_RATIO
+from .penalties import default_penalty, fitted_penalty
+from .projection import likelihood_tensors, project, training_loglik
+from .query import QueryMapping, map_query
+from .runtime import CPU_BLOCK_ENTRIES as CPU_BLOCK_ENTRIES
+from .runtime import FUSED_MIN_ENTRIES, block_entries, cpu_threads, resolve_device, torch_setup
+from .runtime import GPU_BLOCK_ENTRIES as GPU_BLOCK_ENTRIES
+from .runtime import GPU_FLOATS_PER_ENTRY as GPU_FLOATS_PER_ENTRY
+from .runtime import GPU_MEMORY_SHARE as GPU_MEMORY_SHARE
+from .runtime import gpu_block_entries as gpu_block_entries
 
 __all__ = ["ZINBWaVE", "resolve_device"]
 
@@ -37,113 +72,12 @@ __all__ = ["ZINBWaVE", "resolve_device"]
 FORMAT_NAME = "zinbgrad-model"
 FORMAT_VERSION = 1
 
-_GENE_ARRAYS = ("beta_mu", "beta_pi", "alpha_mu", "alpha_pi", "zeta")
-#: gene parameters of optional model parts (``None`` when the model has none)
-_OPTIONAL_ARRAYS = ("delta_mu",)
-
-#: default ridge weight of the batch-specific loading offsets (``batch_loadings=True``),
-#: relative to ``epsilon_alpha``: of 0.1, 1 and 10 (x epsilon_alpha), the best mean
-#: scib-metrics Total over issue 17's three data sets (800 cells each; 0.771 on W against
-#: 0.756 and 0.725; type-dependent thinning 0.838 against 0.767 without offsets, the PBMC
-#: pair 0.726 against 0.713, per-gene thinning 0.749 against 0.746), at a held-out
-#: log-likelihood 0.4 % below the plain model's. Held-out likelihood alone prefers weights
-#: of 1000 and more, i.e. about no offsets.
-DELTA_RATIO = 10.0
-_CELL_ARRAYS = ("W", "gamma_mu", "gamma_pi")
-
-
-#: fits at least this large (cells x genes) use fused kernels by default
-FUSED_MIN_ENTRIES = 50_000_000
-
-
-@contextmanager
-def cpu_threads(device: torch.device, entries: int):
-    """Use one CPU thread for small problems (thread start-up and synchronisation cost more
-    than they save there, and badly so when other processes load the machine); otherwise
-    torch's default, all available cores."""
-    if device.type != "cpu" or entries >= 1_000_000:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-#: default ``block_entries`` on the CPU, and the range of the default on a GPU
-CPU_BLOCK_ENTRIES = 2**21
-GPU_BLOCK_ENTRIES = (2**21, 2**27)
-#: GPU memory taken per block entry, in floats of the fit's dtype (measured on an H200 in
-#: float32: ~110 bytes per entry with the fused kernels, see BENCHMARKS.md), and the share of
-#: the free GPU memory the default block may take
-GPU_FLOATS_PER_ENTRY = 28
-GPU_MEMORY_SHARE = 0.25
-
-
-def gpu_block_entries(device: torch.device, itemsize: int = 4) -> int:
-    """The default ``block_entries`` on a GPU: the largest power of two whose working arrays
-    (~``GPU_FLOATS_PER_ENTRY`` floats per entry) take at most ``GPU_MEMORY_SHARE`` of the
-    device's free memory, within ``GPU_BLOCK_ENTRIES`` (2^27 on an 80 GB or larger GPU, 2^25
-    on a 16 GB one)."""
-    lo, hi = GPU_BLOCK_ENTRIES
-    free, _ = torch.cuda.mem_get_info(device)
-    fit = GPU_MEMORY_SHARE * free / (GPU_FLOATS_PER_ENTRY * itemsize)
-    return int(min(max(2 ** int(np.floor(np.log2(max(fit, 1.0)))), lo), hi))
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; otherwise ``torch.device(device)``.
-
-    A CUDA device without an index is this process's GPU: under torch.distributed (``torchrun``
-    or ``zinbgrad fit --nproc``, ``WORLD_SIZE`` > 1) the one of its ``LOCAL_RANK`` (modulo the
-    visible GPUs), so that the ranks on one host use different GPUs; else the current device.
-    """
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(
-            f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or a torch.device, got {device!r}"
-        ) from err
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but CUDA is not available")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"device {device!r} requested but this machine has "
-                f"{torch.cuda.device_count()} CUDA device(s)"
-            )
-        if dev.index is None:
-            dev = torch.device("cuda", local_gpu())
-    return dev
-
-
-def _resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    table = {"float32": torch.float32, "float64": torch.float64}
-    if dtype == "auto":
-        return torch.float32 if device.type == "cuda" else torch.float64
-    if dtype not in table:
-        raise ValueError(f"dtype must be 'auto', 'float32' or 'float64', got {dtype!r}")
-    return table[dtype]
-
 
 def model_file(path: str | os.PathLike) -> Path:
     """Where :meth:`ZINBWaVE.save` writes ``path`` and :meth:`ZINBWaVE.load` reads it:
     ``path`` itself when it ends in ``.npz``, with ``.npz`` appended when it has no extension;
     a folder or another extension is an error."""
     return npz_file(path, "model file")
-
-
-def _is_int(v) -> bool:
-    """An integer, numpy's included, but not a bool."""
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool | np.bool_)
 
 
 def _jsonable(v):
@@ -168,30 +102,6 @@ def _penalty_params(pen: Penalty) -> dict:
         "epsilon_alpha": pen.alpha,
         "epsilon_zeta": pen.zeta,
     }
-
-
-#: The penalty hyper-parameters (each None or a non-negative number).
-_EPSILONS = (
-    "epsilon",
-    "epsilon_beta",
-    "epsilon_gamma",
-    "epsilon_W",
-    "epsilon_alpha",
-    "epsilon_zeta",
-    "epsilon_min_logit",
-    "epsilon_delta",
-)
-
-
-def _select_columns(M: np.ndarray, which, what: str) -> np.ndarray:
-    if which is None:
-        return M
-    idx = np.atleast_1d(np.asarray(which))
-    if idx.dtype == bool:
-        idx = np.flatnonzero(idx)
-    if idx.size and (idx.min() < 0 or idx.max() >= M.shape[1]):
-        raise ValueError(f"{what} selects columns {idx.tolist()} but there are {M.shape[1]}")
-    return M[:, idx.astype(int)]
 
 
 class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
@@ -416,209 +326,28 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         self.verbose = verbose
 
     # ------------------------------------------------------------------ helpers
-    def _torch_setup(self, device=None) -> tuple[torch.device, torch.dtype]:
-        """The device (``device``, else the ``device`` parameter) and dtype of a computation."""
-        dev = resolve_device(self.device if device is None else device)
-        return dev, _resolve_dtype(self.dtype, dev)
-
-    def _check_hyperparameters(self, n: int, J: int) -> None:
-        K = self.n_components
-        if not _is_int(K) or K < 0:
-            raise ValueError(f"n_components must be a non-negative integer, got {K!r}")
-        if K >= min(n, J):
-            raise ValueError(
-                f"n_components={K} is too large for {n} cells x {J} genes: it must be smaller "
-                f"than min(n_cells, n_genes) = {min(n, J)}"
-            )
-        for name in _EPSILONS + ("tol",):
-            v = getattr(self, name)
-            if name != "tol" and v is None:
-                continue
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v < math.inf:
-                raise ValueError(f"{name} must be a finite non-negative number, got {v!r}")
-        for name, optional in (
-            ("max_epochs", False),
-            ("local_steps", False),
-            ("batch_size", True),
-            ("sketch_size", True),
-            ("block_entries", True),
-        ):
-            v = getattr(self, name)
-            if optional and v is None:
-                continue
-            if not _is_int(v) or v < 1:
-                raise ValueError(
-                    f"{name} must be {'None or ' if optional else ''}a positive integer, got {v!r}"
-                )
-        if self.solver not in ("auto", "full", "sketch", "stochastic"):
-            raise ValueError(
-                f"solver must be 'auto', 'full', 'sketch' or 'stochastic', got {self.solver!r}"
-            )
-        for name, choices in (
-            ("empty_genes", ("exclude", "error")),
-            ("empty_cells", ("error", "exclude")),
-        ):
-            if getattr(self, name) not in choices:
-                raise ValueError(
-                    f"{name} must be {choices[0]!r} or {choices[1]!r}, got {getattr(self, name)!r}"
-                )
-        if not isinstance(self.batch_loadings, bool | np.bool_):
-            raise ValueError(f"batch_loadings must be True or False, got {self.batch_loadings!r}")
-        if self.fused not in ("auto", True, False):
-            raise ValueError(f"fused must be 'auto', True or False, got {self.fused!r}")
-        rs = self.random_state
-        if not (rs is None or _is_int(rs) or isinstance(rs, np.random.RandomState)):
-            raise ValueError(
-                f"random_state must be None, an integer or a numpy RandomState, got {rs!r}"
-            )
-        if _is_int(rs) and not 0 <= rs < 2**63:
-            raise ValueError(
-                f"random_state (--seed on the command line) must be a non-negative integer "
-                f"below 2**63, got {rs!r}"
-            )
-
-    def _seed(self, comm) -> int:
-        """The integer seed of ``random_state``; one drawn from numpy's random state for
-        ``None`` or a ``RandomState`` (as in scikit-learn), the same on every process."""
-        if _is_int(self.random_state):
-            return int(self.random_state)
-        from sklearn.utils import check_random_state
-
-        seed = int(check_random_state(self.random_state).randint(2**31 - 1))
-        return int(comm.max(float(seed)))  # rank 0's draw need not equal the others'
-
     def _block_entries(self, device: torch.device, dtype: torch.dtype | None = None) -> int:
         """``block_entries``, or its default for ``device`` (see the class docstring)."""
-        if self.block_entries is not None:
-            return int(self.block_entries)
-        if device.type == "cuda":
-            return gpu_block_entries(device, 4 if dtype is None else dtype.itemsize)
-        return CPU_BLOCK_ENTRIES
-
-    @staticmethod
-    def _cell_design(obs, n: int, X, batch_key, covariate_keys) -> tuple[np.ndarray, list, dict]:
-        """The training cells' design, its column names and its ``batch_info_``."""
-        if X is not None:
-            if batch_key is not None or covariate_keys:
-                raise ValueError("pass either X or batch_key/covariate_keys, not both")
-            Xm = check_design_matrix(X, n, "X", "cells")
-            return Xm, [f"x{m}" for m in range(Xm.shape[1])], {}
-        Xm, names, info = build_cell_design(
-            obs, n, batch_key=batch_key, covariate_keys=covariate_keys
-        )
-        return check_design_matrix(Xm, n, "X (cell covariates)", "cells", names), names, info
-
-    def _default_penalty(self, design: Design) -> Penalty:
-        """zinbwave's penalty for ``design`` with this estimator's epsilon overrides (and the
-        weight of the batch-specific loading offsets, with ``batch_loadings``)."""
-        pen = self._zinbwave_penalty(design)
-        if self.batch_loadings:
-            pen.delta = (
-                DELTA_RATIO * pen.alpha if self.epsilon_delta is None else float(self.epsilon_delta)
-            )
-        return pen
-
-    def _zinbwave_penalty(self, design: Design) -> Penalty:
-        return Penalty.zinbwave_defaults(
-            design,
-            epsilon=self.epsilon,
-            epsilon_beta=self.epsilon_beta,
-            epsilon_gamma=self.epsilon_gamma,
-            epsilon_W=self.epsilon_W,
-            epsilon_alpha=self.epsilon_alpha,
-            epsilon_zeta=self.epsilon_zeta,
-            epsilon_min_logit=self.epsilon_min_logit,
-            common_dispersion=self.common_dispersion,
-        )
-
-    @staticmethod
-    def _offset(O, n: int, J: int, what: str) -> np.ndarray | None:
-        if O is None:
-            return None
-        A = np.asarray(O, dtype=np.float64)
-        if A.ndim == 1:
-            A = A[:, None]
-        if A.ndim != 2 or A.shape[0] != n or A.shape[1] not in (1, J):
-            raise ValueError(
-                f"{what} must have shape ({n},), ({n}, 1) or ({n}, {J}); got {A.shape}"
-            )
-        if not np.isfinite(A).all():
-            raise ValueError(f"{what} contains NaN or infinite values")
-        return A
-
-    def _batch_codes(self, Xm: np.ndarray, columns=None, info=None) -> np.ndarray:
-        """Each cell's batch code (its level's position in ``levels``) from its batch
-        indicator columns of X (named ``columns``; the reference level has none)."""
-        columns = self.X_columns_ if columns is None else columns
-        info = self.batch_info_ if info is None else info
-        key, levels = info["batch_key"], info["levels"]
-        cols = [list(columns).index(f"{key}[{lv}]") for lv in levels[1:]]
-        Xb = np.asarray(Xm)[:, cols]
-        if not np.isin(Xb, (0.0, 1.0)).all() or (Xb.sum(1) > 1).any():
-            raise ValueError("the batch columns of X must be 0/1 indicators of one batch per cell")
-        return np.where(Xb.sum(1) > 0, Xb.argmax(1) + 1, 0).astype(np.int64)
-
-    def _make_design(self, Xm, Vm, O_mu, O_pi, dev, dt, columns=None, info=None) -> Design:
-        """The design of cells ``Xm``; with ``batch_loadings``, their batch codes too (from the
-        batch columns of X, named by ``columns``/``info``: the fitted ones by default)."""
-
-        def t(a):
-            return None if a is None else torch.as_tensor(a, dtype=dt, device=dev)
-
-        codes, B = None, 0
-        if self.batch_loadings:
-            codes = torch.as_tensor(self._batch_codes(Xm, columns, info), device=dev)
-            B = len((self.batch_info_ if info is None else info)["levels"])
-        return Design(
-            X_mu=t(np.ascontiguousarray(_select_columns(Xm, self.which_X_mu, "which_X_mu"))),
-            X_pi=t(np.ascontiguousarray(_select_columns(Xm, self.which_X_pi, "which_X_pi"))),
-            V_mu=t(np.ascontiguousarray(_select_columns(Vm, self.which_V_mu, "which_V_mu"))),
-            V_pi=t(np.ascontiguousarray(_select_columns(Vm, self.which_V_pi, "which_V_pi"))),
-            O_mu=t(O_mu),
-            O_pi=t(O_pi),
-            batch=codes,
-            n_batches=B,
-        )
+        return block_entries(self.block_entries, device, dtype)
 
     def _progress(self, stochastic_epochs: int | None = None):
-        """A tqdm bar and its per-epoch callback. The bar names the phase (initialization,
-        sketch, extension, sweeps, minibatch epochs) and restarts at each: its total is the
-        phase's known length (the one extension pass, the minibatch epochs) or none where the
-        phase stops at ``tol`` (then no ETA, which would be a guess)."""
-        if not self.verbose:
-            return None, None
-        from tqdm.auto import tqdm
+        """A tqdm bar and its per-epoch callback (:func:`zinbgrad.fitting.progress_bar`)."""
+        return progress_bar(self.verbose, stochastic_epochs)
 
-        # appears only for fits that last longer than a moment
-        bar = tqdm(
-            total=None,
-            desc="zinbgrad fit [initialization]",
-            unit="epoch",
-            leave=False,
-            delay=2.0,
-        )
-        totals = {"extend": 1, "stochastic": stochastic_epochs}
-        names = {
-            "sketch": "sketch",
-            "extend": "extension",
-            "full": "sweeps",
-            "stochastic": "minibatch epochs",
-        }
-        state: dict[str, Any] = {"phase": None}
+    def _default_penalty(self, design: Design) -> Penalty:
+        """The penalty of a fit (:func:`zinbgrad.penalties.default_penalty`)."""
+        return default_penalty(self, design)
 
-        def cb(rec: dict) -> None:
-            phase = rec["phase"]
-            if phase != state["phase"]:  # a new phase: its own count, total and clock
-                state["phase"] = phase
-                bar.total = totals.get(phase)
-                bar.n = bar.last_print_n = 0
-                bar.start_t = bar.last_print_t = time.time()
-                bar.set_description_str(f"zinbgrad fit [{names.get(phase, phase)}]", refresh=False)
-            # postfix first without a refresh: a refresh would bypass tqdm's display delay
-            bar.set_postfix(objective=f"{rec['objective']:.6g}", refresh=False)
-            bar.update(1)
+    def _penalty_obj(self, design: Design) -> Penalty:
+        """The fitted penalty (:func:`zinbgrad.penalties.fitted_penalty`)."""
+        return fitted_penalty(self, design)
 
-        return cb, bar
+    def _check_fitted(self) -> None:
+        check_fitted(self)
+
+    @staticmethod
+    def _checkpoint_tag(inp, xnames, Vm, O_mu, O_pi, pen: Penalty) -> dict:
+        return checkpoint_tag(inp, xnames, Vm, O_mu, O_pi, _penalty_params(pen))
 
     # ------------------------------------------------------------------ fit
     def fit(
@@ -674,33 +403,27 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         """
         t_start = time.perf_counter()
         comm = current_comm()
-        dev, dt = self._torch_setup()
+        dev, dt = torch_setup(self.device, self.dtype)
         # before any work: what would otherwise fail at the first checkpoint or the resume
         check_checkpoint_paths(checkpoint, resume, checkpoint_every, comm.world_size)
         inp = open_counts(data, layer, allow_non_integer=self.allow_non_integer, check_empty=False)
         check_unique_names(inp.obs_names, inp.var_names)
-        cell_fitted, gene_fitted, var_names_in = self._leave_out_empty(inp, comm.rank == 0)
+        cell_fitted, gene_fitted, var_names_in = leave_out_empty(self, inp, comm.rank == 0)
         n, J = inp.shape
         with cpu_threads(dev, n * J), flush_denormals(dev.type == "cpu"):
-            self._check_hyperparameters(n, J)
-            Xm, xnames, batch_info = self._cell_design(inp.obs, n, X, batch_key, covariate_keys)
-            if self.batch_loadings and "batch_key" not in batch_info:
-                raise ValueError(
-                    "batch_loadings=True needs batch_key (the obs column of the batches whose "
-                    "loadings may differ)"
-                )
-            Vm = np.ones((J, 1)) if V is None else check_design_matrix(V, J, "V", "genes")
-            O_mu_a = self._offset(O_mu, n, J, "O_mu")
-            O_pi_a = self._offset(O_pi, n, J, "O_pi")
-            design_all = self._make_design(
-                Xm, Vm, O_mu_a, O_pi_a, dev, dt, columns=xnames, info=batch_info
+            check_hyperparameters(self, n, J)
+            Xm, xnames, batch_info, Vm, O_mu_a, O_pi_a = training_inputs(
+                self, inp, X, V, O_mu, O_pi, batch_key, covariate_keys
             )
-            pen = self._default_penalty(design_all)
+            design_all = make_design(
+                self, Xm, Vm, O_mu_a, O_pi_a, dev, dt, columns=xnames, info=batch_info
+            )
+            pen = default_penalty(self, design_all)
             lo, hi = shard_bounds(n, comm.rank, comm.world_size)
             design = design_all.rows(lo, hi)
             source = inp.source(lo, hi, dt, dev)
             full_source = source if comm.world_size == 1 else inp.source(0, n, dt, dev)
-            seed = self._seed(comm)
+            seed = fit_seed(self.random_state, comm)
             K = self.n_components
             m = sketch_size(
                 n, J, K, self.sketch_size, max_fraction=1.0 if self.solver == "sketch" else None
@@ -746,128 +469,18 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
                 if bar is not None:
                     bar.close()
             final, result = outcome.params, outcome.result
-            self._store(final, pen, design_all, Xm, xnames, Vm, inp)
+            store_params(self, final, design_all, Xm, xnames, Vm, inp)
+            self._store_penalty(pen)
             self.var_names_in_ = var_names_in
             self.gene_fitted_, self.cell_fitted_ = gene_fitted, cell_fitted
             self.batch_info_ = batch_info
-            traj = outcome.trajectory
-            self.fit_path_ = (
-                traj.compact().to_arrays(np.float32)
-                if traj is not None and len(traj) and solver != "stochastic"
-                else None
-            )
-            self.loglik_ = float(result.loglik)
-            self.penalty_ = float(result.penalty)
-            self.objective_ = self.loglik_ - self.penalty_
-            self.history_ = result.history
-            self.n_iter_ = int(result.n_epochs)
-            self.converged_ = bool(result.converged)
+            store_result(self, result, None if solver == "stochastic" else outcome.trajectory)
             self.fit_time_ = time.perf_counter() - t_start
-            self._set_criteria(n, J)
+            set_criteria(self, n, J)
             return self
-
-    def _leave_out_empty(self, inp, warn: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Apply ``empty_cells`` / ``empty_genes`` to the validated input (restricting it to
-        the cells and genes that are fitted); returns the masks of the fitted cells and genes
-        and the input's gene names."""
-        import warnings
-
-        from .data.validate import empty_counts_message
-
-        if self.empty_genes not in ("exclude", "error") or self.empty_cells not in (
-            "error",
-            "exclude",
-        ):
-            self._check_hyperparameters(*inp.shape)  # names the bad option
-        n, J = inp.shape
-        cells = np.ones(n, dtype=bool)
-        genes = np.ones(J, dtype=bool)
-        var_names_in = np.asarray(inp.var_names).astype(str)
-        where = f"{inp.path}: " if inp.path else ""
-        notes: list[str] = []
-        if inp.empty_cells is not None and inp.empty_cells.size:
-            msg = empty_counts_message("cells", inp.empty_cells, inp.obs_names)
-            if self.empty_cells == "error":
-                raise ValueError(where + msg)
-            cells[inp.empty_cells] = False
-            short = empty_counts_message("cells", inp.empty_cells, inp.obs_names, hint=False)
-            notes.append(f"{where}{short}; they are left out of the fit (cell_fitted_)")
-        if inp.empty_genes is not None and inp.empty_genes.size:
-            if self.empty_genes == "error":
-                raise ValueError(
-                    where + empty_counts_message("genes", inp.empty_genes, inp.var_names)
-                )
-            genes[inp.empty_genes] = False
-            short = empty_counts_message("genes", inp.empty_genes, inp.var_names, hint=False)
-            notes.append(
-                f"{where}{short} in these cells; they are left out of the fit "
-                "(gene_fitted_; NaN parameters; empty_genes='error' refuses such data)"
-            )
-        if not genes.any() or not cells.any():
-            raise ValueError(f"{where}no counts left to fit after leaving out empty cells/genes")
-        if not cells.all() or not genes.all():
-            inp.keep(cells, genes)
-        for note in notes if warn else []:
-            warnings.warn(note, stacklevel=3)
-        return cells, genes, var_names_in
-
-    def _store(self, params: Params, pen: Penalty, design: Design, Xm, xnames, Vm, counts) -> None:
-        arrays = params.as_numpy()
-        if not self.zero_inflation:
-            for name in ("beta_pi", "alpha_pi", "gamma_pi"):
-                arrays[name] = np.zeros_like(arrays[name])
-        for name in _GENE_ARRAYS + _CELL_ARRAYS:
-            setattr(self, name + "_", np.asarray(arrays[name], dtype=np.float64))
-        self.delta_mu_ = None
-        if "delta_mu" in arrays:  # stored as (B*K, J): one K x J block per batch
-            d = np.asarray(arrays["delta_mu"], dtype=np.float64)
-            self.delta_mu_ = d.reshape(design.n_batches, params.K, d.shape[1])
-        self.X_ = np.asarray(Xm, dtype=np.float64)
-        self.X_columns_ = list(xnames)
-        self.V_ = np.asarray(Vm, dtype=np.float64)
-        self.O_mu_ = None if design.O_mu is None else design.O_mu.cpu().numpy()
-        self.O_pi_ = None if design.O_pi is None else design.O_pi.cpu().numpy()
-        self.var_names_ = np.asarray(counts.var_names).astype(str)
-        self.obs_names_ = np.asarray(counts.obs_names).astype(str)
-        self.n_features_in_ = len(self.var_names_)
-        self._store_penalty(pen)
 
     def _store_penalty(self, pen: Penalty) -> None:
         self.penalty_params_ = _penalty_params(pen)
-
-    @staticmethod
-    def _checkpoint_tag(inp, xnames, Vm, O_mu, O_pi, pen: Penalty) -> dict:
-        """What a resumed fit must share with the checkpoint's (see FitOptions): the cells and
-        genes (names, in order), the counts (:class:`~zinbgrad.data.source.CountsFingerprint`),
-        the design's columns and the penalty."""
-
-        def digest(names) -> str:
-            return hashlib.sha1("\n".join(map(str, names)).encode()).hexdigest()
-
-        return {
-            "cells": digest(inp.obs_names),
-            "genes": digest(inp.var_names),
-            "counts": inp.fingerprint(),
-            "X_columns": list(xnames),
-            "V_columns": int(Vm.shape[1]),
-            "offsets": [O_mu is not None, O_pi is not None],
-            "penalty": _penalty_params(pen),
-        }
-
-    def _set_criteria(self, n: int, J: int) -> None:
-        K = self.n_components
-        n_disp = len(np.unique(self.zeta_))
-        self.n_params_ = int(
-            J * (self.beta_mu_.shape[0] + self.beta_pi_.shape[0])
-            + n * (self.gamma_mu_.shape[0] + self.gamma_pi_.shape[0])
-            + 2 * K * J
-            + n * K
-            + n_disp
-        )
-        if getattr(self, "delta_mu_", None) is not None:
-            self.n_params_ += int(self.delta_mu_.size)
-        self.aic_ = 2.0 * self.n_params_ - 2.0 * self.loglik_
-        self.bic_ = math.log(n) * self.n_params_ - 2.0 * self.loglik_
 
     @property
     def theta_(self) -> np.ndarray:
@@ -878,115 +491,20 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         """``(gene_fitted_, cell_fitted_, var_names_in_)``: which genes and cells of the
         data passed to :meth:`fit` were fitted (all of them for models that left none
         out, loaded from older files or built by :meth:`from_params`)."""
-        genes = getattr(self, "gene_fitted_", None)
-        if genes is None:
-            n = self.W_.shape[0]
-            return (
-                np.ones(len(self.var_names_), dtype=bool),
-                np.ones(n, dtype=bool),
-                np.asarray(self.var_names_).astype(str),
-            )
-        return genes, self.cell_fitted_, self.var_names_in_
-
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "zeta_"):
-            from sklearn.exceptions import NotFittedError
-
-            raise NotFittedError("this ZINBWaVE model is not fitted yet; call fit() first")
+        return fitted_masks(self)
 
     # ------------------------------------------------------------------ parameters as torch
-    def _penalty_obj(self, design: Design) -> Penalty:
-        pp = self.penalty_params_
-        kw = {"dtype": design.X_mu.dtype, "device": design.X_mu.device}
-        return Penalty(
-            beta_mu=torch.as_tensor(pp["epsilon_beta_mu"], **kw),
-            beta_pi=torch.as_tensor(pp["epsilon_beta_pi"], **kw),
-            gamma_mu=torch.as_tensor(pp["epsilon_gamma_mu"], **kw),
-            gamma_pi=torch.as_tensor(pp["epsilon_gamma_pi"], **kw),
-            W=float(pp["epsilon_W"]),
-            alpha=float(pp["epsilon_alpha"]),
-            zeta=float(pp["epsilon_zeta"]),
-            common_dispersion=self.common_dispersion,
-            delta=None if pp.get("epsilon_delta") is None else float(pp["epsilon_delta"]),
-        )
-
-    def _gene_params(self, dev, dt) -> dict[str, torch.Tensor]:
-        out = {
-            k: torch.as_tensor(getattr(self, k + "_"), dtype=dt, device=dev) for k in _GENE_ARRAYS
-        }
-        for k in _OPTIONAL_ARRAYS:
-            v = getattr(self, k + "_", None)
-            if v is not None:  # stacked per batch: (B*K, J), as the engine holds it
-                out[k] = torch.as_tensor(v.reshape(-1, v.shape[-1]), dtype=dt, device=dev)
-        return out
-
     def get_params_torch(self, device="cpu", dtype=torch.float64) -> Params:
         """All fitted parameters as a :class:`~zinbgrad.model.Params` of torch tensors."""
-        self._check_fitted()
-        g = self._gene_params(torch.device(device), dtype)
-        c = {
-            k: torch.as_tensor(getattr(self, k + "_"), dtype=dtype, device=device)
-            for k in _CELL_ARRAYS
-        }
-        return Params(**g, **c)
+        return model_params(self, device, dtype)
 
-    def training_design(self, device="cpu", dtype=torch.float64) -> Design:
-        """The design (X, V, offsets) of the training cells."""
-        self._check_fitted()
-        return self._make_design(
-            self.X_, self.V_, self.O_mu_, self.O_pi_, torch.device(device), dtype
-        )
+    def training_design(self, device="cpu", dtype=torch.float64, *, X=None) -> Design:
+        """The design (X, V, offsets) of the training cells; ``X``: a replacement cell design
+        of the shape of ``X_`` (e.g. every cell moved to one batch,
+        :func:`zinbgrad.model.outputs.batch_design`)."""
+        return training_design(self, device, dtype, X)
 
     # ------------------------------------------------------------------ new cells
-    def _align_genes(self, counts) -> None:
-        J = len(self.var_names_)
-        genes, _, names_in = self.fitted_masks()
-        if not counts.named and counts.shape[1] == len(genes) != J and counts.X is not None:
-            # an array with the columns of the data passed to fit: the fitted ones are used
-            counts.X = counts.X[:, np.flatnonzero(genes)]
-            counts.shape = counts.X.shape
-        if not counts.named:  # an array or sparse matrix: its columns are the model's genes
-            if counts.shape[1] != J:
-                raise ValueError(
-                    f"the new counts have {counts.shape[1]} columns but the model has {J} genes; "
-                    "pass an AnnData or DataFrame with gene names to align genes by name"
-                )
-            counts.var_names = self.var_names_
-            return
-        names = np.asarray(counts.var_names).astype(str)
-        if names.shape == self.var_names_.shape and (names == self.var_names_).all():
-            return
-        for what, nm in (("the model's", self.var_names_), ("the new data's", names)):
-            if len(np.unique(nm)) < len(nm):
-                raise ValueError(
-                    f"{what} gene names are not unique, so genes cannot be aligned by name; "
-                    "make them unique (e.g. adata.var_names_make_unique()) or pass the genes "
-                    "in the model's order"
-                )
-        missing = np.setdiff1d(self.var_names_, names)
-        if missing.size:
-            raise ValueError(
-                f"{missing.size} genes of the fitted model are missing from the new data "
-                f"(e.g. {', '.join(missing[:5])})"
-            )
-        if counts.X is None:
-            raise ValueError(
-                "the genes of the .h5ad on disk are not in the model's order; subset/reorder it "
-                "to the model's genes (model.var_names_) or load it into memory"
-            )
-        pos = {g: i for i, g in enumerate(names)}
-        idx = np.array([pos[g] for g in self.var_names_])
-        counts.X = counts.X[:, idx]
-        counts.var_names = self.var_names_
-        counts.shape = counts.X.shape
-
-    def _categories(self) -> dict[str, list[str]]:
-        """The fitted levels of each categorical obs column (older files: the batch only)."""
-        info = self.batch_info_ or {}
-        if "categories" in info:
-            return info["categories"]
-        return {info["batch_key"]: info["levels"]} if "levels" in info else {}
-
     def fit_keys(self) -> tuple[str | None, list[str]]:
         """The ``obs`` columns the fit's design X was built from: ``(batch_key,
         covariate_keys)`` (``(None, [])`` for a model with an intercept only).
@@ -995,26 +513,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         :meth:`from_params` with more than an intercept): its columns come from no ``obs``
         column, so new cells need ``X=``.
         """
-        self._check_fitted()
-        info = self.batch_info_ or {}
-        batch_key = info.get("batch_key")
-        if "covariate_keys" in info:
-            return batch_key, [str(k) for k in info["covariate_keys"]]
-        if "categories" not in info and "batch_key" not in info:  # explicit X, from_params
-            if list(self.X_columns_) in ([], ["intercept"]):
-                return None, []
-            raise ValueError(
-                "the model was fitted with an explicit X (its columns come from no obs "
-                "column); pass X= with the new cells' design"
-            )
-        # fitted before the keys were recorded: read them off the column names
-        cats = self._categories()
-        keys: list[str] = []
-        for name in self.X_columns_[1:]:
-            key = next((k for k in cats if name.startswith(f"{k}[")), name)
-            if key not in keys and key != batch_key:
-                keys.append(key)
-        return batch_key, keys
+        return fit_keys(self)
 
     def encode_cells(
         self,
@@ -1048,136 +547,15 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         batch_key, covariate_keys
             Optional; when given they must be the fit's (a check, nothing more).
         """
-        self._check_fitted()
-        M = len(self.X_columns_)
-        if X is not None:
-            if reference_batch:
-                raise ValueError("pass either X or reference_batch=True, not both")
-            Xm = check_design_matrix(X, n, "X", "cells")
-            if Xm.shape[1] != M:
-                raise ValueError(f"X has {Xm.shape[1]} columns; the model has {M}")
-            return Xm
-        if reference_batch:
-            if not self.X_columns_ or self.X_columns_[0] != "intercept":
-                raise ValueError(
-                    "the model was fitted with an explicit X; pass X for the new cells"
-                )
-            Xm = np.zeros((n, M))
-            Xm[:, 0] = 1.0
-            return Xm
-        fit_batch, fit_covs = self.fit_keys()
-        if batch_key is not None and batch_key != fit_batch:
-            raise ValueError(
-                f"batch_key={batch_key!r}, but the model was fitted "
-                + (f"with batch_key={fit_batch!r}" if fit_batch else "without one")
-                + "; new cells are encoded with the fit's keys (leave batch_key out)"
-            )
-        if covariate_keys is not None:
-            given = [covariate_keys] if isinstance(covariate_keys, str) else list(covariate_keys)
-            if sorted(given) != sorted(fit_covs):
-                raise ValueError(
-                    f"covariate_keys={given}, but the model was fitted with "
-                    f"covariate_keys={fit_covs}; new cells are encoded with the fit's keys "
-                    "(leave covariate_keys out)"
-                )
-        keys = ([fit_batch] if fit_batch else []) + fit_covs
-        if not keys:
-            Xm = np.zeros((n, M))
-            Xm[:, 0] = 1.0
-            return Xm
-        hint = (
-            "; pass reference_batch=True to encode every new cell as the reference batch "
-            f"({(self.batch_info_ or {}).get('reference', 'zero covariates')!r}), or an "
-            "explicit X"
-        )
-        if obs is None:
-            raise ValueError(
-                f"the model was fitted with obs columns {keys}: new cells need an AnnData "
-                "with them in .obs" + hint
-            )
-        missing = [k for k in keys if k not in obs.columns]
-        if missing:
-            raise KeyError(
-                f"the model was fitted with obs column(s) {missing}, missing from the new "
-                f"cells' .obs (its columns: {list(obs.columns)})" + hint
-            )
-        Xb, names, _ = build_cell_design(
-            obs, n, batch_key=fit_batch, covariate_keys=fit_covs, categories=self._categories()
-        )
-        Xm = np.zeros((n, M))
-        for k, nm in enumerate(names):
-            if nm not in self.X_columns_:
-                raise ValueError(
-                    f"covariate column {nm!r} is not in the fitted model "
-                    f"(its columns: {self.X_columns_})"
-                )
-            Xm[:, self.X_columns_.index(nm)] = Xb[:, k]
-        return Xm
-
-    def _project(
-        self,
-        data,
-        layer=None,
-        X=None,
-        batch_key=None,
-        covariate_keys=None,
-        O_mu=None,
-        O_pi=None,
-        reference_batch: bool = False,
-        max_steps: int = 100,
-        device=None,
-    ) -> tuple[Params, np.ndarray, Engine]:
-        self._check_fitted()
-        dev, dt = self._torch_setup(device)
-        counts = open_counts(
-            data, layer, allow_non_integer=self.allow_non_integer, check_empty=False
-        )
-        self._align_genes(counts)
-        n = counts.shape[0]
-        J = len(self.var_names_)
-        Xm = self.encode_cells(
-            counts.obs,
+        return encode_cells(
+            self,
+            obs,
             n,
             X=X,
             reference_batch=reference_batch,
             batch_key=batch_key,
             covariate_keys=covariate_keys,
         )
-        Om, Op = self._offset(O_mu, n, J, "O_mu"), self._offset(O_pi, n, J, "O_pi")
-        design = self._make_design(Xm, self.V_, Om, Op, dev, dt)
-        pen = self._penalty_obj(design)
-        source = counts.source(0, n, dt, dev)  # in memory, or streamed from an .h5ad on disk
-        g = self._gene_params(dev, dt)
-        path = self._fit_path(dev, dt)
-        if path is not None:  # new cells start at zero and follow the fit's path
-            params = Params.zeros(design, self.n_components, genes=g)
-        else:  # no recorded path (e.g. from_params): zinbwave's initialization, then solve
-            W, gmu = init_local_mean(source, design, pen, g["beta_mu"], g["alpha_mu"], 8192)
-            if self.zero_inflation:
-                gpi = init_local_zi(source, design, pen, g["beta_pi"], g["alpha_pi"], W, 8192)
-            else:
-                gpi = torch.zeros(design.V_pi.shape[1], n, dtype=dt, device=dev)
-            params = Params(**g, W=W, gamma_mu=gmu, gamma_pi=gpi)
-        engine = Engine(
-            source,
-            design,
-            params,
-            pen,
-            zero_inflation=self.zero_inflation,
-            common_dispersion=self.common_dispersion,
-            options=FitOptions(block_entries=self._block_entries(dev, dt)),
-        )
-        with cpu_threads(dev, n * len(self.var_names_)), flush_denormals(dev.type == "cpu"):
-            ll_cells = engine.optimize_cells(max_steps=max_steps, path=path)
-        if hasattr(source, "close"):
-            source.close()
-        return engine.params, ll_cells.cpu().numpy(), engine
-
-    def _fit_path(self, dev, dt) -> FitPath | None:
-        arrays = getattr(self, "fit_path_", None)
-        if not arrays:
-            return None
-        return FitPath.from_arrays(arrays, dt, dev)
 
     def transform(
         self,
@@ -1229,7 +607,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         if new_batches:
             self._check_new_batches(reference_batch)
             return self._map_query_checked(*query, device=device).W
-        params, _, _ = self._project(*query, reference_batch, device=device)
+        params, _, _ = project(self, *query, reference_batch, device=device)
         return params.W.cpu().numpy()
 
     def map_query(
@@ -1244,7 +622,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         tol: float = 1e-4,
         device: str | torch.device | None = None,
         batch_loadings: bool | None = None,
-    ):
+    ) -> QueryMapping:
         """Map cells of batch levels the fit did not see (the linear-model scArches).
 
         Each new level of the fit's ``batch_key`` gets an X column and, with
@@ -1255,8 +633,6 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         :class:`zinbgrad.query.QueryMapping` (``W``, per-cell ``loglik``, the new ``levels``
         and their coefficients). The model is not changed.
         """
-        from .query import map_query
-
         return map_query(
             self,
             data,
@@ -1307,7 +683,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         if new_batches:
             self._check_new_batches(reference_batch)
             return self._map_query_checked(*query, device=device).loglik
-        _, ll, _ = self._project(*query, reference_batch, device=device)
+        _, ll, _ = project(self, *query, reference_batch, device=device)
         return ll
 
     def score(self, data, y=None, **kw) -> float:
@@ -1329,21 +705,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         The batch-specific loading offsets of ``batch_loadings`` do not enter: the scores are
         batch-free, as ``W_`` is.
         """
-        self._check_fitted()
-        K = self.W_.shape[1]
-        W = self.W_ if W is None else np.asarray(W, dtype=np.float64)
-        if W.ndim != 2 or W.shape[1] != K:
-            raise ValueError(f"W must have shape (n_cells, {K}), got {W.shape}")
-        mean = self.W_.mean(0)
-        Wc = self.W_ - mean
-        # L L^T = alpha alpha^T, then the principal axes of Wc L
-        lam, U = np.linalg.eigh(self.alpha_mu_ @ self.alpha_mu_.T)
-        L = U * np.sqrt(np.clip(lam, 0.0, None))
-        Y = Wc @ L
-        ev, R = np.linalg.eigh(Y.T @ Y)
-        R = R[:, np.argsort(ev)[::-1]]
-        R = R * np.where(R[np.abs(R).argmax(0), np.arange(K)] < 0, -1.0, 1.0)
-        return (W - mean) @ L @ R
+        return latent_scores(self, W)
 
     def fit_transform(self, data, y=None, **fit_params) -> np.ndarray:
         return self.fit(data, **fit_params).W_
@@ -1677,25 +1039,11 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
     def loglik(self, data, *, layer: str | None = None) -> float:
         """Log-likelihood of the training counts at the fitted parameters (zinbwave's
         ``loglik``), computed exactly."""
-        self._check_fitted()
-        counts = open_counts(data, layer, allow_non_integer=True, check_empty=False)
-        self._align_genes(counts)
-        if counts.shape[0] != self.W_.shape[0]:
-            raise ValueError("loglik() needs the training cells; use score() for new cells")
-        dev, dt = torch.device("cpu"), torch.float64
-        engine = Engine(
-            counts.source(0, counts.shape[0], dt, dev),
-            self.training_design(dev, dt),
-            self.get_params_torch(dev, dt),
-            self._penalty_obj(self.training_design(dev, dt)),
-            zero_inflation=self.zero_inflation,
-            common_dispersion=self.common_dispersion,
-        )
-        ll = engine.loglik()
+        ll = training_loglik(self, data, layer)
         if not np.isfinite(self.loglik_):  # a model built from parameters: fill in criteria
             self.loglik_ = ll
             self.objective_ = ll - self.penalty_
-            self._set_criteria(*counts.shape)
+            set_criteria(self, self.W_.shape[0], len(self.var_names_))
         return ll
 
     # --- downstream methods (begin) ------------------------------------------------------
@@ -1726,63 +1074,25 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
             probability; 0 without zero inflation) and ``"theta"`` (genes,
             ``exp(zeta_)``, the NB inverse dispersion).
         """
-        from .model.outputs import compute_output
+        out = self._outputs(("mu", "pi"), data, ignore_W, project_kw)
+        return out | {"theta": np.exp(np.asarray(self.zeta_, dtype=np.float64))}
 
-        design, params = self._likelihood_tensors(data, project_kw)
+    def _outputs(self, whats, data, ignore_W: bool, project_kw: dict) -> dict[str, np.ndarray]:
+        design, params = likelihood_tensors(self, data, project_kw)
         kw = {
             "zero_inflation": bool(self.zero_inflation),
             "ignore_W": ignore_W,
             "block_entries": self._block_entries(torch.device("cpu")),
         }
-        return {
-            "mu": compute_output("mu", design, params, **kw),
-            "pi": compute_output("pi", design, params, **kw),
-            "theta": np.exp(np.asarray(self.zeta_, dtype=np.float64)),
-        }
-
-    def _likelihood_tensors(self, data, project_kw: dict) -> tuple[Design, Params]:
-        self._check_fitted()
-        dev, dt = torch.device("cpu"), torch.float64
-        if data is None:
-            if project_kw:
-                raise TypeError(f"unexpected arguments without data: {sorted(project_kw)}")
-            return self.training_design(dev, dt), self.get_params_torch(dev, dt)
-        allowed = {"layer", "X", "reference_batch", "batch_key", "covariate_keys", "O_mu", "O_pi"}
-        unknown = set(project_kw) - allowed
-        if unknown:
-            raise TypeError(f"unexpected arguments: {sorted(unknown)}")
-        params, _, engine = self._project(
-            data,
-            project_kw.get("layer"),
-            project_kw.get("X"),
-            project_kw.get("batch_key"),
-            project_kw.get("covariate_keys"),
-            project_kw.get("O_mu"),
-            project_kw.get("O_pi"),
-            bool(project_kw.get("reference_batch", False)),
-        )
-        return engine.design.to(dev, dt), params.to(dev, dt)
-
-    def _output(self, what: str, data, ignore_W: bool, project_kw: dict) -> np.ndarray:
-        from .model.outputs import compute_output
-
-        design, params = self._likelihood_tensors(data, project_kw)
-        return compute_output(
-            what,
-            design,
-            params,
-            zero_inflation=bool(self.zero_inflation),
-            ignore_W=ignore_W,
-            block_entries=self._block_entries(torch.device("cpu")),
-        )
+        return {what: compute_output(what, design, params, **kw) for what in whats}
 
     def get_mu(self, data=None, *, ignore_W: bool = False, **project_kw) -> np.ndarray:
         """NB means ``mu`` (cells x genes) of the training cells or of new cells."""
-        return self._output("mu", data, ignore_W, project_kw)
+        return self._outputs(("mu",), data, ignore_W, project_kw)["mu"]
 
     def get_pi(self, data=None, *, ignore_W: bool = False, **project_kw) -> np.ndarray:
         """Zero-inflation probabilities ``pi`` (cells x genes; 0 without zero inflation)."""
-        return self._output("pi", data, ignore_W, project_kw)
+        return self._outputs(("pi",), data, ignore_W, project_kw)["pi"]
 
     def sample(self, n_cells: int | None = None, random_state: int | None = 0, **kw):
         """Simulate counts from the fitted model (zinbwave's ``zinbSim``).

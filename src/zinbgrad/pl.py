@@ -18,6 +18,8 @@ from os import PathLike
 
 import numpy as np
 
+from .fitted import check_fitted
+
 __all__ = ["history", "embedding", "n_components", "loadings", "diagnostics"]
 
 PHASE_COLORS = {
@@ -52,7 +54,7 @@ def _history_records(data, key: str) -> list[dict]:
     from .estimator import ZINBWaVE
 
     if isinstance(data, ZINBWaVE):
-        data._check_fitted()
+        check_fitted(data)
         return list(data.history_)
     if isinstance(data, list | tuple):
         return list(data)

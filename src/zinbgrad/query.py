@@ -20,10 +20,14 @@ import pandas as pd
 import torch
 
 from .data.open import open_counts
-from .estimator import DELTA_RATIO, cpu_threads
-from .model.params import Params
-from .optim.engine import Engine, FitOptions
+from .encoding import align_genes, make_design, offset_matrix
+from .fitted import check_fitted, fit_path, gene_params
+from .model.params import Design, Params, Penalty
+from .optim.engine import Engine, FitOptions, FitPath
 from .optim.fpenv import flush_denormals
+from .penalties import DELTA_RATIO, fitted_penalty
+from .projection import cell_engine
+from .runtime import block_entries, cpu_threads, torch_setup
 
 __all__ = ["QueryMapping", "map_query"]
 
@@ -138,61 +142,23 @@ def map_query(
         zero for a model without them; ridge weight: the model's ``epsilon_delta`` or its
         default). Default: as the model was fitted.
     """
-    model._check_fitted()
+    check_fitted(model)
     counts = open_counts(data, layer, allow_non_integer=model.allow_non_integer, check_empty=False)
-    model._align_genes(counts)
+    align_genes(model, counts)
     key, values, levels, new = _query_levels(model, counts, batch_key)
     loadings = model.batch_loadings if batch_loadings is None else bool(batch_loadings)
     n, J, K = counts.shape[0], len(model.var_names_), model.n_components
     M, B, Bn = len(model.X_columns_), len(levels), len(new)
-    columns = list(model.X_columns_) + [f"{key}[{lv}]" for lv in new]
-    Xm = np.zeros((n, M + Bn))
-    Xm[:, 0] = 1.0
-    for c, lv in enumerate(levels[1:] + new, start=1):  # X's batch columns, in order
-        Xm[:, c] = values == lv
-    dev, dt = model._torch_setup(device)
-    design = model._make_design(
-        Xm,
-        model.V_,
-        model._offset(O_mu, n, J, "O_mu"),
-        model._offset(O_pi, n, J, "O_pi"),
-        dev,
-        dt,
-        columns=columns,
-        info={"batch_key": key, "levels": levels + new},
-    )
-    if loadings:  # each cell's batch: a fitted level's position, or B + k for new level k
-        pos = {lv: i for i, lv in enumerate(levels + new)}
-        design.batch = torch.as_tensor([pos[v] for v in values], device=dev)
-        design.n_batches = B + Bn
-    pen = model._penalty_obj(design)
-    # the new columns are penalized as zinbwave penalizes any non-intercept column
-    e_beta = _epsilon_beta(model, J)
-    pen.beta_mu = torch.cat([pen.beta_mu, pen.beta_mu.new_full((Bn,), e_beta)])
-    pen.beta_pi = torch.cat([pen.beta_pi, pen.beta_pi.new_full((Bn,), e_beta)])
-    genes = model._gene_params(dev, dt)
-    if loadings and pen.delta is None:  # a model without offsets: the fitted ones are zero
-        pen.delta = DELTA_RATIO * pen.alpha
-        genes["delta_mu"] = torch.zeros(B * K, J, dtype=dt, device=dev)
-    elif not loadings:
-        genes.pop("delta_mu", None)
-        pen.delta = None
-    genes = _padded(genes, Bn, K)
-    path = model._fit_path(dev, dt)
-    if path is not None:  # the query cells follow the fit's path, as in transform
-        path.steps = [(_path_genes(g, genes, Bn, K), T, s) for g, T, s in path.steps]
+    dev, dt = torch_setup(model.device if device is None else device, model.dtype)
+    offsets = offset_matrix(O_mu, n, J, "O_mu"), offset_matrix(O_pi, n, J, "O_pi")
+    design = _query_design(model, key, values, levels, new, loadings, offsets, dev, dt)
+    pen, genes, path = _query_start(model, design, B, Bn, loadings, dev, dt)
     params = Params.zeros(design, K, genes=genes)
-    opts = FitOptions(max_epochs=max_epochs, tol=tol, block_entries=model._block_entries(dev, dt))
-    source = counts.source(0, n, dt, dev)
-    engine = Engine(
-        source,
-        design,
-        params,
-        pen,
-        zero_inflation=model.zero_inflation,
-        common_dispersion=model.common_dispersion,
-        options=opts,
+    opts = FitOptions(
+        max_epochs=max_epochs, tol=tol, block_entries=block_entries(model.block_entries, dev, dt)
     )
+    source = counts.source(0, n, dt, dev)
+    engine = cell_engine(model, source, design, params, pen, opts)
     engine.rebalance = False  # the loadings are the model's: W keeps its basis
     engine.update_dispersion = False
     engine.fix_gene_columns(_fixed_columns(engine, M, Bn, B, K, model.zero_inflation))
@@ -205,7 +171,58 @@ def map_query(
     finally:
         if hasattr(source, "close"):
             source.close()
-    p = engine.params
+    return _mapping(model, engine.params, ll, result, new, M, B)
+
+
+def _query_design(
+    model, key: str, values: np.ndarray, levels: list, new: list, loadings: bool, offsets, dev, dt
+) -> Design:
+    """The query cells' design: the fit's X columns (intercept, fitted batches) and one
+    indicator column per new level; with ``loadings``, every cell's batch code (a fitted
+    level's position, or B + k for new level k)."""
+    n, M, B, Bn = len(values), len(model.X_columns_), len(levels), len(new)
+    columns = list(model.X_columns_) + [f"{key}[{lv}]" for lv in new]
+    Xm = np.zeros((n, M + Bn))
+    Xm[:, 0] = 1.0
+    for c, lv in enumerate(levels[1:] + new, start=1):  # X's batch columns, in order
+        Xm[:, c] = values == lv
+    info = {"batch_key": key, "levels": levels + new}
+    design = make_design(model, Xm, model.V_, *offsets, dev, dt, columns=columns, info=info)
+    if loadings:
+        pos = {lv: i for i, lv in enumerate(levels + new)}
+        design.batch = torch.as_tensor([pos[v] for v in values], device=dev)
+        design.n_batches = B + Bn
+    return design
+
+
+def _query_start(
+    model, design: Design, B: int, Bn: int, loadings: bool, dev, dt
+) -> tuple[Penalty, dict, FitPath | None]:
+    """The query's penalty, its starting gene parameters (the fitted ones, zero for the new
+    levels) and the fit's path in the query's shapes."""
+    J, K = len(model.var_names_), model.n_components
+    pen = fitted_penalty(model, design)
+    # the new columns are penalized as zinbwave penalizes any non-intercept column
+    e_beta = _epsilon_beta(model, J)
+    pen.beta_mu = torch.cat([pen.beta_mu, pen.beta_mu.new_full((Bn,), e_beta)])
+    pen.beta_pi = torch.cat([pen.beta_pi, pen.beta_pi.new_full((Bn,), e_beta)])
+    genes = gene_params(model, dev, dt)
+    if loadings and pen.delta is None:  # a model without offsets: the fitted ones are zero
+        pen.delta = DELTA_RATIO * pen.alpha
+        genes["delta_mu"] = torch.zeros(B * K, J, dtype=dt, device=dev)
+    elif not loadings:
+        genes.pop("delta_mu", None)
+        pen.delta = None
+    genes = _padded(genes, Bn, K)
+    path = fit_path(model, dev, dt)
+    if path is not None:  # the query cells follow the fit's path, as in transform
+        path.steps = [(_path_genes(g, genes, Bn, K), T, s) for g, T, s in path.steps]
+    return pen, genes, path
+
+
+def _mapping(model, p: Params, ll: torch.Tensor, result, new: list, M: int, B: int):
+    """The :class:`QueryMapping` of the solved query parameters ``p``."""
+    J, K, Bn = len(model.var_names_), model.n_components, len(new)
     delta = None
     if p.delta_mu is not None:
         delta = p.delta_mu[B * K :].reshape(Bn, K, J).cpu().numpy()

@@ -19,8 +19,11 @@ import scipy.sparse as sp
 import torch
 
 from .data.validate import extract_counts
+from .encoding import align_genes
+from .fitted import check_fitted
 from .model.outputs import entry_loglik
 from .model.params import Design, Params, linear_predictors
+from .projection import likelihood_tensors
 
 __all__ = ["bicross_loglik", "gene_submodel"]
 
@@ -31,7 +34,7 @@ def gene_submodel(model, genes: np.ndarray):
     path restricted to those genes)."""
     from .estimator import ZINBWaVE
 
-    model._check_fitted()
+    check_fitted(model)
     g = np.asarray(genes, dtype=np.int64)
     hyper = model.get_params()
     sub = ZINBWaVE.from_params(
@@ -97,7 +100,7 @@ def bicross_loglik(
     ndarray (n_cells,)
         Log-likelihood of each cell's counts, every gene scored by a fit that did not see it.
     """
-    model._check_fitted()
+    check_fitted(model)
     if int(n_folds) != n_folds or n_folds < 2:
         raise ValueError(f"n_folds must be an integer >= 2, got {n_folds!r}")
     if {"O_mu", "O_pi"} & set(project_kw):
@@ -105,7 +108,7 @@ def bicross_loglik(
     counts = extract_counts(
         data, layer, allow_non_integer=bool(model.allow_non_integer), check_empty=False
     )
-    model._align_genes(counts)
+    align_genes(model, counts)
     Y = sp.csr_matrix(counts.X)
     n, J = Y.shape
     if J < 2 * n_folds:
@@ -118,7 +121,7 @@ def bicross_loglik(
         sub = gene_submodel(model, keep)
         part = ad.AnnData(Y[:, keep], obs=counts.obs.copy() if counts.obs is not None else None)
         part.var_names = np.asarray(model.var_names_)[keep]
-        design_k, cells = sub._likelihood_tensors(part, dict(project_kw))
+        design_k, cells = likelihood_tensors(sub, part, dict(project_kw))
         out += _held_out_loglik(model, Y[:, held], held, design_k, cells, block_entries)
     return out
 

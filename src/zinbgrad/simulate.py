@@ -42,6 +42,8 @@ from ._synthetic import (
     whole_number,
 )
 from .data.writer import CSRAppender
+from .encoding import make_design
+from .fitted import check_fitted
 from .io_utils import atomic_write
 from .model.params import linear_predictors
 
@@ -162,7 +164,7 @@ class _Generator:
     """Linear predictors of arbitrary cells of a fitted model, on CPU in float64."""
 
     def __init__(self, model) -> None:
-        model._check_fitted()
+        check_fitted(model)
         self.model = model
         self.dev, self.dt = torch.device("cpu"), torch.float64
         self.params = model.get_params_torch(self.dev, self.dt)
@@ -173,7 +175,7 @@ class _Generator:
         self, X: np.ndarray, W: np.ndarray, gmu: np.ndarray, gpi: np.ndarray, O_mu=None, O_pi=None
     ) -> tuple[np.ndarray, np.ndarray | None]:
         m = self.model
-        design = m._make_design(X, m.V_, O_mu, O_pi, self.dev, self.dt)
+        design = make_design(m, X, m.V_, O_mu, O_pi, self.dev, self.dt)
 
         def t(x):
             return torch.as_tensor(np.ascontiguousarray(x), dtype=self.dt, device=self.dev)
@@ -379,7 +381,7 @@ def make_synthetic(
         the latent factors of the cells; ``obs["total_counts"]`` their library sizes;
         ``uns["synthetic"]`` the settings and the zero fraction.
     """
-    model._check_fitted()
+    check_fitted(model)
     n_cells, n_batches, chunk_cells, n_mixture = (
         whole_number(v, name)
         for v, name in (

@@ -32,8 +32,11 @@ import torch
 from torch import Tensor
 
 from .data.source import InMemoryCounts, block_bounds
+from .encoding import align_genes
+from .fitted import check_fitted
 from .model.likelihood import entry_derivatives
 from .model.params import Design, Params, linear_predictors
+from .projection import likelihood_tensors
 
 __all__ = [
     "LatentUncertainty",
@@ -216,7 +219,7 @@ def _training_source(model, data, layer):
     counts = extract_counts(
         data, layer, allow_non_integer=bool(model.allow_non_integer), check_empty=False
     )
-    model._align_genes(counts)
+    align_genes(model, counts)
     if counts.X.shape[0] != model.W_.shape[0]:
         raise ValueError(
             f"data has {counts.X.shape[0]} cells but the model was fitted on "
@@ -227,20 +230,20 @@ def _training_source(model, data, layer):
 
 def _tensors(model, data, layer: str | None, new: bool, project_kw: dict):
     """Design, parameters, block source and cell names for the training or new cells."""
-    model._check_fitted()
+    check_fitted(model)
     if new:
         from .data.validate import extract_counts
 
-        design, params = model._likelihood_tensors(data, dict(project_kw, layer=layer))
+        design, params = likelihood_tensors(model, data, dict(project_kw, layer=layer))
         counts = extract_counts(
             data, layer, allow_non_integer=bool(model.allow_non_integer), check_empty=False
         )
-        model._align_genes(counts)
+        align_genes(model, counts)
         src = InMemoryCounts(counts.X.tocsr(), dtype=torch.float64)
         return design, params, src, np.asarray(counts.obs_names).astype(str)
     if project_kw:
         raise TypeError(f"unexpected arguments for the training cells: {sorted(project_kw)}")
-    design, params = model._likelihood_tensors(None, {})
+    design, params = likelihood_tensors(model, None, {})
     src, names = _training_source(model, data, layer)
     return design, params, src, np.asarray(names).astype(str)
 

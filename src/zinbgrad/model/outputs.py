@@ -425,12 +425,10 @@ def batch_design(
 
 # ============================================================================ fitted models
 def _model_tensors(model, X: np.ndarray | None, device, dtype) -> tuple[Design, Params]:
-    model._check_fitted()
+    """Design (X replaced by ``X`` if given) and parameters of a fitted model's training cells,
+    through the model's public accessors (``training_design``, ``get_params_torch``)."""
     dev = torch.device(device)
-    Xm = model.X_ if X is None else np.asarray(X, dtype=np.float64)
-    if Xm.shape != model.X_.shape:
-        raise ValueError(f"X has shape {Xm.shape}; the model's X has {model.X_.shape}")
-    design = model._make_design(Xm, model.V_, model.O_mu_, model.O_pi_, dev, dtype)
+    design = model.training_design(dev, dtype, X=X)
     return design, model.get_params_torch(dev, dtype)
 
 

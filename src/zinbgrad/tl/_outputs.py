@@ -17,8 +17,11 @@ from typing import Any
 import numpy as np
 
 from ..data.validate import check_key, extract_counts
-from ..estimator import ZINBWaVE, resolve_device
+from ..encoding import align_genes
+from ..estimator import ZINBWaVE
+from ..fitted import check_fitted
 from ..model import outputs as _out
+from ..runtime import resolve_device
 from ._zinbwave import _check_anndata, model_from_anndata
 from ._zinbwave import resolve_model as _resolve_model
 
@@ -68,7 +71,7 @@ def _counts(adata, layer: str | None, model: ZINBWaVE):
         allow_non_integer=bool(model.allow_non_integer),
         check_empty=False,
     )
-    model._align_genes(counts)
+    align_genes(model, counts)
     return counts.X
 
 
@@ -448,5 +451,5 @@ def _model_argument(model, key: str) -> ZINBWaVE:
     if not isinstance(model, ZINBWaVE):
         _check_anndata(model, "model (a fitted ZINBWaVE, the reference AnnData or a path)")
         model = model_from_anndata(model, key)
-    model._check_fitted()
+    check_fitted(model)
     return model

@@ -1,0 +1,144 @@
+"""Runtime policy: the device, dtype, block size and CPU threads of a computation.
+
+Functions over explicit arguments (an estimator's ``device``, ``dtype`` and ``block_entries``
+parameters), shared by :class:`~zinbgrad.ZINBWaVE`, the projection of new cells and
+:func:`zinbgrad.query.map_query`.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from .optim.distributed import local_gpu
+
+__all__ = [
+    "CPU_BLOCK_ENTRIES",
+    "FUSED_MIN_ENTRIES",
+    "GPU_BLOCK_ENTRIES",
+    "block_entries",
+    "cpu_threads",
+    "gpu_block_entries",
+    "resolve_device",
+    "resolve_dtype",
+    "torch_setup",
+]
+
+#: fits at least this large (cells x genes) use fused kernels by default
+FUSED_MIN_ENTRIES = 50_000_000
+
+#: default ``block_entries`` on the CPU, and the range of the default on a GPU
+CPU_BLOCK_ENTRIES = 2**21
+GPU_BLOCK_ENTRIES = (2**21, 2**27)
+#: GPU memory taken per block entry, in floats of the fit's dtype (measured on an H200 in
+#: float32: ~110 bytes per entry with the fused kernels, see BENCHMARKS.md), and the share of
+#: the free GPU memory the default block may take
+GPU_FLOATS_PER_ENTRY = 28
+GPU_MEMORY_SHARE = 0.25
+
+
+@contextmanager
+def cpu_threads(device: torch.device, entries: int):
+    """Use one CPU thread for small problems (thread start-up and synchronisation cost more
+    than they save there, and badly so when other processes load the machine); otherwise
+    torch's default, all available cores."""
+    if device.type != "cpu" or entries >= 1_000_000:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def gpu_block_entries(device: torch.device, itemsize: int = 4) -> int:
+    """The default ``block_entries`` on a GPU: the largest power of two whose working arrays
+    (~``GPU_FLOATS_PER_ENTRY`` floats per entry) take at most ``GPU_MEMORY_SHARE`` of the
+    device's free memory, within ``GPU_BLOCK_ENTRIES`` (2^27 on an 80 GB or larger GPU, 2^25
+    on a 16 GB one)."""
+    lo, hi = GPU_BLOCK_ENTRIES
+    free, _ = torch.cuda.mem_get_info(device)
+    fit = GPU_MEMORY_SHARE * free / (GPU_FLOATS_PER_ENTRY * itemsize)
+    return int(min(max(2 ** int(np.floor(np.log2(max(fit, 1.0)))), lo), hi))
+
+
+def block_entries(
+    entries: int | None, device: torch.device, dtype: torch.dtype | None = None
+) -> int:
+    """The block size of a computation on ``device``.
+
+    Parameters
+    ----------
+    entries
+        An estimator's ``block_entries`` parameter: used when given.
+    device, dtype
+        Where and in which dtype the computation runs. ``entries=None``:
+        :data:`CPU_BLOCK_ENTRIES` on the CPU, :func:`gpu_block_entries` on a GPU (float32
+        when ``dtype`` is ``None``).
+
+    Returns
+    -------
+    int
+        Cells x genes entries per block.
+    """
+    if entries is not None:
+        return int(entries)
+    if device.type == "cuda":
+        return gpu_block_entries(device, 4 if dtype is None else dtype.itemsize)
+    return CPU_BLOCK_ENTRIES
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; otherwise ``torch.device(device)``.
+
+    A CUDA device without an index is this process's GPU: under torch.distributed (``torchrun``
+    or ``zinbgrad fit --nproc``, ``WORLD_SIZE`` > 1) the one of its ``LOCAL_RANK`` (modulo the
+    visible GPUs), so that the ranks on one host use different GPUs; else the current device.
+    """
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(
+            f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or a torch.device, got {device!r}"
+        ) from err
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {device!r} requested but this machine has "
+                f"{torch.cuda.device_count()} CUDA device(s)"
+            )
+        if dev.index is None:
+            dev = torch.device("cuda", local_gpu())
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """``"auto"`` -> float32 on a GPU, float64 elsewhere; ``"float32"``/``"float64"`` or a
+    ``torch.dtype`` as given; anything else is an error."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "float64": torch.float64}
+    if dtype == "auto":
+        return torch.float32 if device.type == "cuda" else torch.float64
+    if dtype not in table:
+        raise ValueError(f"dtype must be 'auto', 'float32' or 'float64', got {dtype!r}")
+    return table[dtype]
+
+
+def torch_setup(
+    device: str | torch.device, dtype: str | torch.dtype
+) -> tuple[torch.device, torch.dtype]:
+    """The resolved device and dtype of a computation (:func:`resolve_device`,
+    :func:`resolve_dtype`), e.g. from an estimator's ``device`` and ``dtype`` parameters."""
+    dev = resolve_device(device)
+    return dev, resolve_dtype(dtype, dev)
