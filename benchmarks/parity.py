@@ -41,8 +41,8 @@ def _fitted(model) -> dict[str, np.ndarray]:
     """Every fitted attribute (name ending in ``_``) that is a number or an array."""
     out = {}
     for name, value in sorted(vars(model).items()):
-        if not name.endswith("_") or name.startswith("_"):
-            continue
+        if not name.endswith("_") or name.startswith("_") or name == "fit_time_":
+            continue  # fit_time_ is wall-clock time, recorded apart (name#seconds)
         if isinstance(value, (bool, int, float, np.number)):
             out[name] = np.asarray(value)
         elif isinstance(value, np.ndarray) and value.dtype != object:
@@ -131,7 +131,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(f"{name}: run only {'before' if name in fits_a else 'after'}, not compared")
     both = fits_a & fits_b
     keys = sorted(
-        k for k in set(a.files) | set(b.files) if "#" not in k and k.split("/")[0] in both
+        k
+        for k in set(a.files) | set(b.files)
+        if "#" not in k and k.split("/")[0] in both and not k.endswith("/fit_time_")
     )
     differ = 0
     for key in keys:
