@@ -350,6 +350,36 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         return checkpoint_tag(inp, xnames, Vm, O_mu, O_pi, _penalty_params(pen))
 
     # ------------------------------------------------------------------ fit
+    def _fit_options(self, n, J, dev, dt, checkpoint, checkpoint_every, tag, t_start):
+        """The optimizer's settings for a fit of ``n`` x ``J`` counts: ``(options, sketch
+        cells, progress bar or None)``; the solver is resolved (one rule:
+        :func:`zinbgrad.optim.solvers.resolve_solver`)."""
+        m = sketch_size(
+            n,
+            J,
+            self.n_components,
+            self.sketch_size,
+            max_fraction=1.0 if self.solver == "sketch" else None,
+        )
+        solver = resolve_solver(self.solver, n, m)
+        stochastic = min(FitOptions().stochastic_epochs, self.max_epochs)
+        cb, bar = self._progress(stochastic if solver == "stochastic" else None)
+        opts = FitOptions(
+            fused=n * J >= FUSED_MIN_ENTRIES if self.fused == "auto" else bool(self.fused),
+            max_epochs=self.max_epochs,
+            tol=self.tol,
+            local_steps=self.local_steps,
+            block_entries=self._block_entries(dev, dt),
+            batch_size=self.batch_size,
+            solver=solver,
+            progress=cb,
+            checkpoint_path=None if checkpoint is None else str(checkpoint),
+            checkpoint_every=checkpoint_every,
+            checkpoint_tag=tag,
+            t_origin=t_start,
+        )
+        return opts, m, bar
+
     def fit(
         self,
         data,
@@ -425,31 +455,15 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
             full_source = source if comm.world_size == 1 else inp.source(0, n, dt, dev)
             seed = fit_seed(self.random_state, comm)
             K = self.n_components
-            m = sketch_size(
-                n, J, K, self.sketch_size, max_fraction=1.0 if self.solver == "sketch" else None
+            tag = (
+                self._checkpoint_tag(inp, xnames, Vm, O_mu_a, O_pi_a, pen)
+                if checkpoint is not None or resume is not None
+                else None
             )
-            solver = resolve_solver(self.solver, n, m)
-            stochastic = min(FitOptions().stochastic_epochs, self.max_epochs)
-            cb, bar = self._progress(stochastic if solver == "stochastic" else None)
-            fused = n * J >= FUSED_MIN_ENTRIES if self.fused == "auto" else bool(self.fused)
-            opts = FitOptions(
-                fused=fused,
-                max_epochs=self.max_epochs,
-                tol=self.tol,
-                local_steps=self.local_steps,
-                block_entries=self._block_entries(dev, dt),
-                batch_size=self.batch_size,
-                solver=solver,
-                progress=cb,
-                checkpoint_path=None if checkpoint is None else str(checkpoint),
-                checkpoint_every=checkpoint_every,
-                checkpoint_tag=(
-                    self._checkpoint_tag(inp, xnames, Vm, O_mu_a, O_pi_a, pen)
-                    if checkpoint is not None or resume is not None
-                    else None
-                ),
-                t_origin=t_start,
+            opts, m, bar = self._fit_options(
+                n, J, dev, dt, checkpoint, checkpoint_every, tag, t_start
             )
+            solver = opts.solver
             problem = Problem(
                 full_source, design_all, pen, K, self.zero_inflation, self.common_dispersion
             )
