@@ -36,7 +36,9 @@ FUNCTION_ALLOW: dict[str, str] = {
     "zinbgrad.de.wrapper:differential_expression": (
         "numpydoc docstring is 53 of its 88 lines; the body is 19"
     ),
-    "zinbgrad.estimator:ZINBWaVE.fit": ("issue 16: not yet split"),
+    "zinbgrad.estimator:ZINBWaVE.fit": (
+        "14-parameter signature (16 lines), 35-line numpydoc docstring; the body is 61 lines"
+    ),
     "zinbgrad.estimator:ZINBWaVE._check_consistency": ("issue 16: not yet split"),
     "zinbgrad.simulate:make_synthetic": (
         "17 parameters: 20-line signature, 57-line numpydoc docstring, 46-line body"
