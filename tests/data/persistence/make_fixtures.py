@@ -41,9 +41,7 @@ def counts(n: int = 40, J: int = 16, seed: int = 0) -> ad.AnnData:
 
 def main() -> None:
     a = counts()
-    batch = zinbgrad.ZINBWaVE(
-        2, batch_loadings=True, solver="full", max_epochs=4, verbose=False
-    )
+    batch = zinbgrad.ZINBWaVE(2, batch_loadings=True, solver="full", max_epochs=4, verbose=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the all-zero gene is left out, as intended
         batch.fit(a, batch_key="batch")
