@@ -209,7 +209,11 @@ def _anndata_state(adata, key: str) -> tuple[dict, dict[str, Any]]:
     h = field("history")
     if not hasattr(h, "get") or any(np.ndim(h.get(k)) != 1 for k in HISTORY_COLUMNS):
         raise TypeError(f"adata.uns[{key!r}]['history'] must map {HISTORY_COLUMNS} to 1-D arrays")
-    s["history_"] = [{k: float(h[k][i]) for k in HISTORY_COLUMNS} for i in range(len(h["epoch"]))]
+    # epochs as fit records them (integers), the rest as floats
+    s["history_"] = [
+        {k: (int if k == "epoch" else float)(h[k][i]) for k in HISTORY_COLUMNS}
+        for i in range(len(h["epoch"]))
+    ]
     return params, s
 
 

@@ -11,7 +11,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..io_utils import atomic_write, npz_file, read_npz_metadata
-from ._state import PARAMETERS, get_state, hyperparameters, set_state, unfitted_model
+from ._state import (
+    PARAMETERS,
+    fitted_everything,
+    get_state,
+    hyperparameters,
+    set_state,
+    unfitted_model,
+)
 
 if TYPE_CHECKING:
     from ..estimator import ZINBWaVE
@@ -142,7 +149,7 @@ def _archive_state(z, meta: dict) -> dict[str, Any]:
         state["cell_fitted_"] = np.asarray(z["cell_fitted"], dtype=bool)
         state["var_names_in_"] = z["var_names_in"].astype(str)
     else:  # older files: every gene and cell was fitted
-        state["gene_fitted_"] = state["cell_fitted_"] = state["var_names_in_"] = None
+        state.update(fitted_everything(state["var_names_"], np.size(state["obs_names_"])))
     state["X_columns_"] = [str(c) for c in meta["X_columns"]]
     state["batch_info_"] = dict(meta.get("batch_info") or {})
     state["penalty_params_"] = dict(meta["penalty_params"])

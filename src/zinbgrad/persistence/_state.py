@@ -63,14 +63,9 @@ def check_fitted(model) -> None:
 
 def get_state(model) -> dict[str, Any]:
     """The fitted state of ``model``: ``{attribute: value}`` for every :data:`FITTED_ATTRIBUTES`
-    (the values themselves, not copies), with the masks of :meth:`fitted_masks
-    <zinbgrad.ZINBWaVE.fitted_masks>` (``gene_fitted_`` etc. may be None: every gene and cell
-    was fitted)."""
+    (the values themselves, not copies)."""
     check_fitted(model)
-    state = {name: getattr(model, name) for name in FITTED_ATTRIBUTES}
-    genes, cells, names_in = model.fitted_masks()
-    state.update(gene_fitted_=genes, cell_fitted_=cells, var_names_in_=names_in)
-    return state
+    return {name: getattr(model, name) for name in FITTED_ATTRIBUTES}
 
 
 def set_state(model, state: Mapping[str, Any]) -> None:
@@ -95,6 +90,17 @@ def set_state(model, state: Mapping[str, Any]) -> None:
         model.aic_, model.bic_ = information_criteria(
             model.n_params_, model.loglik_, model.W_.shape[0]
         )
+
+
+def fitted_everything(var_names: np.ndarray, n_cells: int) -> dict[str, np.ndarray]:
+    """The masks of a model that left out no gene and no cell (``gene_fitted_``,
+    ``cell_fitted_``, ``var_names_in_``)."""
+    names = np.asarray(var_names).astype(str)
+    return {
+        "gene_fitted_": np.ones(names.size, dtype=bool),
+        "cell_fitted_": np.ones(n_cells, dtype=bool),
+        "var_names_in_": names,
+    }
 
 
 def count_parameters(model) -> int:
@@ -356,6 +362,7 @@ def from_params(
         x = np.zeros(shape) if x is None else np.asarray(x, dtype=np.float64)
         state[name] = x if model.zero_inflation else np.zeros_like(x)
     state.update(_given_design(n, J, X, V, X_columns, var_names, obs_names))
+    state.update(fitted_everything(state["var_names_"], n))
     state.update(
         n_params_=0,  # counted below
         penalty_params_={},  # set below, from the design
@@ -403,8 +410,4 @@ def _given_design(n: int, J: int, X, V, X_columns, var_names, obs_names) -> dict
             np.asarray(obs_names).astype(str) if obs_names is not None else np.arange(n).astype(str)
         ),
         "n_features_in_": J,
-        # every gene and cell was fitted (see ZINBWaVE.fitted_masks)
-        "gene_fitted_": None,
-        "cell_fitted_": None,
-        "var_names_in_": None,
     }
