@@ -126,15 +126,9 @@ def store_model(adata, model: ZINBWaVE, key_added: str = "X_zinbwave") -> None:
 
 def from_anndata(cls: type[ZINBWaVE], adata, key: str = "X_zinbwave") -> ZINBWaVE:
     """The ``cls`` model stored in ``adata`` under ``key`` by :func:`store_model`, checked
-    as :func:`load` checks a file. Its ``device`` is ``"auto"``: the caller sets it.
-
-    Raises
-    ------
-    KeyError
-        No model under ``key``.
-    ValueError
-        The stored model is incomplete, edited into an inconsistent state or unreadable.
-    """
+    as :func:`load` checks a file (no model under ``key``: ``KeyError``; an incomplete,
+    inconsistent or unreadable one: ``ValueError``). Its ``device`` is ``"auto"``: the caller
+    sets it (:func:`zinbgrad.tl.model_from_anndata` does)."""
     check_anndata(adata)
     if key not in adata.uns or key not in adata.obsm:
         raise KeyError(f"no zinbgrad model under key {key!r}; run zinbgrad.tl.zinbwave first")
