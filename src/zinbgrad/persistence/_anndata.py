@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..data.validate import check_anndata, check_key
-from ..model.params import Params
+from ..fitted import GENE_ARRAYS, OPTIONAL_ARRAYS, fitted_masks, latent_scores
 from ._state import get_state, hyperparameters, set_state, unfitted_model
 
 if TYPE_CHECKING:
@@ -53,7 +53,7 @@ def model_elements(model: ZINBWaVE, key_added: str = "X_zinbwave") -> dict[str, 
     obsm = {
         key_added: _rows(s["W_"], cells),
         # W as principal scores of W alpha_mu: another representation for neighbours / UMAP
-        key_added + "_scores": _rows(model.latent_scores(), cells),
+        key_added + "_scores": _rows(latent_scores(model), cells),
         key_added + "_gamma_mu": _rows(s["gamma_mu_"].T, cells),
         key_added + "_gamma_pi": _rows(s["gamma_pi_"].T, cells),
         key_added + "_X": _rows(s["X_"], cells),
@@ -111,7 +111,7 @@ def store_model(adata, model: ZINBWaVE, key_added: str = "X_zinbwave") -> None:
     Offsets (``O_mu``/``O_pi``) are not stored.
     """
     check_anndata(adata)
-    genes, cells, _ = model.fitted_masks()
+    genes, cells, _ = fitted_masks(model)
     if (adata.n_obs, adata.n_vars) != (len(cells), len(genes)):
         raise ValueError(
             f"adata is {adata.n_obs} x {adata.n_vars} but the model was fitted on data of "
@@ -241,5 +241,5 @@ def _stored_fit_path(u, var_names: np.ndarray) -> dict | None:
         )
         return None
     idx = np.array([pos[g] for g in var_names], dtype=np.int64)
-    genes = Params.GENE_FIELDS + Params.OPTIONAL_GENE_FIELDS
+    genes = GENE_ARRAYS + OPTIONAL_ARRAYS
     return {k: (v[..., idx] if k in genes else v) for k, v in path.items()}

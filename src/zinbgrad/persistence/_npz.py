@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import numbers
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..fitting import is_int
 from ..io_utils import atomic_write, npz_file, read_npz_metadata
 from ._state import (
     PARAMETERS,
@@ -112,7 +112,7 @@ def load(cls: type[ZINBWaVE], path: str | os.PathLike) -> ZINBWaVE:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise ValueError(f"{path} is not a zinbgrad model file")
     version = meta.get("format_version", 0)
-    if not isinstance(version, numbers.Integral) or isinstance(version, bool | np.bool_):
+    if not is_int(version):
         raise ValueError(f"{path} is not a valid zinbgrad model file (format_version)")
     if version > FORMAT_VERSION:
         raise ValueError(

@@ -3,20 +3,20 @@ a model gets a whole state (checked) and gives it, and the state of given parame
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sklearn.utils.validation import check_is_fitted
 
-from ..model.params import Params, Penalty
+from ..fitted import CELL_ARRAYS, GENE_ARRAYS, check_fitted, fitted_masks
+from ..fitting import count_parameters, information_criteria
+from ..penalties import default_penalty, penalty_params
 
 if TYPE_CHECKING:
     from ..estimator import ZINBWaVE
 
 #: The parameters (gene-level, then cell-level), each held as the attribute ``name + "_"``.
-PARAMETERS = Params.GENE_FIELDS + Params.CELL_FIELDS
+PARAMETERS = GENE_ARRAYS + CELL_ARRAYS
 
 #: Every fitted attribute of a :class:`~zinbgrad.ZINBWaVE` (see its docstring), in groups:
 #: the parameters, the design, the fitted cells and genes, the fit's results.
@@ -55,12 +55,6 @@ DERIVED_ATTRIBUTES = ("aic_", "bic_")
 
 
 # ---------------------------------------------------------------------- the fitted state
-def check_fitted(model) -> None:
-    """Raise :class:`sklearn.exceptions.NotFittedError` unless ``model`` holds a fitted state
-    (it has been fitted, loaded or built by ``from_params``)."""
-    check_is_fitted(model, "zeta_", msg="this %(name)s model is not fitted yet; call fit() first")
-
-
 def get_state(model) -> dict[str, Any]:
     """The fitted state of ``model``: ``{attribute: value}`` for every :data:`FITTED_ATTRIBUTES`
     (the values themselves, not copies)."""
@@ -100,45 +94,6 @@ def fitted_everything(var_names: np.ndarray, n_cells: int) -> dict[str, np.ndarr
         "gene_fitted_": np.ones(names.size, dtype=bool),
         "cell_fitted_": np.ones(n_cells, dtype=bool),
         "var_names_in_": names,
-    }
-
-
-def count_parameters(model) -> int:
-    """The number of free parameters of a fitted ``model`` (those of its design's columns,
-    ``W``, the loadings, one dispersion per distinct ``zeta_`` value and the batch-specific
-    loading offsets)."""
-    n, K = model.W_.shape[0], model.n_components
-    J = len(model.zeta_)
-    count = int(
-        J * (model.beta_mu_.shape[0] + model.beta_pi_.shape[0])
-        + n * (model.gamma_mu_.shape[0] + model.gamma_pi_.shape[0])
-        + 2 * K * J
-        + n * K
-        + len(np.unique(model.zeta_))
-    )
-    if getattr(model, "delta_mu_", None) is not None:
-        count += int(model.delta_mu_.size)
-    return count
-
-
-def information_criteria(n_params: int, loglik: float, n_cells: int) -> tuple[float, float]:
-    """``(AIC, BIC)`` of a model with ``n_params`` parameters and log-likelihood ``loglik``
-    on ``n_cells`` cells (zinbwave's ``zinbAIC``/``zinbBIC``)."""
-    return 2.0 * n_params - 2.0 * loglik, math.log(n_cells) * n_params - 2.0 * loglik
-
-
-def penalty_params(pen: Penalty) -> dict:
-    """Every epsilon of a penalty, as plain Python values (the fitted ``penalty_params_``;
-    ``epsilon_delta`` only for a model with batch-specific loadings)."""
-    extra = {} if pen.delta is None else {"epsilon_delta": pen.delta}
-    return extra | {
-        "epsilon_beta_mu": pen.beta_mu.cpu().numpy().tolist(),
-        "epsilon_beta_pi": pen.beta_pi.cpu().numpy().tolist(),
-        "epsilon_gamma_mu": pen.gamma_mu.cpu().numpy().tolist(),
-        "epsilon_gamma_pi": pen.gamma_pi.cpu().numpy().tolist(),
-        "epsilon_W": pen.W,
-        "epsilon_alpha": pen.alpha,
-        "epsilon_zeta": pen.zeta,
     }
 
 
@@ -238,7 +193,7 @@ def _check_shapes(model) -> tuple[int, int]:
 
 
 def _check_masks(model, n: int, J: int) -> None:
-    genes, cells, names_in = model.fitted_masks()
+    genes, cells, names_in = fitted_masks(model)
     if genes.sum() != J or cells.sum() != n or len(names_in) != len(genes):
         raise ValueError(
             f"gene_fitted/cell_fitted select {genes.sum()} genes and {cells.sum()} cells, "
@@ -268,7 +223,7 @@ def _check_fit_path(model) -> None:
     if not path:
         return
     steps = len(np.ravel(path.get("n_newton", [])))
-    for name in Params.GENE_FIELDS:
+    for name in GENE_ARRAYS:
         if name not in path and not steps:
             continue
         want = (steps,) + getattr(model, name + "_").shape
@@ -376,8 +331,8 @@ def from_params(
         fit_path_=None,
     )
     set_state(model, state)
-    model.n_params_ = count_parameters(model)
-    pen = model.default_penalty(model.training_design())
+    model.n_params_ = count_parameters(model, n, J)
+    pen = default_penalty(model, model.training_design())
     model.penalty_params_ = penalty_params(pen)
     model.penalty_ = pen.value(model.get_params_torch())
     return model

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from ..data.validate import check_anndata, check_key
 from ..estimator import ZINBWaVE, resolve_device
-from ..persistence import check_fitted, from_anndata, model_elements, store_model
+from ..fitted import check_fitted
+from ..persistence import from_anndata, model_elements, store_model
 
 __all__ = ["zinbwave", "store_model", "model_elements", "model_from_anndata", "resolve_model"]
 
