@@ -84,6 +84,12 @@ API_MODULES = {
         "Preprocessing: ``zinbgrad.pp``",
         "Gene selection in scanpy's style: the scVI benchmarks' top-variance genes.",
     ),
+    "zinbgrad.persistence": (
+        "Model files: ``zinbgrad.persistence``",
+        "A fitted model's state (one list of fitted attributes) to and from a ``.npz`` model "
+        "file or an AnnData; :meth:`zinbgrad.ZINBWaVE.save`, :meth:`~zinbgrad.ZINBWaVE.load` "
+        "and :func:`zinbgrad.tl.model_from_anndata` are the usual entry points.",
+    ),
     "zinbgrad.datasets": (
         "Data sets: ``zinbgrad.datasets``",
         "Small data sets shipped inside the package (nothing is downloaded), and readers of "

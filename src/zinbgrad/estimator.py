@@ -9,17 +9,14 @@ The estimator holds the hyper-parameters and the fitted state and delegates: run
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
 import time
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, TransformerMixin
 
+from . import persistence
 from .data.open import open_counts
 from .data.validate import check_unique_names
 from .encoding import (
@@ -29,9 +26,6 @@ from .encoding import (
     training_design,
     training_inputs,
 )
-from .fitted import CELL_ARRAYS as _CELL_ARRAYS
-from .fitted import GENE_ARRAYS as _GENE_ARRAYS
-from .fitted import OPTIONAL_ARRAYS as _OPTIONAL_ARRAYS
 from .fitted import check_fitted, fitted_masks, latent_scores, model_params
 from .fitting import (
     check_hyperparameters,
@@ -43,8 +37,6 @@ from .fitting import (
     store_params,
     store_result,
 )
-from .fitting import is_int as _is_int
-from .io_utils import atomic_write, npz_file, read_npz_metadata
 from .model.outputs import compute_output
 from .model.params import Design, Params, Penalty
 from .optim.checkpoint import check_checkpoint_paths
@@ -56,7 +48,8 @@ from .optim.solve import solve
 from .optim.solvers import resolve_solver
 from .optim.state import Problem
 from .penalties import DELTA_RATIO as DELTA_RATIO
-from .penalties import default_penalty, fitted_penalty
+from .penalties import default_penalty, fitted_penalty, penalty_params
+from .persistence import model_file as model_file  # the CLI's import
 from .projection import likelihood_tensors, project, training_loglik
 from .query import QueryMapping, map_query
 from .runtime import CPU_BLOCK_ENTRIES as CPU_BLOCK_ENTRIES
@@ -67,41 +60,6 @@ from .runtime import GPU_MEMORY_SHARE as GPU_MEMORY_SHARE
 from .runtime import gpu_block_entries as gpu_block_entries
 
 __all__ = ["ZINBWaVE", "resolve_device"]
-
-
-FORMAT_NAME = "zinbgrad-model"
-FORMAT_VERSION = 1
-
-
-def model_file(path: str | os.PathLike) -> Path:
-    """Where :meth:`ZINBWaVE.save` writes ``path`` and :meth:`ZINBWaVE.load` reads it:
-    ``path`` itself when it ends in ``.npz``, with ``.npz`` appended when it has no extension;
-    a folder or another extension is an error."""
-    return npz_file(path, "model file")
-
-
-def _jsonable(v):
-    """``v`` with numpy scalars and arrays turned into Python values (for JSON)."""
-    if isinstance(v, np.ndarray | np.generic):
-        return v.tolist()
-    if isinstance(v, np.random.RandomState):  # its seed was drawn at fit time; not saved
-        return None
-    return v
-
-
-def _penalty_params(pen: Penalty) -> dict:
-    """Every epsilon of a penalty, as plain Python values (``epsilon_delta`` only for a model
-    with batch-specific loadings)."""
-    extra = {} if pen.delta is None else {"epsilon_delta": pen.delta}
-    return extra | {
-        "epsilon_beta_mu": pen.beta_mu.cpu().numpy().tolist(),
-        "epsilon_beta_pi": pen.beta_pi.cpu().numpy().tolist(),
-        "epsilon_gamma_mu": pen.gamma_mu.cpu().numpy().tolist(),
-        "epsilon_gamma_pi": pen.gamma_pi.cpu().numpy().tolist(),
-        "epsilon_W": pen.W,
-        "epsilon_alpha": pen.alpha,
-        "epsilon_zeta": pen.zeta,
-    }
 
 
 class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
@@ -347,7 +305,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
 
     @staticmethod
     def _checkpoint_tag(inp, xnames, Vm, O_mu, O_pi, pen: Penalty) -> dict:
-        return checkpoint_tag(inp, xnames, Vm, O_mu, O_pi, _penalty_params(pen))
+        return checkpoint_tag(inp, xnames, Vm, O_mu, O_pi, penalty_params(pen))
 
     # ------------------------------------------------------------------ fit
     def _fit_options(self, n, J, dev, dt, checkpoint, checkpoint_every, tag, t_start):
@@ -494,7 +452,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
             return self
 
     def _store_penalty(self, pen: Penalty) -> None:
-        self.penalty_params_ = _penalty_params(pen)
+        self.penalty_params_ = penalty_params(pen)
 
     @property
     def theta_(self) -> np.ndarray:
@@ -725,56 +683,8 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         return self.fit(data, **fit_params).W_
 
     # ------------------------------------------------------------------ persistence
-    def _metadata(self) -> dict[str, Any]:
-        return {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "zinbgrad_version": __import__("zinbgrad").__version__,
-            # not the device: where a model runs is chosen where it is used (load, transform)
-            "hyperparameters": {
-                k: _jsonable(v) for k, v in self.get_params().items() if k != "device"
-            },
-            "X_columns": self.X_columns_,
-            "batch_info": self.batch_info_,
-            "penalty_params": self.penalty_params_,
-            "loglik": self.loglik_,
-            "penalty": self.penalty_,
-            "objective": self.objective_,
-            "history": self.history_,
-            "n_iter": self.n_iter_,
-            "converged": self.converged_,
-            "fit_time": self.fit_time_,
-            "n_params": self.n_params_,
-        }
-
-    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
-        """Save to a ``.npz`` archive (arrays + a JSON metadata string; no pickle).
-
-        The file is written to a temporary name and renamed, so an interrupted save never
-        leaves a half-written model.
-        """
-        self._check_fitted()
-        path = model_file(path)
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-        arrays = {k: getattr(self, k + "_") for k in _GENE_ARRAYS + _CELL_ARRAYS}
-        arrays.update(X=self.X_, V=self.V_, var_names=self.var_names_, obs_names=self.obs_names_)
-        genes, cells, names_in = self.fitted_masks()
-        arrays.update(gene_fitted=genes, cell_fitted=cells, var_names_in=names_in)
-        if self.O_mu_ is not None:
-            arrays["O_mu"] = self.O_mu_
-        if self.O_pi_ is not None:
-            arrays["O_pi"] = self.O_pi_
-        for k in _OPTIONAL_ARRAYS:
-            if getattr(self, k + "_", None) is not None:
-                arrays[k] = getattr(self, k + "_")
-        for k, v in (getattr(self, "fit_path_", None) or {}).items():
-            arrays["path_" + k] = v
-        arrays["metadata"] = np.array(json.dumps(self._metadata()))
-        with atomic_write(path, overwrite=overwrite, what="model file") as tmp:
-            with open(tmp, "wb") as fh:
-                np.savez_compressed(fh, **arrays)
-        return path
+    # (the fitted state <-> .npz / AnnData: zinbgrad.persistence)
+    save = persistence.save
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str | torch.device = "auto") -> ZINBWaVE:
@@ -790,264 +700,11 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
             loads and runs on a machine without one.
         """
         resolve_device(device)  # a device this machine lacks is an error now, not later
-        given = Path(path)
-        path = model_file(path) if not given.exists() and not given.suffix else given
-        if not path.exists():
-            raise FileNotFoundError(f"no such model file: {given}")
-        z, meta = read_npz_metadata(path, "model file")
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-            raise ValueError(f"{path} is not a zinbgrad model file")
-        version = meta.get("format_version", 0)
-        if not _is_int(version):
-            raise ValueError(f"{path} is not a valid zinbgrad model file (format_version)")
-        if version > FORMAT_VERSION:
-            raise ValueError(
-                f"{path} was written by a newer zinbgrad (format {version}); "
-                "upgrade zinbgrad to read it"
-            )
-        try:
-            model = cls._from_archive(z, meta)
-        except (KeyError, TypeError, ValueError, AttributeError) as err:
-            msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-            raise ValueError(f"{path} is not a valid zinbgrad model file: {msg}") from err
+        model = persistence.load(cls, path)
         model.device = device
         return model
 
-    @classmethod
-    def _from_archive(cls, z, meta: dict) -> ZINBWaVE:
-        files = set(z.files)
-        required = {*(k for k in _GENE_ARRAYS + _CELL_ARRAYS), "X", "V", "var_names", "obs_names"}
-        missing = sorted(required - files)
-        if missing:
-            raise KeyError(f"missing arrays {missing}")
-        params = meta["hyperparameters"]
-        if not isinstance(params, dict):
-            raise TypeError("hyperparameters must be a mapping")
-        unknown = sorted(set(params) - set(cls().get_params()))
-        if unknown:
-            raise ValueError(f"unknown hyperparameters {unknown}")
-        model = cls(**{k: v for k, v in params.items() if k != "device"})
-        for k in _GENE_ARRAYS + _CELL_ARRAYS:
-            setattr(model, k + "_", np.asarray(z[k], dtype=np.float64))
-        model.X_ = np.asarray(z["X"], dtype=np.float64)
-        model.V_ = np.asarray(z["V"], dtype=np.float64)
-        model.O_mu_ = np.asarray(z["O_mu"], dtype=np.float64) if "O_mu" in files else None
-        model.O_pi_ = np.asarray(z["O_pi"], dtype=np.float64) if "O_pi" in files else None
-        for k in _OPTIONAL_ARRAYS:
-            setattr(model, k + "_", np.asarray(z[k], dtype=np.float64) if k in files else None)
-        path = {k[5:]: z[k] for k in z.files if k.startswith("path_")}
-        model.fit_path_ = path or None
-        model.var_names_ = z["var_names"].astype(str)
-        model.obs_names_ = z["obs_names"].astype(str)
-        model.n_features_in_ = len(model.var_names_)
-        if "gene_fitted" in files:  # older files: every gene and cell was fitted
-            model.gene_fitted_ = np.asarray(z["gene_fitted"], dtype=bool)
-            model.cell_fitted_ = np.asarray(z["cell_fitted"], dtype=bool)
-            model.var_names_in_ = z["var_names_in"].astype(str)
-        model.X_columns_ = [str(c) for c in meta["X_columns"]]
-        model.batch_info_ = dict(meta.get("batch_info") or {})
-        model.penalty_params_ = dict(meta["penalty_params"])
-        model.loglik_, model.penalty_ = float(meta["loglik"]), float(meta["penalty"])
-        model.objective_ = float(meta["objective"])
-        model.history_ = meta["history"]
-        model.n_iter_, model.converged_ = int(meta["n_iter"]), bool(meta["converged"])
-        model.fit_time_ = float(meta.get("fit_time", float("nan")))
-        model.n_params_ = int(meta["n_params"])
-        model._check_consistency()
-        n = model.W_.shape[0]
-        model.aic_ = 2.0 * model.n_params_ - 2.0 * model.loglik_
-        model.bic_ = math.log(n) * model.n_params_ - 2.0 * model.loglik_
-        return model
-
-    def _check_consistency(self) -> None:
-        """Every fitted array has the shape the others imply, and finite values.
-
-        The numbers of cells and genes are those most arrays agree on, so that an edited or
-        truncated array is the one named.
-        """
-        ndims = {"zeta": 1, "var_names": 1, "obs_names": 1}
-        for name in _GENE_ARRAYS + _CELL_ARRAYS + ("X", "V", "var_names", "obs_names"):
-            a = getattr(self, name + "_")
-            if np.ndim(a) != ndims.get(name, 2):
-                raise ValueError(
-                    f"{name} has {np.ndim(a)} dimensions (shape {np.shape(a)}), expected "
-                    f"{ndims.get(name, 2)}"
-                )
-
-        def agreed(sizes: dict[str, int]) -> int:
-            values = list(sizes.values())
-            return max(values, key=values.count)  # ties: the first listed
-
-        n = agreed(
-            {
-                "W": self.W_.shape[0],
-                "obs_names": len(self.obs_names_),
-                "X": self.X_.shape[0],
-                "gamma_mu": self.gamma_mu_.shape[1],
-                "gamma_pi": self.gamma_pi_.shape[1],
-            }
-        )
-        J = agreed(
-            {
-                "zeta": len(self.zeta_),
-                "var_names": len(self.var_names_),
-                "alpha_mu": self.alpha_mu_.shape[1],
-                "alpha_pi": self.alpha_pi_.shape[1],
-                "beta_mu": self.beta_mu_.shape[1],
-                "beta_pi": self.beta_pi_.shape[1],
-                "V": self.V_.shape[0],
-            }
-        )
-        K = self.n_components
-        M, L = self.X_.shape[1], self.V_.shape[1]
-        expected = {
-            "W": (n, K),
-            "alpha_mu": (K, J),
-            "alpha_pi": (K, J),
-            "zeta": (J,),
-            "X": (n, M),
-            "V": (J, L),
-            "obs_names": (n,),
-            "var_names": (J,),
-        }
-        for name, shape in expected.items():
-            a = getattr(self, name + "_")
-            if a.shape != shape:
-                raise ValueError(f"{name} has shape {a.shape}, expected {shape}")
-        for name, rows in (("beta_mu", M), ("beta_pi", M), ("gamma_mu", L), ("gamma_pi", L)):
-            a = getattr(self, name + "_")
-            cols = n if name.startswith("gamma") else J
-            if a.shape[1] != cols or a.shape[0] > rows:
-                raise ValueError(f"{name} has shape {a.shape}, expected (<= {rows}, {cols})")
-        genes, cells, names_in = self.fitted_masks()
-        if genes.sum() != J or cells.sum() != n or len(names_in) != len(genes):
-            raise ValueError(
-                f"gene_fitted/cell_fitted select {genes.sum()} genes and {cells.sum()} cells, "
-                f"not {J} and {n}"
-            )
-        if not np.array_equal(names_in[genes], self.var_names_):
-            raise ValueError("var_names_in[gene_fitted] differ from var_names")
-        delta = getattr(self, "delta_mu_", None)
-        if self.batch_loadings:
-            B = len((self.batch_info_ or {}).get("levels", ()))
-            if delta is None or delta.shape != (B, K, J) or B < 2:
-                raise ValueError(
-                    f"delta_mu has shape {None if delta is None else delta.shape}, expected "
-                    f"({B}, {K}, {J}) (batch_loadings=True with {B} batch levels)"
-                )
-            if not np.isfinite(delta).all():
-                raise ValueError("delta_mu has NaN or infinite values")
-        elif delta is not None:
-            raise ValueError("delta_mu is set but batch_loadings is False")
-        path = getattr(self, "fit_path_", None) or {}
-        if path:
-            steps = len(np.ravel(path.get("n_newton", [])))
-            for name in _GENE_ARRAYS:
-                if name not in path and not steps:
-                    continue
-                want = (steps,) + getattr(self, name + "_").shape
-                got = np.shape(path.get(name))
-                if got != want:
-                    raise ValueError(f"the fit path's {name} has shape {got}, expected {want}")
-            if steps and np.shape(path.get("T")) != (steps, K, K):
-                raise ValueError(
-                    f"the fit path's T has shape {np.shape(path.get('T'))}, expected "
-                    f"{(steps, K, K)}"
-                )
-        if len(self.X_columns_) != M:
-            raise ValueError(f"{len(self.X_columns_)} X column names for {M} columns")
-        for name in ("O_mu", "O_pi"):
-            a = getattr(self, name + "_")
-            if a is not None and (a.ndim != 2 or a.shape[0] != n or a.shape[1] not in (1, J)):
-                raise ValueError(f"{name} has shape {a.shape}, expected ({n}, 1) or ({n}, {J})")
-        for name in _GENE_ARRAYS + _CELL_ARRAYS + ("X", "V"):
-            if not np.isfinite(getattr(self, name + "_")).all():
-                raise ValueError(f"{name} has NaN or infinite values")
-        history = self.history_
-        if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
-            raise ValueError("history must be a list of per-epoch records (mappings)")
-
-    # ------------------------------------------------------------------ from given parameters
-    @classmethod
-    def from_params(
-        cls,
-        *,
-        W,
-        alpha_mu,
-        beta_mu,
-        gamma_mu,
-        zeta,
-        alpha_pi=None,
-        beta_pi=None,
-        gamma_pi=None,
-        X=None,
-        V=None,
-        X_columns: list[str] | None = None,
-        var_names=None,
-        obs_names=None,
-        **hyperparameters,
-    ) -> ZINBWaVE:
-        """A model with the given parameters (zinbwave's orientation), e.g. an R zinbwave fit.
-
-        Penalties follow the hyper-parameters (zinbwave defaults unless overridden).
-        ``loglik_``/``objective_`` are NaN until computed with :meth:`loglik` on the data.
-        """
-        W = np.asarray(W, dtype=np.float64)
-        n, K = W.shape
-        alpha_mu = np.asarray(alpha_mu, dtype=np.float64)
-        J = alpha_mu.shape[1]
-        hyperparameters.setdefault("n_components", K)
-        model = cls(**hyperparameters)
-        Xm = np.ones((n, 1)) if X is None else np.asarray(X, dtype=np.float64)
-        Vm = np.ones((J, 1)) if V is None else np.asarray(V, dtype=np.float64)
-        model.W_, model.alpha_mu_ = W, alpha_mu
-        model.beta_mu_ = np.asarray(beta_mu, dtype=np.float64)
-        model.gamma_mu_ = np.asarray(gamma_mu, dtype=np.float64)
-        model.zeta_ = np.broadcast_to(np.asarray(zeta, dtype=np.float64).ravel(), (J,)).copy()
-
-        def zeros_like(x, shape):
-            return np.zeros(shape) if x is None else np.asarray(x, dtype=np.float64)
-
-        model.alpha_pi_ = zeros_like(alpha_pi, (K, J))
-        model.beta_pi_ = zeros_like(beta_pi, model.beta_mu_.shape)
-        model.gamma_pi_ = zeros_like(gamma_pi, model.gamma_mu_.shape)
-        if not model.zero_inflation:
-            model.alpha_pi_ = np.zeros_like(model.alpha_pi_)
-            model.beta_pi_ = np.zeros_like(model.beta_pi_)
-            model.gamma_pi_ = np.zeros_like(model.gamma_pi_)
-        model.X_, model.V_ = Xm, Vm
-        model.O_mu_ = model.O_pi_ = None
-        if model.batch_loadings:
-            raise ValueError("from_params builds zinbwave's model: batch_loadings must be False")
-        model.delta_mu_ = None
-        model.fit_path_ = None
-        model.X_columns_ = (
-            list(X_columns)
-            if X_columns
-            else (
-                ["intercept"] + [f"x{m}" for m in range(1, Xm.shape[1])]
-                if np.all(Xm[:, 0] == 1)
-                else [f"x{m}" for m in range(Xm.shape[1])]
-            )
-        )
-        model.batch_info_ = {}
-        model.var_names_ = (
-            np.asarray(var_names).astype(str)
-            if var_names is not None
-            else np.array([f"gene{j}" for j in range(J)])
-        )
-        model.obs_names_ = (
-            np.asarray(obs_names).astype(str) if obs_names is not None else np.arange(n).astype(str)
-        )
-        model.n_features_in_ = J
-        design = model.training_design()
-        pen = model._default_penalty(design)
-        model._store_penalty(pen)
-        model.penalty_ = pen.value(model.get_params_torch())
-        model.loglik_ = model.objective_ = float("nan")
-        model.history_, model.n_iter_, model.converged_ = [], 0, False
-        model.fit_time_ = float("nan")
-        return model
+    from_params = classmethod(persistence.from_params)
 
     # ------------------------------------------------------------------ likelihood of data
     def loglik(self, data, *, layer: str | None = None) -> float:

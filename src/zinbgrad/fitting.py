@@ -24,7 +24,9 @@ __all__ = [
     "EPSILONS",
     "check_hyperparameters",
     "checkpoint_tag",
+    "count_parameters",
     "fit_seed",
+    "information_criteria",
     "is_int",
     "leave_out_empty",
     "progress_bar",
@@ -260,12 +262,13 @@ def store_params(model, params: Params, design: Design, Xm, xnames, Vm, counts) 
     model.n_features_in_ = len(model.var_names_)
 
 
-def set_criteria(model, n: int, J: int) -> None:
-    """Set ``n_params_``, ``aic_`` and ``bic_`` (zinbwave's ``nParams``, ``zinbAIC``,
-    ``zinbBIC``) of a fitted ``model`` of ``n`` cells x ``J`` genes from its ``loglik_``."""
+def count_parameters(model, n: int, J: int) -> int:
+    """The number of free parameters of a fitted ``model`` of ``n`` cells x ``J`` genes
+    (zinbwave's ``nParams``: its design's coefficients, ``W``, the loadings, one dispersion
+    per distinct ``zeta_`` value, and the batch-specific loading offsets)."""
     K = model.n_components
     n_disp = len(np.unique(model.zeta_))
-    model.n_params_ = int(
+    count = int(
         J * (model.beta_mu_.shape[0] + model.beta_pi_.shape[0])
         + n * (model.gamma_mu_.shape[0] + model.gamma_pi_.shape[0])
         + 2 * K * J
@@ -273,9 +276,21 @@ def set_criteria(model, n: int, J: int) -> None:
         + n_disp
     )
     if getattr(model, "delta_mu_", None) is not None:
-        model.n_params_ += int(model.delta_mu_.size)
-    model.aic_ = 2.0 * model.n_params_ - 2.0 * model.loglik_
-    model.bic_ = math.log(n) * model.n_params_ - 2.0 * model.loglik_
+        count += int(model.delta_mu_.size)
+    return count
+
+
+def information_criteria(n_params: int, loglik: float, n_cells: int) -> tuple[float, float]:
+    """``(AIC, BIC)`` of a model with ``n_params`` parameters and log-likelihood ``loglik``
+    on ``n_cells`` cells (zinbwave's ``zinbAIC``/``zinbBIC``)."""
+    return 2.0 * n_params - 2.0 * loglik, math.log(n_cells) * n_params - 2.0 * loglik
+
+
+def set_criteria(model, n: int, J: int) -> None:
+    """Set ``n_params_``, ``aic_`` and ``bic_`` of a fitted ``model`` of ``n`` cells x ``J``
+    genes from its ``loglik_``."""
+    model.n_params_ = count_parameters(model, n, J)
+    model.aic_, model.bic_ = information_criteria(model.n_params_, model.loglik_, n)
 
 
 def store_result(model, result, trajectory) -> None:

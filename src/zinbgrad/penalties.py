@@ -6,7 +6,7 @@ import torch
 
 from .model.params import Design, Penalty
 
-__all__ = ["DELTA_RATIO", "default_penalty", "fitted_penalty", "zinbwave_penalty"]
+__all__ = ["DELTA_RATIO", "default_penalty", "fitted_penalty", "penalty_params", "zinbwave_penalty"]
 
 #: default ridge weight of the batch-specific loading offsets (``batch_loadings=True``),
 #: relative to ``epsilon_alpha``: of 0.1, 1 and 10 (x epsilon_alpha), the best mean
@@ -44,6 +44,22 @@ def default_penalty(model, design: Design) -> Penalty:
             DELTA_RATIO * pen.alpha if model.epsilon_delta is None else float(model.epsilon_delta)
         )
     return pen
+
+
+def penalty_params(pen: Penalty) -> dict:
+    """Every epsilon of a penalty, as plain Python values: a fitted model's record
+    ``penalty_params_`` (``epsilon_delta`` only for a model with batch-specific loadings),
+    which :func:`fitted_penalty` turns back into a :class:`~zinbgrad.model.params.Penalty`."""
+    extra = {} if pen.delta is None else {"epsilon_delta": pen.delta}
+    return extra | {
+        "epsilon_beta_mu": pen.beta_mu.cpu().numpy().tolist(),
+        "epsilon_beta_pi": pen.beta_pi.cpu().numpy().tolist(),
+        "epsilon_gamma_mu": pen.gamma_mu.cpu().numpy().tolist(),
+        "epsilon_gamma_pi": pen.gamma_pi.cpu().numpy().tolist(),
+        "epsilon_W": pen.W,
+        "epsilon_alpha": pen.alpha,
+        "epsilon_zeta": pen.zeta,
+    }
 
 
 def fitted_penalty(model, design: Design) -> Penalty:
