@@ -16,19 +16,13 @@ MAX_FUNCTION_LINES = 80
 
 # Pending issue 16 (being removed as the redesign lands): every entry must go.
 CYCLE_ALLOW: set[frozenset[str]] = set()
-PRIVATE_ALLOW: set[str] = {
-    "zinbgrad.cli.common imports zinbgrad.tl._zinbwave.model_elements",
-    "zinbgrad.cli.common imports zinbgrad.tl._zinbwave.model_from_anndata",
-    "zinbgrad.cli.fit imports zinbgrad.tl._zinbwave.store_model",
-    "zinbgrad.tl._outputs imports zinbgrad.tl._zinbwave._check_anndata",
-    "zinbgrad.tl._zinbwave uses model._check_consistency",
-    "zinbgrad.tl._zinbwave uses model._check_fitted",
-    "zinbgrad.tl._zinbwave uses model._metadata",
-}
+PRIVATE_ALLOW: set[str] = set()
 
 # module (dotted, relative to zinbgrad) -> reason it may exceed MAX_FILE_LINES
 FILE_ALLOW: dict[str, str] = {
-    "zinbgrad.estimator": ("issue 16: not yet split"),
+    "zinbgrad.estimator": (
+        "346 of its 780 lines are numpydoc docstrings (27 hyper-parameters); 434 of code"
+    ),
 }
 
 # "module:qualname" -> reason it may exceed MAX_FUNCTION_LINES
@@ -39,7 +33,6 @@ FUNCTION_ALLOW: dict[str, str] = {
     "zinbgrad.estimator:ZINBWaVE.fit": (
         "14-parameter signature (16 lines), 35-line numpydoc docstring; the body is 61 lines"
     ),
-    "zinbgrad.estimator:ZINBWaVE._check_consistency": ("issue 16: not yet split"),
     "zinbgrad.simulate:make_synthetic": (
         "17 parameters: 20-line signature, 57-line numpydoc docstring, 46-line body"
     ),

@@ -140,7 +140,7 @@ def read_h5ad_checked(path: Path):
 def load_model(path: str | None, key: str, adata=None):
     """The model from ``--model`` (.npz or .h5ad) or, without it, from ``adata``."""
     from ..estimator import ZINBWaVE
-    from ..tl._zinbwave import model_from_anndata
+    from ..tl import model_from_anndata
 
     if path is None:
         if adata is None:
@@ -182,7 +182,7 @@ def write_model_into_copy(inp: Path, out: Path, model, key_added: str) -> None:
 
     from ..data.writer import add_elements
     from ..io_utils import atomic_write
-    from ..tl._zinbwave import model_elements
+    from ..persistence import model_elements
 
     elements = model_elements(model, key_added)
     with atomic_write(out) as tmp:

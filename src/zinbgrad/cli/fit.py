@@ -21,8 +21,8 @@ __all__ = ["add_convert_parser", "add_demo_parser", "add_fit_parser", "demo_figu
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
-    from ..estimator import model_file
     from ..optim.checkpoint import check_checkpoint_paths
+    from ..persistence import model_file
 
     inp, out = Path(args.input), Path(args.output)
     if not inp.exists():
@@ -73,7 +73,7 @@ def _fit_and_write(args: argparse.Namespace) -> int:
     """
     from ..estimator import ZINBWaVE
     from ..optim.distributed import current_comm, init_from_env
-    from ..tl._zinbwave import store_model
+    from ..persistence import store_model
 
     comm = init_from_env() if "WORLD_SIZE" in os.environ else current_comm()
     inp, out = Path(args.input), Path(args.output)

@@ -16,13 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from ..data.validate import check_key, extract_counts
+from ..data.validate import check_anndata, check_key, extract_counts
 from ..encoding import align_genes
 from ..estimator import ZINBWaVE
 from ..fitted import check_fitted
 from ..model import outputs as _out
 from ..runtime import resolve_device
-from ._zinbwave import _check_anndata, model_from_anndata
+from ._zinbwave import model_from_anndata
 from ._zinbwave import resolve_model as _resolve_model
 
 __all__ = [
@@ -406,7 +406,7 @@ def project(
     copy
         Return a modified copy instead of writing into ``adata_query``.
     """
-    _check_anndata(adata_query, "adata_query")
+    check_anndata(adata_query, "adata_query")
     check_key(key_added, "key_added")
     model = _model_argument(model, key)
     query_genes = set(np.asarray(adata_query.var_names).astype(str))
@@ -449,7 +449,7 @@ def _model_argument(model, key: str) -> ZINBWaVE:
 
         return model_from_anndata(ad.read_h5ad(path), key)
     if not isinstance(model, ZINBWaVE):
-        _check_anndata(model, "model (a fitted ZINBWaVE, the reference AnnData or a path)")
+        check_anndata(model, "model (a fitted ZINBWaVE, the reference AnnData or a path)")
         model = model_from_anndata(model, key)
     check_fitted(model)
     return model

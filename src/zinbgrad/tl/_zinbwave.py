@@ -14,10 +14,6 @@ from ..persistence import from_anndata, model_elements, store_model
 __all__ = ["zinbwave", "store_model", "model_elements", "model_from_anndata", "resolve_model"]
 
 
-def _check_anndata(adata, what: str = "adata") -> None:
-    check_anndata(adata, what)
-
-
 def model_from_anndata(adata, key: str = "X_zinbwave", *, device="auto") -> ZINBWaVE:
     """Rebuild the fitted :class:`ZINBWaVE` stored by :func:`zinbwave` / :func:`store_model`.
 
@@ -41,7 +37,7 @@ def model_from_anndata(adata, key: str = "X_zinbwave", *, device="auto") -> ZINB
 def resolve_model(adata, key: str = "X_zinbwave", model: ZINBWaVE | None = None) -> ZINBWaVE:
     """``model`` (checked to be a fitted :class:`ZINBWaVE`), or the one stored in ``adata``
     under ``key`` when ``model`` is None."""
-    _check_anndata(adata)
+    check_anndata(adata)
     if model is None:
         return model_from_anndata(adata, key)
     if not isinstance(model, ZINBWaVE):
@@ -88,7 +84,7 @@ def zinbwave(
     -------
     The AnnData copy if ``copy=True``, else the fitted :class:`zinbgrad.ZINBWaVE` model.
     """
-    _check_anndata(adata)
+    check_anndata(adata)
     check_key(key_added, "key_added")
     target = adata.copy() if copy else adata
     model = ZINBWaVE(n_components, **kwargs)
