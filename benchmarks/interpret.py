@@ -267,6 +267,28 @@ def mcv(args) -> None:
 # --------------------------------------------------------------------------- report
 
 
+def _kselect_detail(x: dict) -> None:
+    """Per-K values behind one data set's recommendations (log-likelihoods per cell)."""
+    t, m = x["table"], x.get("mcv")
+    print(f"{x['dataset']} ({x['n_cells']} x {x['n_genes']}), per K:\n")
+    print(
+        "| K | bi-cross loglik (se) | held-out loglik | AIC | BIC | epochs | "
+        "MCV Poisson (se) | MCV MSE |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for i, k in enumerate(t["n_components"]):
+        mc = "- | -"
+        if m is not None and k in m["n_components"]:
+            j = m["n_components"].index(k)
+            mc = f"{m['poisson'][j]:.5f} ({m['poisson_se'][j]:.5f}) | {m['mse'][j]:.5f}"
+        print(
+            f"| {k} | {t['bicross_loglik'][i]:.2f} ({t['bicross_se'][i]:.2f}) | "
+            f"{t['heldout_loglik'][i]:.2f} | {t['aic'][i]:.4g} | {t['bic'][i]:.4g} | "
+            f"{t['n_iter'][i]} | {mc} |"
+        )
+    print()
+
+
 def report(args) -> None:
     d = Path(args.dir) if args.dir else OUT
     p = d / "coverage.json"
@@ -310,6 +332,9 @@ def report(args) -> None:
                 f"{rb.get('mcv_lowest', '-')} | {x['seconds']:.0f} |"
             )
         print()
+        for x in r["rows"]:
+            _kselect_detail(x)
+
     for p in sorted(d.glob("mcv*.json")):
         r = json.loads(p.read_text())
         print(
