@@ -19,6 +19,7 @@ import numpy as np
 from .data.validate import empty_counts_message
 from .fitted import CELL_ARRAYS, GENE_ARRAYS
 from .model.params import Design, Params
+from .penalties import EPSILON_NAMES
 
 __all__ = [
     "EPSILONS",
@@ -36,16 +37,7 @@ __all__ = [
 ]
 
 #: The penalty hyper-parameters (each None or a non-negative number).
-EPSILONS = (
-    "epsilon",
-    "epsilon_beta",
-    "epsilon_gamma",
-    "epsilon_W",
-    "epsilon_alpha",
-    "epsilon_zeta",
-    "epsilon_min_logit",
-    "epsilon_delta",
-)
+EPSILONS = (*EPSILON_NAMES, "epsilon_delta")
 
 _CHOICES = {
     "solver": ("auto", "full", "sketch", "stochastic"),

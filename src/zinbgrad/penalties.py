@@ -6,7 +6,26 @@ import torch
 
 from .model.params import Design, Penalty
 
-__all__ = ["DELTA_RATIO", "default_penalty", "fitted_penalty", "penalty_params", "zinbwave_penalty"]
+__all__ = [
+    "DELTA_RATIO",
+    "EPSILON_NAMES",
+    "default_penalty",
+    "fitted_penalty",
+    "penalty_params",
+    "zinbwave_penalty",
+]
+
+#: The estimator's epsilon hyper-parameters (the keywords of
+#: :meth:`zinbgrad.model.params.Penalty.zinbwave_defaults`), in the order of its signature.
+EPSILON_NAMES = (
+    "epsilon",
+    "epsilon_beta",
+    "epsilon_gamma",
+    "epsilon_W",
+    "epsilon_alpha",
+    "epsilon_zeta",
+    "epsilon_min_logit",
+)
 
 #: default ridge weight of the batch-specific loading offsets (``batch_loadings=True``),
 #: relative to ``epsilon_alpha``: of 0.1, 1 and 10 (x epsilon_alpha), the best mean
@@ -23,14 +42,8 @@ def zinbwave_penalty(model, design: Design) -> Penalty:
     ``model`` (its hyper-parameters; nothing fitted is read)."""
     return Penalty.zinbwave_defaults(
         design,
-        epsilon=model.epsilon,
-        epsilon_beta=model.epsilon_beta,
-        epsilon_gamma=model.epsilon_gamma,
-        epsilon_W=model.epsilon_W,
-        epsilon_alpha=model.epsilon_alpha,
-        epsilon_zeta=model.epsilon_zeta,
-        epsilon_min_logit=model.epsilon_min_logit,
         common_dispersion=model.common_dispersion,
+        **{name: getattr(model, name) for name in EPSILON_NAMES},
     )
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 __all__ = [
     "EXIT_INTERRUPTED",
     "EXIT_TERMINATED",
+    "add_command",
+    "add_force_option",
     "check_io",
     "check_key",
     "check_output_path",
@@ -79,6 +81,21 @@ def check_output_path(
     if out.exists() and not force:
         raise SystemExit(f"error: {out} exists; pass --force to replace it")
     remove_stale_temps(out)
+
+
+def add_command(
+    subparsers, name: str, func: Callable, help_: str, description: str | None = None
+) -> argparse.ArgumentParser:
+    """Register the subcommand ``name`` (running ``func(args)``) on an ``argparse``
+    subparsers object, with its one-line ``help_`` and ``--help`` ``description``."""
+    p = subparsers.add_parser(name, help=help_, description=description)
+    p.set_defaults(func=func)
+    return p
+
+
+def add_force_option(p: argparse.ArgumentParser) -> None:
+    """``--force``: replace an existing output."""
+    p.add_argument("--force", action="store_true", help="replace an existing output")
 
 
 def check_key(key: str, what: str = "--key-added") -> None:

@@ -13,7 +13,15 @@ from __future__ import annotations
 import argparse
 import time
 
-from .common import check_io, cli_error, load_model, read_h5ad_checked, write_h5ad_atomic
+from .common import (
+    add_command,
+    add_force_option,
+    check_io,
+    cli_error,
+    load_model,
+    read_h5ad_checked,
+    write_h5ad_atomic,
+)
 
 __all__ = [
     "add_impute_parser",
@@ -222,11 +230,11 @@ def _add_common_options(p: argparse.ArgumentParser, *, model_help: str) -> None:
     p.add_argument("-o", "--output", required=True, help="output .h5ad (new file, atomic)")
     p.add_argument("--key", default="X_zinbwave", help="key of the model stored in the input")
     p.add_argument("--model", default=None, help=model_help)
-    p.add_argument("--force", action="store_true", help="replace an existing output")
+    add_force_option(p)
 
 
-def _layer_command(sub, name: str, help_: str, key_added: str | None, dtype: str):
-    p = sub.add_parser(name, help=help_, description=help_)
+def _layer_command(sub, name: str, func, help_: str, key_added: str | None, dtype: str):
+    p = add_command(sub, name, func, help_, help_)
     p.add_argument("input", help="input .h5ad with the counts and a fitted model (not modified)")
     _add_common_options(
         p,
@@ -249,22 +257,26 @@ def add_normalize_parser(subparsers) -> argparse.ArgumentParser:
     p = _layer_command(
         subparsers,
         "normalize",
+        _cmd_normalize,
         "zinbwave's normalized values (deviance residuals with W ignored) into a layer",
         "zinbwave_normalized",
         "float32",
     )
-    p.set_defaults(func=_cmd_normalize)
     return p
 
 
 def add_residuals_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``zinbgrad residuals`` on an ``argparse`` subparsers object."""
     p = _layer_command(
-        subparsers, "residuals", "deviance or Pearson residuals into a layer", None, "float32"
+        subparsers,
+        "residuals",
+        _cmd_residuals,
+        "deviance or Pearson residuals into a layer",
+        None,
+        "float32",
     )
     p.add_argument("--kind", default="deviance", choices=["deviance", "pearson"])
     p.add_argument("--ignore-w", action="store_true", help="set the latent factors W to 0")
-    p.set_defaults(func=_cmd_residuals)
     return p
 
 
@@ -273,12 +285,12 @@ def add_impute_parser(subparsers) -> argparse.ArgumentParser:
     p = _layer_command(
         subparsers,
         "impute",
+        _cmd_impute,
         "imputed counts (zinbwave's imputeZeros, or the denoised mean) into a layer",
         "zinbwave_imputed",
         "float32",
     )
     p.add_argument("--method", default="zeros", choices=["zeros", "mean"])
-    p.set_defaults(func=_cmd_impute)
     return p
 
 
@@ -287,20 +299,22 @@ def add_weights_parser(subparsers) -> argparse.ArgumentParser:
     p = _layer_command(
         subparsers,
         "weights",
+        _cmd_weights,
         "zinbwave's observational weights (for weighted DE) into a layer",
         "zinbwave_weights",
         "float64",
     )
-    p.set_defaults(func=_cmd_weights)
     return p
 
 
 def add_project_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``zinbgrad project`` on an ``argparse`` subparsers object."""
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "project",
-        help="map new cells into a fitted model's latent space",
-        description="Fit W (and the cell intercepts) of new cells with the model's gene "
+        _cmd_project,
+        "map new cells into a fitted model's latent space",
+        "Fit W (and the cell intercepts) of new cells with the model's gene "
         "parameters fixed; genes are matched by name (all model genes must be present). Each "
         "query cell is encoded with the fit's batch_key and covariate_keys, read from the "
         "query's obs (a missing column is an error).",
@@ -324,17 +338,18 @@ def add_project_parser(subparsers) -> argparse.ArgumentParser:
         default=None,
         help="optional check: must be the fit's covariate keys",
     )
-    p.add_argument("--force", action="store_true", help="replace an existing output")
-    p.set_defaults(func=_cmd_project)
+    add_force_option(p)
     return p
 
 
 def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``zinbgrad simulate`` on an ``argparse`` subparsers object."""
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "simulate",
-        help="simulate counts from a fitted model (zinbSim, or large synthetic datasets)",
-        description="Without --n-cells: one ZINB draw for the model's own cells (zinbwave's "
+        _cmd_simulate,
+        "simulate counts from a fitted model (zinbSim, or large synthetic datasets)",
+        "Without --n-cells: one ZINB draw for the model's own cells (zinbwave's "
         "zinbSim). With --n-cells: a synthetic dataset of that many new cells (latent factors "
         "drawn from the fit, planted batch effect and DE), streamed to the output in chunks.",
     )
@@ -355,7 +370,6 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--compression", choices=["gzip", "lzf"], help="of X (default none)")
     p.add_argument("--count-dtype", default="int32", choices=["int32", "int64"])
     p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.set_defaults(func=_cmd_simulate)
     return p
 
 

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 
 from .common import (
+    add_command,
+    add_force_option,
     check_key,
     check_output_path,
     cli_error,
@@ -237,7 +239,7 @@ def _add_fit_output_options(f: argparse.ArgumentParser) -> None:
     f.add_argument("--key-added", default="X_zinbwave", help="obsm key of the latent space")
     f.add_argument("--save-model", default=None, help="also save the model (.npz)")
     f.add_argument("--seed", type=int, default=0, help="random seed")
-    f.add_argument("--force", action="store_true", help="replace an existing output")
+    add_force_option(f)
     f.add_argument(
         "--allow-non-integer",
         action="store_true",
@@ -288,39 +290,42 @@ def _add_fit_solver_options(f: argparse.ArgumentParser) -> None:
 
 def add_fit_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``zinbgrad fit`` on an ``argparse`` subparsers object."""
-    f = subparsers.add_parser("fit", help="fit ZINB-WaVE to an .h5ad file and write a new .h5ad")
+    f = add_command(
+        subparsers, "fit", _cmd_fit, "fit ZINB-WaVE to an .h5ad file and write a new .h5ad"
+    )
     _add_fit_model_options(f)
     _add_fit_output_options(f)
     _add_fit_solver_options(f)
-    f.set_defaults(func=_cmd_fit)
     return f
 
 
 def add_convert_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``zinbgrad convert`` on an ``argparse`` subparsers object."""
-    c = subparsers.add_parser(
+    c = add_command(
+        subparsers,
         "convert",
-        help="rewrite a dense or CSC .h5ad with CSR counts, in chunks (for --stream)",
-        description="Copy an .h5ad, storing its counts (X or --layer) as CSR, so that fits can "
+        _cmd_convert,
+        "rewrite a dense or CSC .h5ad with CSR counts, in chunks (for --stream)",
+        "Copy an .h5ad, storing its counts (X or --layer) as CSR, so that fits can "
         "stream it by blocks of cells; the counts are never loaded whole.",
     )
     c.add_argument("input", help="input .h5ad (never modified)")
     c.add_argument("output", help="output .h5ad (written atomically)")
     c.add_argument("--layer", default=None, help="convert this layer instead of X")
-    c.add_argument("--force", action="store_true", help="replace an existing output")
-    c.set_defaults(func=_cmd_convert)
+    add_force_option(c)
     return c
 
 
 def add_demo_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``zinbgrad demo`` on an ``argparse`` subparsers object."""
-    d = subparsers.add_parser(
+    d = add_command(
+        subparsers,
         "demo",
-        help="fit the bundled example and write the result and a PNG",
-        description="Fit ZINB-WaVE (K=2) to the bundled pbmc_small example (80 cells x 230 "
+        _cmd_demo,
+        "fit the bundled example and write the result and a PNG",
+        "Fit ZINB-WaVE (K=2) to the bundled pbmc_small example (80 cells x 230 "
         "genes of 10x pbmc3k) and write the fitted .h5ad and a PNG of the latent space, "
         "coloured by cluster, into the output directory.",
     )
     d.add_argument("-o", "--output", default="zinbgrad_demo", help="output directory")
-    d.set_defaults(func=_cmd_demo)
     return d
