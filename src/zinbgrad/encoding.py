@@ -235,6 +235,7 @@ def _design_from_obs(model, obs, n: int, fit_batch, fit_covs) -> np.ndarray:
     return Xm
 
 
+# Also the method ZINBWaVE.encode_cells (``model`` is then the estimator itself).
 def encode_cells(
     model,
     obs,
@@ -245,8 +246,28 @@ def encode_cells(
     batch_key: str | None = None,
     covariate_keys: list[str] | str | None = None,
 ) -> np.ndarray:
-    """The design X (n x M, the fit's columns) of ``n`` new cells of a fitted ``model``
-    (see :meth:`ZINBWaVE.encode_cells` for the parameters)."""
+    """The design X (n x M, the fit's columns) of ``n`` new cells.
+
+    By default the fit's own ``batch_key`` and ``covariate_keys`` (:meth:`fit_keys`) are
+    read from ``obs``: categorical columns are encoded against the fitted levels with the
+    fit's reference level (the cells may hold any subset of them), numeric ones as they
+    are. A missing column, or a level the fit never saw, is an error that names it. A
+    model fitted without covariates ignores ``obs``.
+
+    Parameters
+    ----------
+    obs
+        The new cells' annotations (``adata.obs``), or ``None`` (arrays).
+    n
+        Number of new cells.
+    X
+        An explicit design instead (n x M, the fit's columns in order).
+    reference_batch
+        Encode every cell as the fit's reference batch with zero numeric covariates (an
+        intercept only), whatever ``obs`` holds.
+    batch_key, covariate_keys
+        Optional; when given they must be the fit's (a check, nothing more).
+    """
     check_fitted(model)
     M = len(model.X_columns_)
     if X is not None:

@@ -51,7 +51,7 @@ from .penalties import DELTA_RATIO as DELTA_RATIO
 from .penalties import default_penalty, fitted_penalty, penalty_params
 from .persistence import model_file as model_file  # the CLI's import
 from .projection import likelihood_tensors, project, training_loglik
-from .query import QueryMapping, map_query
+from .query import map_query
 from .runtime import CPU_BLOCK_ENTRIES as CPU_BLOCK_ENTRIES
 from .runtime import FUSED_MIN_ENTRIES, block_entries, cpu_threads, resolve_device, torch_setup
 from .runtime import GPU_BLOCK_ENTRIES as GPU_BLOCK_ENTRIES
@@ -487,47 +487,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         """
         return fit_keys(self)
 
-    def encode_cells(
-        self,
-        obs,
-        n: int,
-        *,
-        X=None,
-        reference_batch: bool = False,
-        batch_key: str | None = None,
-        covariate_keys: list[str] | str | None = None,
-    ) -> np.ndarray:
-        """The design X (n x M, the fit's columns) of ``n`` new cells.
-
-        By default the fit's own ``batch_key`` and ``covariate_keys`` (:meth:`fit_keys`) are
-        read from ``obs``: categorical columns are encoded against the fitted levels with the
-        fit's reference level (the cells may hold any subset of them), numeric ones as they
-        are. A missing column, or a level the fit never saw, is an error that names it. A
-        model fitted without covariates ignores ``obs``.
-
-        Parameters
-        ----------
-        obs
-            The new cells' annotations (``adata.obs``), or ``None`` (arrays).
-        n
-            Number of new cells.
-        X
-            An explicit design instead (n x M, the fit's columns in order).
-        reference_batch
-            Encode every cell as the fit's reference batch with zero numeric covariates (an
-            intercept only), whatever ``obs`` holds.
-        batch_key, covariate_keys
-            Optional; when given they must be the fit's (a check, nothing more).
-        """
-        return encode_cells(
-            self,
-            obs,
-            n,
-            X=X,
-            reference_batch=reference_batch,
-            batch_key=batch_key,
-            covariate_keys=covariate_keys,
-        )
+    encode_cells = encode_cells
 
     def transform(
         self,
@@ -575,60 +535,27 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
             with ``batch_loadings``) are estimated from its cells, every fitted gene parameter
             fixed, before their W (:meth:`map_query`). Without it, an unseen level is an error.
         """
-        query = (data, layer, X, batch_key, covariate_keys, O_mu, O_pi)
+        query = dict(layer=layer, X=X, batch_key=batch_key, covariate_keys=covariate_keys)
+        query.update(O_mu=O_mu, O_pi=O_pi)
+        return self._new_cells(data, new_batches, reference_batch, device, **query)[0]
+
+    map_query = map_query
+
+    def _new_cells(self, data, new_batches: bool, reference_batch: bool, device, **query):
+        """W (numpy) and the per-cell log-likelihood of new cells, for :meth:`transform` and
+        :meth:`score_samples`: projected, or with ``new_batches`` mapped (:meth:`map_query`)."""
         if new_batches:
-            self._check_new_batches(reference_batch)
-            return self._map_query_checked(*query, device=device).W
-        params, _, _ = project(self, *query, reference_batch, device=device)
-        return params.W.cpu().numpy()
-
-    def map_query(
-        self,
-        data,
-        *,
-        layer: str | None = None,
-        batch_key: str | None = None,
-        O_mu=None,
-        O_pi=None,
-        max_epochs: int = 100,
-        tol: float = 1e-4,
-        device: str | torch.device | None = None,
-        batch_loadings: bool | None = None,
-    ) -> QueryMapping:
-        """Map cells of batch levels the fit did not see (the linear-model scArches).
-
-        Each new level of the fit's ``batch_key`` gets an X column and, with
-        ``batch_loadings``, loading offsets, estimated from its cells with every fitted gene
-        parameter fixed, together with the cells' W and gamma (a model fitted on one batch
-        without ``batch_key`` maps every level of the query's ``obs[batch_key]`` this way;
-        ``batch_loadings``: estimate the new levels' offsets too, default as fitted). Returns a
-        :class:`zinbgrad.query.QueryMapping` (``W``, per-cell ``loglik``, the new ``levels``
-        and their coefficients). The model is not changed.
-        """
-        return map_query(
-            self,
-            data,
-            layer=layer,
-            batch_key=batch_key,
-            O_mu=O_mu,
-            O_pi=O_pi,
-            max_epochs=max_epochs,
-            tol=tol,
-            device=device,
-            batch_loadings=batch_loadings,
-        )
-
-    @staticmethod
-    def _check_new_batches(reference_batch: bool) -> None:
-        if reference_batch:
-            raise ValueError("pass either new_batches=True or reference_batch=True, not both")
-
-    def _map_query_checked(self, data, layer, X, batch_key, covariate_keys, O_mu, O_pi, device):
-        if X is not None or covariate_keys:
-            raise ValueError("new_batches=True reads the batch from obs; X/covariate_keys unused")
-        return self.map_query(
-            data, layer=layer, batch_key=batch_key, O_mu=O_mu, O_pi=O_pi, device=device
-        )
+            if reference_batch:
+                raise ValueError("pass either new_batches=True or reference_batch=True, not both")
+            if query["X"] is not None or query["covariate_keys"]:
+                raise ValueError(
+                    "new_batches=True reads the batch from obs; X/covariate_keys unused"
+                )
+            del query["X"], query["covariate_keys"]
+            mapped = self.map_query(data, device=device, **query)
+            return mapped.W, mapped.loglik
+        params, ll, _ = project(self, data, **query, reference_batch=reference_batch, device=device)
+        return params.W.cpu().numpy(), ll
 
     def score_samples(
         self,
@@ -651,12 +578,9 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         with ``new_batches=True``, at the coefficients of the unseen levels estimated from these
         cells).
         """
-        query = (data, layer, X, batch_key, covariate_keys, O_mu, O_pi)
-        if new_batches:
-            self._check_new_batches(reference_batch)
-            return self._map_query_checked(*query, device=device).loglik
-        _, ll, _ = project(self, *query, reference_batch, device=device)
-        return ll
+        query = dict(layer=layer, X=X, batch_key=batch_key, covariate_keys=covariate_keys)
+        query.update(O_mu=O_mu, O_pi=O_pi)
+        return self._new_cells(data, new_batches, reference_batch, device, **query)[1]
 
     def score(self, data, y=None, **kw) -> float:
         """Mean held-out log-likelihood per cell (higher is better; the mean of

@@ -103,6 +103,7 @@ def _query_levels(
     return key, values, fitted, new
 
 
+# Also the method ZINBWaVE.map_query (``model`` is then the estimator itself).
 def map_query(
     model,
     data,
@@ -113,15 +114,21 @@ def map_query(
     O_pi=None,
     max_epochs: int = 100,
     tol: float = 1e-4,
+    device: str | torch.device | None = None,
     batch_loadings: bool | None = None,
-    device=None,
 ) -> QueryMapping:
-    """Map query cells whose batch levels the fit may not have seen (see the module's notes).
+    """Map cells of batch levels the fit did not see (the linear-model scArches).
+
+    Each new level of the fit's ``batch_key`` gets an X column and, with
+    ``batch_loadings``, loading offsets, estimated from its cells with every fitted gene
+    parameter fixed, together with the cells' W and gamma (a model fitted on one batch
+    without ``batch_key`` maps every level of the query's ``obs[batch_key]`` this way;
+    ``batch_loadings``: estimate the new levels' offsets too, default as fitted). Returns a
+    :class:`zinbgrad.query.QueryMapping` (``W``, per-cell ``loglik``, the new ``levels``
+    and their coefficients). The model is not changed.
 
     Parameters
     ----------
-    model
-        A :class:`~zinbgrad.ZINBWaVE` fitted with ``batch_key`` (X: intercept and batch).
     data
         Counts of the query cells (AnnData, or anything :meth:`ZINBWaVE.transform` reads, with
         ``.obs``); genes aligned by name. Cells of fitted levels keep those levels' fitted

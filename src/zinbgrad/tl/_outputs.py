@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..data.validate import check_anndata, check_key, extract_counts
+from ..docstrings import doc_params
 from ..encoding import align_genes
 from ..estimator import ZINBWaVE
 from ..fitted import check_fitted
@@ -24,6 +25,25 @@ from ..model import outputs as _out
 from ..runtime import resolve_device
 from ._zinbwave import model_from_anndata
 from ._zinbwave import resolve_model as _resolve_model
+
+#: Parameter docs shared by the functions below (filled in by :func:`doc_params`).
+DOCS = {
+    "adata": """adata
+    The AnnData the model was fitted on.""",
+    "layer_key": """layer
+    Layer with the raw counts (default ``.X``).
+key
+    Key of the model stored by :func:`zinbgrad.tl.zinbwave`.""",
+    "model": """model
+    Use this fitted model instead of the stored one.""",
+    "device_copy": """device
+    Torch device of the computation.
+copy
+    Return a modified copy instead of writing into ``adata``.""",
+    "returns": """Returns
+-------
+The AnnData copy if ``copy=True``, else ``None``.""",
+}
 
 __all__ = [
     "normalize",
@@ -126,6 +146,7 @@ def _layer_output(
     return _finish(adata, copy, key_added, vals, info)
 
 
+@doc_params(**DOCS)
 def normalize(
     adata,
     *,
@@ -147,24 +168,15 @@ def normalize(
     ----------
     adata
         The AnnData the model was fitted on (same cells; genes in the model's order).
-    layer
-        Layer with the raw counts (default ``.X``).
-    key
-        Key of the model stored by :func:`zinbgrad.tl.zinbwave`.
+    {layer_key}
     key_added
         ``adata.layers[key_added]`` receives the values (cells x genes, dense).
-    model
-        Use this fitted model instead of the stored one.
+    {model}
     dtype
         dtype of the layer.
-    device
-        Torch device of the computation.
-    copy
-        Return a modified copy instead of writing into ``adata``.
+    {device_copy}
 
-    Returns
-    -------
-    The AnnData copy if ``copy=True``, else ``None``.
+    {returns}
     """
     info = {"output": "normalized_values", "key": key, "ignore_W": True}
     return _layer_output(
@@ -172,6 +184,7 @@ def normalize(
     )
 
 
+@doc_params(**DOCS)
 def residuals(
     adata,
     kind: str = "deviance",
@@ -189,8 +202,7 @@ def residuals(
 
     Parameters
     ----------
-    adata
-        The AnnData the model was fitted on.
+    {adata}
     kind
         ``"deviance"`` (zinbwave's ``computeDevianceResiduals``:
         ``sign(y - E[y]) sqrt(-2 log ZINB(y))``) or ``"pearson"``
@@ -198,10 +210,15 @@ def residuals(
     ignore_W
         Set the latent factors to 0 (``kind="deviance", ignore_W=True`` are the normalized
         values).
+    {layer_key}
     key_added
         Layer name (default ``f"zinbwave_{kind}_residuals"``).
-    layer, key, model, dtype, device, copy
-        As in :func:`normalize`.
+    {model}
+    dtype
+        dtype of the layer.
+    {device_copy}
+
+    {returns}
     """
     if kind not in ("deviance", "pearson"):
         raise ValueError(f"kind must be 'deviance' or 'pearson', got {kind!r}")
@@ -212,6 +229,7 @@ def residuals(
     )
 
 
+@doc_params(**DOCS)
 def impute(
     adata,
     method: str = "zeros",
@@ -228,8 +246,7 @@ def impute(
 
     Parameters
     ----------
-    adata
-        The AnnData the model was fitted on.
+    {adata}
     method
         ``"zeros"``: zinbwave's ``imputeZeros`` - every zero replaced by its expected value
         given that it is zero under the ZINB, ``mu pi / (pi + (1 - pi) NB(0))``, counts > 0
@@ -238,8 +255,15 @@ def impute(
         9e18, and zinbwave's formula gives ~mu), are named in one warning and their imputed
         zeros capped at the gene's largest observed count. ``"mean"``: the denoised mean
         ``(1 - pi) mu`` for every entry.
-    layer, key, key_added, model, dtype, device, copy
-        As in :func:`normalize`.
+    {layer_key}
+    key_added
+        ``adata.layers[key_added]`` receives the imputed counts.
+    {model}
+    dtype
+        dtype of the layer.
+    {device_copy}
+
+    {returns}
     """
     what = {"zeros": "impute_zeros", "mean": "mean"}.get(method)
     if what is None:
@@ -283,6 +307,7 @@ def _cap_imputed(adata, layer, m: ZINBWaVE, vals: np.ndarray) -> np.ndarray:
     return vals
 
 
+@doc_params(**DOCS)
 def observational_weights(
     adata,
     *,
@@ -303,13 +328,22 @@ def observational_weights(
 
     Parameters
     ----------
-    adata, layer, key, key_added, model, dtype, device, copy
-        As in :func:`normalize` (float64 by default: the weights reach 1e-15).
+    {adata}
+    {layer_key}
+    key_added
+        ``adata.layers[key_added]`` receives the weights.
+    {model}
+    dtype
+        dtype of the layer (float64 by default: the weights reach 1e-15).
+    {device_copy}
+
+    {returns}
     """
     info = {"output": "observational_weights", "key": key}
     return _layer_output(adata, "weights", info, layer, key, key_added, model, dtype, device, copy)
 
 
+@doc_params(**DOCS)
 def batch_corrected(
     adata,
     reference: str | None = None,
@@ -336,8 +370,16 @@ def batch_corrected(
         ``"mu"`` (NB mean), ``"mean"`` (``(1 - pi) mu``) or ``"log_mu"``.
     ignore_W
         Drop the latent factors too.
-    key, key_added, model, dtype, device, copy
-        As in :func:`normalize`.
+    key
+        Key of the model stored by :func:`zinbgrad.tl.zinbwave`.
+    key_added
+        ``adata.layers[key_added]`` receives the values.
+    {model}
+    dtype
+        dtype of the layer.
+    {device_copy}
+
+    {returns}
 
     Notes
     -----
