@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +22,7 @@ __all__ = [
     "load_model",
     "read_h5ad_checked",
     "run_command",
+    "run_timed",
     "write_h5ad_atomic",
     "write_model_into_copy",
 ]
@@ -56,6 +58,17 @@ def run_command(func: Callable[[argparse.Namespace], int | None], args: argparse
         return EXIT_INTERRUPTED
     except OSError as err:  # a full disk, a file removed under our feet, ...
         raise cli_error(err) from None
+
+
+def run_timed(fn: Callable, errors: tuple[type[BaseException], ...], *args, **kwargs) -> float:
+    """Call ``fn(*args, **kwargs)``; return the seconds it took. An exception of a type in
+    ``errors`` becomes the command line's one-line error (:func:`cli_error`)."""
+    t0 = time.perf_counter()
+    try:
+        fn(*args, **kwargs)
+    except errors as err:
+        raise cli_error(err) from err
+    return time.perf_counter() - t0
 
 
 def check_output_path(

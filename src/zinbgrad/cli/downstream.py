@@ -20,6 +20,7 @@ from .common import (
     cli_error,
     load_model,
     read_h5ad_checked,
+    run_timed,
     write_h5ad_atomic,
 )
 
@@ -52,22 +53,20 @@ def _run_layer_streaming(args, describe: str, what: str, ignore_W: bool) -> int:
         backed.file.close()
     else:
         model = load_model(args.model, args.key)
-    t0 = time.perf_counter()
-    try:
-        write_output_layer(
-            model,
-            what,
-            inp,
-            out,
-            args.key_added,
-            ignore_W=ignore_W,
-            layer=args.layer,
-            out_dtype=np.dtype(args.dtype),
-        )
-    except (ValueError, KeyError) as err:
-        raise cli_error(err) from err
+    seconds = run_timed(
+        write_output_layer,
+        (ValueError, KeyError),
+        model,
+        what,
+        inp,
+        out,
+        args.key_added,
+        ignore_W=ignore_W,
+        layer=args.layer,
+        out_dtype=np.dtype(args.dtype),
+    )
     print(
-        f"zinbgrad {args.command}: {describe} streamed in {time.perf_counter() - t0:.2f} s "
+        f"zinbgrad {args.command}: {describe} streamed in {seconds:.2f} s "
         f"-> {out} (layers['{args.key_added}'])"
     )
     return 0
@@ -81,20 +80,17 @@ def _run_layer_command(
     inp, out = check_io(args)
     adata = read_h5ad_checked(inp)
     model = load_model(args.model, args.key, adata if args.model is None else None)
-    t0 = time.perf_counter()
-    try:
-        fn(
-            adata,
-            layer=args.layer,
-            key=args.key,
-            key_added=args.key_added,
-            model=model,
-            dtype=args.dtype,
-            **kw,
-        )
-    except (ValueError, KeyError, TypeError) as err:
-        raise cli_error(err) from err
-    seconds = time.perf_counter() - t0
+    seconds = run_timed(
+        fn,
+        (ValueError, KeyError, TypeError),
+        adata,
+        layer=args.layer,
+        key=args.key,
+        key_added=args.key_added,
+        model=model,
+        dtype=args.dtype,
+        **kw,
+    )
     write_h5ad_atomic(adata, out, like=inp)
     print(
         f"zinbgrad {args.command}: {describe} for {adata.n_obs} cells x {adata.n_vars} genes "
@@ -154,20 +150,17 @@ def _cmd_project(args) -> int:
     inp, out = check_io(args)
     query = read_h5ad_checked(inp)
     model = load_model(args.model, args.model_key)
-    t0 = time.perf_counter()
-    try:
-        tl.project(
-            query,
-            model,
-            key_added=args.key_added,
-            layer=args.layer,
-            reference_batch=args.reference_batch,
-            batch_key=args.batch_key,
-            covariate_keys=args.covariate_keys,
-        )
-    except (ValueError, KeyError) as err:
-        raise cli_error(err) from err
-    seconds = time.perf_counter() - t0
+    seconds = run_timed(
+        tl.project,
+        (ValueError, KeyError),
+        query,
+        model,
+        key_added=args.key_added,
+        layer=args.layer,
+        reference_batch=args.reference_batch,
+        batch_key=args.batch_key,
+        covariate_keys=args.covariate_keys,
+    )
     write_h5ad_atomic(query, out, like=inp)
     print(
         f"zinbgrad project: {query.n_obs} cells into K={model.W_.shape[1]} in {seconds:.2f} s "

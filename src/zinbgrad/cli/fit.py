@@ -15,6 +15,7 @@ from .common import (
     check_output_path,
     cli_error,
     read_h5ad_checked,
+    run_timed,
     write_h5ad_atomic,
     write_model_into_copy,
 )
@@ -139,13 +140,11 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     inp, out = Path(args.input), Path(args.output)
     check_output_path(inp, out, args.force)
-    t0 = time.perf_counter()
-    try:
-        to_csr(inp, out, layer=args.layer)
-    except (ValueError, KeyError, FileNotFoundError) as err:
-        raise cli_error(err) from err
+    seconds = run_timed(
+        to_csr, (ValueError, KeyError, FileNotFoundError), inp, out, layer=args.layer
+    )
     what = "X" if args.layer is None else f"layers[{args.layer!r}]"
-    print(f"zinbgrad convert: {what} stored as CSR in {time.perf_counter() - t0:.2f} s -> {out}")
+    print(f"zinbgrad convert: {what} stored as CSR in {seconds:.2f} s -> {out}")
     return 0
 
 

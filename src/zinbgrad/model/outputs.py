@@ -347,35 +347,23 @@ def compute_output(
     params: Params,
     counts=None,
     *,
-    zero_inflation: bool = True,
-    ignore_W: bool = False,
-    block_entries: int = DEFAULT_BLOCK_ENTRIES,
-    device: str | torch.device | None = "cpu",
-    dtype: torch.dtype = torch.float64,
     out: np.ndarray | None = None,
     out_dtype: Any = np.float64,
+    **blocks,
 ) -> np.ndarray:
     """The full (cells x genes) output as a NumPy array, computed block by block.
 
     ``out`` may be a preallocated array or ``numpy.memmap`` of shape (cells, genes); otherwise
-    one of dtype ``out_dtype`` is allocated. Other parameters as :func:`iter_output_blocks`.
+    one of dtype ``out_dtype`` is allocated. The other parameters, and the keywords
+    ``blocks`` (``zero_inflation``, ``ignore_W``, ``block_entries``, ``device``, ``dtype``),
+    are those of :func:`iter_output_blocks`.
     """
     n, J = design.n, design.J
     if out is None:
         out = np.empty((n, J), dtype=out_dtype)
     elif out.shape != (n, J):
         raise ValueError(f"out has shape {out.shape}; expected {(n, J)}")
-    for start, stop, block in iter_output_blocks(
-        what,
-        design,
-        params,
-        counts,
-        zero_inflation=zero_inflation,
-        ignore_W=ignore_W,
-        block_entries=block_entries,
-        device=device,
-        dtype=dtype,
-    ):
+    for start, stop, block in iter_output_blocks(what, design, params, counts, **blocks):
         out[start:stop] = block.cpu().numpy()
     return out
 
