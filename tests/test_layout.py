@@ -21,7 +21,7 @@ PRIVATE_ALLOW: set[str] = set()
 # module (dotted, relative to zinbgrad) -> reason it may exceed MAX_FILE_LINES
 FILE_ALLOW: dict[str, str] = {
     "zinbgrad.estimator": (
-        "346 of its 780 lines are numpydoc docstrings (27 hyper-parameters); 434 of code"
+        "316 of its 704 lines are numpydoc docstrings (27 hyper-parameters); 388 of code"
     ),
 }
 
