@@ -142,6 +142,43 @@ def import_cycles(allowed: bool = True) -> list[list[str]]:
     return comps
 
 
+# the layers, bottom to top (ARCHITECTURE.md): a module imports from its own layer or below
+LAYERS: dict[str, int] = {
+    **dict.fromkeys(["io_utils", "openmp", "docstrings"], 0),
+    "data": 1,
+    "model": 2,
+    "optim": 3,
+    **dict.fromkeys(
+        ["runtime", "encoding", "penalties", "fitted", "fitting", "projection", "query"], 4
+    ),
+    **dict.fromkeys(["persistence", "simulate", "_synthetic", "planted"], 4),
+    "estimator": 5,
+    **dict.fromkeys(["uncertainty", "selection", "metrics", "de"], 6),
+    **dict.fromkeys(["tl", "pl", "pp", "datasets"], 7),
+    "cli": 8,
+}
+# modules that may import from a layer above them, and why
+LAYER_ALLOW: dict[str, str] = {
+    "zinbgrad.data.readers": "re-exports the readers' old import path (now datasets/ and pp/)",
+}
+
+
+def upward_imports() -> list[str]:
+    """Imports from a higher layer (the package root ``zinbgrad`` itself is not a layer)."""
+    modules = _modules()
+    bad = []
+    for module, imps in _imports(modules).items():
+        if module == "zinbgrad" or module in LAYER_ALLOW:
+            continue
+        own = LAYERS[module.split(".")[1]]
+        for target, name, _line in imps:
+            if target == "zinbgrad":
+                continue
+            if LAYERS[target.split(".")[1]] > own:
+                bad.append(f"{module} imports {target}{'.' + name if name else ''}")
+    return sorted(set(bad))
+
+
 def private_imports(allowed: bool = True) -> list[str]:
     """``from zinbgrad.x import _name`` (or a private module) made from another module."""
     modules = _modules()
@@ -250,6 +287,15 @@ def test_no_import_cycles():
     assert import_cycles() == []
 
 
+def test_every_module_has_a_layer():
+    tops = {m.split(".")[1] for m in _modules() if m != "zinbgrad"}
+    assert sorted(tops - set(LAYERS)) == []
+
+
+def test_imports_go_down_the_layers():
+    assert upward_imports() == []
+
+
 def test_no_private_names_across_modules():
     assert private_imports() == []
 
@@ -271,22 +317,27 @@ def test_allow_lists_are_current():
 
 
 def test_checks_detect_violations(tmp_path, monkeypatch):
-    """The checks see a planted cycle, a private import and an over-long function."""
+    """The checks see a planted cycle, an upward import, a private import, a private member
+    and an over-long function."""
     pkg = tmp_path / "zinbgrad"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
-    (pkg / "a.py").write_text("from .b import _helper\n")
+    (pkg / "a.py").write_text("from .b import _helper\n\n\ndef f(m):\n    return m._secret\n")
     body = "\n".join("    x = 1" for _ in range(MAX_FUNCTION_LINES))
     (pkg / "b.py").write_text(f"def _helper():\n    from . import a\n{body}\n")
     monkeypatch.setattr(__import__(__name__), "PKG", pkg)
     assert import_cycles() == [["zinbgrad.a", "zinbgrad.b"]]
     assert private_imports() == ["zinbgrad.a imports zinbgrad.b._helper"]
     assert long_functions() == [f"zinbgrad.b:_helper: {MAX_FUNCTION_LINES + 2} lines"]
+    assert private_members() == ["zinbgrad.a uses m._secret"]
+    monkeypatch.setattr(__import__(__name__), "LAYERS", {"a": 0, "b": 1})
+    assert upward_imports() == ["zinbgrad.a imports zinbgrad.b._helper"]
 
 
 if __name__ == "__main__":
     for title, items in (
         ("import cycles", [" <-> ".join(c) for c in import_cycles()]),
+        ("upward imports", upward_imports()),
         ("private imports", private_imports()),
         ("private members", private_members()),
         ("long files", long_files()),
