@@ -36,6 +36,7 @@ from .fitting import (
     set_criteria,
     store_params,
     store_result,
+    warm_start,
 )
 from .model.outputs import compute_output
 from .model.params import Design, Params, Penalty
@@ -353,6 +354,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         checkpoint: str | os.PathLike | None = None,
         checkpoint_every: int = 1,
         resume: str | os.PathLike | None = None,
+        init: ZINBWaVE | Params | None = None,
     ) -> ZINBWaVE:
         """Fit the model to a cells x genes count matrix.
 
@@ -382,6 +384,14 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
             ``checkpoint_every`` epochs (atomically: temporary file, then rename).
         resume
             Continue an interrupted fit from its checkpoint (same data and settings).
+        init
+            Start from this fit instead of zinbwave's initialization (a warm start): a
+            fitted ``ZINBWaVE`` of the same cells and genes (and design) with at least
+            ``n_components`` factors, or its :class:`~zinbgrad.model.Params`. Its leading
+            ``n_components`` factors after zinbwave's orthogonalization (ordered by singular
+            value: the best approximation of its ``W alpha`` of that rank) and its fit path
+            are the start (:func:`zinbgrad.optim.warm.leading_components`); the sketch is
+            skipped. ``None`` (the default): zinbwave's initialization.
 
         Notes
         -----
@@ -407,6 +417,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
                 self, Xm, Vm, O_mu_a, O_pi_a, dev, dt, columns=xnames, info=batch_info
             )
             pen = default_penalty(self, design_all)
+            start = None if init is None else warm_start(init, self, inp, design_all, pen, resume)
             lo, hi = shard_bounds(n, comm.rank, comm.world_size)
             design = design_all.rows(lo, hi)
             source = inp.source(lo, hi, dt, dev)
@@ -421,6 +432,8 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
             opts, m, bar = self._fit_options(
                 n, J, dev, dt, checkpoint, checkpoint_every, tag, t_start
             )
+            if start is not None and opts.solver == "sketch":  # the start replaces the sketch
+                opts = dataclasses.replace(opts, solver="full")
             solver = opts.solver
             problem = Problem(
                 full_source, design_all, pen, K, self.zero_inflation, self.common_dispersion
@@ -436,6 +449,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
                     seed=seed,
                     comm=comm,
                     resume=resume,
+                    start=start,
                 )
             finally:
                 if bar is not None:

@@ -17,8 +17,10 @@ from typing import Any
 import numpy as np
 
 from .data.validate import empty_counts_message
-from .fitted import CELL_ARRAYS, GENE_ARRAYS
-from .model.params import Design, Params
+from .fitted import CELL_ARRAYS, GENE_ARRAYS, check_fitted, fit_path, model_params
+from .model.params import Design, Params, Penalty
+from .optim.path import FitPath
+from .optim.warm import leading_components
 from .penalties import EPSILON_NAMES
 
 __all__ = [
@@ -34,6 +36,7 @@ __all__ = [
     "set_criteria",
     "store_params",
     "store_result",
+    "warm_start",
 ]
 
 #: The penalty hyper-parameters (each None or a non-negative number).
@@ -300,3 +303,46 @@ def store_result(model, result, trajectory) -> None:
     model.history_ = result.history
     model.n_iter_ = int(result.n_epochs)
     model.converged_ = bool(result.converged)
+
+
+def warm_start(
+    init, model, counts, design: Design, penalty: Penalty, resume=None
+) -> tuple[Params, FitPath | None]:
+    """The starting point of ``model``'s fit of ``counts`` from ``init`` (see the ``init``
+    parameter of :meth:`ZINBWaVE.fit`): the leading ``model.n_components`` factors of
+    ``init`` (:func:`zinbgrad.optim.warm.leading_components`) and its fit path, checked
+    against the fit's genes, cells and design."""
+    if resume is not None:
+        raise ValueError("init and resume exclude each other (a checkpoint holds every value)")
+    dev, dt = design.X_mu.device, design.X_mu.dtype
+    if isinstance(init, Params):
+        params, path = init.to(dev, dt), None
+    elif hasattr(init, "get_params_torch"):
+        check_fitted(init)
+        for what, mine, theirs in (
+            ("genes", counts.var_names, init.var_names_),
+            ("cells", counts.obs_names, getattr(init, "obs_names_", None)),
+        ):
+            if theirs is not None and not np.array_equal(
+                np.asarray(mine).astype(str), np.asarray(theirs).astype(str)
+            ):
+                raise ValueError(f"init was fitted on other {what} than these data")
+        for flag in ("zero_inflation", "common_dispersion"):
+            if getattr(init, flag) != getattr(model, flag):
+                raise ValueError(f"init has {flag}={getattr(init, flag)}, this model the other")
+        params, path = model_params(init, dev, dt), fit_path(init, dev, dt)
+    else:
+        raise TypeError(f"init must be a fitted ZINBWaVE or Params, got {type(init).__name__}")
+    ref = Params.zeros(design, params.K)
+    for name in Params.GENE_FIELDS + Params.CELL_FIELDS:
+        want, got = tuple(getattr(ref, name).shape), tuple(getattr(params, name).shape)
+        if got != want:
+            raise ValueError(f"init's {name} has shape {got}; this fit needs {want}")
+    return leading_components(
+        params,
+        model.n_components,
+        penalty.W,
+        penalty.alpha,
+        zero_inflation=model.zero_inflation,
+        path=path,
+    )

@@ -44,11 +44,25 @@ def starting_point(
     seed: int,
     comm: LocalComm,
     resume: str | os.PathLike | None = None,
+    start: tuple[Params, FitPath | None] | None = None,
 ) -> tuple[Params, list[dict], FitPath | None, dict | None]:
     """The parameters the engine starts from on the cells ``shard`` of ``problem`` (read from
     ``local.source``), with the sketch's history, path and dispersion-pause length for the
     solver ``"sketch"`` (see :func:`~zinbgrad.optim.sketch.fit_sketch`; nothing else: empty,
-    None, None)."""
+    None, None).
+
+    ``start``: given parameters of every cell and the path that led to them (e.g.
+    :func:`~zinbgrad.optim.warm.leading_components` of a larger fit), used instead of
+    zinbwave's initialization or the sketch; the fit's path continues that path.
+    """
+    if start is not None:
+        params, path = start
+        lo, hi = shard
+        params = params.clone()
+        params.W = params.W[lo:hi].contiguous()
+        params.gamma_mu = params.gamma_mu[:, lo:hi].contiguous()
+        params.gamma_pi = params.gamma_pi[:, lo:hi].contiguous()
+        return params, [], path, None
     init_kw = {
         "zero_inflation": problem.zero_inflation,
         "common_dispersion": problem.common_dispersion,
@@ -84,13 +98,15 @@ def solve(
     seed: int = 0,
     comm: LocalComm | None = None,
     resume: str | os.PathLike | None = None,
+    start: tuple[Params, FitPath | None] | None = None,
 ) -> FitOutcome:
     """Fit ``problem`` (all cells) with the solver ``options.solver`` (already resolved, see
     :func:`~zinbgrad.optim.solvers.resolve_solver`).
 
     ``local``: this process's part of the problem, the cells ``shard = (start, stop)`` (default:
     all of them; the same penalty, K and model); ``sketch_cells``: the size of the sketch
-    (solver ``"sketch"``); ``resume``: a checkpoint to continue from. Both sources are closed
+    (solver ``"sketch"``); ``resume``: a checkpoint to continue from; ``start``: the starting
+    point instead of zinbwave's initialization (see :func:`starting_point`). Both sources are closed
     when done (``problem.source`` as soon as the starting point is found, when it is not
     ``local.source``).
     """
@@ -107,6 +123,7 @@ def solve(
             seed=seed,
             comm=comm,
             resume=resume,
+            start=start,
         )
         if problem.source is not local.source and hasattr(problem.source, "close"):
             problem.source.close()

@@ -205,6 +205,7 @@ def select_n_components(
     n_folds: int = 2,
     criterion: str = "bicross",
     random_state: int = 0,
+    warm_start: bool = True,
     key_added: str = "zinbwave_n_components",
     **kwargs,
 ) -> pd.DataFrame:
@@ -224,7 +225,9 @@ def select_n_components(
       cells of its difference to the best K's, cell by cell);
     * ``aic``, ``bic``: zinbwave's criteria of the fit on the training cells.
 
-    Each K is fitted from zinbwave's initialization (no warm start between K).
+    With ``warm_start`` the largest K is fitted from zinbwave's initialization and each
+    smaller K from the leading factors of the previous fit (``ZINBWaVE.fit(init=...)``), on
+    the same training cells.
 
     Parameters
     ----------
@@ -243,6 +246,10 @@ def select_n_components(
         or ``"bic"`` (lowest).
     random_state
         Seed of the cell and gene splits, and of the fits unless ``kwargs`` sets one.
+    warm_start
+        Fit the K in decreasing order, each started from the previous fit (see
+        :meth:`zinbgrad.ZINBWaVE.fit`'s ``init``); ``False``: every K from zinbwave's
+        initialization.
     key_added
         ``uns`` key: ``{"table": {column: values}, "recommended": K, "criterion": ...,
         "recommended_by": {criterion: K}}``.
@@ -277,11 +284,14 @@ def select_n_components(
     kwargs.setdefault("random_state", random_state)
     kwargs.setdefault("verbose", False)
     proj = {"batch_key": batch_key, "covariate_keys": covariate_keys}
-    rows, per_cell = [], []
-    for K in ks:
-        row, bc = _score_k(K, train, test, layer, proj, n_folds, random_state, kwargs)
+    rows, per_cell, prev = [], [], None
+    for K in sorted(ks, reverse=bool(warm_start)):
+        row, bc, m = _score_k(K, train, test, layer, proj, n_folds, random_state, kwargs, prev)
         rows.append(row)
         per_cell.append(bc)
+        prev = m if warm_start else None
+    if warm_start:
+        rows, per_cell = rows[::-1], per_cell[::-1]
     df = pd.DataFrame(rows)
     # standard error of each K's paired (same cells) difference to the best K
     ref = per_cell[int(df["bicross_loglik"].idxmax())]
@@ -317,12 +327,21 @@ def _split_cells(n: int, holdout: float, random_state: int) -> tuple[np.ndarray,
 
 
 def _score_k(
-    K: int, train, test, layer, proj: dict, n_folds: int, random_state: int, kwargs: dict
-) -> tuple[dict, np.ndarray]:
-    """Fit K factors on ``train``; its row of :func:`select_n_components`' table and the
-    held-out cells' bi-cross-validated log-likelihoods."""
+    K: int,
+    train,
+    test,
+    layer,
+    proj: dict,
+    n_folds: int,
+    random_state: int,
+    kwargs: dict,
+    init: ZINBWaVE | None = None,
+) -> tuple[dict, np.ndarray, ZINBWaVE]:
+    """Fit K factors on ``train`` (from ``init``, a fit of more factors, when given); its row
+    of :func:`select_n_components`' table, the held-out cells' bi-cross-validated
+    log-likelihoods and the fitted model."""
     t0 = time.perf_counter()
-    m = ZINBWaVE(K, **kwargs).fit(train, layer=layer, **proj)
+    m = ZINBWaVE(K, **kwargs).fit(train, layer=layer, init=init, **proj)
     ho = m.score_samples(test, layer=layer, **proj)
     bc = bicross_loglik(m, test, layer=layer, n_folds=n_folds, random_state=random_state, **proj)
     row = {
@@ -337,4 +356,4 @@ def _score_k(
         "converged": bool(m.converged_),
         "seconds": time.perf_counter() - t0,
     }
-    return row, bc
+    return row, bc, m
