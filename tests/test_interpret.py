@@ -246,10 +246,11 @@ def test_interpretation_keys_are_checked_before_any_work(key):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("warm_start", [False, True])
 @pytest.mark.parametrize("K_true, ks", [(3, [2, 3, 4]), (6, [5, 6, 7])])
-def test_select_n_components_recovers_planted_K(K_true, ks):
+def test_select_n_components_recovers_planted_K(K_true, ks, warm_start):
     adata = make_planted(500, 200, K_true, random_state=2)
-    df = zinbgrad.tl.select_n_components(adata, ks)
+    df = zinbgrad.tl.select_n_components(adata, ks, warm_start=warm_start)
     assert list(df.n_components) == ks
     u = adata.uns["zinbwave_n_components"]
     assert u["recommended"] == K_true, df
