@@ -21,7 +21,7 @@ PRIVATE_ALLOW: set[str] = set()
 # module (dotted, relative to zinbgrad) -> reason it may exceed MAX_FILE_LINES
 FILE_ALLOW: dict[str, str] = {
     "zinbgrad.estimator": (
-        "316 of its 704 lines are numpydoc docstrings (27 hyper-parameters); 388 of code"
+        "324 of its 718 lines are numpydoc docstrings (27 hyper-parameters); 394 of code"
     ),
 }
 
@@ -31,7 +31,7 @@ FUNCTION_ALLOW: dict[str, str] = {
         "numpydoc docstring is 53 of its 88 lines; the body is 19"
     ),
     "zinbgrad.estimator:ZINBWaVE.fit": (
-        "14-parameter signature (16 lines), 35-line numpydoc docstring; the body is 61 lines"
+        "15-parameter signature (17 lines), 43-line numpydoc docstring; the body is 65 lines"
     ),
     "zinbgrad.simulate:make_synthetic": (
         "17 parameters: 20-line signature, 57-line numpydoc docstring, 46-line body"
