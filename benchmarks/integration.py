@@ -4,6 +4,7 @@ scib-metrics.
 ::
 
     python benchmarks/integration.py --out benchmarks/results/integration --md BENCHMARKS.md
+    python benchmarks/integration.py mapping  # an unseen batch mapped: benchmarks/query_mapping.py
 
 Every method is fitted on the same training cells (90% of each dataset, seeded) with the batch
 given; the embeddings of those cells are scored by scib-metrics' ``Benchmarker`` (all bio
@@ -606,6 +607,11 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.cli import machine_info, package_versions
     from benchmarks.datasets import DATASETS, find_data_dir
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["mapping"]:  # query mapping of an unseen batch: benchmarks/query_mapping.py
+        from benchmarks.query_mapping import main as mapping_main
+
+        return mapping_main(argv[1:])
     args = _parser().parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
     args.representations = [r for r in args.representations.split(",") if r]
