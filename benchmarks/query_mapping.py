@@ -67,6 +67,25 @@ def _stack(adata, parts: dict[str, np.ndarray]) -> np.ndarray:
     return out
 
 
+def _common_genes(adata, batch: np.ndarray, levels: list[str], seed: int):
+    """``adata`` restricted to the genes with counts in each random half of each batch, and
+    the halves (True: first half; seeded).
+
+    A fit leaves out the genes without counts in its cells, and the per-cell
+    log-likelihoods compared must sum over the same genes.
+    """
+    half = np.zeros(adata.n_obs, dtype=bool)
+    rng = np.random.default_rng(seed)
+    for lv in levels:
+        idx = rng.permutation(np.flatnonzero(batch == lv))
+        half[idx[: len(idx) // 2]] = True
+    both = np.ones(adata.n_vars, dtype=bool)
+    for lv in levels:
+        for h in (True, False):
+            both &= np.asarray(adata[(batch == lv) & (half == h)].X.sum(axis=0)).ravel() > 0
+    return adata[:, both].copy(), half
+
+
 def run_mapping(adata, seed: int, variants: dict[str, dict[str, Any]], log=print) -> dict:
     """Joint fits, one-batch fits and mapped query batches of ``adata`` (two batches in
     ``obs["batch"]``, labels in ``obs["label"]``); every latent space scored."""
@@ -78,19 +97,7 @@ def run_mapping(adata, seed: int, variants: dict[str, dict[str, Any]], log=print
     if len(levels) != 2:
         raise ValueError(f"query mapping needs two batches, got {levels}")
     batch = adata.obs["batch"].to_numpy().astype(str)
-    # genes with counts in both batches: a one-batch fit leaves out the genes of none of its
-    # cells, and the per-cell log-likelihoods compared must sum over the same genes
-    # (and in both random halves of each batch, for the half held-out check)
-    half = np.zeros(adata.n_obs, dtype=bool)
-    rng = np.random.default_rng(seed)
-    for lv in levels:
-        idx = rng.permutation(np.flatnonzero(batch == lv))
-        half[idx[: len(idx) // 2]] = True
-    both = np.ones(adata.n_vars, dtype=bool)
-    for lv in levels:
-        for h in (True, False):
-            both &= np.asarray(adata[(batch == lv) & (half == h)].X.sum(axis=0)).ravel() > 0
-    adata = adata[:, both].copy()
+    adata, half = _common_genes(adata, batch, levels, seed)
     sub = {lv: adata[batch == lv].copy() for lv in levels}
     rec: dict[str, Any] = {"levels": levels, "n_cells": int(adata.n_obs), "fits": {}, "ll": {}}
     rec["n_genes"] = int(adata.n_vars)
