@@ -21,7 +21,7 @@ PRIVATE_ALLOW: set[str] = set()
 # module (dotted, relative to zinbgrad) -> reason it may exceed MAX_FILE_LINES
 FILE_ALLOW: dict[str, str] = {
     "zinbgrad.estimator": (
-        "324 of its 718 lines are numpydoc docstrings (27 hyper-parameters); 394 of code"
+        "323 of its 704 lines are numpydoc docstrings (27 hyper-parameters); 381 of code"
     ),
 }
 

@@ -26,7 +26,7 @@ from .encoding import (
     training_design,
     training_inputs,
 )
-from .fitted import check_fitted, fitted_masks, latent_scores, model_params
+from .fitted import fitted_masks, latent_scores, model_params
 from .fitting import (
     check_hyperparameters,
     checkpoint_tag,
@@ -293,20 +293,9 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         """A tqdm bar and its per-epoch callback (:func:`zinbgrad.fitting.progress_bar`)."""
         return progress_bar(self.verbose, stochastic_epochs)
 
-    def _default_penalty(self, design: Design) -> Penalty:
-        """The penalty of a fit (:func:`zinbgrad.penalties.default_penalty`)."""
-        return default_penalty(self, design)
-
     def _penalty_obj(self, design: Design) -> Penalty:
         """The fitted penalty (:func:`zinbgrad.penalties.fitted_penalty`)."""
         return fitted_penalty(self, design)
-
-    def _check_fitted(self) -> None:
-        check_fitted(self)
-
-    @staticmethod
-    def _checkpoint_tag(inp, xnames, Vm, O_mu, O_pi, pen: Penalty) -> dict:
-        return checkpoint_tag(inp, xnames, Vm, O_mu, O_pi, penalty_params(pen))
 
     # ------------------------------------------------------------------ fit
     def _fit_options(self, n, J, dev, dt, checkpoint, checkpoint_every, tag, t_start):
@@ -425,7 +414,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
             seed = fit_seed(self.random_state, comm)
             K = self.n_components
             tag = (
-                self._checkpoint_tag(inp, xnames, Vm, O_mu_a, O_pi_a, pen)
+                checkpoint_tag(inp, xnames, Vm, O_mu_a, O_pi_a, penalty_params(pen))
                 if checkpoint is not None or resume is not None
                 else None
             )
@@ -456,7 +445,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
                     bar.close()
             final, result = outcome.params, outcome.result
             store_params(self, final, design_all, Xm, xnames, Vm, inp)
-            self._store_penalty(pen)
+            self.penalty_params_ = penalty_params(pen)
             self.var_names_in_ = var_names_in
             self.gene_fitted_, self.cell_fitted_ = gene_fitted, cell_fitted
             self.batch_info_ = batch_info
@@ -464,9 +453,6 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
             self.fit_time_ = time.perf_counter() - t_start
             set_criteria(self, n, J)
             return self
-
-    def _store_penalty(self, pen: Penalty) -> None:
-        self.penalty_params_ = penalty_params(pen)
 
     @property
     def theta_(self) -> np.ndarray:

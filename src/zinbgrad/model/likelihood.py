@@ -47,7 +47,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..data.counts import SparseCounts
-from . import kernels
 from .kernels import fusion_available, get_fused, run_fused, set_fused
 from .special import (
     lgamma_ratio_minus_ylog,
@@ -171,14 +170,6 @@ def dispersion_constants(counts: SparseCounts, zeta: Tensor) -> tuple[Tensor, Te
     cols = torch.zeros(u.numel(), dtype=torch.long, device=u.device)  # one "gene": the zeta
     d1, e = psi_diffs(u, zeta.reshape(-1)[:1], cols)
     return d1[inverse], e[inverse]
-
-
-def __getattr__(name: str) -> object:
-    """Reads of the fusion state's former names here (``_compiled``, ``_fused_failure``,
-    ``_fused_mode``) see the backend's, :mod:`zinbgrad.model.kernels`."""
-    if name in ("_compiled", "_fused_failure", "_fused_mode"):
-        return getattr(kernels, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 #: Names of the per-entry arrays, in the order the tuple-valued kernels below return them.

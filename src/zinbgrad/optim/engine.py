@@ -88,6 +88,13 @@ class Engine(CellSteps, GeneSteps, DispersionSteps, Solvers):
     """Holds a problem (data, design, penalty) and an optimizer state; runs the solvers in
     place on ``state.params``."""
 
+    # the problem's fields under the names the steps use (read-only: one copy, in problem)
+    source = property(lambda self: self.problem.source)
+    design = property(lambda self: self.problem.design)
+    pen = property(lambda self: self.problem.penalty)
+    zi = property(lambda self: self.problem.zero_inflation)
+    common = property(lambda self: self.problem.common_dispersion)
+
     def __init__(
         self,
         source,
@@ -102,12 +109,7 @@ class Engine(CellSteps, GeneSteps, DispersionSteps, Solvers):
         comm: LocalComm | None = None,
     ) -> None:
         self.problem = Problem(source, design, penalty, params.K, zero_inflation, common_dispersion)
-        self.source = source
         self.comm = comm or LocalComm()
-        self.design = design
-        self.pen = penalty
-        self.zi = zero_inflation
-        self.common = common_dispersion
         self.opt = options or FitOptions()
         self.n, self.J = design.n, design.J
         self.K = params.K
