@@ -100,20 +100,21 @@ def open_counts(
     backed = _backed(data)
     if backed is None and not isinstance(data, str | os.PathLike):
         c = extract_counts(data, layer, allow_non_integer=allow_non_integer, check_empty=False)
-        cells, genes = empty_rows_and_columns(c.X)
-        if check_empty:
-            _raise_empty(cells, genes, c.obs_names, c.var_names)
-        return CountsHandle(
-            c.X.shape,
-            c.obs,
-            c.obs_names,
-            c.var_names,
-            X=c.X,
-            named=c.named,
-            empty_cells=cells,
-            empty_genes=genes,
-        )
-    p = Path(data if backed is None else backed.filename)
+        handle = CountsHandle(c.X.shape, c.obs, c.obs_names, c.var_names, X=c.X, named=c.named)
+        handle.empty_cells, handle.empty_genes = empty_rows_and_columns(c.X)
+        where = ""
+    else:
+        path = Path(data if backed is None else backed.filename)
+        handle = _open_file(path, backed, layer, allow_non_integer)
+        where = f"{path}: "
+    if check_empty:
+        _raise_empty(handle, where)
+    return handle
+
+
+def _open_file(p: Path, backed, layer: str | None, allow_non_integer: bool) -> CountsHandle:
+    """The handle of an .h5ad file (``backed``: its backed AnnData, whose annotations are
+    used, or None), its counts validated in one pass that also finds empty cells/genes."""
     if not p.exists():
         raise FileNotFoundError(f"no such file: {p}")
     if backed is None:
@@ -133,8 +134,6 @@ def open_counts(
             f"{p}: the counts are {shape[0]} x {shape[1]} but there are {len(obs_names)} cells "
             f"and {len(var_names)} genes"
         )
-    if check_empty:
-        _raise_empty(cells, genes, obs_names, var_names, f"{p}: ")
     return CountsHandle(
         shape,
         obs,
@@ -148,9 +147,11 @@ def open_counts(
     )
 
 
-def _raise_empty(cells, genes, obs_names, var_names, prefix: str = "") -> None:
+def _raise_empty(handle: CountsHandle, prefix: str) -> None:
     """The error for cells / genes without counts, named as on every other path."""
-    if cells.size:
-        raise ValueError(prefix + empty_counts_message("cells", cells, obs_names))
-    if genes.size:
-        raise ValueError(prefix + empty_counts_message("genes", genes, var_names))
+    for what, idx, names in (
+        ("cells", handle.empty_cells, handle.obs_names),
+        ("genes", handle.empty_genes, handle.var_names),
+    ):
+        if idx.size:
+            raise ValueError(prefix + empty_counts_message(what, idx, names))
