@@ -13,6 +13,7 @@ __all__ = [
     "EXIT_INTERRUPTED",
     "EXIT_TERMINATED",
     "add_command",
+    "add_design_options",
     "add_force_option",
     "check_io",
     "check_key",
@@ -20,6 +21,7 @@ __all__ = [
     "cli_error",
     "input_compression",
     "load_model",
+    "options_of",
     "read_h5ad_checked",
     "run_command",
     "run_timed",
@@ -104,6 +106,18 @@ def add_command(
     p = subparsers.add_parser(name, help=help_, description=description)
     p.set_defaults(func=func)
     return p
+
+
+def add_design_options(p: argparse.ArgumentParser, batch_help: str, covariates_help: str) -> None:
+    """``--batch-key`` and ``--covariate-keys``: the ``obs`` columns of the design."""
+    p.add_argument("--batch-key", default=None, help=batch_help)
+    p.add_argument("--covariate-keys", nargs="+", default=None, help=covariates_help)
+
+
+def options_of(args: argparse.Namespace, *names: str) -> dict:
+    """The options ``names`` of ``args`` as keywords of the same names (for the functions
+    whose keywords the command's options are)."""
+    return {name: getattr(args, name) for name in names}
 
 
 def add_force_option(p: argparse.ArgumentParser) -> None:

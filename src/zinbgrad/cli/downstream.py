@@ -15,10 +15,12 @@ import time
 
 from .common import (
     add_command,
+    add_design_options,
     add_force_option,
     check_io,
     cli_error,
     load_model,
+    options_of,
     read_h5ad_checked,
     run_timed,
     write_h5ad_atomic,
@@ -72,26 +74,39 @@ def _run_layer_streaming(args, describe: str, what: str, ignore_W: bool) -> int:
     return 0
 
 
+def _read_input(args, *, model_key: str, stored: bool):
+    """The checked input and output paths, the input AnnData and the model: ``--model``, or
+    without it (when ``stored``) the one stored in the input under ``model_key``."""
+    inp, out = check_io(args)
+    adata = read_h5ad_checked(inp)
+    model = load_model(args.model, model_key, adata if stored and args.model is None else None)
+    return inp, out, adata, model
+
+
+def _apply_and_write(args, fn, errors: tuple, *, model_key: str, stored: bool, **kw):
+    """Read the input and the model (:func:`_read_input`), run ``fn(adata, model=model,
+    **kw)`` timed (``errors`` become one-line errors) and write the AnnData atomically;
+    returns the AnnData, the model, the seconds and the output path."""
+    inp, out, adata, model = _read_input(args, model_key=model_key, stored=stored)
+    seconds = run_timed(fn, errors, adata, model=model, **kw)
+    write_h5ad_atomic(adata, out, like=inp)
+    return adata, model, seconds, out
+
+
 def _run_layer_command(
     args, fn, describe: str, *, stream_what: str, stream_ignore_W: bool = False, **kw
 ) -> int:
     if args.stream:
         return _run_layer_streaming(args, describe, stream_what, stream_ignore_W)
-    inp, out = check_io(args)
-    adata = read_h5ad_checked(inp)
-    model = load_model(args.model, args.key, adata if args.model is None else None)
-    seconds = run_timed(
+    adata, _, seconds, out = _apply_and_write(
+        args,
         fn,
         (ValueError, KeyError, TypeError),
-        adata,
-        layer=args.layer,
-        key=args.key,
-        key_added=args.key_added,
-        model=model,
-        dtype=args.dtype,
+        model_key=args.key,
+        stored=True,
+        **options_of(args, "layer", "key", "key_added", "dtype"),
         **kw,
     )
-    write_h5ad_atomic(adata, out, like=inp)
     print(
         f"zinbgrad {args.command}: {describe} for {adata.n_obs} cells x {adata.n_vars} genes "
         f"in {seconds:.2f} s -> {out} (layers['{args.key_added}'])"
@@ -147,21 +162,14 @@ def _cmd_weights(args) -> int:
 def _cmd_project(args) -> int:
     from .. import tl
 
-    inp, out = check_io(args)
-    query = read_h5ad_checked(inp)
-    model = load_model(args.model, args.model_key)
-    seconds = run_timed(
+    query, model, seconds, out = _apply_and_write(
+        args,
         tl.project,
         (ValueError, KeyError),
-        query,
-        model,
-        key_added=args.key_added,
-        layer=args.layer,
-        reference_batch=args.reference_batch,
-        batch_key=args.batch_key,
-        covariate_keys=args.covariate_keys,
+        model_key=args.model_key,
+        stored=False,
+        **options_of(args, "key_added", "layer", "reference_batch", "batch_key", "covariate_keys"),
     )
-    write_h5ad_atomic(query, out, like=inp)
     print(
         f"zinbgrad project: {query.n_obs} cells into K={model.W_.shape[1]} in {seconds:.2f} s "
         f"-> {out} (obsm['{args.key_added}'])"
@@ -185,9 +193,7 @@ _SYNTHETIC = (
 def _cmd_simulate(args) -> int:
     from ..simulate import make_synthetic, zinb_sim
 
-    inp, out = check_io(args)
-    adata = read_h5ad_checked(inp)
-    model = load_model(args.model, args.key, adata if args.model is None else None)
+    inp, out, adata, model = _read_input(args, model_key=args.key, stored=True)
     del adata
     given = {k: getattr(args, k) for k in _SYNTHETIC if getattr(args, k) is not None}
     if args.n_cells is None and given:
@@ -226,7 +232,53 @@ def _add_common_options(p: argparse.ArgumentParser, *, model_help: str) -> None:
     add_force_option(p)
 
 
-def _layer_command(sub, name: str, func, help_: str, key_added: str | None, dtype: str):
+#: The layer commands: what runs each, its help (also its ``--help`` description), and the
+#: defaults of its ``--key-added`` and ``--dtype``.
+_LAYER_COMMANDS = {
+    "normalize": (
+        _cmd_normalize,
+        "zinbwave's normalized values (deviance residuals with W ignored) into a layer",
+        "zinbwave_normalized",
+        "float32",
+    ),
+    "residuals": (_cmd_residuals, "deviance or Pearson residuals into a layer", None, "float32"),
+    "impute": (
+        _cmd_impute,
+        "imputed counts (zinbwave's imputeZeros, or the denoised mean) into a layer",
+        "zinbwave_imputed",
+        "float32",
+    ),
+    "weights": (
+        _cmd_weights,
+        "zinbwave's observational weights (for weighted DE) into a layer",
+        "zinbwave_weights",
+        "float64",
+    ),
+}
+
+#: The other commands: what runs each, its one-line help and its ``--help`` description.
+_COMMANDS = {
+    "project": (
+        _cmd_project,
+        "map new cells into a fitted model's latent space",
+        "Fit W (and the cell intercepts) of new cells with the model's gene "
+        "parameters fixed; genes are matched by name (all model genes must be present). Each "
+        "query cell is encoded with the fit's batch_key and covariate_keys, read from the "
+        "query's obs (a missing column is an error).",
+    ),
+    "simulate": (
+        _cmd_simulate,
+        "simulate counts from a fitted model (zinbSim, or large synthetic datasets)",
+        "Without --n-cells: one ZINB draw for the model's own cells (zinbwave's "
+        "zinbSim). With --n-cells: a synthetic dataset of that many new cells (latent factors "
+        "drawn from the fit, planted batch effect and DE), streamed to the output in chunks.",
+    ),
+}
+
+
+def _layer_command(sub, name: str) -> argparse.ArgumentParser:
+    """Register the layer command ``name`` (see :data:`_LAYER_COMMANDS`) with its options."""
+    func, help_, key_added, dtype = _LAYER_COMMANDS[name]
     p = add_command(sub, name, func, help_, help_)
     p.add_argument("input", help="input .h5ad with the counts and a fitted model (not modified)")
     _add_common_options(
@@ -247,27 +299,12 @@ def _layer_command(sub, name: str, func, help_: str, key_added: str | None, dtyp
 
 def add_normalize_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``zinbgrad normalize`` on an ``argparse`` subparsers object."""
-    p = _layer_command(
-        subparsers,
-        "normalize",
-        _cmd_normalize,
-        "zinbwave's normalized values (deviance residuals with W ignored) into a layer",
-        "zinbwave_normalized",
-        "float32",
-    )
-    return p
+    return _layer_command(subparsers, "normalize")
 
 
 def add_residuals_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``zinbgrad residuals`` on an ``argparse`` subparsers object."""
-    p = _layer_command(
-        subparsers,
-        "residuals",
-        _cmd_residuals,
-        "deviance or Pearson residuals into a layer",
-        None,
-        "float32",
-    )
+    p = _layer_command(subparsers, "residuals")
     p.add_argument("--kind", default="deviance", choices=["deviance", "pearson"])
     p.add_argument("--ignore-w", action="store_true", help="set the latent factors W to 0")
     return p
@@ -275,43 +312,19 @@ def add_residuals_parser(subparsers) -> argparse.ArgumentParser:
 
 def add_impute_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``zinbgrad impute`` on an ``argparse`` subparsers object."""
-    p = _layer_command(
-        subparsers,
-        "impute",
-        _cmd_impute,
-        "imputed counts (zinbwave's imputeZeros, or the denoised mean) into a layer",
-        "zinbwave_imputed",
-        "float32",
-    )
+    p = _layer_command(subparsers, "impute")
     p.add_argument("--method", default="zeros", choices=["zeros", "mean"])
     return p
 
 
 def add_weights_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``zinbgrad weights`` on an ``argparse`` subparsers object."""
-    p = _layer_command(
-        subparsers,
-        "weights",
-        _cmd_weights,
-        "zinbwave's observational weights (for weighted DE) into a layer",
-        "zinbwave_weights",
-        "float64",
-    )
-    return p
+    return _layer_command(subparsers, "weights")
 
 
 def add_project_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``zinbgrad project`` on an ``argparse`` subparsers object."""
-    p = add_command(
-        subparsers,
-        "project",
-        _cmd_project,
-        "map new cells into a fitted model's latent space",
-        "Fit W (and the cell intercepts) of new cells with the model's gene "
-        "parameters fixed; genes are matched by name (all model genes must be present). Each "
-        "query cell is encoded with the fit's batch_key and covariate_keys, read from the "
-        "query's obs (a missing column is an error).",
-    )
+    p = add_command(subparsers, "project", *_COMMANDS["project"])
     p.add_argument("input", help="query .h5ad with raw counts (not modified)")
     p.add_argument("-o", "--output", required=True, help="output .h5ad (new file, atomic)")
     p.add_argument("--model", required=True, help="the fitted model: .npz, or an .h5ad holding one")
@@ -324,12 +337,10 @@ def add_project_parser(subparsers) -> argparse.ArgumentParser:
         help="encode every query cell as the fit's reference batch (default: read each cell's "
         "batch and covariates from the query's obs, with the fit's keys)",
     )
-    p.add_argument("--batch-key", default=None, help="optional check: must be the fit's batch key")
-    p.add_argument(
-        "--covariate-keys",
-        nargs="+",
-        default=None,
-        help="optional check: must be the fit's covariate keys",
+    add_design_options(
+        p,
+        "optional check: must be the fit's batch key",
+        "optional check: must be the fit's covariate keys",
     )
     add_force_option(p)
     return p
@@ -337,15 +348,7 @@ def add_project_parser(subparsers) -> argparse.ArgumentParser:
 
 def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``zinbgrad simulate`` on an ``argparse`` subparsers object."""
-    p = add_command(
-        subparsers,
-        "simulate",
-        _cmd_simulate,
-        "simulate counts from a fitted model (zinbSim, or large synthetic datasets)",
-        "Without --n-cells: one ZINB draw for the model's own cells (zinbwave's "
-        "zinbSim). With --n-cells: a synthetic dataset of that many new cells (latent factors "
-        "drawn from the fit, planted batch effect and DE), streamed to the output in chunks.",
-    )
+    p = add_command(subparsers, "simulate", *_COMMANDS["simulate"])
     p.add_argument("input", help=".h5ad holding a fitted model (not modified)")
     _add_common_options(
         p,

@@ -10,10 +10,12 @@ from pathlib import Path
 
 from .common import (
     add_command,
+    add_design_options,
     add_force_option,
     check_key,
     check_output_path,
     cli_error,
+    options_of,
     read_h5ad_checked,
     run_timed,
     write_h5ad_atomic,
@@ -69,6 +71,23 @@ def _fit_worker(args: argparse.Namespace) -> None:
     _fit_and_write(args)
 
 
+#: ``zinbgrad fit`` options passed under their own names to ZINBWaVE(...) and to its fit(...)
+_ESTIMATOR_OPTIONS = (
+    "n_components",
+    "tol",
+    "device",
+    "dtype",
+    "epsilon",
+    "solver",
+    "sketch_size",
+    "batch_size",
+    "allow_non_integer",
+    "empty_genes",
+    "empty_cells",
+)
+_FIT_OPTIONS = ("layer", "batch_key", "covariate_keys", "checkpoint", "checkpoint_every", "resume")
+
+
 def _fit_and_write(args: argparse.Namespace) -> int:
     """Fit (streaming the input from disk when it runs distributed) and write the result.
 
@@ -87,32 +106,14 @@ def _fit_and_write(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         model = ZINBWaVE(
-            n_components=args.n_components,
             max_epochs=args.epochs,
-            tol=args.tol,
-            device=args.device,
-            dtype=args.dtype,
             common_dispersion=not args.genewise_dispersion,
             zero_inflation=not args.no_zero_inflation,
-            epsilon=args.epsilon,
             random_state=args.seed,
-            solver=args.solver,
-            sketch_size=args.sketch_size,
-            batch_size=args.batch_size,
-            allow_non_integer=args.allow_non_integer,
-            empty_genes=args.empty_genes,
-            empty_cells=args.empty_cells,
             verbose=not args.quiet and comm.rank == 0,
+            **options_of(args, *_ESTIMATOR_OPTIONS),
         )
-        model.fit(
-            str(inp) if stream else adata,
-            layer=args.layer,
-            batch_key=args.batch_key,
-            covariate_keys=args.covariate_keys,
-            checkpoint=args.checkpoint,
-            checkpoint_every=args.checkpoint_every,
-            resume=args.resume,
-        )
+        model.fit(str(inp) if stream else adata, **options_of(args, *_FIT_OPTIONS))
     except (ValueError, KeyError, FileNotFoundError) as err:
         raise cli_error(err) from err
     if comm.rank != 0:
@@ -216,12 +217,10 @@ def _add_fit_model_options(f: argparse.ArgumentParser) -> None:
     f.add_argument("input", help="input .h5ad with raw counts (never modified)")
     f.add_argument("-o", "--output", required=True, help="output .h5ad (written atomically)")
     f.add_argument("-k", "--n-components", type=int, default=10, help="latent factors K")
-    f.add_argument("--batch-key", default=None, help="obs column modelled as batch in X")
-    f.add_argument(
-        "--covariate-keys",
-        nargs="+",
-        default=None,
-        help="further obs columns in X (categorical as indicators, numeric as they are)",
+    add_design_options(
+        f,
+        "obs column modelled as batch in X",
+        "further obs columns in X (categorical as indicators, numeric as they are)",
     )
     f.add_argument("--layer", default=None, help="layer with the raw counts (default .X)")
     f.add_argument("--epochs", type=int, default=100, help="maximum epochs")
@@ -287,11 +286,29 @@ def _add_fit_solver_options(f: argparse.ArgumentParser) -> None:
     )
 
 
+#: The commands of this module: what runs each, its one-line help and its ``--help``
+#: description (``None``: none).
+_COMMANDS = {
+    "fit": (_cmd_fit, "fit ZINB-WaVE to an .h5ad file and write a new .h5ad", None),
+    "convert": (
+        _cmd_convert,
+        "rewrite a dense or CSC .h5ad with CSR counts, in chunks (for --stream)",
+        "Copy an .h5ad, storing its counts (X or --layer) as CSR, so that fits can "
+        "stream it by blocks of cells; the counts are never loaded whole.",
+    ),
+    "demo": (
+        _cmd_demo,
+        "fit the bundled example and write the result and a PNG",
+        "Fit ZINB-WaVE (K=2) to the bundled pbmc_small example (80 cells x 230 "
+        "genes of 10x pbmc3k) and write the fitted .h5ad and a PNG of the latent space, "
+        "coloured by cluster, into the output directory.",
+    ),
+}
+
+
 def add_fit_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``zinbgrad fit`` on an ``argparse`` subparsers object."""
-    f = add_command(
-        subparsers, "fit", _cmd_fit, "fit ZINB-WaVE to an .h5ad file and write a new .h5ad"
-    )
+    f = add_command(subparsers, "fit", *_COMMANDS["fit"])
     _add_fit_model_options(f)
     _add_fit_output_options(f)
     _add_fit_solver_options(f)
@@ -300,14 +317,7 @@ def add_fit_parser(subparsers) -> argparse.ArgumentParser:
 
 def add_convert_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``zinbgrad convert`` on an ``argparse`` subparsers object."""
-    c = add_command(
-        subparsers,
-        "convert",
-        _cmd_convert,
-        "rewrite a dense or CSC .h5ad with CSR counts, in chunks (for --stream)",
-        "Copy an .h5ad, storing its counts (X or --layer) as CSR, so that fits can "
-        "stream it by blocks of cells; the counts are never loaded whole.",
-    )
+    c = add_command(subparsers, "convert", *_COMMANDS["convert"])
     c.add_argument("input", help="input .h5ad (never modified)")
     c.add_argument("output", help="output .h5ad (written atomically)")
     c.add_argument("--layer", default=None, help="convert this layer instead of X")
@@ -317,14 +327,6 @@ def add_convert_parser(subparsers) -> argparse.ArgumentParser:
 
 def add_demo_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``zinbgrad demo`` on an ``argparse`` subparsers object."""
-    d = add_command(
-        subparsers,
-        "demo",
-        _cmd_demo,
-        "fit the bundled example and write the result and a PNG",
-        "Fit ZINB-WaVE (K=2) to the bundled pbmc_small example (80 cells x 230 "
-        "genes of 10x pbmc3k) and write the fitted .h5ad and a PNG of the latent space, "
-        "coloured by cluster, into the output directory.",
-    )
+    d = add_command(subparsers, "demo", *_COMMANDS["demo"])
     d.add_argument("-o", "--output", default="zinbgrad_demo", help="output directory")
     return d
