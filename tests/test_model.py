@@ -8,7 +8,7 @@ import torch
 
 from conftest import REFERENCES, load_reference
 from zinbgrad import ZINBWaVE
-from zinbgrad.model.params import Design, Penalty, orthogonalize_trace_norm
+from zinbgrad.model.params import EPSILON_NAMES, Design, Penalty, orthogonalize_trace_norm
 
 
 def _model_from_reference(ref: dict) -> ZINBWaVE:
@@ -98,3 +98,18 @@ def test_penalty_defaults_follow_zinbwave():
     assert pen.W == pytest.approx(J / n) and pen.alpha == 1.0 and pen.zeta == J
     pen2 = Penalty.zinbwave_defaults(Design(X, X, V, V), epsilon=1000.0)
     assert pen2.W == pytest.approx(1000 / n) and pen2.alpha == pytest.approx(1000 / J)
+
+
+def test_penalty_defaults_take_each_epsilon_by_name():
+    n, J = 30, 20
+    X = torch.cat([torch.ones(n, 1), torch.randn(n, 1)], 1).double()
+    V = torch.ones(J, 1, dtype=torch.float64)
+    given = dict(zip(EPSILON_NAMES, (7.0, 2.0, 3.0, 4.0, 5.0, 6.0, 0.5), strict=True))
+    pen = Penalty.zinbwave_defaults(Design(X, X, V, V), **given)
+    assert pen.beta_mu.tolist() == [0.0, 2.0] and pen.beta_pi.tolist() == [0.5, 2.0]
+    assert pen.gamma_mu.tolist() == [0.0] and pen.gamma_pi.tolist() == [0.5]
+    assert (pen.W, pen.alpha, pen.zeta) == (4.0, 5.0, 6.0)
+    # None is zinbwave's default: epsilon = J, eps_W = epsilon / n
+    assert Penalty.zinbwave_defaults(Design(X, X, V, V), epsilon_W=None).W == pytest.approx(J / n)
+    with pytest.raises(TypeError, match="epsilon_betta"):
+        Penalty.zinbwave_defaults(Design(X, X, V, V), epsilon_betta=1.0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .model.params import Design, Penalty
+from .model.params import EPSILON_NAMES, Design, Penalty
 
 __all__ = [
     "DELTA_RATIO",
@@ -14,18 +14,6 @@ __all__ = [
     "penalty_params",
     "zinbwave_penalty",
 ]
-
-#: The estimator's epsilon hyper-parameters (the keywords of
-#: :meth:`zinbgrad.model.params.Penalty.zinbwave_defaults`), in the order of its signature.
-EPSILON_NAMES = (
-    "epsilon",
-    "epsilon_beta",
-    "epsilon_gamma",
-    "epsilon_W",
-    "epsilon_alpha",
-    "epsilon_zeta",
-    "epsilon_min_logit",
-)
 
 #: default ridge weight of the batch-specific loading offsets (``batch_loadings=True``),
 #: relative to ``epsilon_alpha``: of 0.1, 1 and 10 (x epsilon_alpha), the best mean

@@ -14,9 +14,21 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import Tensor
 
-__all__ = ["Design", "Params", "Penalty", "orthogonalize_trace_norm"]
+__all__ = ["EPSILON_NAMES", "Design", "Params", "Penalty", "orthogonalize_trace_norm"]
 
 EPSILON_MIN_LOGIT = 1e-3
+
+#: zinbwave's penalty weights as the estimator's hyper-parameters name them: the keywords of
+#: :meth:`Penalty.zinbwave_defaults` (zinbwave's ``epsilon``, ``epsilonW``, ...)
+EPSILON_NAMES = (
+    "epsilon",
+    "epsilon_beta",
+    "epsilon_gamma",
+    "epsilon_W",
+    "epsilon_alpha",
+    "epsilon_zeta",
+    "epsilon_min_logit",
+)
 
 
 def _is_intercept(M: Tensor) -> Tensor:
@@ -228,28 +240,30 @@ class Penalty:
 
     @classmethod
     def zinbwave_defaults(
-        cls,
-        design: Design,
-        *,
-        epsilon: float | None = None,
-        epsilon_beta: float | None = None,
-        epsilon_gamma: float | None = None,
-        epsilon_W: float | None = None,
-        epsilon_alpha: float | None = None,
-        epsilon_zeta: float | None = None,
-        epsilon_min_logit: float = EPSILON_MIN_LOGIT,
-        common_dispersion: bool = True,
+        cls, design: Design, *, common_dispersion: bool = True, **epsilons: float | None
     ) -> Penalty:
         """zinbwave's defaults: epsilon = J; eps_beta = eps_alpha = epsilon/J; eps_gamma = eps_W =
         epsilon/n; eps_zeta = epsilon; intercept columns of X/V get 0 (mean model) and
-        ``epsilon_min_logit`` (zero-inflation model)."""
+        ``epsilon_min_logit`` (zero-inflation model, default 1e-3).
+
+        ``epsilons``: the weights given, by the names of :data:`EPSILON_NAMES` (``None``:
+        zinbwave's default)."""
+        unknown = sorted(set(epsilons) - set(EPSILON_NAMES))
+        if unknown:
+            raise TypeError(f"zinbwave_defaults() got unexpected keyword arguments {unknown}")
+
+        def given(name: str, default: float) -> float:
+            value = epsilons.get(name)
+            return default if value is None else float(value)
+
         n, J = design.n, design.J
-        eps = float(J if epsilon is None else epsilon)
-        e_beta = eps / J if epsilon_beta is None else float(epsilon_beta)
-        e_gamma = eps / n if epsilon_gamma is None else float(epsilon_gamma)
-        e_W = eps / n if epsilon_W is None else float(epsilon_W)
-        e_alpha = eps / J if epsilon_alpha is None else float(epsilon_alpha)
-        e_zeta = eps if epsilon_zeta is None else float(epsilon_zeta)
+        eps = given("epsilon", float(J))
+        e_beta = given("epsilon_beta", eps / J)
+        e_gamma = given("epsilon_gamma", eps / n)
+        e_W = given("epsilon_W", eps / n)
+        e_alpha = given("epsilon_alpha", eps / J)
+        e_zeta = given("epsilon_zeta", eps)
+        epsilon_min_logit = epsilons.get("epsilon_min_logit", EPSILON_MIN_LOGIT)
 
         def col_eps(M: Tensor, value: float, intercept_value: float) -> Tensor:
             out = torch.full((M.shape[1],), value, dtype=M.dtype, device=M.device)
