@@ -67,6 +67,20 @@ def nb_deviance(y: np.ndarray, mu: np.ndarray, phi: np.ndarray, w: np.ndarray) -
     return np.sum(w * nb_unit_deviance(y, mu, phi), axis=1)
 
 
+class NBData(NamedTuple):
+    """What every fitter here is fitted to: ``(n_genes, n_cells)`` counts, log offsets,
+    dispersions and weights (edgeR's ``y``, ``offset``, ``dispersion``, ``weights``)."""
+
+    y: np.ndarray
+    offset: np.ndarray
+    disp: np.ndarray
+    w: np.ndarray
+
+    def cells(self, cols: np.ndarray) -> NBData:
+        """The data of the cells ``cols`` (a mask or indices), all genes."""
+        return NBData(*(a[:, cols] for a in self))
+
+
 def oneway_layout(design: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """Group index per cell and the representative design rows, if the design is one-way.
 
@@ -100,13 +114,7 @@ def oneway_layout(design: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def fit_one_group(
-    y: np.ndarray,
-    offset: np.ndarray,
-    disp: np.ndarray,
-    w: np.ndarray,
-    start: np.ndarray | None = None,
-    maxit: int = 50,
-    tol: float = 1e-10,
+    data: NBData, start: np.ndarray | None = None, maxit: int = 50, tol: float = 1e-10
 ) -> tuple[np.ndarray, np.ndarray]:
     """Intercept-only weighted NB fit for every row at once (edgeR's ``glm_one_group``).
 
@@ -114,8 +122,8 @@ def fit_one_group(
 
     Parameters
     ----------
-    y, offset, disp, w
-        ``(n_genes, n_cells)`` counts, log offsets, dispersions and weights.
+    data
+        The genes' counts, offsets, dispersions and weights.
     start
         Optional ``(n_genes,)`` starting log-means (NaN: use the default start).
     maxit, tol
@@ -126,6 +134,7 @@ def fit_one_group(
     tuple of numpy.ndarray
         ``(n_genes,)`` log-means and convergence flags.
     """
+    y, offset, disp, w = data
     ng = y.shape[0]
     allzero = ~np.any(y > 1e-10, axis=1)
     beta = np.full(ng, np.nan)
@@ -164,10 +173,7 @@ def fit_one_group(
 
 
 def fit_oneway(
-    y: np.ndarray,
-    offset: np.ndarray,
-    disp: np.ndarray,
-    w: np.ndarray,
+    data: NBData,
     group: np.ndarray,
     unique_rows: np.ndarray,
     start: np.ndarray | None = None,
@@ -181,8 +187,8 @@ def fit_oneway(
 
     Parameters
     ----------
-    y, offset, disp, w
-        ``(n_genes, n_cells)`` counts, log offsets, dispersions and weights.
+    data
+        The genes' counts, offsets, dispersions and weights.
     group, unique_rows
         The layout from :func:`oneway_layout`.
     start
@@ -197,17 +203,17 @@ def fit_oneway(
         and ``(n_genes,)`` convergence flags.
     """
     ngroups = unique_rows.shape[0]
+    ng = data.y.shape[0]
     gstart = None if start is None else start @ unique_rows.T
-    gbeta = np.empty((y.shape[0], ngroups))
-    conv = np.ones(y.shape[0], dtype=bool)
+    gbeta = np.empty((ng, ngroups))
+    conv = np.ones(ng, dtype=bool)
     for k in range(ngroups):
-        cols = group == k
         s = None if gstart is None else gstart[:, k]
-        b, c = fit_one_group(y[:, cols], offset[:, cols], disp[:, cols], w[:, cols], s, maxit, tol)
+        b, c = fit_one_group(data.cells(group == k), s, maxit, tol)
         gbeta[:, k] = b
         conv &= c
     gbeta = np.maximum(gbeta, -1e8)
-    mu = np.exp(gbeta[:, group] + offset)
+    mu = np.exp(gbeta[:, group] + data.offset)
     coef = np.linalg.solve(unique_rows, gbeta.T).T
     return coef, mu, conv
 
@@ -230,16 +236,10 @@ class _Levenberg:
     failed: np.ndarray
 
 
-def _levenberg_start(
-    y: np.ndarray,
-    design: np.ndarray,
-    offset: np.ndarray,
-    disp: np.ndarray,
-    w: np.ndarray,
-    start: np.ndarray | None,
-) -> np.ndarray:
+def _levenberg_start(data: NBData, design: np.ndarray, start: np.ndarray | None) -> np.ndarray:
     """Starting coefficients: edgeR's weighted mean projected on the design, or ``start``."""
     if start is None:
+        y, offset, disp, w = data
         libs = np.exp(offset)
         cw = w * libs / (1.0 + disp * libs)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -335,11 +335,8 @@ def _levenberg_steps(
 
 
 def fit_levenberg(
-    y: np.ndarray,
+    data: NBData,
     design: np.ndarray,
-    offset: np.ndarray,
-    disp: np.ndarray,
-    w: np.ndarray,
     start: np.ndarray | None = None,
     maxit: int = 250,
     tol: float = 1e-14,
@@ -348,8 +345,8 @@ def fit_levenberg(
 
     Parameters
     ----------
-    y, offset, disp, w
-        ``(n_genes, n_cells)`` counts, log offsets, dispersions and weights.
+    data
+        The genes' counts, offsets, dispersions and weights.
     design
         ``(n_cells, n_coef)`` full-rank design.
     start
@@ -367,10 +364,11 @@ def fit_levenberg(
         flags and iteration counts ``(n_genes,)``. All-zero genes get NaN coefficients and
         zero means.
     """
+    y, offset, disp, w = data
     ng = y.shape[0]
     ymax = y.max(axis=1)
     allzero = ymax < 1e-10
-    beta = _levenberg_start(y, design, offset, disp, w, start)
+    beta = _levenberg_start(data, design, start)
     mu = np.exp(np.clip(beta @ design.T + offset, -745.0, 709.0))
     s = _Levenberg(
         y=y,
@@ -460,14 +458,15 @@ def glm_fit(
         ``"levenberg"``) and Levenberg iteration counts (zeros for one-way fits).
     """
     dmat = disp_matrix(disp, y.shape)
+    data = NBData(y, offset, dmat, w)
     ow = oneway_layout(design)
     if ow is not None:
         group, unique_rows = ow
-        coef, mu, conv = fit_oneway(y, offset, dmat, w, group, unique_rows, start=start)
+        coef, mu, conv = fit_oneway(data, group, unique_rows, start=start)
         method = "oneway"
         niter = np.zeros(y.shape[0], dtype=int)
     else:
-        coef, mu, conv, niter = fit_levenberg(y, design, offset, dmat, w, start, maxit, tol)
+        coef, mu, conv, niter = fit_levenberg(data, design, start, maxit, tol)
         method = "levenberg"
     dev = nb_deviance(y, mu, dmat, w) if deviance else None
     return GLMFit(coef, mu, dev, conv, method, niter)

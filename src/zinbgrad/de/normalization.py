@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from .irls import fit_one_group
+from .irls import NBData, fit_one_group
 from .utils import LOG2, LOG_1E6, check_weights, disp_matrix, expand_offset, to_dense
 
 
@@ -171,7 +171,7 @@ def ave_log_cpm_gn(
     prior = prior_count * lib / lib.mean(axis=1, keepdims=True)
     off2 = np.log(lib + 2.0 * prior)
     dmat = disp_matrix(dispersion, y.shape)
-    beta, _ = fit_one_group(y + prior, off2, dmat, w)
+    beta, _ = fit_one_group(NBData(y + prior, off2, dmat, w))
     return (beta + LOG_1E6) / LOG2
 
 
