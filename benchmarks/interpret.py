@@ -4,6 +4,7 @@ cross-validation (zinbgrad vs PCA, and scVI when scvi-tools is installed).
 usage:
   python benchmarks/interpret.py coverage [--out benchmarks/results/interpret/coverage.json]
   python benchmarks/interpret.py kselect  [--datasets zeisel,pbmc8k] [--ks 2,5,10,15,20]
+  python benchmarks/interpret.py kcost    [--datasets zeisel,pbmc8k] [--ks 2,5,10,15,20]
   python benchmarks/interpret.py mcv      [--datasets zeisel,pbmc8k] [--ks 2,5,10,15,20]
   python benchmarks/interpret.py report   (markdown tables of the JSON files)
 
@@ -163,6 +164,71 @@ def kselect(args) -> None:
         rows.append(rec)
         print(json.dumps({k: rec[k] for k in ("dataset", "recommended_by", "seconds")}), flush=True)
         _write("kselect" + (args.tag or ""), args.out, {"rows": rows})  # after each data set
+
+
+def kcost(args) -> None:
+    """What the K scan costs against one plain fit at its largest K (all cells), the cold
+    and the warm scan in one process (ratios; wall times are inflated by the load)."""
+    import zinbgrad
+
+    rows = []
+    ks = [int(k) for k in args.ks.split(",")]
+    for name, adata, _ in _datasets(args.datasets.split(","), args.max_cells):
+        rec = {"dataset": name, "n_cells": adata.n_obs, "n_genes": adata.n_vars, "ks": ks}
+        rec["load_before"] = list(os.getloadavg())
+        t0 = time.perf_counter()
+        big = zinbgrad.ZINBWaVE(max(ks), random_state=0, verbose=False).fit(adata)
+        rec["plain_fit_s"] = time.perf_counter() - t0
+        rec["plain_epochs"] = int(big.n_iter_)
+        for warm in (False, True):
+            t0 = time.perf_counter()
+            df = zinbgrad.tl.select_n_components(adata, ks, warm_start=warm)
+            scan = {
+                "seconds": time.perf_counter() - t0,
+                "table": df.to_dict(orient="list"),
+                "recommended_by": adata.uns["zinbwave_n_components"]["recommended_by"],
+            }
+            rec["warm" if warm else "cold"] = scan
+        rec["load_after"] = list(os.getloadavg())
+        rows.append(rec)
+        print(json.dumps({k: rec[k] for k in ("dataset", "plain_fit_s")}), flush=True)
+        _write("kcost" + (args.tag or ""), args.out, {"rows": rows})
+
+
+def _kcost_report(r: dict) -> None:
+    print(
+        "| data | scan | fits s | scoring s | scan s | plain fit at max K s | scan / plain "
+        "| epochs per K | bi-cross K | BIC K |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for x in r["rows"]:
+        for name in ("cold", "warm"):
+            s, t = x[name], x[name]["table"]
+            fit, score = sum(t["fit_seconds"]), sum(t["score_seconds"])
+            print(
+                f"| {x['dataset']} | {name} | {fit:.1f} | {score:.1f} | {s['seconds']:.1f} | "
+                f"{x['plain_fit_s']:.1f} ({x['plain_epochs']} epochs) | "
+                f"{s['seconds'] / x['plain_fit_s']:.2f} | "
+                f"{', '.join(str(e) for e in t['n_iter'])} | {s['recommended_by']['bicross']} | "
+                f"{s['recommended_by']['bic']} |"
+            )
+    print()
+    print(
+        "| data | K | fit s cold / warm | scoring s cold / warm | train loglik cold / warm "
+        "| bi-cross cold / warm (se cold) |"
+    )
+    print("|---|---|---|---|---|---|")
+    for x in r["rows"]:
+        c, w = x["cold"]["table"], x["warm"]["table"]
+        for i, k in enumerate(c["n_components"]):
+            print(
+                f"| {x['dataset']} | {k} | {c['fit_seconds'][i]:.1f} / {w['fit_seconds'][i]:.1f} "
+                f"| {c['score_seconds'][i]:.1f} / {w['score_seconds'][i]:.1f} | "
+                f"{c['train_loglik'][i]:,.0f} / {w['train_loglik'][i]:,.0f} | "
+                f"{c['bicross_loglik'][i]:.2f} / {w['bicross_loglik'][i]:.2f} "
+                f"({c['bicross_se'][i]:.2f}) |"
+            )
+    print()
 
 
 # --------------------------------------------------------------------------- MCV denoising
@@ -335,6 +401,14 @@ def report(args) -> None:
         for x in r["rows"]:
             _kselect_detail(x)
 
+    for p in sorted(d.glob("kcost*.json")):
+        r = json.loads(p.read_text())
+        print(
+            f"Cost of the K scan ({p.name}, {r['meta']['date_utc']}, load "
+            f"{r['meta']['loadavg'][0]:.1f})\n"
+        )
+        _kcost_report(r)
+
     for p in sorted(d.glob("mcv*.json")):
         r = json.loads(p.read_text())
         print(
@@ -375,7 +449,7 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="part", required=True)
     c = sub.add_parser("coverage")
     c.add_argument("--out")
-    for name in ("kselect", "mcv"):
+    for name in ("kselect", "kcost", "mcv"):
         s = sub.add_parser(name)
         s.add_argument("--datasets", default="planted3,planted6,zeisel,pbmc8k")
         s.add_argument("--ks", default="2,5,10,15,20")
@@ -392,7 +466,8 @@ def main(argv=None) -> int:
     r = sub.add_parser("report")
     r.add_argument("--dir")
     args = p.parse_args(argv)
-    {"coverage": coverage, "kselect": kselect, "mcv": mcv, "report": report}[args.part](args)
+    parts = {"coverage": coverage, "kselect": kselect, "kcost": kcost, "mcv": mcv}
+    {**parts, "report": report}[args.part](args)
     return 0
 
 
