@@ -289,3 +289,6 @@ def test_select_n_components_with_batch_key():
     df = zinbgrad.tl.select_n_components(adata, [0, 1], batch_key="batch")
     # the held-out cells are encoded against the fitted batch levels (in both scores)
     assert np.isfinite(df[["heldout_loglik", "bicross_loglik"]].to_numpy()).all()
+    # each K's time splits into its fit on the training cells and its held-out scoring
+    assert (df.fit_seconds > 0).all() and (df.score_seconds > 0).all()
+    np.testing.assert_allclose(df.fit_seconds + df.score_seconds, df.seconds)
