@@ -89,7 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--methods",
         default=None,
-        help="comma list among zinbgrad,scvi,zinbwave_r,pca (default: the profile's)",
+        help="comma list among zinbgrad,scvi,zinbwave_r,pca,scanpy,harmony "
+        "(default: the profile's)",
     )
     p.add_argument(
         "--tasks",
@@ -98,6 +99,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--datasets", default=None, help="comma list: keep only these datasets")
     p.add_argument("--scaling-sizes", default=None, help="comma list of cell numbers")
+    p.add_argument(
+        "--scaling-extra",
+        default=None,
+        help="further scaling jobs, comma list of dataset:cells (e.g. synthetic100k:100000)",
+    )
+    p.add_argument(
+        "--scvi-scaling-epochs",
+        type=int,
+        default=None,
+        help="scVI's epochs in scaling jobs above 20,000 cells (its fit time is then also "
+        "extrapolated to its default epochs); default: its default rule",
+    )
     p.add_argument("--max-cells", type=int, default=None, help="subsample datasets to this")
     p.add_argument("--max-genes", type=int, default=None, help="at most this many genes")
     p.add_argument(
@@ -291,6 +304,10 @@ def run_benchmarks(argv: list[str] | None = None, log=print) -> dict[str, Any]:
         changes["methods"] = tuple(_csv_list(args.methods) or ())
     if args.scaling_sizes:
         changes["scaling_sizes"] = tuple(int(x) for x in _csv_list(args.scaling_sizes) or ())
+    if args.scaling_extra:
+        changes["scaling_extra"] = tuple(_csv_list(args.scaling_extra) or ())
+    if args.scvi_scaling_epochs is not None:
+        changes["scvi_scaling_max_epochs"] = args.scvi_scaling_epochs
     if args.max_cells is not None:
         changes["max_cells"] = args.max_cells
     if args.max_genes is not None:
@@ -306,6 +323,8 @@ def run_benchmarks(argv: list[str] | None = None, log=print) -> dict[str, Any]:
             changes[f] = tuple(d for d in getattr(profile, f) if d in keep)
         if profile.scaling_dataset not in keep:
             changes["scaling_sizes"] = ()
+        extra = changes.get("scaling_extra", profile.scaling_extra)
+        changes["scaling_extra"] = tuple(e for e in extra if e.rsplit(":", 1)[0] in keep)
     if args.tasks:
         tasks = set(_csv_list(args.tasks) or ())
         for t, f in (
@@ -316,6 +335,8 @@ def run_benchmarks(argv: list[str] | None = None, log=print) -> dict[str, Any]:
         ):
             if t not in tasks:
                 changes[f] = ()
+                if t == "scaling":
+                    changes["scaling_extra"] = ()
     scvi_opts = dict(profile.scvi)
     if args.scvi_max_epochs is not None:
         scvi_opts["max_epochs"] = (

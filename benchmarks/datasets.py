@@ -109,6 +109,13 @@ DATASETS: dict[str, DatasetSpec] = {
             "10x 1.3M brain, first 10k cells x first 1000 genes, all-zero genes/cells removed",
         ),
         DatasetSpec(
+            "synthetic100k",
+            # an absolute path: written by `python benchmarks/scaling.py --generate-only
+            # --sizes 100k` (counts drawn from a K=10 fit of the 715-gene brain slice)
+            os.environ.get("ZINBGRAD_SYNTHETIC_100K", "/tmp/zinbgrad_scaling/synthetic_100k.h5ad"),
+            "synthetic 100k x 715 drawn from a K=10 zinbgrad fit of the brain slice",
+        ),
+        DatasetSpec(
             "zeisel_thinned",
             "zeisel2015_descend_subset.h5ad",
             "Zeisel subset + semi-synthetic batch (binomial thinning of a random half, "

@@ -280,11 +280,11 @@ class SCVIMethod(Method):
         )
         from scvi.model._utils import get_max_epochs_heuristic
 
+        default_epochs = int(get_max_epochs_heuristic(adata.n_obs))
         self.info = {
-            "max_epochs": int(max_epochs)
-            if max_epochs is not None
-            else int(get_max_epochs_heuristic(adata.n_obs)),
+            "max_epochs": int(max_epochs) if max_epochs is not None else default_epochs,
             "max_epochs_rule": "given" if max_epochs is not None else "default heuristic",
+            "default_max_epochs": default_epochs,
         }
         hist = getattr(self.model, "history", None) or {}
         for key in ("elbo_train", "elbo_validation", "reconstruction_loss_train"):
@@ -411,6 +411,39 @@ class HarmonyMethod(PCABaseline):
         return {}
 
 
+class ScanpyPCA(Method):
+    """scanpy's everyday pipeline: ``sc.pp.normalize_total`` (to the median library size),
+    ``sc.pp.log1p`` and ``sc.pp.pca(n_comps=10)`` on the sparse counts (scanpy's default
+    solver for sparse data, no densification). Not a likelihood model; no batch model."""
+
+    name = "scanpy"
+    label = "scanpy PCA"
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        if importlib.util.find_spec("scanpy") is None:
+            return False, "scanpy is not importable (install the bench extra)"
+        return True, ""
+
+    @classmethod
+    def versions(cls) -> dict[str, str]:
+        import scanpy
+
+        return {"scanpy": scanpy.__version__}
+
+    def _fit(self, adata: ad.AnnData, batch_key: str | None) -> None:
+        import scanpy as sc
+
+        a = ad.AnnData(sp.csr_matrix(adata.X, dtype=np.float32), obs=adata.obs[[]].copy())
+        sc.pp.normalize_total(a)
+        sc.pp.log1p(a)
+        sc.pp.pca(a, n_comps=min(N_LATENT, min(a.shape) - 1), random_state=self.seed)
+        self.scores = np.asarray(a.obsm["X_pca"], dtype=np.float64)
+
+    def latent(self) -> np.ndarray:
+        return self.scores
+
+
 # --------------------------------------------------------------------------- R zinbwave
 
 
@@ -520,7 +553,8 @@ class RZinbwave(Method):
 
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (ZinbgradMethod, SCVIMethod, RZinbwave, PCABaseline, HarmonyMethod)
+    cls.name: cls
+    for cls in (ZinbgradMethod, SCVIMethod, RZinbwave, PCABaseline, HarmonyMethod, ScanpyPCA)
 }
 
 

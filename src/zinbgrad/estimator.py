@@ -54,7 +54,14 @@ from .persistence import model_file as model_file  # the CLI's import
 from .projection import likelihood_tensors, project, training_loglik
 from .query import map_query
 from .runtime import CPU_BLOCK_ENTRIES as CPU_BLOCK_ENTRIES
-from .runtime import FUSED_MIN_ENTRIES, block_entries, cpu_threads, resolve_device, torch_setup
+from .runtime import (
+    FUSED_MIN_ENTRIES,
+    block_entries,
+    cpu_threads,
+    resolve_device,
+    resolve_dtype,
+    torch_setup,
+)
 from .runtime import GPU_BLOCK_ENTRIES as GPU_BLOCK_ENTRIES
 from .runtime import GPU_FLOATS_PER_ENTRY as GPU_FLOATS_PER_ENTRY
 from .runtime import GPU_MEMORY_SHARE as GPU_MEMORY_SHARE
@@ -138,7 +145,13 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         ``5e7`` matrix entries (compiling takes tens of seconds the first time; the kernels
         are cached on disk by torch). ``ZINBGRAD_FUSED=0`` turns it off.
     dtype
-        ``"auto"`` (float64 on CPU, float32 on GPU), ``"float32"`` or ``"float64"``.
+        ``"auto"`` (the default): float32 on a GPU; on the CPU float32 for fits of at least
+        a million matrix entries (cells x genes, ``runtime.CPU_FLOAT32_MIN_ENTRIES``), float64
+        below. float32 fits are 1.5-2.5x faster from that size and agree with float64 within
+        the seed-to-seed spread of a fit (objective, neighbourhoods, cell-type scores; measured
+        in BENCHMARKS.md); on small data float32 saves nothing and can end in poorer optima.
+        ``"float32"`` or ``"float64"``: always that dtype. New cells (:meth:`transform`,
+        :meth:`score_samples`) follow the same rule on their own size.
     allow_non_integer
         Accept non-integer counts (with a warning), e.g. ambient-corrected data.
     empty_genes
@@ -390,13 +403,14 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         """
         t_start = time.perf_counter()
         comm = current_comm()
-        dev, dt = torch_setup(self.device, self.dtype)
+        dev, _ = torch_setup(self.device, self.dtype)  # checks both before any work
         # before any work: what would otherwise fail at the first checkpoint or the resume
         check_checkpoint_paths(checkpoint, resume, checkpoint_every, comm.world_size)
         inp = open_counts(data, layer, allow_non_integer=self.allow_non_integer, check_empty=False)
         check_unique_names(inp.obs_names, inp.var_names)
         cell_fitted, gene_fitted, var_names_in = leave_out_empty(self, inp, comm.rank == 0)
         n, J = inp.shape
+        dt = resolve_dtype(self.dtype, dev, n * J)
         with cpu_threads(dev, n * J), flush_denormals(dev.type == "cpu"):
             check_hyperparameters(self, n, J)
             Xm, xnames, batch_info, Vm, O_mu_a, O_pi_a = training_inputs(

@@ -87,10 +87,10 @@ def project(
         log-likelihood and the engine that solved them (its ``design``: the new cells').
     """
     check_fitted(model)
-    dev, dt = torch_setup(model.device if device is None else device, model.dtype)
     counts = open_counts(data, layer, allow_non_integer=model.allow_non_integer, check_empty=False)
     align_genes(model, counts)
     n, J = counts.shape[0], len(model.var_names_)
+    dev, dt = torch_setup(model.device if device is None else device, model.dtype, n * J)
     Xm = encode_cells(
         model,
         counts.obs,

@@ -156,7 +156,7 @@ def map_query(
     loadings = model.batch_loadings if batch_loadings is None else bool(batch_loadings)
     n, J, K = counts.shape[0], len(model.var_names_), model.n_components
     M, B, Bn = len(model.X_columns_), len(levels), len(new)
-    dev, dt = torch_setup(model.device if device is None else device, model.dtype)
+    dev, dt = torch_setup(model.device if device is None else device, model.dtype, n * J)
     offsets = offset_matrix(O_mu, n, J, "O_mu"), offset_matrix(O_pi, n, J, "O_pi")
     design = _query_design(model, key, values, levels, new, loadings, offsets, dev, dt)
     pen, genes, path = _query_start(model, design, B, Bn, loadings, dev, dt)

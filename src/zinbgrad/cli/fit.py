@@ -226,7 +226,13 @@ def _add_fit_model_options(f: argparse.ArgumentParser) -> None:
     f.add_argument("--epochs", type=int, default=100, help="maximum epochs")
     f.add_argument("--tol", type=float, default=1e-4, help="relative change to stop at")
     f.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    f.add_argument("--dtype", default="auto", choices=["auto", "float32", "float64"])
+    f.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "float64"],
+        help="auto: float32 on a GPU, and on the CPU for fits of at least a million "
+        "entries (cells x genes); float64 below",
+    )
     f.add_argument("--epsilon", type=float, default=None, help="penalty scale (default J)")
     f.add_argument("--genewise-dispersion", action="store_true", help="one theta per gene")
     f.add_argument("--no-zero-inflation", action="store_true", help="negative binomial model")
