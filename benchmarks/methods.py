@@ -97,7 +97,7 @@ class Method(ABC):
             self.info["warmup_s"] = t1 - t0
         return self
 
-    def _prepare(self) -> None:
+    def _prepare(self) -> None:  # noqa: B027 - optional hook, nothing to do by default
         """One-off work of a fresh process that is not the fit's (e.g. JIT compilation), done
         before the fit's clock starts; its time is recorded as ``info["warmup_s"]``."""
 
