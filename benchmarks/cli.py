@@ -108,8 +108,8 @@ def _parser() -> argparse.ArgumentParser:
         "--scvi-scaling-epochs",
         type=int,
         default=None,
-        help="scVI's epochs in scaling jobs above 20,000 cells (its fit time is then also "
-        "extrapolated to its default epochs); default: its default rule",
+        help="scVI's epochs in the scaling jobs where its default rule trains more (its fit "
+        "time is then also extrapolated linearly to the default); default: the default rule",
     )
     p.add_argument("--max-cells", type=int, default=None, help="subsample datasets to this")
     p.add_argument("--max-genes", type=int, default=None, help="at most this many genes")

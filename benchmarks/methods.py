@@ -225,10 +225,12 @@ class SCVIMethod(Method):
     20,000 cells), batch size 128, ``train_size`` 0.9 (scVI holds out 10% of the cells it is
     given for validation), seeded with ``scvi.settings.seed``.
 
-    Options: ``max_epochs`` (``None``: the default rule), ``n_mc_samples`` (importance
-    samples of ``get_marginal_ll``, default 1000 = scVI's default), ``n_mc_samples_per_pass``
-    (speed only), ``max_nll_cells`` (the training NLL is estimated on at most this many
-    random training cells), ``impute_samples`` (posterior samples averaged by the imputation).
+    Options: ``max_epochs`` (``None``: the default rule), ``max_epochs_cap`` (train at most
+    this many of the default rule's epochs: timing runs that extrapolate), ``n_mc_samples``
+    (importance samples of ``get_marginal_ll``, default 1000 = scVI's default),
+    ``n_mc_samples_per_pass`` (speed only), ``max_nll_cells`` (the training NLL is estimated
+    on at most this many random training cells), ``impute_samples`` (posterior samples
+    averaged by the imputation).
 
     * NLL: ``-get_marginal_ll`` (importance sampling over z with the observed library size);
     * latent: ``get_latent_representation()`` (posterior mean of z);
@@ -278,7 +280,14 @@ class SCVIMethod(Method):
         self.batch_key = batch_key
         scvi.model.SCVI.setup_anndata(self.adata, batch_key=batch_key)
         self.model = scvi.model.SCVI(self.adata, n_latent=N_LATENT, gene_likelihood="zinb")
+        from scvi.model._utils import get_max_epochs_heuristic
+
+        default_epochs = int(get_max_epochs_heuristic(adata.n_obs))
         max_epochs = self.options.get("max_epochs")
+        rule = "default heuristic" if max_epochs is None else "given"
+        cap = self.options.get("max_epochs_cap")
+        if max_epochs is None and cap is not None and int(cap) < default_epochs:
+            max_epochs, rule = int(cap), f"capped at {int(cap)} (default {default_epochs})"
         self.model.train(
             max_epochs=max_epochs,
             accelerator="cpu",
@@ -286,12 +295,9 @@ class SCVIMethod(Method):
             logger=False,
             enable_checkpointing=False,
         )
-        from scvi.model._utils import get_max_epochs_heuristic
-
-        default_epochs = int(get_max_epochs_heuristic(adata.n_obs))
         self.info = {
             "max_epochs": int(max_epochs) if max_epochs is not None else default_epochs,
-            "max_epochs_rule": "given" if max_epochs is not None else "default heuristic",
+            "max_epochs_rule": rule,
             "default_max_epochs": default_epochs,
         }
         hist = getattr(self.model, "history", None) or {}

@@ -136,6 +136,11 @@ def measure(name: str, seeds: list[int], scratch: Path, wdir: Path, log=print) -
             rec = run_fit(name, dtype, seed, wdir / f"{name}_{key}.npy", scratch)
             fits[key] = rec
             log(f"{name} {key}: {rec}")
+    return score(name, fits, scratch, wdir)
+
+
+def score(name: str, fits: dict, scratch: Path, wdir: Path) -> dict:
+    """The comparisons of the fits' latent spaces (saved in ``wdir``) and objectives."""
     out: dict = {"fits": fits}
     W = {k: np.load(wdir / f"{name}_{k}.npy") for k, r in fits.items() if "error" not in r}
     _, labels, W_true = load_counts(name, scratch)
@@ -161,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--scratch", default=str(SCRATCH))
     p.add_argument("--out", default=str(HERE / "results" / "precision.json"))
+    p.add_argument(
+        "--rescore", action="store_true", help="recompute the comparisons from the saved fits"
+    )
     args = p.parse_args(argv)
     scratch = Path(args.scratch)
     wdir = scratch / "precision_W"
@@ -169,6 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     results = json.loads(out_path.read_text()) if out_path.exists() else {}
     results.setdefault("runs", {})
     for name in args.datasets.split(","):
+        if args.rescore:
+            old = results["runs"][name]
+            new = score(name, old["fits"], scratch, wdir)
+            results["runs"][name] = {**old, **new}
+            out_path.write_text(json.dumps(results, indent=1))
+            continue
         t0 = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
         res = measure(name, [int(s) for s in args.seeds.split(",")], scratch, wdir)
         res["started"] = t0

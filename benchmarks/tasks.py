@@ -63,8 +63,8 @@ class Profile:
     scaling_sizes: tuple[int, ...] = (1000, 2000, 5000, 10000)
     #: further scaling jobs as ``"dataset:cells"`` (e.g. ``"synthetic100k:100000"``)
     scaling_extra: tuple[str, ...] = ()
-    #: scVI's epochs in scaling jobs above 20,000 cells (``None``: its default rule); its fit
-    #: time is then also extrapolated linearly to the default number of epochs
+    #: scVI's epochs in the scaling jobs where its default rule would train more (``None``:
+    #: the default rule); its fit time is then also extrapolated linearly to the default
     scvi_scaling_max_epochs: int | None = None
     max_cells: int | None = None
     max_genes: int | None = None
@@ -166,9 +166,8 @@ def build_jobs(profile: Profile, methods: list[str], seed: int) -> list[dict[str
         name, size = spec.rsplit(":", 1)
         add("scaling", name, int(size))
     for j in jobs:
-        big = j["task"] == "scaling" and (j["size"] or 0) > 20_000
-        if j["method"] == "scvi" and big and profile.scvi_scaling_max_epochs:
-            j["options"] = {"max_epochs": int(profile.scvi_scaling_max_epochs)}
+        if j["method"] == "scvi" and j["task"] == "scaling" and profile.scvi_scaling_max_epochs:
+            j["options"] = {"max_epochs_cap": int(profile.scvi_scaling_max_epochs)}
         j["seed"] = int(seed)
     return jobs
 
@@ -394,7 +393,7 @@ def _task_scaling(job, profile, method_factory, data_dir, arrays_dir) -> dict[st
         "info": m.info,
     }
     given, default = m.info.get("max_epochs"), m.info.get("default_max_epochs")
-    if m.info.get("max_epochs_rule") == "given" and given and default and given < default:
+    if given and default and given < default:
         out["fit_s_extrapolated"] = m.fit_seconds * default / given
     return out
 
