@@ -147,8 +147,8 @@ def score(name: str, fits: dict, scratch: Path, wdir: Path) -> dict:
     pairs = [("float32_s0", "float64_s0"), ("float64_s1", "float64_s0")]
     pairs += [("float32_s1", "float32_s0"), ("float32_s1", "float64_s1")]
     out["overlap15"] = {f"{a} vs {b}": overlap(W[a], W[b]) for a, b in pairs if a in W and b in W}
-    out["objective_rel_diff"] = {
-        f"{a} vs {b}": abs(fits[a]["objective_f64"] - fits[b]["objective_f64"])
+    out["objective_rel_diff"] = {  # signed: > 0 where the first fit's objective is higher
+        f"{a} vs {b}": (fits[a]["objective_f64"] - fits[b]["objective_f64"])
         / abs(fits[b]["objective_f64"])
         for a, b in pairs
         if a in W and b in W
@@ -160,6 +160,64 @@ def score(name: str, fits: dict, scratch: Path, wdir: Path) -> dict:
     return out
 
 
+def _pair(d: dict, a: str, b: str, fmt: str) -> str:
+    v = d.get(f"{a} vs {b}")
+    return "n/a" if v is None else format(v, fmt)
+
+
+def report(results: dict) -> str:
+    """Markdown tables of the saved runs: time, objective and latent-space agreement."""
+    rows = [
+        "| data (cells x genes) | float64 fit (s), seeds 0 / 1 | float32 fit (s) | speed-up "
+        "| objective (f32 - f64) / abs(f64), seed 0 / 1 | f64 (seed 1 - seed 0) "
+        "| 15-NN overlap f32-f64 (seed 0 / 1) | f64 seed 0 vs 1 | f32 seed 0 vs 1 |",
+        "|---|---|---|---:|---|---:|---|---:|---:|",
+    ]
+    labels = []
+    for name, run in results["runs"].items():
+        f = run["fits"]
+        if any("seconds" not in f.get(k, {}) for k in ("float64_s0", "float32_s0")):
+            continue
+        n, J = f["float64_s0"]["shape"]
+        t64 = [f[k]["seconds"] for k in ("float64_s0", "float64_s1") if "seconds" in f.get(k, {})]
+        t32 = [f[k]["seconds"] for k in ("float32_s0", "float32_s1") if "seconds" in f.get(k, {})]
+        ob, ov = run["objective_rel_diff"], run["overlap15"]
+        rows.append(
+            f"| {name} ({n:,} x {J:,}) | {' / '.join(f'{t:.1f}' for t in t64)} "
+            f"| {' / '.join(f'{t:.1f}' for t in t32)} | {sum(t64) / sum(t32):.2f}x "
+            f"| {_pair(ob, 'float32_s0', 'float64_s0', '+.1e')} / "
+            f"{_pair(ob, 'float32_s1', 'float64_s1', '+.1e')} "
+            f"| {_pair(ob, 'float64_s1', 'float64_s0', '+.1e')} "
+            f"| {_pair(ov, 'float32_s0', 'float64_s0', '.2f')} / "
+            f"{_pair(ov, 'float32_s1', 'float64_s1', '.2f')} "
+            f"| {_pair(ov, 'float64_s1', 'float64_s0', '.2f')} "
+            f"| {_pair(ov, 'float32_s1', 'float32_s0', '.2f')} |"
+        )
+        for kind, scores in (("cell types", run.get("labels")), ("planted", None)):
+            if scores:
+                cells = " | ".join(
+                    f"{scores[k]['kmeans_ari']:.3f} / {scores[k]['knn_purity']:.3f}"
+                    for k in ("float64_s0", "float64_s1", "float32_s0", "float32_s1")
+                    if k in scores
+                )
+                labels.append(f"| {name} ({kind}) | {cells} |")
+        planted = run.get("overlap15_planted")
+        if planted:
+            cells = " | ".join(
+                f"{planted[k]:.3f}"
+                for k in ("float64_s0", "float64_s1", "float32_s0", "float32_s1")
+                if k in planted
+            )
+            labels.append(f"| {name} (15-NN overlap with the planted W) | {cells} |")
+    out = "\n".join(rows)
+    if labels:
+        out += (
+            "\n\n| data (score) | float64 seed 0 | float64 seed 1 | float32 seed 0 "
+            "| float32 seed 1 |\n|---|---|---|---|---|\n" + "\n".join(labels)
+        )
+    return out + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--datasets", default="pbmc_small,zeisel,pbmc8k,brain10k,synthetic100k")
@@ -169,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--rescore", action="store_true", help="recompute the comparisons from the saved fits"
     )
+    p.add_argument("--report", action="store_true", help="print the tables of --out and exit")
     args = p.parse_args(argv)
     scratch = Path(args.scratch)
     wdir = scratch / "precision_W"
@@ -176,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     out_path = Path(args.out)
     results = json.loads(out_path.read_text()) if out_path.exists() else {}
     results.setdefault("runs", {})
+    if args.report:
+        print(report(results))
+        return 0
     for name in args.datasets.split(","):
         if args.rescore:
             old = results["runs"][name]
