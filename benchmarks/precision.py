@@ -41,6 +41,7 @@ if str(HERE.parent) not in sys.path:
 
 SHARED = Path(os.environ.get("ZINBGRAD_SHARED", HERE.parents[1] / "shared"))
 SCRATCH = Path("/tmp/zinbgrad_scaling")
+FIT_KEYS = ("float64_s0", "float64_s1", "float32_s0", "float32_s1")
 
 #: one fit in a fresh process: prints a JSON line, saves W to the given .npy
 CHILD = r"""
@@ -193,22 +194,18 @@ def report(results: dict) -> str:
             f"| {_pair(ov, 'float64_s1', 'float64_s0', '.2f')} "
             f"| {_pair(ov, 'float32_s1', 'float32_s0', '.2f')} |"
         )
-        for kind, scores in (("cell types", run.get("labels")), ("planted", None)):
+        scored = (
+            ("cell types", run.get("labels"), "{kmeans_ari:.3f} / {knn_purity:.3f}"),
+            ("15-NN overlap with the planted W", run.get("overlap15_planted"), "{:.3f}"),
+        )
+        for kind, scores, fmt in scored:
             if scores:
-                cells = " | ".join(
-                    f"{scores[k]['kmeans_ari']:.3f} / {scores[k]['knn_purity']:.3f}"
-                    for k in ("float64_s0", "float64_s1", "float32_s0", "float32_s1")
-                    if k in scores
-                )
-                labels.append(f"| {name} ({kind}) | {cells} |")
-        planted = run.get("overlap15_planted")
-        if planted:
-            cells = " | ".join(
-                f"{planted[k]:.3f}"
-                for k in ("float64_s0", "float64_s1", "float32_s0", "float32_s1")
-                if k in planted
-            )
-            labels.append(f"| {name} (15-NN overlap with the planted W) | {cells} |")
+                keys = [k for k in FIT_KEYS if k in scores]
+                vals = [
+                    fmt.format(**s) if isinstance(s := scores[k], dict) else fmt.format(s)
+                    for k in keys
+                ]
+                labels.append(f"| {name} ({kind}) | {' | '.join(vals)} |")
     out = "\n".join(rows)
     if labels:
         out += (
