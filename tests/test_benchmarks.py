@@ -168,3 +168,35 @@ def test_scaling_records(tiny_run: dict) -> None:
         assert r["metrics"]["fit_s"] > 0
         assert r["metrics"]["latent_finite"]
         assert r["resources"]["peak_rss_mib"] > 0
+
+
+def test_scaling_jobs_extra_data_and_scvi_epoch_cap() -> None:
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from benchmarks.tasks import PROFILES, build_jobs, profile_with
+
+    prof = profile_with(
+        PROFILES["full"],
+        quality_datasets=(),
+        imputation_datasets=(),
+        batch_datasets=(),
+        scaling_sizes=(1000,),
+        scaling_extra=("synthetic100k:100000",),
+        scvi_scaling_max_epochs=20,
+    )
+    jobs = build_jobs(prof, ["zinbgrad", "scvi", "harmony"], seed=0)
+    keys = [(j["dataset"], j["size"], j["method"]) for j in jobs]
+    assert keys == [
+        ("brain10k", 1000, "zinbgrad"),
+        ("brain10k", 1000, "scvi"),
+        ("brain10k", 1000, "harmony"),
+        ("synthetic100k", 100000, "zinbgrad"),
+        ("synthetic100k", 100000, "scvi"),
+        ("synthetic100k", 100000, "harmony"),
+    ]
+    # only scVI's scaling jobs carry the cap; without it, its default rule
+    capped = {(j["size"], j["method"]): j.get("options") for j in jobs}
+    assert capped[(1000, "scvi")] == capped[(100000, "scvi")] == {"max_epochs_cap": 20}
+    assert capped[(1000, "zinbgrad")] is None and capped[(100000, "harmony")] is None
+    plain = build_jobs(profile_with(prof, scvi_scaling_max_epochs=None), ["scvi"], seed=0)
+    assert all("options" not in j for j in plain)
