@@ -288,6 +288,7 @@ class SCVIMethod(Method):
         cap = self.options.get("max_epochs_cap")
         if max_epochs is None and cap is not None and int(cap) < default_epochs:
             max_epochs, rule = int(cap), f"capped at {int(cap)} (default {default_epochs})"
+        t_train = time.perf_counter()
         self.model.train(
             max_epochs=max_epochs,
             accelerator="cpu",
@@ -299,6 +300,7 @@ class SCVIMethod(Method):
             "max_epochs": int(max_epochs) if max_epochs is not None else default_epochs,
             "max_epochs_rule": rule,
             "default_max_epochs": default_epochs,
+            "train_s": time.perf_counter() - t_train,
         }
         hist = getattr(self.model, "history", None) or {}
         for key in ("elbo_train", "elbo_validation", "reconstruction_loss_train"):
