@@ -147,9 +147,10 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
     dtype
         ``"auto"`` (the default): float32 on a GPU; on the CPU float32 for fits of at least
         a million matrix entries (cells x genes, ``runtime.CPU_FLOAT32_MIN_ENTRIES``), float64
-        below. float32 fits are 1.5-2.5x faster from that size and agree with float64 within
-        the seed-to-seed spread of a fit (objective, neighbourhoods, cell-type scores; measured
-        in BENCHMARKS.md); on small data float32 saves nothing and can end in poorer optima.
+        below. From that size float32 fits took 1.8-4x less time on 2 CPU cores and agreed
+        with float64 fits within the seed-to-seed spread of a fit (objective, neighbourhoods,
+        cell-type scores; BENCHMARKS.md, section 7); on tiny data float32 saves nothing and
+        its optima spread more.
         ``"float32"`` or ``"float64"``: always that dtype. New cells (:meth:`transform`,
         :meth:`score_samples`) follow the same rule on their own size.
     allow_non_integer

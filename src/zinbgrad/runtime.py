@@ -31,10 +31,10 @@ __all__ = [
 FUSED_MIN_ENTRIES = 50_000_000
 
 #: ``dtype="auto"`` on the CPU: float32 for computations of at least this many entries (cells x
-#: genes), float64 below. Measured in BENCHMARKS.md ("float32 or float64 on the CPU"): from about
-#: a million entries float32 fits are 1.5-2.5x faster and agree with float64 within the
+#: genes), float64 below. Measured in BENCHMARKS.md, section 7: from half a million entries on,
+#: float32 fits took 1.8-4x less time on 2 cores and agreed with float64 within the
 #: seed-to-seed spread (objective, 15-NN overlap, cell-type scores); on tiny data (pbmc_small,
-#: 80 x 230) float32 ends in 0.5-2 % lower optima and saves nothing.
+#: 80 x 230) float32 saved nothing and its optima spread over 0.5-2.4 % of the objective.
 CPU_FLOAT32_MIN_ENTRIES = 1_000_000
 
 #: default ``block_entries`` on the CPU, and the range of the default on a GPU
