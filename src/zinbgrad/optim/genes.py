@@ -166,11 +166,16 @@ class GeneSteps:
         return out
 
     def _gene_proposal(
-        self, stats: GeneStats, frozen: Tensor | None, max_change: float | None = None
+        self,
+        stats: GeneStats,
+        frozen: Tensor | None,
+        max_change: float | None = None,
+        accelerate: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """``(v_old, v_new, lam)``: one damped Newton step for every gene not ``frozen``;
         with ``max_change``, each gene's step is scaled so that no cell's log mu or logit pi
-        changes by more than that."""
+        changes by more than that; with ``accelerate``, the step is the Anderson-accelerated
+        one (:class:`~zinbgrad.optim.accel.AndersonGenes`, when the state holds one)."""
         v_old = self._get_gene_vec()
         A, g = self._gene_system(stats, v_old)
         if self.fixed_cols is not None:  # Newton step in the free coordinates only
@@ -180,6 +185,10 @@ class GeneSteps:
             A[:, fx, fx] = 1.0
             g[:, fx] = 0.0
         delta, lam = damped_newton_step(A, g, self.lam_genes)
+        if accelerate and self.anderson is not None:
+            delta = self.anderson.step(v_old, delta, None if frozen is None else ~frozen)
+        if accelerate and self.relax != 1.0:
+            delta = delta * self.relax
         if frozen is not None:
             delta[frozen] = 0.0
         if max_change is not None:
@@ -212,6 +221,8 @@ class GeneSteps:
         log-likelihood at the accepted parameters.
         """
         p = self.params
+        if self.anderson is not None:  # a step checked at once breaks the lagged history
+            self.anderson.reset()
         v_old, v_new, lam = self._gene_proposal(stats, frozen)
         zeta_old = p.zeta.clone()
         zeta_new = self._zeta_step(stats) if update_zeta else zeta_old
@@ -267,7 +278,7 @@ class GeneSteps:
         next sweep (:class:`~zinbgrad.optim.state.Proposal`); call :meth:`check_proposal` or
         the final pass then."""
         p = self.params
-        v_old, v_new, lam = self._gene_proposal(stats, frozen, LAGGED_MAX_CHANGE)
+        v_old, v_new, lam = self._gene_proposal(stats, frozen, LAGGED_MAX_CHANGE, accelerate=True)
         zeta_old = p.zeta.clone()
         center = zeta_old.mean()
         f_old = self._gene_objective(stats.ll, center)
@@ -308,6 +319,8 @@ class GeneSteps:
                 p.zeta = prop.zeta_old
             self._adapt_zeta_cap(True, ok)
         rejected = ~acc
+        if self.anderson is not None:
+            self.anderson.rejected(rejected)
         self.gene_rejected = float((~better).float().mean())
         self._set_gene_vec(torch.where(acc[:, None], self._get_gene_vec(), prop.v_old))
         if not self.common:
@@ -320,10 +333,24 @@ class GeneSteps:
     def _rotate_proposal(self, T: Tensor | None) -> None:
         """Express the pending step's old gene values in the basis of W after ``W <- W T``
         (``alpha <- T^-1 alpha`` keeps W alpha), and their objective with it."""
+        if T is not None and self.anderson is not None:
+            self.anderson.transform(lambda u: self._rotate_gene_vec(T, u))
         prop = self.proposal
         if prop is None or T is None:
             return
-        v = prop.v_old.clone()
+        v = self._rotate_gene_vec(T, prop.v_old)
+        keep = torch.isfinite(prop.f_old)
+        with self._genes_restored():
+            self._set_gene_vec(v)
+            self.params.zeta = prop.zeta_old
+            f_old = self._gene_objective(prop.ll_old, prop.center)
+        prop.v_old = v
+        prop.f_old = torch.where(keep, f_old, prop.f_old)
+
+    def _rotate_gene_vec(self, T: Tensor, v: Tensor) -> Tensor:
+        """Gene vectors ``v`` (J x q) expressed in the basis of ``W T``: their loadings (and
+        batch offsets) columns times ``T^-1``, the rest as they are."""
+        v = v.clone()
         at = self._gene_slices()
         for name in ("alpha_mu", "alpha_pi") if self.zi else ("alpha_mu",):
             c = at[name]
@@ -332,13 +359,7 @@ class GeneSteps:
             c = at["delta_mu"]
             blocks = v[:, c].T.reshape(self.B, self.K, self.J)
             v[:, c] = self._inverse_rotate(T, blocks).reshape(-1, self.J).T
-        keep = torch.isfinite(prop.f_old)
-        with self._genes_restored():
-            self._set_gene_vec(v)
-            self.params.zeta = prop.zeta_old
-            f_old = self._gene_objective(prop.ll_old, prop.center)
-        prop.v_old = v
-        prop.f_old = torch.where(keep, f_old, prop.f_old)
+        return v
 
     # ------------------------------------------------------------------ orthogonalization
     def orthogonalize(self) -> Tensor | None:
