@@ -41,7 +41,6 @@ from torch import Tensor
 from ..data.source import block_bounds
 from ..model.likelihood import EntryDerivatives, SparseCounts, entry_derivatives, nonzero_constant
 from ..model.params import Design, Params, Penalty
-from .accel import AndersonGenes
 from .cells import CellSteps
 from .dispersion import (
     ZETA_MAX,
@@ -119,10 +118,8 @@ class Engine(CellSteps, GeneSteps, DispersionSteps, Solvers):
         self.state = OptimizerState.initial(params, self.n, self.J, seed)
         #: factor on the Newton steps of cells and genes in an over-relaxed sweep
         self.relax = 1.0
-        if self.opt.accelerate == "anderson":
-            self.anderson = AndersonGenes()
-        elif self.opt.accelerate not in ("none", "relax"):
-            raise ValueError(f"unknown accelerate {self.opt.accelerate!r}; use 'anderson' or 'none'")
+        if not 0.0 < self.opt.relaxation < 2.0:
+            raise ValueError(f"relaxation must be in (0, 2), got {self.opt.relaxation!r}")
         rows = max(1, self.opt.block_entries // max(self.J, 1))
         self.bounds = block_bounds(self.n, rows)
         #: batch-specific loadings (``params.delta_mu``; see zinbgrad.model.params)
@@ -187,7 +184,6 @@ class Engine(CellSteps, GeneSteps, DispersionSteps, Solvers):
     proposal = _state_attribute("proposal")
     gene_rejected = _state_attribute("gene_rejected")
     progress = _state_attribute("progress")
-    anderson = _state_attribute("anderson")
 
     # ------------------------------------------------------------------ the kernel
     def _nz_const(self, counts: SparseCounts, zeta: Tensor) -> Tensor:

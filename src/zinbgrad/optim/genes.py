@@ -170,12 +170,12 @@ class GeneSteps:
         stats: GeneStats,
         frozen: Tensor | None,
         max_change: float | None = None,
-        accelerate: bool = False,
+        relax: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """``(v_old, v_new, lam)``: one damped Newton step for every gene not ``frozen``;
         with ``max_change``, each gene's step is scaled so that no cell's log mu or logit pi
-        changes by more than that; with ``accelerate``, the step is the Anderson-accelerated
-        one (:class:`~zinbgrad.optim.accel.AndersonGenes`, when the state holds one)."""
+        changes by more than that; with ``relax``, the step is over-relaxed (times
+        ``self.relax``, see :meth:`~zinbgrad.optim.solvers.Solvers._sweep`)."""
         v_old = self._get_gene_vec()
         A, g = self._gene_system(stats, v_old)
         if self.fixed_cols is not None:  # Newton step in the free coordinates only
@@ -185,9 +185,7 @@ class GeneSteps:
             A[:, fx, fx] = 1.0
             g[:, fx] = 0.0
         delta, lam = damped_newton_step(A, g, self.lam_genes)
-        if accelerate and self.anderson is not None:
-            delta = self.anderson.step(v_old, delta, None if frozen is None else ~frozen)
-        if accelerate and self.relax != 1.0:
+        if relax and self.relax != 1.0:
             delta = delta * self.relax
         if frozen is not None:
             delta[frozen] = 0.0
@@ -221,8 +219,6 @@ class GeneSteps:
         log-likelihood at the accepted parameters.
         """
         p = self.params
-        if self.anderson is not None:  # a step checked at once breaks the lagged history
-            self.anderson.reset()
         v_old, v_new, lam = self._gene_proposal(stats, frozen)
         zeta_old = p.zeta.clone()
         zeta_new = self._zeta_step(stats) if update_zeta else zeta_old
@@ -278,7 +274,7 @@ class GeneSteps:
         next sweep (:class:`~zinbgrad.optim.state.Proposal`); call :meth:`check_proposal` or
         the final pass then."""
         p = self.params
-        v_old, v_new, lam = self._gene_proposal(stats, frozen, LAGGED_MAX_CHANGE, accelerate=True)
+        v_old, v_new, lam = self._gene_proposal(stats, frozen, LAGGED_MAX_CHANGE, relax=True)
         zeta_old = p.zeta.clone()
         center = zeta_old.mean()
         f_old = self._gene_objective(stats.ll, center)
@@ -319,8 +315,6 @@ class GeneSteps:
                 p.zeta = prop.zeta_old
             self._adapt_zeta_cap(True, ok)
         rejected = ~acc
-        if self.anderson is not None:
-            self.anderson.rejected(rejected)
         self.gene_rejected = float((~better).float().mean())
         self._set_gene_vec(torch.where(acc[:, None], self._get_gene_vec(), prop.v_old))
         if not self.common:
@@ -333,8 +327,6 @@ class GeneSteps:
     def _rotate_proposal(self, T: Tensor | None) -> None:
         """Express the pending step's old gene values in the basis of W after ``W <- W T``
         (``alpha <- T^-1 alpha`` keeps W alpha), and their objective with it."""
-        if T is not None and self.anderson is not None:
-            self.anderson.transform(lambda u: self._rotate_gene_vec(T, u))
         prop = self.proposal
         if prop is None or T is None:
             return

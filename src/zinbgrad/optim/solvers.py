@@ -122,8 +122,8 @@ class Solvers:
         if lagged and path is not None:
             raise RuntimeError("a pending gene step cannot be checked in a sweep along a path")
         ll_start = torch.zeros_like(stats.ll) if lagged else None
-        over = lagged and self.opt.accelerate == "relax"
-        self.relax = self.opt.relaxation if over else 1.0
+        # over-relaxed steps (FitOptions.relaxation) only where every gene step is checked
+        self.relax = self.opt.relaxation if lagged else 1.0
         for start, stop, counts in self.source.iter_blocks(self.bounds):
             rows = slice(start, stop)
             if path_feats is not None:

@@ -21,7 +21,6 @@ import torch
 from torch import Tensor
 
 from ..model.params import Design, Params, Penalty
-from .accel import AndersonGenes
 from .dispersion import ZETA_MAX, ZETA_MIN, ZETA_PAUSE, ZETA_STATE
 from .path import FitPath
 
@@ -77,10 +76,10 @@ class FitOptions:
     #: what a checkpoint must match to be resumed (the data's fingerprint, the design's
     #: columns, the penalty), beyond the shapes; JSON-serializable
     checkpoint_tag: dict | None = None
-    #: accelerate the gene steps across sweeps: "anderson" (see zinbgrad.optim.accel) or "none"
-    accelerate: str = "none"
-    #: the factor on the Newton steps of an over-relaxed sweep (``accelerate="relax"``)
-    relaxation: float = 1.5
+    #: over-relaxation: the factor (in (0, 2); 1 = plain steps) on the cells' and genes'
+    #: Newton steps in the sweeps whose gene step is checked in the next sweep (see
+    #: Solvers._sweep and BENCHMARKS.md, "Fewer sweeps")
+    relaxation: float = 1.0
     #: ``time.perf_counter()`` at the start of the user's fit call; history "seconds" count
     #: from it (None: from the start of the solver loop)
     t_origin: float | None = None
@@ -209,8 +208,6 @@ class OptimizerState:
     gene_rejected: float = 1.0
     #: the epochs done per phase
     progress: FitProgress = field(default_factory=FitProgress)
-    #: the history of the accelerated gene steps (None: plain steps; see optim.accel)
-    anderson: AndersonGenes | None = None
 
     @classmethod
     def initial(cls, params: Params, n: int, J: int, seed: int = 0) -> OptimizerState:
@@ -244,9 +241,6 @@ class OptimizerState:
         if self.proposal is not None:  # a gene step awaiting its check
             for k in self.proposal.FIELDS:
                 arrays[f"proposal_{k}"] = getattr(self.proposal, k).detach().cpu().numpy()
-        if self.anderson is not None:  # the accelerated steps' history
-            for k, v in self.anderson.to_arrays().items():
-                arrays[f"anderson_{k}"] = v
         if self.trajectory is not None:  # the fit's path (kept by the model), in full precision
             for k, v in self.trajectory.to_arrays(with_start=True).items():
                 arrays[f"path_{k}"] = v
@@ -283,9 +277,6 @@ class OptimizerState:
             self.proposal = Proposal(
                 **{k: torch.as_tensor(arrays[f"proposal_{k}"], **kw) for k in Proposal.FIELDS}
             )
-        if self.anderson is not None:
-            sub = {k[9:]: arrays[k] for k in arrays if k.startswith("anderson_")}
-            self.anderson.load_arrays(sub, ref)
         if "state_sto_H" in arrays:
             self.sto_H = torch.as_tensor(arrays["state_sto_H"], **kw)
             self.sto_lam = torch.as_tensor(arrays["state_sto_lam"], **kw)
