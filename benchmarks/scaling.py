@@ -94,7 +94,6 @@ def write_brain_slice(data_path: Path) -> None:
 
 def prepare_reference(scratch: Path, max_epochs: int, dtype: str) -> dict:
     """Filtered 720-gene brain slice and a K=10 fit on it (both cached in ``scratch``)."""
-
     import zinbgrad
 
     data_path, model_path = reference_paths(scratch)
