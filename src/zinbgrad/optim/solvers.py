@@ -122,7 +122,8 @@ class Solvers:
         if lagged and path is not None:
             raise RuntimeError("a pending gene step cannot be checked in a sweep along a path")
         ll_start = torch.zeros_like(stats.ll) if lagged else None
-        # over-relaxed steps (FitOptions.relaxation) only where every gene step is checked
+        # over-relaxed steps (FitOptions.relaxation) only in the lagged sweeps, where few
+        # gene steps fail; the early sweeps take plain steps
         self.relax = self.opt.relaxation if lagged else 1.0
         for start, stop, counts in self.source.iter_blocks(self.bounds):
             rows = slice(start, stop)
