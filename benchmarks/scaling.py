@@ -75,25 +75,31 @@ def reference_paths(scratch: Path) -> tuple[Path, Path]:
     return scratch / f"{REF_NAME}.h5ad", scratch / f"{REF_NAME}_model.npz"
 
 
-def prepare_reference(scratch: Path, max_epochs: int, dtype: str) -> dict:
-    """Filtered 720-gene brain slice and a K=10 fit on it (both cached in ``scratch``)."""
+def write_brain_slice(data_path: Path) -> None:
+    """The brain slice's cells and top-variance genes (all 715 with a count) as ``.h5ad``."""
     import anndata as ad
     import numpy as np
 
-    import zinbgrad
     from zinbgrad.pp import select_top_variance_genes
+
+    a = ad.read_h5ad(BRAIN)
+    X = a.X.tocsr()
+    a = a[np.asarray(X.getnnz(axis=1) > 0)].copy()
+    a = a[:, np.asarray(a.X.getnnz(axis=0) > 0)].copy()
+    # the slice has only 715 genes with a nonzero count: then all of them are kept
+    a = select_top_variance_genes(a, min(N_GENES, a.n_vars))
+    a = a[np.asarray(a.X.getnnz(axis=1) > 0)].copy()  # cells empty on the 720 genes
+    a.write_h5ad(data_path)
+
+
+def prepare_reference(scratch: Path, max_epochs: int, dtype: str) -> dict:
+    """Filtered 720-gene brain slice and a K=10 fit on it (both cached in ``scratch``)."""
+    import zinbgrad
 
     data_path, model_path = reference_paths(scratch)
     info: dict = {"data": str(data_path), "model": str(model_path)}
     if not data_path.exists():
-        a = ad.read_h5ad(BRAIN)
-        X = a.X.tocsr()
-        a = a[np.asarray(X.getnnz(axis=1) > 0)].copy()
-        a = a[:, np.asarray(a.X.getnnz(axis=0) > 0)].copy()
-        # the slice has only 715 genes with a nonzero count: then all of them are kept
-        a = select_top_variance_genes(a, min(N_GENES, a.n_vars))
-        a = a[np.asarray(a.X.getnnz(axis=1) > 0)].copy()  # cells empty on the 720 genes
-        a.write_h5ad(data_path)
+        write_brain_slice(data_path)
     if model_path.exists():
         model = zinbgrad.ZINBWaVE.load(model_path)
         info["cached"] = True

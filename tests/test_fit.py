@@ -383,6 +383,65 @@ def test_lagged_gene_check_reaches_the_checked_optimum(common, monkeypatch):
     assert res[True] == pytest.approx(res[False], rel=2e-5)
 
 
+def test_relaxed_sweeps_stay_monotone_and_reach_the_same_optimum(monkeypatch):
+    """Over-relaxed cell and gene steps (FitOptions.relaxation) are taken in the lagged sweeps
+    only, keep the recorded objective non-decreasing, and end at the plain sweeps' optimum
+    (both to tol=1e-6)."""
+    from zinbgrad.optim.engine import Engine
+
+    adata = _planted_genes()
+    factors = []
+    orig = Engine._cell_step
+
+    def cell_step(self, *a, **k):
+        factors.append(self.relax)
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(Engine, "_cell_step", cell_step)
+    res = {}
+    for omega in (1.0, 1.5):
+        factors.clear()
+        eng = _engine(adata, 3, True, relaxation=omega, tol=1e-6, max_epochs=300)
+        r = eng.fit()
+        obj = [h["objective"] for h in r.history]
+        assert r.converged
+        assert all(b >= a - 1e-9 * abs(a) for a, b in zip(obj, obj[1:], strict=False))
+        res[omega] = r.loglik - r.penalty
+        assert set(factors) == ({1.0, omega} if omega != 1.0 else {1.0}) and eng.relax == 1.0
+    assert res[1.5] == pytest.approx(res[1.0], rel=2e-5)
+    with pytest.raises(ValueError, match="relaxation must be in"):
+        _engine(adata, 3, True, relaxation=2.0)
+
+
+@pytest.mark.parametrize("common", [True, False])
+def test_dispersion_start_reaches_a_stationary_point_with_one_pass_per_step(common, monkeypatch):
+    """The dispersion-only start evaluates each trial dispersion once (its derivatives are the
+    next step's where it is accepted): one pass over the cells per step plus the first, and it
+    ends where the dispersion's Newton decrement is negligible."""
+    eng = _engine(_planted_genes(), 3, common)
+    passes = []
+    orig = eng.source.iter_blocks
+    monkeypatch.setattr(eng.source, "iter_blocks", lambda b: passes.append(1) or orig(b))
+    steps = []
+    zeta_step = type(eng)._zeta_step
+    monkeypatch.setattr(
+        type(eng), "_zeta_step", lambda self, *a: steps.append(1) or zeta_step(self, *a)
+    )
+    eng.optimize_dispersion(max_iter=50, tol=1e-10)
+    assert len(passes) == len(steps) + 1 and len(steps) >= 2
+    stats = eng._dispersion_stats(eng.bounds, eng.params.zeta, 1.0)
+    zeta = eng.params.zeta
+    lo, hi = eng.opt.zeta_bounds
+    if common:
+        G, C = float(stats.gz.sum()), float(stats.hz.sum())
+        assert G * G / abs(C) <= 1e-6 * abs(float(stats.ll.sum())) or float(zeta[0]) in (lo, hi)
+    else:
+        c = eng.pen.zeta / (eng.J - 1)
+        G = stats.gz - c * (zeta - zeta.mean())
+        C = (stats.hz - c).abs()
+        assert float((G * G / C).sum()) <= 1e-6 * abs(float(stats.ll.sum()))
+
+
 def _pending(eng):
     eng.optimize_dispersion()
     for _ in range(60):

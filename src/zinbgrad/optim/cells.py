@@ -226,6 +226,8 @@ class CellSteps:
         it does not lower the cell's objective); the new point is evaluated at ``order``."""
         A, g = self._cell_system(st.d, st.u, feats, st.groups)
         delta, lam = damped_newton_step(A, g, st.lam)
+        if self.relax != 1.0:  # over-relaxed sweeps (see Solvers._sweep)
+            delta = delta * self.relax
         new = _Cells(st.u + delta, st.base_a, st.base_b, None, None, None, None, lam, st.groups)
         self._predict(new, feats)
         new.d = self._derivs(new.a, new.b, counts, order=order, nz_const=nzc)

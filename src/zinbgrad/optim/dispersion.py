@@ -126,18 +126,9 @@ class DispersionSteps:
         bounds = self.bounds[::step]
         rows = self.comm.sum(sum(b - a for a, b in bounds))
         scale = self.comm.sum(self.n) / max(rows, 1)
+        stats = self._dispersion_stats(bounds, self.params.zeta, scale)
         prev = None
         for _ in range(max_iter):
-            stats = self._new_stats()
-            for start, stop, counts in self.source.iter_blocks(bounds):
-                a, b = linear_predictors(self.design, self.params, slice(start, stop), self.zi)
-                dz = self._derivs(a, b, counts, order=0, dispersion=True)
-                stats.ll += dz.ll.sum(0)
-                stats.gz += dz.lz.sum(0)
-                stats.hz += dz.lzz.sum(0)
-            for t in (stats.ll, stats.gz, stats.hz):
-                t.mul_(scale)
-            self.comm.all_reduce_(stats.ll, stats.gz, stats.hz)
             cur = float(stats.ll.sum()) - float(self.pen.zeta_value(self.params.zeta))
             if prev is not None and abs(cur - prev) <= tol * abs(prev):
                 break
@@ -145,16 +136,34 @@ class DispersionSteps:
             zeta_old = self.params.zeta.clone()
             zeta_new = self._zeta_step(stats)
             center = zeta_old.mean()
-            (ll_new,) = self._eval_ll([zeta_new], bounds)
-            ll_new.mul_(scale)
+            # the trial point's derivatives: the next step's, where it is accepted
+            new = self._dispersion_stats(bounds, zeta_new, scale)
             if self.common:
-                acc = torch.full_like(zeta_old, float(ll_new.sum()) >= float(stats.ll.sum()))
+                acc = torch.full_like(zeta_old, float(new.ll.sum()) >= float(stats.ll.sum()))
                 acc = acc.bool()
             else:
                 f_old = stats.ll - self._zeta_surrogate(zeta_old, center)
-                acc = ll_new - self._zeta_surrogate(zeta_new, center) >= f_old
+                acc = new.ll - self._zeta_surrogate(zeta_new, center) >= f_old
             self.params.zeta = torch.where(acc, zeta_new, zeta_old)
             moved = zeta_new != zeta_old
             self._adapt_zeta_cap(moved, acc)
             if not bool(moved.any()):
                 break
+            for k in ("ll", "gz", "hz"):
+                setattr(stats, k, torch.where(acc, getattr(new, k), getattr(stats, k)))
+
+    def _dispersion_stats(self, bounds, zeta: Tensor, scale: float) -> GeneStats:
+        """Per-gene log-likelihood and dispersion derivatives at ``zeta`` (the other
+        parameters as they are) over the cells ``bounds``, scaled by ``scale``, summed over
+        ranks."""
+        stats = self._new_stats()
+        for start, stop, counts in self.source.iter_blocks(bounds):
+            a, b = linear_predictors(self.design, self.params, slice(start, stop), self.zi)
+            dz = self._derivs(a, b, counts, zeta=zeta, order=0, dispersion=True)
+            stats.ll += dz.ll.sum(0)
+            stats.gz += dz.lz.sum(0)
+            stats.hz += dz.lzz.sum(0)
+        for t in (stats.ll, stats.gz, stats.hz):
+            t.mul_(scale)
+        self.comm.all_reduce_(stats.ll, stats.gz, stats.hz)
+        return stats

@@ -116,6 +116,10 @@ class Engine(CellSteps, GeneSteps, DispersionSteps, Solvers):
         ref = params.beta_mu
         self.dtype, self.device = ref.dtype, ref.device
         self.state = OptimizerState.initial(params, self.n, self.J, seed)
+        #: factor on the Newton steps of cells and genes in an over-relaxed sweep
+        self.relax = 1.0
+        if not 0.0 < self.opt.relaxation < 2.0:
+            raise ValueError(f"relaxation must be in (0, 2), got {self.opt.relaxation!r}")
         rows = max(1, self.opt.block_entries // max(self.J, 1))
         self.bounds = block_bounds(self.n, rows)
         #: batch-specific loadings (``params.delta_mu``; see zinbgrad.model.params)

@@ -166,11 +166,16 @@ class GeneSteps:
         return out
 
     def _gene_proposal(
-        self, stats: GeneStats, frozen: Tensor | None, max_change: float | None = None
+        self,
+        stats: GeneStats,
+        frozen: Tensor | None,
+        max_change: float | None = None,
+        relax: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """``(v_old, v_new, lam)``: one damped Newton step for every gene not ``frozen``;
         with ``max_change``, each gene's step is scaled so that no cell's log mu or logit pi
-        changes by more than that."""
+        changes by more than that; with ``relax``, the step is over-relaxed (times
+        ``self.relax``, see :meth:`~zinbgrad.optim.solvers.Solvers._sweep`)."""
         v_old = self._get_gene_vec()
         A, g = self._gene_system(stats, v_old)
         if self.fixed_cols is not None:  # Newton step in the free coordinates only
@@ -180,6 +185,8 @@ class GeneSteps:
             A[:, fx, fx] = 1.0
             g[:, fx] = 0.0
         delta, lam = damped_newton_step(A, g, self.lam_genes)
+        if relax and self.relax != 1.0:
+            delta = delta * self.relax
         if frozen is not None:
             delta[frozen] = 0.0
         if max_change is not None:
@@ -267,7 +274,7 @@ class GeneSteps:
         next sweep (:class:`~zinbgrad.optim.state.Proposal`); call :meth:`check_proposal` or
         the final pass then."""
         p = self.params
-        v_old, v_new, lam = self._gene_proposal(stats, frozen, LAGGED_MAX_CHANGE)
+        v_old, v_new, lam = self._gene_proposal(stats, frozen, LAGGED_MAX_CHANGE, relax=True)
         zeta_old = p.zeta.clone()
         center = zeta_old.mean()
         f_old = self._gene_objective(stats.ll, center)
@@ -323,7 +330,19 @@ class GeneSteps:
         prop = self.proposal
         if prop is None or T is None:
             return
-        v = prop.v_old.clone()
+        v = self._rotate_gene_vec(T, prop.v_old)
+        keep = torch.isfinite(prop.f_old)
+        with self._genes_restored():
+            self._set_gene_vec(v)
+            self.params.zeta = prop.zeta_old
+            f_old = self._gene_objective(prop.ll_old, prop.center)
+        prop.v_old = v
+        prop.f_old = torch.where(keep, f_old, prop.f_old)
+
+    def _rotate_gene_vec(self, T: Tensor, v: Tensor) -> Tensor:
+        """Gene vectors ``v`` (J x q) expressed in the basis of ``W T``: their loadings (and
+        batch offsets) columns times ``T^-1``, the rest as they are."""
+        v = v.clone()
         at = self._gene_slices()
         for name in ("alpha_mu", "alpha_pi") if self.zi else ("alpha_mu",):
             c = at[name]
@@ -332,13 +351,7 @@ class GeneSteps:
             c = at["delta_mu"]
             blocks = v[:, c].T.reshape(self.B, self.K, self.J)
             v[:, c] = self._inverse_rotate(T, blocks).reshape(-1, self.J).T
-        keep = torch.isfinite(prop.f_old)
-        with self._genes_restored():
-            self._set_gene_vec(v)
-            self.params.zeta = prop.zeta_old
-            f_old = self._gene_objective(prop.ll_old, prop.center)
-        prop.v_old = v
-        prop.f_old = torch.where(keep, f_old, prop.f_old)
+        return v
 
     # ------------------------------------------------------------------ orthogonalization
     def orthogonalize(self) -> Tensor | None:

@@ -122,6 +122,9 @@ class Solvers:
         if lagged and path is not None:
             raise RuntimeError("a pending gene step cannot be checked in a sweep along a path")
         ll_start = torch.zeros_like(stats.ll) if lagged else None
+        # over-relaxed steps (FitOptions.relaxation) only in the lagged sweeps, where few
+        # gene steps fail; the early sweeps take plain steps
+        self.relax = self.opt.relaxation if lagged else 1.0
         for start, stop, counts in self.source.iter_blocks(self.bounds):
             rows = slice(start, stop)
             if path_feats is not None:
@@ -142,6 +145,7 @@ class Solvers:
             ll_genes = self.gene_update(stats, update_zeta=disp, frozen=frozen)
         if disp:
             self._zeta_moved(zeta_before, obj)
+        self.relax = 1.0
         T = self.orthogonalize()
         self._rotate_proposal(T)
         if self.trajectory is not None:

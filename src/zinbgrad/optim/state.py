@@ -76,6 +76,10 @@ class FitOptions:
     #: what a checkpoint must match to be resumed (the data's fingerprint, the design's
     #: columns, the penalty), beyond the shapes; JSON-serializable
     checkpoint_tag: dict | None = None
+    #: over-relaxation: the factor (in (0, 2); 1 = plain steps) on the cells' and genes'
+    #: Newton steps in the sweeps whose gene step is checked in the next sweep (see
+    #: Solvers._sweep and BENCHMARKS.md, "Fewer sweeps")
+    relaxation: float = 1.0
     #: ``time.perf_counter()`` at the start of the user's fit call; history "seconds" count
     #: from it (None: from the start of the solver loop)
     t_origin: float | None = None
