@@ -92,6 +92,11 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         ``epsilon`` (zeta).
     epsilon_beta, epsilon_gamma, epsilon_W, epsilon_alpha, epsilon_zeta, epsilon_min_logit
         Override single penalties; ``epsilon_min_logit`` is the zero-inflation intercepts'.
+    epsilon_alpha_pi
+        Ridge weight of the zero-inflation loadings ``alpha_pi`` alone (default ``None``:
+        ``epsilon_alpha``, zinbwave's model). Not in zinbwave: a larger weight keeps genes
+        whose zeros W nearly separates from spending factors on it (see the README,
+        "How much a fit moves with the seed").
     batch_loadings
         Batch-specific loadings (needs ``batch_key`` at fit): a cell of batch b has mean
         loadings ``alpha_mu + delta_b``, with the offsets ``delta_b`` (K x genes, one per
@@ -174,9 +179,11 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         ``obs[key_added + "_fitted"]``); their rows of W and of every per-cell output are
         NaN.
     random_state
-        Seed of the initialization subsample, the randomized SVD and the minibatch order: an
-        integer (the default 0 makes fits reproducible), or ``None`` / a numpy
-        ``RandomState`` to draw the seed from numpy's random state, as in scikit-learn.
+        Seed of the sketch's cells (``solver="sketch"``, taken by ``"auto"`` on large data)
+        and of the minibatch order (``solver="stochastic"``): an integer (the default 0
+        makes fits reproducible), or ``None`` / a numpy ``RandomState`` to draw the seed from
+        numpy's random state, as in scikit-learn. The initialization is deterministic, so a
+        full-batch fit does not depend on it.
     verbose
         Show a progress bar (tqdm) on fits that take longer than two seconds. It names the
         phase (initialization, sketch, extension, sweeps, minibatch epochs) and counts the
@@ -244,6 +251,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         epsilon_alpha: float | None = None,
         epsilon_zeta: float | None = None,
         epsilon_min_logit: float = 1e-3,
+        epsilon_alpha_pi: float | None = None,
         batch_loadings: bool = False,
         epsilon_delta: float | None = None,
         which_X_mu=None,
@@ -276,6 +284,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         self.epsilon_alpha = epsilon_alpha
         self.epsilon_zeta = epsilon_zeta
         self.epsilon_min_logit = epsilon_min_logit
+        self.epsilon_alpha_pi = epsilon_alpha_pi
         self.batch_loadings = batch_loadings
         self.epsilon_delta = epsilon_delta
         self.which_X_mu = which_X_mu

@@ -52,6 +52,8 @@ def penalty_params(pen: Penalty) -> dict:
     ``penalty_params_`` (``epsilon_delta`` only for a model with batch-specific loadings),
     which :func:`fitted_penalty` turns back into a :class:`~zinbgrad.model.params.Penalty`."""
     extra = {} if pen.delta is None else {"epsilon_delta": pen.delta}
+    if pen.alpha_pi is not None:
+        extra["epsilon_alpha_pi"] = pen.alpha_pi
     return extra | {
         "epsilon_beta_mu": pen.beta_mu.cpu().numpy().tolist(),
         "epsilon_beta_pi": pen.beta_pi.cpu().numpy().tolist(),
@@ -78,4 +80,5 @@ def fitted_penalty(model, design: Design) -> Penalty:
         zeta=float(pp["epsilon_zeta"]),
         common_dispersion=model.common_dispersion,
         delta=None if pp.get("epsilon_delta") is None else float(pp["epsilon_delta"]),
+        alpha_pi=None if pp.get("epsilon_alpha_pi") is None else float(pp["epsilon_alpha_pi"]),
     )

@@ -28,6 +28,7 @@ EPSILON_NAMES = (
     "epsilon_alpha",
     "epsilon_zeta",
     "epsilon_min_logit",
+    "epsilon_alpha_pi",
 )
 
 
@@ -221,8 +222,9 @@ class Penalty:
     """zinbwave's ridge penalty weights.
 
     The penalty subtracted from the log-likelihood is
-    ``1/2 [sum_m eps_beta_mu[m] |beta_mu[m]|^2 + ... + eps_W |W|^2 + eps_alpha (|alpha_mu|^2 +
-    |alpha_pi|^2)] + 1/2 eps_zeta var(zeta)`` (sample variance, 0 for a common dispersion).
+    ``1/2 [sum_m eps_beta_mu[m] |beta_mu[m]|^2 + ... + eps_W |W|^2 + eps_alpha |alpha_mu|^2 +
+    eps_alpha_pi |alpha_pi|^2] + 1/2 eps_zeta var(zeta)`` (sample variance, 0 for a common
+    dispersion); zinbwave has ``eps_alpha_pi = eps_alpha`` (:attr:`alpha_pi` None).
     """
 
     beta_mu: Tensor
@@ -237,6 +239,14 @@ class Penalty:
     #: ridge weight of the batch-specific loading offsets ``delta_mu`` (``None``: the model
     #: has none)
     delta: float | None = None
+    #: ridge weight of the zero-inflation loadings ``alpha_pi`` (``None``: :attr:`alpha`, as
+    #: zinbwave)
+    alpha_pi: float | None = None
+
+    @property
+    def alpha_zi(self) -> float:
+        """The ridge weight of ``alpha_pi`` in effect."""
+        return self.alpha if self.alpha_pi is None else self.alpha_pi
 
     @classmethod
     def zinbwave_defaults(
@@ -244,7 +254,8 @@ class Penalty:
     ) -> Penalty:
         """zinbwave's defaults: epsilon = J; eps_beta = eps_alpha = epsilon/J; eps_gamma = eps_W =
         epsilon/n; eps_zeta = epsilon; intercept columns of X/V get 0 (mean model) and
-        ``epsilon_min_logit`` (zero-inflation model, default 1e-3).
+        ``epsilon_min_logit`` (zero-inflation model, default 1e-3); ``epsilon_alpha_pi`` (not
+        zinbwave's) weights ``alpha_pi`` apart from ``alpha_mu`` (None: ``eps_alpha``).
 
         ``epsilons``: the weights given, by the names of :data:`EPSILON_NAMES` (``None``:
         zinbwave's default)."""
@@ -279,6 +290,9 @@ class Penalty:
             alpha=e_alpha,
             zeta=e_zeta,
             common_dispersion=common_dispersion,
+            alpha_pi=None
+            if epsilons.get("epsilon_alpha_pi") is None
+            else float(epsilons["epsilon_alpha_pi"]),
         )
 
     def to(self, device: torch.device, dtype: torch.dtype) -> Penalty:
@@ -296,6 +310,7 @@ class Penalty:
             self.common_dispersion,
             dict(self.extra),
             self.delta,
+            self.alpha_pi,
         )
 
     # -- pieces -----------------------------------------------------------------------------
@@ -307,7 +322,10 @@ class Penalty:
         if self.delta is not None:
             parts.append(torch.full_like(a, self.delta).repeat(n_batches))
         if zero_inflation:
-            parts += [self.beta_pi, a]
+            parts += [
+                self.beta_pi,
+                a if self.alpha_pi is None else torch.full_like(a, self.alpha_pi),
+            ]
         return torch.cat(parts)
 
     def cell_vector(self, K: int, zero_inflation: bool) -> Tensor:
@@ -327,7 +345,11 @@ class Penalty:
         """Per-gene ridge penalty (without the dispersion term), shape (J,)."""
         out = 0.5 * (self.beta_mu[:, None] * p.beta_mu**2).sum(0)
         out = out + 0.5 * (self.beta_pi[:, None] * p.beta_pi**2).sum(0)
-        out = out + 0.5 * self.alpha * ((p.alpha_mu**2).sum(0) + (p.alpha_pi**2).sum(0))
+        if self.alpha_pi is None:  # zinbwave's sum, rounded as before
+            out = out + 0.5 * self.alpha * ((p.alpha_mu**2).sum(0) + (p.alpha_pi**2).sum(0))
+        else:
+            out = out + 0.5 * self.alpha * (p.alpha_mu**2).sum(0)
+            out = out + 0.5 * self.alpha_pi * (p.alpha_pi**2).sum(0)
         if p.delta_mu is not None:
             out = out + 0.5 * self.delta * (p.delta_mu**2).sum(0)
         return out

@@ -363,17 +363,21 @@ class GeneSteps:
         p = self.params
         gram = p.W.T @ p.W
         self.comm.all_reduce_(gram)
-        alpha = torch.cat([p.alpha_mu, p.alpha_pi], 1) if self.zi else p.alpha_mu
+        # a separate weight of alpha_pi enters the balance as alpha_pi scaled by
+        # sqrt(eps_alpha_pi / eps_alpha) (so eps_alpha |scaled|^2 is its penalty)
+        e_a, e_pi = self.pen.alpha, self.pen.alpha_zi
+        s = (e_pi / e_a) ** 0.5 if e_a > 0 and e_pi > 0 else 1.0
+        alpha = torch.cat([p.alpha_mu, p.alpha_pi * s], 1) if self.zi else p.alpha_mu
         if self.bl:
-            return self._orthogonalize_batches(gram, alpha)
+            return self._orthogonalize_batches(gram, alpha, s)
         T, alpha_new = orthogonalization_transform(gram, alpha, self.pen.W, self.pen.alpha)
         p.W = p.W @ T
         p.alpha_mu = alpha_new[:, : self.J].contiguous()
         if self.zi:
-            p.alpha_pi = alpha_new[:, self.J :].contiguous()
+            p.alpha_pi = (alpha_new[:, self.J :] / s).contiguous()
         return T
 
-    def _orthogonalize_batches(self, gram: Tensor, alpha: Tensor) -> Tensor:
+    def _orthogonalize_batches(self, gram: Tensor, alpha: Tensor, s_pi: float) -> Tensor:
         """:meth:`orthogonalize` with batch-specific loadings: W delta_b is kept too, and the
         balance minimizes the whole penalty ``eps_W |W|^2 + eps_alpha |alpha|^2 + eps_delta
         |delta|^2`` (the offsets enter the trace-norm balancing scaled by
@@ -388,7 +392,7 @@ class GeneSteps:
         m = alpha.shape[1]
         p.alpha_mu = new[:, :J].contiguous()
         if self.zi:
-            p.alpha_pi = new[:, J:m].contiguous()
+            p.alpha_pi = (new[:, J:m] / s_pi).contiguous()
         if s > 0:
             p.delta_mu = (new[:, m:] / s).reshape(K, self.B, J).transpose(0, 1).reshape(-1, J)
         else:

@@ -4,7 +4,8 @@
    only; ridge regressions of L on X (per gene) and on V (per cell), alternated
    ``nb_repeat`` times.
 2. The residual (missing at the zeros) is completed by soft-thresholded SVD (softImpute,
-   ``lambda = sqrt(eps_W * eps_alpha)``, rank K) on a random subsample of cells; ``W`` and
+   ``lambda = sqrt(eps_W * eps_alpha)``, rank K, each truncated SVD converged from a fixed start)
+   on all cells, or on a fixed subsample of them where they exceed ``max_init_entries``; ``W`` and
    ``alpha_mu`` are its balanced factors. Cells outside the subsample get the ridge projection
    of their residual on ``alpha_mu``.
 3. Zeros are modelled as dropouts: logistic ridge regressions of ``1[y = 0]`` on ``[X_pi, W]``
@@ -25,7 +26,7 @@ from torch import Tensor
 from ..model.params import Design, Params, Penalty
 from .newton import outer_flat
 
-__all__ = ["initialize", "init_local_mean", "init_local_zi"]
+__all__ = ["initialize", "init_local_mean", "init_local_zi", "subspace_svd"]
 
 
 def _coo(rows_csr: sp.csr_matrix, kw: dict) -> tuple[Tensor, Tensor, Tensor]:
@@ -79,32 +80,63 @@ def _logistic_newton(
     return coef
 
 
-def _randomized_svd(A: Tensor, q: int, gen: torch.Generator, niter: int = 4):
-    """Rank-``q`` SVD of ``A`` by a randomized range finder with ``niter`` power iterations
-    (Halko, Martinsson & Tropp 2011, as ``torch.svd_lowrank``). The Gaussian test matrix comes
-    from ``gen``, a CPU generator, and is moved to ``A``'s device: the same seed gives the same
-    factors on every device (up to rounding), and no global random state is touched."""
-    R = torch.randn(A.shape[1], q, generator=gen, dtype=A.dtype).to(A.device)
-    Q = torch.linalg.qr(A @ R).Q
-    for _ in range(niter):
-        Q = torch.linalg.qr(A @ torch.linalg.qr(A.T @ Q).Q).Q
-    Ub, S, Vh = torch.linalg.svd(Q.T @ A, full_matrices=False)
+#: seed of the fixed Gaussian start of the first subspace iteration of the softImpute: the
+#: initialization does not depend on a fit's ``random_state``
+_START_SEED = 0x5EED
+
+
+def subspace_svd(
+    A: Tensor, V: Tensor, K: int, floor: float = 0.0, tol: float = 1e-7, max_iter: int = 50
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Top singular triplets of ``A`` by block subspace iteration from the ``q`` columns of
+    ``V`` (J x q, q >= K), run until the span of the top ``K`` right singular vectors whose
+    singular value exceeds ``floor`` (the others are thresholded away by the caller) moves by
+    less than ``tol`` (sine of the largest principal angle) in one iteration.
+
+    Each iteration is a Rayleigh-Ritz step on the range of ``A V`` (Halko, Martinsson & Tropp
+    2011, Alg. 4.4, with the previous iterate as the test matrix); the ``q - K`` extra
+    vectors make the top ``K`` converge at the rate ``sigma_{q+1} / sigma_K``. Started from
+    the previous softImpute iterate, a few iterations suffice. Converged, the result is the
+    exact truncated SVD up to ``tol`` whatever the start: deterministic, and independent of any
+    seed. Returns ``(U, S, Vh)`` of all ``q`` directions (the top ``K`` first)."""
+    Vk = None
+    for _ in range(max_iter):
+        Q = torch.linalg.qr(A @ V).Q
+        Ub, S, Vh = torch.linalg.svd(Q.T @ A, full_matrices=False)
+        V = Vh.T
+        new = V[:, : int((S[:K] > floor).sum())]
+        if Vk is not None and Vk.shape[1] == new.shape[1]:
+            moved = new - Vk @ (Vk.T @ new)
+            if float(torch.linalg.matrix_norm(moved, ord=2)) <= tol:
+                break
+        Vk = new
     return Q @ Ub, S, Vh
 
 
 def _soft_impute(
-    D: Tensor, mask: Tensor, K: int, lam: float, seed: int, iters: int = 30, tol: float = 1e-4
+    D: Tensor, mask: Tensor, K: int, lam: float, iters: int = 30, tol: float = 1e-4
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Rank-K soft-thresholded SVD completion of D observed where ``mask``."""
+    """Rank-K soft-thresholded SVD completion of D observed where ``mask``.
+
+    Deterministic: the first truncated SVD starts from a fixed Gaussian matrix, every later one
+    from the previous right singular vectors, and each is iterated to convergence
+    (:func:`subspace_svd`); small matrices take the exact SVD. The signs are fixed by the
+    caller (:func:`_factors`)."""
     Zlow = torch.zeros_like(D)
     U = S = Vh = None
-    gen = torch.Generator().manual_seed(seed)
+    q = min(K + 8, min(D.shape))
+    exact = min(D.shape) <= 3 * K + 20
+    if not exact:
+        gen = torch.Generator().manual_seed(_START_SEED)
+        V = torch.linalg.qr(torch.randn(D.shape[1], q, generator=gen, dtype=D.dtype)).Q
+        V = V.to(D.device)
     for _ in range(iters):
         filled = torch.where(mask, D, Zlow)
-        if min(D.shape) <= 3 * K + 20:
+        if exact:
             U, S, Vh = torch.linalg.svd(filled, full_matrices=False)
         else:
-            U, S, Vh = _randomized_svd(filled, min(K + 8, min(D.shape)), gen)
+            U, S, Vh = subspace_svd(filled, V, K, floor=lam)
+            V = Vh.T
         U, S, Vh = U[:, :K], S[:K], Vh[:K]
         S = torch.clamp(S - lam, min=0.0)
         new = (U * S) @ Vh
@@ -122,14 +154,15 @@ def cell_runs(rng: np.random.Generator, n_runs: int, count: int, run: int) -> np
     return (pick[:, None] * run + np.arange(run)[None, :]).ravel()
 
 
-def _subsample(n: int, n0: int, seed: int) -> np.ndarray:
+def _subsample(n: int, n0: int) -> np.ndarray:
     """The cells the gene parameters are initialized from: all ``n`` if ``n0 >= n``, else
-    about ``n0`` in runs of 32 consecutive cells at random places (few, larger reads)."""
+    about ``n0`` in runs of 32 consecutive cells at places drawn from a fixed seed (few,
+    larger reads; the same cells for every ``random_state``)."""
     if n0 >= n:
         return np.arange(n)
     run = 32
     n_runs = -(-n // run)
-    idx = cell_runs(np.random.default_rng(seed), n_runs, min(n_runs, -(-n0 // run)), run)
+    idx = cell_runs(np.random.default_rng(_START_SEED), n_runs, min(n_runs, -(-n0 // run)), run)
     return idx[idx < n]
 
 
@@ -157,7 +190,7 @@ def _mean_regressions(r, c, L, Xs, Vmu, penalty, n0, J, nb_repeat, kw):
     return beta_mu, gamma_s
 
 
-def _factors(r, c, resid, penalty, K, n0, n, J, seed, kw) -> tuple[Tensor, Tensor]:
+def _factors(r, c, resid, penalty, K, n0, n, J, kw) -> tuple[Tensor, Tensor]:
     """Step 2: ``(W, alpha_mu)`` of the subsample, the balanced factors of the softImpute of
     the residual ``resid`` at the positive entries (missing at the zeros)."""
     D = torch.zeros(n0, J, **kw)
@@ -165,7 +198,7 @@ def _factors(r, c, resid, penalty, K, n0, n, J, seed, kw) -> tuple[Tensor, Tenso
     D[r, c] = resid
     mask[r, c] = True
     lam = (penalty.W * penalty.alpha) ** 0.5 * (n0 / n) ** 0.5
-    U, S, Vh = _soft_impute(D, mask, K, lam, seed)
+    U, S, Vh = _soft_impute(D, mask, K, lam)
     del D, mask
     ok = penalty.W > 0 and penalty.alpha > 0
     c4 = (penalty.alpha / penalty.W) ** 0.25 if ok else 1.0
@@ -181,7 +214,7 @@ def _zero_inflation(r, c, XW, Vpi, Opi_s, penalty, K, n0, J, nb_repeat, kw):
     Zs = torch.ones(n0, J, **kw)
     Zs[r, c] = 0.0
     coef = torch.zeros(XW.shape[1], J, **kw)
-    reg_gene = torch.cat([penalty.beta_pi, torch.full((K,), penalty.alpha, **kw)])
+    reg_gene = torch.cat([penalty.beta_pi, torch.full((K,), penalty.alpha_zi, **kw)])
     gpi_s = torch.zeros(Vpi.shape[1], n0, **kw)
     for _ in range(nb_repeat):
         off_c = XW @ coef + (0 if Opi_s is None else Opi_s)
@@ -201,13 +234,12 @@ def initialize(
     zero_inflation: bool = True,
     common_dispersion: bool = True,
     max_init_entries: int = 4_000_000,
-    seed: int = 0,
     nb_repeat: int = 2,
     block_rows: int = 8192,
     shard: tuple[int, int] | None = None,
     shard_source=None,
 ) -> Params:
-    """Initial parameters for a fit (deterministic given ``seed``); with a penalty on
+    """Initial parameters for a fit (deterministic: no seed enters); with a penalty on
     batch-specific loading offsets (``penalty.delta``), those offsets start at zero.
 
     ``source``/``design`` describe all cells. With ``shard=(start, stop)`` (data-parallel fits)
@@ -217,7 +249,7 @@ def initialize(
     n, J = design.n, design.J
     dt, dev = design.X_mu.dtype, design.X_mu.device
     kw = {"dtype": dt, "device": dev}
-    idx = _subsample(n, int(min(n, max(4 * K + 10, max_init_entries // max(J, 1)))), seed)
+    idx = _subsample(n, int(min(n, max(4 * K + 10, max_init_entries // max(J, 1)))))
     n0, idx_t = idx.size, torch.as_tensor(idx, device=dev)
     sub = source.rows_subset(idx)
     Xs, Vmu = design.X_mu[idx_t], design.V_mu
@@ -229,7 +261,7 @@ def initialize(
     W_sub = torch.zeros(n0, K, **kw)
     if K > 0:
         resid = L - (Xs[r] * beta_mu.T[c]).sum(1) - (Vmu[c] * gamma_s.T[r]).sum(1)
-        W_sub, alpha_mu = _factors(r, c, resid, penalty, K, n0, n, J, seed, kw)
+        W_sub, alpha_mu = _factors(r, c, resid, penalty, K, n0, n, J, kw)
     if n0 < n:  # subsample cells like all others: ridge projection on alpha_mu
         sub_design = Design(Xs, design.X_pi[idx_t], Vmu, design.V_pi, Os, Opi_s)
         W_sub, gamma_s = init_local_mean(

@@ -130,7 +130,6 @@ def fit_sketch(
         sub.K,
         zero_inflation=sub.zero_inflation,
         common_dispersion=sub.common_dispersion,
-        seed=seed,
     )
     t0 = options.t_origin if options.t_origin is not None else time.perf_counter()
     history: list[dict] = []

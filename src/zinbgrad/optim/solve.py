@@ -66,7 +66,6 @@ def starting_point(
     init_kw = {
         "zero_inflation": problem.zero_inflation,
         "common_dispersion": problem.common_dispersion,
-        "seed": seed,
     }
     if resume is not None and options.solver == "sketch":
         # shapes only: the checkpoint holds every value
