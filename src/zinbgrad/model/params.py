@@ -322,10 +322,8 @@ class Penalty:
         if self.delta is not None:
             parts.append(torch.full_like(a, self.delta).repeat(n_batches))
         if zero_inflation:
-            parts += [
-                self.beta_pi,
-                a if self.alpha_pi is None else torch.full_like(a, self.alpha_pi),
-            ]
+            a_pi = a if self.alpha_pi is None else torch.full_like(a, self.alpha_pi)
+            parts += [self.beta_pi, a_pi]
         return torch.cat(parts)
 
     def cell_vector(self, K: int, zero_inflation: bool) -> Tensor:
