@@ -79,3 +79,20 @@ def test_alpha_pi_weight_survives_save_and_load(fits, tmp_path):
 def test_alpha_pi_weight_is_checked(small):
     with pytest.raises(ValueError, match="epsilon_alpha_pi must be a finite non-negative"):
         ZINBWaVE(2, epsilon_alpha_pi=-1.0).fit(small)
+
+
+def test_converged_is_false_with_a_warning_when_max_epochs_stops_the_fit(small):
+    from sklearn.exceptions import ConvergenceWarning
+
+    with pytest.warns(ConvergenceWarning, match="max_epochs=2 before"):
+        short = ZINBWaVE(2, verbose=False, max_epochs=2, tol=1e-12).fit(small)
+    assert not short.converged_ and short.n_iter_ == 2
+    # the rule met: no warning, and the last two objectives differ by at most tol
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        m = ZINBWaVE(2, verbose=False, tol=1e-4).fit(small)
+    assert m.converged_ and m.n_iter_ < m.max_epochs
+    a, b = (h["objective"] for h in m.history_[-2:])
+    assert abs(b - a) <= 1e-4 * abs(a)

@@ -210,6 +210,10 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         values with the gene values they were fitted to.
     n_iter_ : int
     converged_ : bool
+        Whether the stopping rule (``tol``) was met; ``False`` when ``max_epochs`` stopped
+        the fit first (with a ``sklearn.exceptions.ConvergenceWarning``). The rule watches the
+        objective only: where it stops, W may still move (README, "How much a fit moves with
+        the seed").
     n_params_, aic_, bic_ : as zinbwave's ``nParams``, ``zinbAIC``, ``zinbBIC``.
     X_ : ndarray (n_cells, M)
         The full cell design used (``X_columns_`` names its columns).

@@ -15,6 +15,7 @@ import warnings
 from typing import Any
 
 import numpy as np
+from sklearn.exceptions import ConvergenceWarning
 
 from .data.validate import empty_counts_message
 from .fitted import CELL_ARRAYS, GENE_ARRAYS, check_fitted, fit_path, model_params
@@ -303,6 +304,13 @@ def store_result(model, result, trajectory) -> None:
     model.history_ = result.history
     model.n_iter_ = int(result.n_epochs)
     model.converged_ = bool(result.converged)
+    if not model.converged_:
+        warnings.warn(
+            f"the fit stopped at max_epochs={model.max_epochs} before the relative change of "
+            f"the objective fell below tol={model.tol} (converged_ is False); raise max_epochs",
+            ConvergenceWarning,
+            stacklevel=3,
+        )
 
 
 def warm_start(
