@@ -167,9 +167,11 @@ def gene_precisions(
     eps_beta_pi,
     eps_alpha: float,
     zero_inflation: bool = True,
+    eps_alpha_pi: float | None = None,
 ) -> Tensor:
     """Negative Hessians (J, q, q) of the genes' penalized log-likelihoods in
-    ``(beta_mu_j, alpha_mu_j[, beta_pi_j, alpha_pi_j])`` (cells and dispersion fixed)."""
+    ``(beta_mu_j, alpha_mu_j[, beta_pi_j, alpha_pi_j])`` (cells and dispersion fixed);
+    ``eps_alpha_pi``: the ridge weight of alpha_pi (None: ``eps_alpha``)."""
     K, J = params.K, design.J
     kw = {"dtype": params.W.dtype, "device": params.W.device}
     qa = design.X_mu.shape[1] + K
@@ -190,7 +192,8 @@ def gene_precisions(
         top = torch.cat([H, hab.view(J, qa, qb)], 2)
         bot = torch.cat([hab.view(J, qa, qb).transpose(1, 2), hbb.view(J, qb, qb)], 2)
         H = torch.cat([top, bot], 1)
-        eps += [torch.as_tensor(eps_beta_pi, **kw).reshape(-1), eps[1]]
+        e_pi = eps[1] if eps_alpha_pi is None else torch.full((K,), float(eps_alpha_pi), **kw)
+        eps += [torch.as_tensor(eps_beta_pi, **kw).reshape(-1), e_pi]
     A = -H
     A.diagonal(dim1=1, dim2=2).add_(torch.cat(eps))
     return A
@@ -306,7 +309,14 @@ def loading_uncertainty(model, data, *, layer: str | None = None) -> LoadingUnce
     pp = model.penalty_params_
     zi = bool(model.zero_inflation)
     A = gene_precisions(
-        design, params, src, pp["epsilon_beta_mu"], pp["epsilon_beta_pi"], pp["epsilon_alpha"], zi
+        design,
+        params,
+        src,
+        pp["epsilon_beta_mu"],
+        pp["epsilon_beta_pi"],
+        pp["epsilon_alpha"],
+        zi,
+        pp.get("epsilon_alpha_pi"),
     )
     cov = _invert(A, "genes")
     K, Mmu = params.K, design.X_mu.shape[1]
