@@ -104,11 +104,12 @@ def test_penalty_defaults_take_each_epsilon_by_name():
     n, J = 30, 20
     X = torch.cat([torch.ones(n, 1), torch.randn(n, 1)], 1).double()
     V = torch.ones(J, 1, dtype=torch.float64)
-    given = dict(zip(EPSILON_NAMES, (7.0, 2.0, 3.0, 4.0, 5.0, 6.0, 0.5), strict=True))
+    given = dict(zip(EPSILON_NAMES, (7.0, 2.0, 3.0, 4.0, 5.0, 6.0, 0.5, 8.0), strict=True))
     pen = Penalty.zinbwave_defaults(Design(X, X, V, V), **given)
     assert pen.beta_mu.tolist() == [0.0, 2.0] and pen.beta_pi.tolist() == [0.5, 2.0]
     assert pen.gamma_mu.tolist() == [0.0] and pen.gamma_pi.tolist() == [0.5]
-    assert (pen.W, pen.alpha, pen.zeta) == (4.0, 5.0, 6.0)
+    assert (pen.W, pen.alpha, pen.zeta, pen.alpha_pi) == (4.0, 5.0, 6.0, 8.0)
+    assert pen.gene_vector(1, True).tolist() == [0.0, 2.0, 5.0, 0.5, 2.0, 8.0]
     # None is zinbwave's default: epsilon = J, eps_W = epsilon / n
     assert Penalty.zinbwave_defaults(Design(X, X, V, V), epsilon_W=None).W == pytest.approx(J / n)
     with pytest.raises(TypeError, match="epsilon_betta"):

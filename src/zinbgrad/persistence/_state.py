@@ -246,10 +246,19 @@ def _jsonable(v):
     return v
 
 
+#: hyper-parameters added after files were written, stored only when set (not None): a model
+#: without them saves exactly what it saved before
+_STORED_IF_SET = ("epsilon_alpha_pi",)
+
+
 def hyperparameters(model) -> dict[str, Any]:
     """``model.get_params()`` as JSON values, without ``device``: where a model runs is
     chosen where it is used (load, transform), not stored."""
-    return {k: _jsonable(v) for k, v in model.get_params().items() if k != "device"}
+    return {
+        k: _jsonable(v)
+        for k, v in model.get_params().items()
+        if k != "device" and not (k in _STORED_IF_SET and v is None)
+    }
 
 
 def unfitted_model(cls: type[ZINBWaVE], params: Any) -> ZINBWaVE:
