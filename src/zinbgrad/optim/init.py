@@ -84,6 +84,13 @@ def _logistic_newton(
 #: initialization does not depend on a fit's ``random_state``
 _START_SEED = 0x5EED
 
+#: subspace iterations per softImpute step. Converging each step's SVD to 1e-7 hit the cap of
+#: 50 iterations on a flat spectrum and made the Zeisel init 3.2 of a 4.7 s fit; 4 warm-started
+#: iterations per step (the old randomized SVD's power-iteration count) cost about what the old
+#: init cost, stay deterministic, and end at the same objective (Zeisel K=10: -1,658,036 vs
+#: -1,658,013; PBMC 8k: -706,016 vs -706,653, 2026-12-05)
+_SUBSPACE_STEPS = 4
+
 
 def subspace_svd(
     A: Tensor, V: Tensor, K: int, floor: float = 0.0, tol: float = 1e-7, max_iter: int = 50
@@ -119,8 +126,9 @@ def _soft_impute(
     """Rank-K soft-thresholded SVD completion of D observed where ``mask``.
 
     Deterministic: the first truncated SVD starts from a fixed Gaussian matrix, every later one
-    from the previous right singular vectors, and each is iterated to convergence
-    (:func:`subspace_svd`); small matrices take the exact SVD. The signs are fixed by the
+    from the previous right singular vectors (:func:`subspace_svd`, at most
+    ``_SUBSPACE_STEPS`` iterations per softImpute step: warm-started, the subspace keeps
+    converging across the steps); small matrices take the exact SVD. The signs are fixed by the
     caller (:func:`_factors`)."""
     Zlow = torch.zeros_like(D)
     U = S = Vh = None
@@ -135,7 +143,7 @@ def _soft_impute(
         if exact:
             U, S, Vh = torch.linalg.svd(filled, full_matrices=False)
         else:
-            U, S, Vh = subspace_svd(filled, V, K, floor=lam)
+            U, S, Vh = subspace_svd(filled, V, K, floor=lam, max_iter=_SUBSPACE_STEPS)
             V = Vh.T
         U, S, Vh = U[:, :K], S[:K], Vh[:K]
         S = torch.clamp(S - lam, min=0.0)
