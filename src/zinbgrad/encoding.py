@@ -72,15 +72,15 @@ def batch_codes(Xm: np.ndarray, columns, info: dict) -> np.ndarray:
 
 def make_design(model, Xm, Vm, O_mu, O_pi, device, dtype, columns=None, info=None) -> Design:
     """The :class:`Design` of cells ``Xm`` (genes ``Vm``, offsets ``O_mu``/``O_pi``) under
-    ``model``'s column selections (``which_X_mu``, ...); with ``batch_loadings``, the cells'
-    batch codes too, from the batch columns of X named by ``columns``/``info`` (default:
+    ``model``'s column selections (``which_X_mu``, ...); with ``batch_loadings`` or
+    ``batch_dispersion``, the cells' batch codes too, from the batch columns of X named by ``columns``/``info`` (default:
     the fitted ``X_columns_``/``batch_info_``)."""
 
     def t(a):
         return None if a is None else torch.as_tensor(a, dtype=dtype, device=device)
 
     codes, B = None, 0
-    if model.batch_loadings:
+    if model.batch_loadings or model.batch_dispersion:
         columns = model.X_columns_ if columns is None else columns
         info = model.batch_info_ if info is None else info
         codes = torch.as_tensor(batch_codes(Xm, columns, info), device=device)
@@ -122,6 +122,11 @@ def training_inputs(
         raise ValueError(
             "batch_loadings=True needs batch_key (the obs column of the batches whose "
             "loadings may differ)"
+        )
+    if model.batch_dispersion and "batch_key" not in batch_info:
+        raise ValueError(
+            "batch_dispersion=True needs batch_key (the obs column of the batches whose "
+            "dispersions may differ)"
         )
     Vm = np.ones((J, 1)) if V is None else check_design_matrix(V, J, "V", "genes")
     O_mu_a = offset_matrix(O_mu, n, J, "O_mu")

@@ -109,6 +109,14 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         zinbwave's defaults: the best batch integration scores on the benchmarks of issue 17;
         larger values pull the batches' loadings together, and held-out log-likelihood alone
         prefers 1000 and more, about no offsets).
+    batch_dispersion
+        A dispersion per gene and batch level (scVI's ``dispersion="gene-batch"``; needs
+        ``batch_key`` at fit and ``common_dispersion=False``): a cell of batch b has
+        ``theta = exp(zeta_batch_[b])``. zinbwave's ``epsilon_zeta`` then penalizes the
+        variance of all the batches' and genes' log dispersions together. New cells
+        (``transform``, ``score_samples``, ...) use their batch's dispersion (their batch read
+        from ``.obs[batch_key]``, a level the fit saw). ``False`` (the default) is
+        zinbwave's model.
     which_X_mu, which_X_pi, which_V_mu, which_V_pi
         Column indices of X / V used in the mean and zero-inflation models (default: all).
         With ``batch_key`` the batch is in both (a batch-specific zero-inflation intercept).
@@ -200,7 +208,12 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         Batch-specific loading offsets (``batch_loadings=True``; batches in the order of
         ``batch_info_["levels"]``), else ``None``.
     zeta_ : ndarray (n_genes,)
-        Log inverse dispersion (``theta = exp(zeta)``); ``theta_`` is a property.
+        Log inverse dispersion (``theta = exp(zeta)``); ``theta_`` is a property. With
+        ``batch_dispersion``, the mean over the batch levels of ``zeta_batch_`` (a summary:
+        the model uses ``zeta_batch_``).
+    zeta_batch_ : ndarray (n_batches, n_genes) or None
+        Log inverse dispersion per batch level (``batch_dispersion=True``; batches in the
+        order of ``batch_info_["levels"]``), else ``None``.
     loglik_, penalty_, objective_ : float
         Log-likelihood, penalty and penalized log-likelihood at the fitted parameters.
     history_ : list of dict
@@ -258,6 +271,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         epsilon_alpha_pi: float | None = None,
         batch_loadings: bool = False,
         epsilon_delta: float | None = None,
+        batch_dispersion: bool = False,
         which_X_mu=None,
         which_X_pi=None,
         which_V_mu=None,
@@ -291,6 +305,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         self.epsilon_alpha_pi = epsilon_alpha_pi
         self.batch_loadings = batch_loadings
         self.epsilon_delta = epsilon_delta
+        self.batch_dispersion = batch_dispersion
         self.which_X_mu = which_X_mu
         self.which_X_pi = which_X_pi
         self.which_V_mu = which_V_mu

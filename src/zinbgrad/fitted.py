@@ -45,7 +45,7 @@ def check_fitted(model) -> None:
 def gene_params(model, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The fitted gene parameters of ``model`` as tensors, keyed as :class:`Params` fields
     (``delta_mu`` stacked per batch, (B*K, J), as the engine holds it; absent without
-    batch-specific loadings)."""
+    batch-specific loadings; ``zeta``: ``zeta_batch_``, B x J, with a dispersion per batch)."""
     out = {
         k: torch.as_tensor(getattr(model, k + "_"), dtype=dtype, device=device) for k in GENE_ARRAYS
     }
@@ -53,6 +53,9 @@ def gene_params(model, device: torch.device, dtype: torch.dtype) -> dict[str, to
         v = getattr(model, k + "_", None)
         if v is not None:
             out[k] = torch.as_tensor(v.reshape(-1, v.shape[-1]), dtype=dtype, device=device)
+    zb = getattr(model, "zeta_batch_", None)
+    if zb is not None:  # a dispersion per batch level and gene: the model's own zeta
+        out["zeta"] = torch.as_tensor(zb, dtype=dtype, device=device)
     return out
 
 

@@ -90,8 +90,14 @@ def _check_choices(model) -> None:
             raise ValueError(
                 f"{name} must be {choices[0]!r} or {choices[1]!r}, got {getattr(model, name)!r}"
             )
-    if not isinstance(model.batch_loadings, bool | np.bool_):
-        raise ValueError(f"batch_loadings must be True or False, got {model.batch_loadings!r}")
+    for name in ("batch_loadings", "batch_dispersion"):
+        if not isinstance(getattr(model, name), bool | np.bool_):
+            raise ValueError(f"{name} must be True or False, got {getattr(model, name)!r}")
+    if model.batch_dispersion and model.common_dispersion:
+        raise ValueError(
+            "batch_dispersion=True (a dispersion per gene and batch) needs "
+            "common_dispersion=False"
+        )
     if model.fused not in ("auto", True, False):
         raise ValueError(f"fused must be 'auto', True or False, got {model.fused!r}")
     rs = model.random_state
@@ -244,6 +250,10 @@ def store_params(model, params: Params, design: Design, Xm, xnames, Vm, counts) 
             arrays[name] = np.zeros_like(arrays[name])
     for name in GENE_ARRAYS + CELL_ARRAYS:
         setattr(model, name + "_", np.asarray(arrays[name], dtype=np.float64))
+    model.zeta_batch_ = None
+    if arrays["zeta"].ndim == 2:  # a dispersion per batch level (rows) and gene
+        model.zeta_batch_ = np.asarray(arrays["zeta"], dtype=np.float64)
+        model.zeta_ = model.zeta_batch_.mean(0)
     model.delta_mu_ = None
     if "delta_mu" in arrays:  # stored as (B*K, J): one K x J block per batch
         d = np.asarray(arrays["delta_mu"], dtype=np.float64)
@@ -263,7 +273,8 @@ def count_parameters(model, n: int, J: int) -> int:
     (zinbwave's ``nParams``: its design's coefficients, ``W``, the loadings, one dispersion
     per distinct ``zeta_`` value, and the batch-specific loading offsets)."""
     K = model.n_components
-    n_disp = len(np.unique(model.zeta_))
+    zb = getattr(model, "zeta_batch_", None)
+    n_disp = len(np.unique(model.zeta_)) if zb is None else int(zb.size)
     count = int(
         J * (model.beta_mu_.shape[0] + model.beta_pi_.shape[0])
         + n * (model.gamma_mu_.shape[0] + model.gamma_pi_.shape[0])

@@ -40,6 +40,7 @@ def default_penalty(model, design: Design) -> Penalty:
     ``batch_loadings`` the weight of the loading offsets (``epsilon_delta``, default
     :data:`DELTA_RATIO` x ``epsilon_alpha``)."""
     pen = zinbwave_penalty(model, design)
+    pen.zeta_batch = bool(model.batch_dispersion)
     if model.batch_loadings:
         pen.delta = (
             DELTA_RATIO * pen.alpha if model.epsilon_delta is None else float(model.epsilon_delta)
@@ -81,4 +82,5 @@ def fitted_penalty(model, design: Design) -> Penalty:
         common_dispersion=model.common_dispersion,
         delta=None if pp.get("epsilon_delta") is None else float(pp["epsilon_delta"]),
         alpha_pi=None if pp.get("epsilon_alpha_pi") is None else float(pp["epsilon_alpha_pi"]),
+        zeta_batch=bool(model.batch_dispersion),
     )

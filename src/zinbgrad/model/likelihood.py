@@ -152,7 +152,10 @@ def nonzero_constant(counts: SparseCounts, zeta: Tensor) -> Tensor:
         u, inverse = counts.distinct_values
         z = zeta.reshape(-1)[:1].expand_as(u)
         return lgamma_ratio_minus_ylog(u, z)[inverse] - counts.lgamma_y1
-    zk = zeta.expand(counts.n_cols)[counts.cols]
+    if zeta.dim() == 2:  # per-entry dispersion (cells x genes): the nonzeros' own values
+        zk = zeta.reshape(-1)[counts.flat]
+    else:
+        zk = zeta.expand(counts.n_cols)[counts.cols]
     return lgamma_ratio_minus_ylog(counts.values, zk) - counts.lgamma_y1
 
 
@@ -258,6 +261,8 @@ def _sparse_terms(
     """
     zi = b is not None
     ak = a.view(-1)[flat]
+    if zeta.dim() == 2:  # per-entry dispersion: each nonzero's own zeta, indexed by itself
+        zeta, cols = zeta.reshape(-1)[flat], torch.arange(flat.numel(), device=flat.device)
     zk = zeta[cols]
     thk = torch.exp(zeta)[cols]
     sk = ak - zk
@@ -333,9 +338,12 @@ def _merge(dense: _Terms, sparse: _Terms | None, flat: Tensor | None) -> _Terms:
     return dense
 
 
-def _block_variant(zi: bool, nonzeros: bool, order: int, dispersion: bool) -> tuple:
+def _block_variant(
+    zi: bool, nonzeros: bool, order: int, dispersion: bool, per_entry: bool = False
+) -> tuple:
     """``(key, name, fn)`` of :func:`_block_parts` for one static configuration, as
-    :func:`~zinbgrad.model.kernels.run_fused` compiles it (one code object per configuration)."""
+    :func:`~zinbgrad.model.kernels.run_fused` compiles it (one code object per configuration;
+    ``per_entry``: a (cells x genes) zeta, e.g. a dispersion per gene and batch)."""
 
     def block_terms(a, b, zeta, flat, cols, y, const, d1, e):
         return _block_parts(
@@ -344,6 +352,8 @@ def _block_variant(zi: bool, nonzeros: bool, order: int, dispersion: bool) -> tu
 
     name = f"block_terms_{'zinb' if zi else 'nb'}_o{order}{'_disp' if dispersion else ''}"
     name += "" if nonzeros else "_allzero"
+    if per_entry:
+        return (zi, nonzeros, order, dispersion, "per_entry"), name + "_zeta2d", block_terms
     return (zi, nonzeros, order, dispersion), name, block_terms
 
 
@@ -367,7 +377,8 @@ def entry_derivatives(
     b
         ``logit pi`` for the block, or ``None`` for a plain negative binomial model.
     zeta
-        ``log theta`` per gene, shape (genes,) (broadcast over cells).
+        ``log theta`` per gene, shape (genes,) (broadcast over cells), or per entry, shape
+        (cells, genes) (e.g. a dispersion per gene and batch, expanded by the cells' batches).
     counts
         The nonzero entries of the block.
     order
@@ -400,7 +411,8 @@ def entry_derivatives(
     """
     a = a.contiguous()
     b = None if b is None else b.contiguous()
-    zeta = zeta.expand(a.shape[1]).contiguous()
+    per_entry = zeta.dim() == 2
+    zeta = (zeta.expand_as(a) if per_entry else zeta.expand(a.shape[1])).contiguous()
     flat = counts.flat
     d1 = e = None
     if flat.numel() == 0:
@@ -414,7 +426,7 @@ def entry_derivatives(
     parts = None
     # blocks with a dimension of 0 or 1 stay eager (compiling would specialize on that size)
     if min(a.shape) > 1 and (flat is None or flat.numel() > 1):
-        variant = _block_variant(b is not None, flat is not None, order, dispersion)
+        variant = _block_variant(b is not None, flat is not None, order, dispersion, per_entry)
         parts = run_fused(*variant, args, fused)
     if parts is None:
         parts = _block_parts(*args, order=order, dispersion=dispersion)

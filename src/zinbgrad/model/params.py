@@ -112,6 +112,17 @@ def batch_interaction(W: Tensor, onehot: Tensor) -> Tensor:
     return (onehot[:, :, None] * W[:, None, :]).reshape(W.shape[0], -1)
 
 
+def block_zeta(design: Design, zeta: Tensor, rows: slice | Tensor) -> Tensor:
+    """The dispersion of the cells ``rows``: ``zeta`` itself when it is per gene (J,), or,
+    for a dispersion per batch level and gene (B x J), the rows of the cells' batches
+    (cells x genes)."""
+    if zeta.dim() < 2:
+        return zeta
+    if design.batch is None:
+        raise ValueError("a dispersion per batch needs the cells' batch codes (design.batch)")
+    return zeta[design.batch[rows]]
+
+
 @dataclass
 class Params:
     """All ZINB-WaVE parameters (gene-level first, then cell-level)."""
@@ -120,6 +131,7 @@ class Params:
     beta_pi: Tensor
     alpha_mu: Tensor
     alpha_pi: Tensor
+    #: log inverse dispersion: (J,), or (B, J) with a dispersion per batch level and gene
     zeta: Tensor
     W: Tensor
     gamma_mu: Tensor
@@ -247,6 +259,9 @@ class Penalty:
     def alpha_zi(self) -> float:
         """The ridge weight of ``alpha_pi`` in effect."""
         return self.alpha if self.alpha_pi is None else self.alpha_pi
+    #: the dispersion is per batch level and gene (``zeta``: B x J; ``batch_dispersion``); its
+    #: ``var(zeta)`` term is then the variance of all B*J values
+    zeta_batch: bool = False
 
     @classmethod
     def zinbwave_defaults(
@@ -311,6 +326,7 @@ class Penalty:
             dict(self.extra),
             self.delta,
             self.alpha_pi,
+            self.zeta_batch,
         )
 
     # -- pieces -----------------------------------------------------------------------------

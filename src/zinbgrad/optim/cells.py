@@ -143,7 +143,8 @@ class CellSteps:
         ``ll_start``: the per-gene log-likelihood at the starting values is added into it.
         """
         feats = feats if feats is not None else self._cell_features()
-        nzc = self._nz_const(counts, self.params.zeta)
+        nzc = self._nz_const(counts, self.params.zeta, rows)
+        zeta = self._block_zeta(self.params.zeta, rows)  # the block's (per-batch: expanded)
         u = self._get_cell_vec(rows)
         base_a, base_b = self._cell_base(rows)
         st = _Cells(
@@ -158,14 +159,15 @@ class CellSteps:
             self._batch_groups(rows),
         )
         self._predict(st, feats)
-        st.d = self._derivs(st.a, st.b, counts, order=2, nz_const=nzc)
+        st.d = self._derivs(st.a, st.b, counts, zeta=zeta, order=2, nz_const=nzc)
         st.f = self._cell_objective(st)
         if ll_start is not None:
             ll_start += st.d.ll.sum(0)
         for step in range(n_steps):
             f_sum = float(st.f.sum()) if tol > 0 else 0.0
             last = step == n_steps - 1
-            self._cell_step(st, counts, nzc, feats, order=0 if last and not derivs else 2)
+            order = 0 if last and not derivs else 2
+            self._cell_step(st, counts, nzc, feats, order=order, zeta=zeta)
             if tol > 0 and float(st.f.sum()) - f_sum <= tol * abs(f_sum):
                 break
         self.lam_cells[rows] = st.lam
@@ -221,16 +223,25 @@ class CellSteps:
             H.addmm_(d.lbb, prods["bb"])
         return torch.diag(self.eps_cell) - self.pack_cell.unpack(H), g
 
-    def _cell_step(self, st: _Cells, counts: SparseCounts, nzc: Tensor, feats, order: int) -> None:
+    def _cell_step(
+        self,
+        st: _Cells,
+        counts: SparseCounts,
+        nzc: Tensor,
+        feats,
+        order: int,
+        zeta: Tensor | None = None,
+    ) -> None:
         """One damped Newton step of the cells in ``st`` (updated in place, per cell only where
-        it does not lower the cell's objective); the new point is evaluated at ``order``."""
+        it does not lower the cell's objective); the new point is evaluated at ``order``
+        (``zeta``: the block's dispersion, default the model's)."""
         A, g = self._cell_system(st.d, st.u, feats, st.groups)
         delta, lam = damped_newton_step(A, g, st.lam)
         if self.relax != 1.0:  # over-relaxed sweeps (see Solvers._sweep)
             delta = delta * self.relax
         new = _Cells(st.u + delta, st.base_a, st.base_b, None, None, None, None, lam, st.groups)
         self._predict(new, feats)
-        new.d = self._derivs(new.a, new.b, counts, order=order, nz_const=nzc)
+        new.d = self._derivs(new.a, new.b, counts, zeta=zeta, order=order, nz_const=nzc)
         new.f = self._cell_objective(new)
         acc = (new.f >= st.f) & torch.isfinite(new.f)
         rej = (~acc).nonzero().squeeze(1)

@@ -43,7 +43,7 @@ class DispersionSteps:
             C = stats.hz.sum() * data_scale
             cap = self.zeta_cap[0]
         else:
-            c = self.pen.zeta / max(self.J - 1, 1)
+            c = self.pen.zeta / max(zeta.numel() - 1, 1)
             G = stats.gz * data_scale - c * (zeta - zeta.mean())
             C = stats.hz * data_scale - c
             cap = self.zeta_cap
@@ -66,10 +66,23 @@ class DispersionSteps:
         self.zeta_cap = torch.where(moved, torch.where(accepted, grow, shrink), self.zeta_cap)
 
     def _zeta_surrogate(self, zeta: Tensor, center: Tensor) -> Tensor:
-        """Separable majorizer of the var(zeta) penalty (exact at zeta = old zeta)."""
+        """Separable majorizer of the var(zeta) penalty (exact at zeta = old zeta), per gene
+        (summed over the batches of a dispersion per batch)."""
         if self.common or self.J < 2:
             return torch.zeros_like(zeta)
-        return 0.5 * self.pen.zeta / (self.J - 1) * (zeta - center) ** 2
+        out = 0.5 * self.pen.zeta / (zeta.numel() - 1) * (zeta - center) ** 2
+        return out.sum(0) if zeta.dim() == 2 else out
+
+    def _add_zeta_terms(self, stats: GeneStats, dz, rows: slice) -> None:
+        """Add a block's dispersion derivatives (``dz.lz``, ``dz.lzz``, cells x genes) to
+        ``stats``: summed over the cells, or per batch for a dispersion per batch."""
+        if self.zeta_batch:
+            codes = self.design.batch[rows]
+            stats.gz.index_add_(0, codes, dz.lz)
+            stats.hz.index_add_(0, codes, dz.lzz)
+        else:
+            stats.gz += dz.lz.sum(0)
+            stats.hz += dz.lzz.sum(0)
 
     # ------------------------------------------------------------------ solvers
     def _zeta_due(self) -> bool:
@@ -158,11 +171,11 @@ class DispersionSteps:
         ranks."""
         stats = self._new_stats()
         for start, stop, counts in self.source.iter_blocks(bounds):
-            a, b = linear_predictors(self.design, self.params, slice(start, stop), self.zi)
-            dz = self._derivs(a, b, counts, zeta=zeta, order=0, dispersion=True)
+            rows = slice(start, stop)
+            a, b = linear_predictors(self.design, self.params, rows, self.zi)
+            dz = self._derivs(a, b, counts, zeta=zeta, order=0, dispersion=True, rows=rows)
             stats.ll += dz.ll.sum(0)
-            stats.gz += dz.lz.sum(0)
-            stats.hz += dz.lzz.sum(0)
+            self._add_zeta_terms(stats, dz, rows)
         for t in (stats.ll, stats.gz, stats.hz):
             t.mul_(scale)
         self.comm.all_reduce_(stats.ll, stats.gz, stats.hz)

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from ..data.source import block_bounds
 from ..model.likelihood import EntryDerivatives, SparseCounts, entry_derivatives, nonzero_constant
-from ..model.params import Design, Params, Penalty
+from ..model.params import Design, Params, Penalty, block_zeta
 from .cells import CellSteps
 from .dispersion import (
     ZETA_MAX,
@@ -127,6 +127,10 @@ class Engine(CellSteps, GeneSteps, DispersionSteps, Solvers):
         if self.bl and (design.batch is None or penalty.delta is None):
             raise ValueError("batch-specific loadings need the cells' batches and a penalty")
         self.B = design.n_batches if self.bl else 0
+        #: a dispersion per batch level and gene (``params.zeta``: B x J)
+        self.zeta_batch = params.zeta.dim() == 2
+        if self.zeta_batch and design.batch is None:
+            raise ValueError("a dispersion per batch needs the cells' batches")
         #: gene-vector columns held fixed by gene steps (see :meth:`fix_gene_columns`)
         self.fixed_cols: Tensor | None = None
         #: whether a sweep re-balances W and alpha (off when the loadings are fixed)
@@ -186,8 +190,9 @@ class Engine(CellSteps, GeneSteps, DispersionSteps, Solvers):
     progress = _state_attribute("progress")
 
     # ------------------------------------------------------------------ the kernel
-    def _nz_const(self, counts: SparseCounts, zeta: Tensor) -> Tensor:
-        """``nonzero_constant`` of a block, cached while the dispersion tensor is unchanged.
+    def _nz_const(self, counts: SparseCounts, zeta: Tensor, rows: slice | None = None) -> Tensor:
+        """``nonzero_constant`` of a block, cached while the dispersion tensor is unchanged
+        (``rows``: the block's cells, for a dispersion per batch).
 
         Sources that keep their blocks get an entry per block; streamed blocks only a few
         (the evaluations of one block in a row). The entry holds ``counts`` itself, so its
@@ -197,7 +202,7 @@ class Engine(CellSteps, GeneSteps, DispersionSteps, Solvers):
         hit = self._nzc.get(key)
         if hit is not None and hit[0] is zeta and hit[2] is counts:
             return hit[1]
-        val = nonzero_constant(counts, zeta)
+        val = nonzero_constant(counts, self._block_zeta(zeta, rows))
         cap = 2 * len(self.bounds) + 8 if getattr(self.source, "cache", False) else 8
         if len(self._nzc) >= cap:
             self._nzc.clear()
@@ -211,11 +216,28 @@ class Engine(CellSteps, GeneSteps, DispersionSteps, Solvers):
         counts: SparseCounts,
         zeta: Tensor | None = None,
         nz_const: Tensor | None = None,
+        rows: slice | None = None,
         **kw,
     ) -> EntryDerivatives:
+        """Entry derivatives of the block of cells ``rows`` (needed only for a dispersion per
+        batch, B x J, which is expanded to the block's cells; a (cells x genes) ``zeta``
+        given is used as it is)."""
         zeta = self.params.zeta if zeta is None else zeta
-        nzc = self._nz_const(counts, zeta) if nz_const is None else nz_const
+        nzc = self._nz_const(counts, zeta, rows) if nz_const is None else nz_const
+        zeta = self._block_zeta(zeta, rows)
         return entry_derivatives(a, b, zeta, counts, nz_const=nzc, fused=self.opt.fused, **kw)
+
+    def _block_zeta(self, zeta: Tensor, rows: slice | None) -> Tensor:
+        """``zeta`` for the cells ``rows``: with a dispersion per batch (B x J) and ``rows``
+        given, expanded to the cells' batches; without ``rows``, ``zeta`` is taken as the
+        block's already (e.g. expanded before), except the model's own B x J dispersion."""
+        if not self.zeta_batch or zeta.dim() != 2:
+            return zeta
+        if rows is None:
+            if zeta is self.params.zeta:
+                raise ValueError("a dispersion per batch needs the block's rows")
+            return zeta
+        return block_zeta(self.design, zeta, rows)
 
     def _zeta_moved(self, before: Tensor, objective: float) -> None:
         """:meth:`DispersionSteps._zeta_moved` with this module's :data:`ZETA_QUIET_GAIN`

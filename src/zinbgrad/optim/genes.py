@@ -39,7 +39,14 @@ class GeneStats:
     ``pa``/``pb``); the cross block ``hab`` is a full ``qa x qb`` matrix per gene.
     """
 
-    def __init__(self, J: int, pa: SymmetricPacking, pb: SymmetricPacking | None, ref) -> None:
+    def __init__(
+        self,
+        J: int,
+        pa: SymmetricPacking,
+        pb: SymmetricPacking | None,
+        ref,
+        zeta_shape: tuple[int, ...] | None = None,
+    ) -> None:
         kw = {"dtype": ref.dtype, "device": ref.device}
         qa, qb = pa.p, 0 if pb is None else pb.p
         self.ga = torch.zeros(J, qa, **kw)
@@ -48,8 +55,9 @@ class GeneStats:
         self.hbb = torch.zeros(J, 0 if pb is None else pb.width, **kw)
         self.hab = torch.zeros(J, qa * qb, **kw)
         self.ll = torch.zeros(J, **kw)
-        self.gz = torch.zeros(J, **kw)
-        self.hz = torch.zeros(J, **kw)
+        # dispersion derivatives: per gene, or per batch and gene (zeta_shape (B, J))
+        self.gz = torch.zeros(zeta_shape or (J,), **kw)
+        self.hz = torch.zeros(zeta_shape or (J,), **kw)
         self.qa, self.qb = qa, qb
 
     def tensors(self) -> tuple[Tensor, ...]:
@@ -72,7 +80,8 @@ class GeneSteps:
         return Ga, Gb
 
     def _new_stats(self) -> GeneStats:
-        return GeneStats(self.J, self.pack_ga, self.pack_gb, self.params.beta_mu)
+        shape = tuple(self.params.zeta.shape) if self.zeta_batch else None
+        return GeneStats(self.J, self.pack_ga, self.pack_gb, self.params.beta_mu, shape)
 
     def accumulate(
         self,
@@ -93,9 +102,8 @@ class GeneSteps:
             stats.hab.addmm_(d.lab.T, outer_flat(Ga, Gb))
         stats.ll += d.ll.sum(0)
         if dispersion:
-            dz = self._derivs(a, b, counts, order=0, dispersion=True)
-            stats.gz += dz.lz.sum(0)
-            stats.hz += dz.lzz.sum(0)
+            dz = self._derivs(a, b, counts, order=0, dispersion=True, rows=rows)
+            self._add_zeta_terms(stats, dz, rows)
 
     def _get_gene_vec(self) -> Tensor:
         p = self.params
@@ -161,7 +169,7 @@ class GeneSteps:
             rows = slice(start, stop)
             a, b = linear_predictors(self.design, self.params, rows, self.zi)
             for k, z in enumerate(zetas):
-                out[k] += self._derivs(a, b, counts, zeta=z, order=0).ll.sum(0)
+                out[k] += self._derivs(a, b, counts, zeta=z, order=0, rows=rows).ll.sum(0)
         self.comm.all_reduce_(*out)
         return out
 

@@ -302,7 +302,8 @@ def initialize(
         beta_pi=beta_pi,
         alpha_mu=alpha_mu,
         alpha_pi=alpha_pi,
-        zeta=torch.zeros(J, **kw),
+        # zinbwave's zeta = 0; per batch and gene with a dispersion per batch
+        zeta=torch.zeros((design.n_batches, J) if penalty.zeta_batch else (J,), **kw),
         W=W_loc.contiguous(),
         gamma_mu=gmu_loc.contiguous(),
         gamma_pi=gpi_loc.contiguous(),

@@ -219,7 +219,8 @@ class OptimizerState:
             params=params,
             lam_cells=torch.full((n,), 1e-3, **kw),
             lam_genes=torch.full((J,), 1e-3, **kw),
-            zeta_cap=torch.full((J,), 1.0, **kw),
+            # per gene, or per batch and gene for a dispersion per batch
+            zeta_cap=torch.full((J,) if params.zeta.dim() < 2 else params.zeta.shape, 1.0, **kw),
             rng=np.random.default_rng(seed),
         )
 

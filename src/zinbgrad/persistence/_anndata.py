@@ -66,6 +66,8 @@ def model_elements(model: ZINBWaVE, key_added: str = "X_zinbwave") -> dict[str, 
     delta = s["delta_mu_"]
     if delta is not None:  # batch-specific loading offsets: genes x (batch, factor)
         varm[f"{key_added}_delta_mu"] = _rows(delta.reshape(-1, delta.shape[-1]).T, genes)
+    if s["zeta_batch_"] is not None:  # dispersion per batch level: genes x batches
+        varm[f"{key_added}_zeta_batch"] = _rows(s["zeta_batch_"].T, genes)
     return {
         "obsm": obsm,
         "varm": varm,
@@ -100,7 +102,8 @@ def store_model(adata, model: ZINBWaVE, key_added: str = "X_zinbwave") -> None:
     * ``obsm[key_added + "_X"]``: the design X;
     * ``varm[key_added + "_alpha_mu"/"_alpha_pi"/"_beta_mu"/"_beta_pi"]`` (genes x K / M),
       ``varm[key_added + "_V"]`` and, with batch-specific loadings,
-      ``varm[key_added + "_delta_mu"]`` (genes x batches*K);
+      ``varm[key_added + "_delta_mu"]`` (genes x batches*K); with a dispersion per batch,
+      ``varm[key_added + "_zeta_batch"]`` (genes x batches);
     * ``var[key_added + "_zeta"]`` (log inverse dispersion);
     * ``var[key_added + "_fitted"]`` / ``obs[key_added + "_fitted"]``: whether each gene / cell
       was fitted (see ``empty_genes`` / ``empty_cells`` of :class:`~zinbgrad.ZINBWaVE`: those
@@ -185,6 +188,9 @@ def _anndata_state(adata, key: str) -> tuple[dict, dict[str, Any]]:
         d = array("varm", f"{key}_delta_mu")[genes].T
         s["delta_mu_"] = d.reshape(-1, s["W_"].shape[1], d.shape[1])
     s["zeta_"] = array("var", f"{key}_zeta")[genes]
+    s["zeta_batch_"] = None
+    if f"{key}_zeta_batch" in adata.varm:
+        s["zeta_batch_"] = np.ascontiguousarray(array("varm", f"{key}_zeta_batch")[genes].T)
     s["O_mu_"] = s["O_pi_"] = None
     s["var_names_in_"] = np.asarray(adata.var_names).astype(str)
     s["gene_fitted_"], s["cell_fitted_"] = genes, cells

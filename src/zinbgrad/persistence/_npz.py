@@ -80,7 +80,7 @@ def save(model: ZINBWaVE, path: str | os.PathLike, overwrite: bool = False) -> P
     arrays = {k: state[k + "_"] for k in PARAMETERS}
     arrays.update({k: state[k + "_"] for k in ("X", "V", "var_names", "obs_names")})
     arrays.update({k: state[k + "_"] for k in ("gene_fitted", "cell_fitted", "var_names_in")})
-    for k in ("O_mu", "O_pi", "delta_mu"):
+    for k in ("O_mu", "O_pi", "delta_mu", "zeta_batch"):
         if state[k + "_"] is not None:
             arrays[k] = state[k + "_"]
     for k, v in (state["fit_path_"] or {}).items():
@@ -138,7 +138,8 @@ def _archive_state(z, meta: dict) -> dict[str, Any]:
     def array(name: str) -> np.ndarray | None:
         return np.asarray(z[name], dtype=np.float64) if name in files else None
 
-    state: dict[str, Any] = {k + "_": array(k) for k in (*PARAMETERS, "X", "V", "delta_mu")}
+    optional = ("delta_mu", "zeta_batch")
+    state: dict[str, Any] = {k + "_": array(k) for k in (*PARAMETERS, "X", "V", *optional)}
     state.update(O_mu_=array("O_mu"), O_pi_=array("O_pi"))
     state["fit_path_"] = {k[5:]: z[k] for k in z.files if k.startswith("path_")} or None
     state["var_names_"] = z["var_names"].astype(str)

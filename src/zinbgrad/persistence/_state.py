@@ -23,6 +23,7 @@ PARAMETERS = GENE_ARRAYS + CELL_ARRAYS
 FITTED_ATTRIBUTES = (
     *(name + "_" for name in PARAMETERS),
     "delta_mu_",
+    "zeta_batch_",
     "X_",
     "X_columns_",
     "V_",
@@ -113,6 +114,7 @@ def check_state(model) -> None:
     n, J = _check_shapes(model)
     _check_masks(model, n, J)
     _check_loading_offsets(model, J)
+    _check_batch_dispersion(model, J)
     _check_fit_path(model)
     if len(model.X_columns_) != model.X_.shape[1]:
         raise ValueError(f"{len(model.X_columns_)} X column names for {model.X_.shape[1]} columns")
@@ -218,6 +220,21 @@ def _check_loading_offsets(model, J: int) -> None:
         raise ValueError("delta_mu is set but batch_loadings is False")
 
 
+def _check_batch_dispersion(model, J: int) -> None:
+    zb = getattr(model, "zeta_batch_", None)
+    if model.batch_dispersion:
+        B = len((model.batch_info_ or {}).get("levels", ()))
+        if zb is None or zb.shape != (B, J) or B < 2:
+            raise ValueError(
+                f"zeta_batch has shape {None if zb is None else zb.shape}, expected "
+                f"({B}, {J}) (batch_dispersion=True with {B} batch levels)"
+            )
+        if not np.isfinite(zb).all():
+            raise ValueError("zeta_batch has NaN or infinite values")
+    elif zb is not None:
+        raise ValueError("zeta_batch is set but batch_dispersion is False")
+
+
 def _check_fit_path(model) -> None:
     path, K = getattr(model, "fit_path_", None) or {}, model.n_components
     if not path:
@@ -226,7 +243,10 @@ def _check_fit_path(model) -> None:
     for name in GENE_ARRAYS:
         if name not in path and not steps:
             continue
-        want = (steps,) + getattr(model, name + "_").shape
+        ref = getattr(model, name + "_")
+        if name == "zeta" and getattr(model, "zeta_batch_", None) is not None:
+            ref = model.zeta_batch_  # the path holds the dispersion per batch
+        want = (steps,) + ref.shape
         got = np.shape(path.get(name))
         if got != want:
             raise ValueError(f"the fit path's {name} has shape {got}, expected {want}")
@@ -311,8 +331,11 @@ def from_params(
     J = alpha_mu.shape[1]
     hyperparameters.setdefault("n_components", K)
     model = cls(**hyperparameters)
-    if model.batch_loadings:
-        raise ValueError("from_params builds zinbwave's model: batch_loadings must be False")
+    if model.batch_loadings or model.batch_dispersion:
+        raise ValueError(
+            "from_params builds zinbwave's model: batch_loadings and batch_dispersion must "
+            "be False"
+        )
     state: dict[str, Any] = {"W_": W, "alpha_mu_": alpha_mu}
     state["beta_mu_"] = np.asarray(beta_mu, dtype=np.float64)
     state["gamma_mu_"] = np.asarray(gamma_mu, dtype=np.float64)
@@ -359,6 +382,7 @@ def _given_design(n: int, J: int, X, V, X_columns, var_names, obs_names) -> dict
         )
     return {
         "delta_mu_": None,
+        "zeta_batch_": None,
         "X_": Xm,
         "X_columns_": list(X_columns),
         "V_": np.ones((J, 1)) if V is None else np.asarray(V, dtype=np.float64),
