@@ -73,8 +73,8 @@ def batch_codes(Xm: np.ndarray, columns, info: dict) -> np.ndarray:
 def make_design(model, Xm, Vm, O_mu, O_pi, device, dtype, columns=None, info=None) -> Design:
     """The :class:`Design` of cells ``Xm`` (genes ``Vm``, offsets ``O_mu``/``O_pi``) under
     ``model``'s column selections (``which_X_mu``, ...); with ``batch_loadings`` or
-    ``batch_dispersion``, the cells' batch codes too, from the batch columns of X named by ``columns``/``info`` (default:
-    the fitted ``X_columns_``/``batch_info_``)."""
+    ``batch_dispersion``, the cells' batch codes too, from the batch columns of X named by
+    ``columns``/``info`` (default: the fitted ``X_columns_``/``batch_info_``)."""
 
     def t(a):
         return None if a is None else torch.as_tensor(a, dtype=dtype, device=device)
