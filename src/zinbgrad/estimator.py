@@ -39,7 +39,7 @@ from .fitting import (
     warm_start,
 )
 from .model.outputs import compute_output
-from .model.params import Design, Params, Penalty
+from .model.params import Design, Params, Penalty, block_zeta
 from .optim.checkpoint import check_checkpoint_paths
 from .optim.distributed import current_comm, shard_bounds
 from .optim.engine import FitOptions
@@ -710,19 +710,26 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         dict
             ``"mu"`` (cells x genes, NB mean), ``"pi"`` (cells x genes, zero-inflation
             probability; 0 without zero inflation) and ``"theta"`` (genes,
-            ``exp(zeta_)``, the NB inverse dispersion).
+            ``exp(zeta_)``, the NB inverse dispersion; with ``batch_dispersion``, cells x
+            fitted genes, each cell's batch's ``exp(zeta_batch_)``).
         """
+        if getattr(self, "zeta_batch_", None) is not None:
+            return self._outputs(("mu", "pi", "theta"), data, ignore_W, project_kw)
         out = self._outputs(("mu", "pi"), data, ignore_W, project_kw)
         return out | {"theta": np.exp(np.asarray(self.zeta_, dtype=np.float64))}
 
     def _outputs(self, whats, data, ignore_W: bool, project_kw: dict) -> dict[str, np.ndarray]:
+        """The per-entry outputs ``whats`` (``"theta"``: each cell's dispersion per batch)."""
         design, params = likelihood_tensors(self, data, project_kw)
         kw = {
             "zero_inflation": bool(self.zero_inflation),
             "ignore_W": ignore_W,
             "block_entries": self._block_entries(torch.device("cpu")),
         }
-        return {what: compute_output(what, design, params, **kw) for what in whats}
+        out = {w: compute_output(w, design, params, **kw) for w in whats if w != "theta"}
+        if "theta" in whats:
+            out["theta"] = torch.exp(block_zeta(design, params.zeta, slice(None))).numpy()
+        return out
 
     def get_mu(self, data=None, *, ignore_W: bool = False, **project_kw) -> np.ndarray:
         """NB means ``mu`` (cells x genes) of the training cells or of new cells."""

@@ -154,6 +154,11 @@ def map_query(
     align_genes(model, counts)
     key, values, levels, new = _query_levels(model, counts, batch_key)
     loadings = model.batch_loadings if batch_loadings is None else bool(batch_loadings)
+    if model.batch_dispersion and new:
+        raise ValueError(
+            "map_query cannot map unseen batch levels under batch_dispersion=True (the fit has "
+            f"no dispersion for {list(new)}); fit with batch_dispersion=False to map them"
+        )
     n, J, K = counts.shape[0], len(model.var_names_), model.n_components
     M, B, Bn = len(model.X_columns_), len(levels), len(new)
     dev, dt = torch_setup(model.device if device is None else device, model.dtype, n * J)

@@ -165,6 +165,11 @@ class _Generator:
 
     def __init__(self, model) -> None:
         check_fitted(model)
+        if getattr(model, "zeta_batch_", None) is not None:
+            raise ValueError(
+                "sampling from a model with batch_dispersion=True is not supported (its "
+                "cells' dispersions differ by batch)"
+            )
         self.model = model
         self.dev, self.dt = torch.device("cpu"), torch.float64
         self.params = model.get_params_torch(self.dev, self.dt)

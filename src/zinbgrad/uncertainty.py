@@ -35,7 +35,7 @@ from .data.source import InMemoryCounts, block_bounds
 from .encoding import align_genes
 from .fitted import check_fitted
 from .model.likelihood import entry_derivatives
-from .model.params import Design, Params, linear_predictors
+from .model.params import Design, Params, block_zeta, linear_predictors
 from .projection import likelihood_tensors
 
 __all__ = [
@@ -115,7 +115,8 @@ def _iter_derivs(design: Design, params: Params, source, zero_inflation: bool):
     ):
         rows = slice(start, stop)
         a, b = linear_predictors(design, params, rows, zero_inflation)
-        yield rows, entry_derivatives(a, b, params.zeta, counts, order=2)
+        zeta = block_zeta(design, params.zeta, rows)  # a dispersion per batch: expanded
+        yield rows, entry_derivatives(a, b, zeta, counts, order=2)
 
 
 def cell_precisions(

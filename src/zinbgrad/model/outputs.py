@@ -53,7 +53,7 @@ import torch
 from torch import Tensor
 
 from .likelihood import log_nb, log_sigmoid, log_zinb, softplus
-from .params import Design, Params, linear_predictors
+from .params import Design, Params, block_zeta, linear_predictors
 
 __all__ = [
     "OUTPUTS",
@@ -146,7 +146,9 @@ def spread_to_input(
 
 # ============================================================================ element-wise math
 def _zeta_like(zeta: Tensor, a: Tensor) -> Tensor:
-    return zeta.to(dtype=a.dtype, device=a.device).expand(a.shape[-1])
+    """``zeta`` per gene broadcast to the genes of ``a``; a (cells x genes) zeta as it is."""
+    z = zeta.to(dtype=a.dtype, device=a.device)
+    return z if z.dim() == 2 else z.expand(a.shape[-1])
 
 
 def zinb_mean(a: Tensor, b: Tensor | None) -> Tensor:
@@ -338,7 +340,8 @@ def iter_output_blocks(
             y = None
             if what in COUNT_OUTPUTS:
                 y = _dense_counts(counts, start, stop, dtype, dev)
-            yield start, stop, block_output(what, a, b, params.zeta, y)
+            zeta = block_zeta(design, params.zeta, slice(start, stop))  # per batch: expanded
+            yield start, stop, block_output(what, a, b, zeta, y)
 
 
 def compute_output(
