@@ -113,8 +113,7 @@ def check_state(model) -> None:
     _check_dimensions(model)
     n, J = _check_shapes(model)
     _check_masks(model, n, J)
-    _check_loading_offsets(model, J)
-    _check_batch_dispersion(model, J)
+    _check_batch_parts(model, J)
     _check_fit_path(model)
     if len(model.X_columns_) != model.X_.shape[1]:
         raise ValueError(f"{len(model.X_columns_)} X column names for {model.X_.shape[1]} columns")
@@ -205,34 +204,28 @@ def _check_masks(model, n: int, J: int) -> None:
         raise ValueError("var_names_in[gene_fitted] differ from var_names")
 
 
-def _check_loading_offsets(model, J: int) -> None:
-    delta, K = getattr(model, "delta_mu_", None), model.n_components
-    if model.batch_loadings:
-        B = len((model.batch_info_ or {}).get("levels", ()))
-        if delta is None or delta.shape != (B, K, J) or B < 2:
-            raise ValueError(
-                f"delta_mu has shape {None if delta is None else delta.shape}, expected "
-                f"({B}, {K}, {J}) (batch_loadings=True with {B} batch levels)"
-            )
-        if not np.isfinite(delta).all():
-            raise ValueError("delta_mu has NaN or infinite values")
-    elif delta is not None:
-        raise ValueError("delta_mu is set but batch_loadings is False")
-
-
-def _check_batch_dispersion(model, J: int) -> None:
-    zb = getattr(model, "zeta_batch_", None)
-    if model.batch_dispersion:
-        B = len((model.batch_info_ or {}).get("levels", ()))
-        if zb is None or zb.shape != (B, J) or B < 2:
-            raise ValueError(
-                f"zeta_batch has shape {None if zb is None else zb.shape}, expected "
-                f"({B}, {J}) (batch_dispersion=True with {B} batch levels)"
-            )
-        if not np.isfinite(zb).all():
-            raise ValueError("zeta_batch has NaN or infinite values")
-    elif zb is not None:
-        raise ValueError("zeta_batch is set but batch_dispersion is False")
+def _check_batch_parts(model, J: int) -> None:
+    """The batch-specific parts of the model (``delta_mu_`` with ``batch_loadings``,
+    ``zeta_batch_`` with ``batch_dispersion``) are present exactly when their option is on,
+    one block per batch level, finite."""
+    B = len((model.batch_info_ or {}).get("levels", ()))
+    K = model.n_components
+    parts = (
+        ("delta_mu", "batch_loadings", (B, K, J)),
+        ("zeta_batch", "batch_dispersion", (B, J)),
+    )
+    for name, option, shape in parts:
+        value = getattr(model, name + "_", None)
+        if getattr(model, option):
+            if value is None or value.shape != shape or B < 2:
+                raise ValueError(
+                    f"{name} has shape {None if value is None else value.shape}, expected "
+                    f"{shape} ({option}=True with {B} batch levels)"
+                )
+            if not np.isfinite(value).all():
+                raise ValueError(f"{name} has NaN or infinite values")
+        elif value is not None:
+            raise ValueError(f"{name} is set but {option} is False")
 
 
 def _check_fit_path(model) -> None:
