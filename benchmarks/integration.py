@@ -381,9 +381,15 @@ def render_markdown(records: list[dict[str, Any]], meta: dict[str, Any], fig: Pa
     )
     for path, mm in meta.get("merged", {}).items():
         commit = f"commit `{mm['zinbgrad_commit']}` of " if mm["zinbgrad_commit"] else ""
+        what = (
+            f"Datasets {', '.join(mm['appended'])} (every method; zinbgrad variants marked "
+            f"`@{mm['label']}`): from `{path}`, another run (wall {mm['wall_s']:.0f} s), "
+            if "appended" in mm
+            else f"Embeddings marked `@{mm['label']}`: from `{path}`, another run on the same "
+            "cells, "
+        )
         L.append(
-            f"Embeddings marked `@{mm['label']}`: from `{path}`, another run on the same cells, "
-            f"zinbgrad {commit}`{mm['zinbgrad_path']}`, finished {mm['finished']}, "
+            what + f"zinbgrad {commit}`{mm['zinbgrad_path']}`, finished {mm['finished']}, "
             f"`uptime` at its start `{mm['uptime_start']}`; command `{mm['command']}`; variants "
             + "; ".join(f"`{k}` = `{json.dumps(v)}`" for k, v in mm["variants"].items())
             + "  "
@@ -548,6 +554,14 @@ def _parser() -> argparse.ArgumentParser:
         help="with --report-only: add the zinbgrad embeddings of another run's JSON (same "
         "datasets, seeds and cells), named '<name> @LABEL' (repeatable)",
     )
+    p.add_argument(
+        "--append",
+        action="append",
+        default=[],
+        metavar="JSON=LABEL",
+        help="with --report-only: add the datasets/seeds of another full run's JSON that this "
+        "one lacks (every method), its zinbgrad variants named '<name> @LABEL' (repeatable)",
+    )
     return p
 
 
@@ -573,6 +587,31 @@ def merge_records(
         for k, m in o["methods"].items():
             if k.startswith("zinbgrad"):
                 r["methods"][f"{k} @{label}"] = m
+    return added
+
+
+def append_records(
+    records: list[dict[str, Any]], other: list[dict[str, Any]], label: str
+) -> list[str]:
+    """Add ``other``'s records of datasets/seeds that ``records`` lacks, every method, with the
+    zinbgrad variants (``zinbgrad[...]``) renamed ``'<name> @label'`` as :func:`merge_records`
+    names them. Returns the titles of the added records."""
+    have = {(r["dataset"], r["seed"]) for r in records}
+    added = []
+    for o in other:
+        if (o["dataset"], o["seed"]) in have:
+            continue
+        for part in ("embeddings", "methods"):
+            o[part] = {
+                (
+                    f"{k.split('/')[0]} @{label}" + (f"/{k.split('/', 1)[1]}" if "/" in k else "")
+                    if k.startswith("zinbgrad[")
+                    else k
+                ): v
+                for k, v in o[part].items()
+            }
+        records.append(o)
+        added.append(_dataset_title(o))
     return added
 
 
@@ -643,6 +682,13 @@ def main(argv: list[str] | None = None) -> int:
             keep = ("command", "finished", "zinbgrad_commit", "zinbgrad_path", "variants")
             merged[path] = {k: other["meta"][k] for k in keep + ("uptime_start",)}
             merged[path]["label"] = label
+        for spec in args.append:
+            path, _, label = spec.rpartition("=")
+            other = json.loads(Path(path).read_text())
+            titles = append_records(saved["records"], other["records"], label)
+            keep = ("command", "finished", "zinbgrad_commit", "zinbgrad_path", "variants")
+            merged[path] = {k: other["meta"][k] for k in keep + ("uptime_start",)}
+            merged[path].update(label=label, appended=titles, wall_s=other["meta"]["wall_s"])
         if merged:
             saved["meta"]["merged"] = merged
         _write_report(saved["records"], saved["meta"], args, out)

@@ -25,7 +25,11 @@ from benchmarks.datasets import (  # noqa: E402
     protein_cell_types,
     thin_by_cell_type,
 )
-from benchmarks.integration import latent_representations, parse_variant  # noqa: E402
+from benchmarks.integration import (  # noqa: E402
+    append_records,
+    latent_representations,
+    parse_variant,
+)
 
 NAMES = [
     f"{n}_TotalSeqB"
@@ -184,3 +188,20 @@ def test_parse_variant() -> None:
     for bad in ('{"a": 1}', "x=[1, 2]", "x={oops}", "x"):
         with pytest.raises(ValueError):
             parse_variant(bad)
+
+
+def test_append_records_adds_only_new_seeds_and_labels_variants() -> None:
+    def rec(seed: int) -> dict:
+        emb = {"zinbgrad": 1, "zinbgrad[gb]": 2, "zinbgrad[gb]/sv": 3, "scVI": 4}
+        return {"dataset": "d", "seed": seed, "embeddings": dict(emb), "methods": {"scVI": 5}}
+
+    records = [rec(0)]
+    added = append_records(records, [rec(0), rec(3)], "x:1")
+    assert added == ["d (seed 3)"] and len(records) == 2
+    assert records[0]["embeddings"] == rec(0)["embeddings"]  # the run's own seed untouched
+    assert set(records[1]["embeddings"]) == {
+        "zinbgrad",
+        "zinbgrad[gb] @x:1",
+        "zinbgrad[gb] @x:1/sv",
+        "scVI",
+    }
