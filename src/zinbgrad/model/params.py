@@ -254,14 +254,14 @@ class Penalty:
     #: ridge weight of the zero-inflation loadings ``alpha_pi`` (``None``: :attr:`alpha`, as
     #: zinbwave)
     alpha_pi: float | None = None
+    #: the dispersion is per batch level and gene (``zeta``: B x J; ``batch_dispersion``); its
+    #: ``var(zeta)`` term is then the variance of all B*J values
+    zeta_batch: bool = False
 
     @property
     def alpha_zi(self) -> float:
         """The ridge weight of ``alpha_pi`` in effect."""
         return self.alpha if self.alpha_pi is None else self.alpha_pi
-    #: the dispersion is per batch level and gene (``zeta``: B x J; ``batch_dispersion``); its
-    #: ``var(zeta)`` term is then the variance of all B*J values
-    zeta_batch: bool = False
 
     @classmethod
     def zinbwave_defaults(
