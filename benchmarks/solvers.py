@@ -34,6 +34,7 @@ from zinbgrad.model.likelihood import log_zinb
 from zinbgrad.model.params import Design, Penalty, linear_predictors
 from zinbgrad.optim.engine import Engine, FitOptions
 from zinbgrad.optim.init import initialize
+from zinbgrad.optim.state import Problem
 
 
 def _setup(shared: Path, name: str):
@@ -54,7 +55,8 @@ def _setup(shared: Path, name: str):
 def run_zinbgrad(X, design, pen, K, solver, seconds):
     src = InMemoryCounts(sp.csr_matrix(X), torch.float64)
     t0 = time.perf_counter()
-    params = initialize(src, design, pen, K)
+    problem = Problem(src, design, pen, K)
+    params = initialize(problem)
     trace = []
     opts = FitOptions(max_epochs=10_000, tol=0.0, solver=solver, batch_size=256, t_origin=t0)
 
@@ -64,7 +66,7 @@ def run_zinbgrad(X, design, pen, K, solver, seconds):
             raise StopIteration
 
     opts.progress = progress
-    eng = Engine(src, design, params, pen, options=opts)
+    eng = Engine(problem, params, options=opts)
     try:
         eng.fit()
     except StopIteration:
@@ -76,7 +78,7 @@ def run_adam(X, design, pen, K, lr, seconds):
     """Full-batch Adam on every parameter with autograd (dense counts: small data only)."""
     src = InMemoryCounts(sp.csr_matrix(X), torch.float64)
     t0 = time.perf_counter()
-    p = initialize(src, design, pen, K)
+    p = initialize(Problem(src, design, pen, K))
     Y = torch.as_tensor(X.toarray())
     tensors = [p.beta_mu, p.beta_pi, p.alpha_mu, p.alpha_pi, p.zeta, p.W, p.gamma_mu, p.gamma_pi]
     for t in tensors:

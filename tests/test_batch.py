@@ -11,6 +11,7 @@ import torch
 import zinbgrad
 from zinbgrad import ZINBWaVE
 from zinbgrad.optim.engine import Engine
+from zinbgrad.optim.state import Problem
 
 
 def simulate(n=300, J=60, K=2, B=2, seed=0, delta_sd=0.8, shift_sd=0.5, theta=5.0):
@@ -92,7 +93,8 @@ def test_gradients_match_finite_differences(planted, fitted):
     params.W = params.W + 0.1 * torch.randn(params.W.shape, generator=g)
     counts = zinbgrad.data.open.open_counts(adata, None)
     source = counts.source(0, adata.n_obs, dt, dev)
-    engine = Engine(source, design, params, m._penalty_obj(design), zero_inflation=False)
+    problem = Problem(source, design, m._penalty_obj(design), 2, zero_inflation=False)
+    engine = Engine(problem, params)
     rows = slice(0, adata.n_obs)
     block = source.block(0, adata.n_obs)
     stats = engine._new_stats()
@@ -140,7 +142,7 @@ def test_rebalancing_keeps_products_and_lowers_penalty(planted, fitted):
     counts = zinbgrad.data.open.open_counts(planted[0], None)
     source = counts.source(0, planted[0].n_obs, dt, dev)
     pen = m._penalty_obj(design)
-    engine = Engine(source, design, params, pen, zero_inflation=False)
+    engine = Engine(Problem(source, design, pen, 2, zero_inflation=False), params)
     before = [params.W @ params.alpha_mu] + [params.W @ d for d in params.delta_mu.view(2, 2, -1)]
     p0 = pen.value(params)
     engine.orthogonalize()

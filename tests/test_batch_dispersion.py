@@ -14,6 +14,7 @@ from zinbgrad import ZINBWaVE
 from zinbgrad.model.likelihood import SparseCounts, entry_derivatives, log_nb, log_zinb
 from zinbgrad.model.outputs import compute_output
 from zinbgrad.optim.engine import Engine
+from zinbgrad.optim.state import Problem
 
 
 def _sparse(y: torch.Tensor) -> SparseCounts:
@@ -92,7 +93,8 @@ def _engine(model, adata, params):
     counts = zinbgrad.data.open.open_counts(adata, None)
     source = counts.source(0, adata.n_obs, dt, dev)
     pen = model._penalty_obj(design)
-    return Engine(source, design, params, pen, zero_inflation=False, common_dispersion=False)
+    problem = Problem(source, design, pen, params.K, zero_inflation=False, common_dispersion=False)
+    return Engine(problem, params)
 
 
 def test_batch_dispersion_gradient_matches_finite_differences(planted, fitted):

@@ -14,6 +14,7 @@ from .model.params import Design, Params, Penalty
 from .optim.engine import Engine, FitOptions, FitPath
 from .optim.fpenv import flush_denormals
 from .optim.init import init_local_mean, init_local_zi
+from .optim.state import Problem
 from .penalties import fitted_penalty
 from .runtime import block_entries, cpu_threads, torch_setup
 
@@ -28,15 +29,8 @@ def cell_engine(
 ) -> Engine:
     """An :class:`~zinbgrad.optim.engine.Engine` over the cells of ``source`` with the
     likelihood settings of ``model`` (``zero_inflation``, ``common_dispersion``)."""
-    return Engine(
-        source,
-        design,
-        params,
-        pen,
-        zero_inflation=model.zero_inflation,
-        common_dispersion=model.common_dispersion,
-        options=options,
-    )
+    problem = Problem(source, design, pen, params.K, model.zero_inflation, model.common_dispersion)
+    return Engine(problem, params, options=options)
 
 
 def _start(

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from ..data.source import block_bounds
 from ..model.likelihood import EntryDerivatives, SparseCounts, entry_derivatives, nonzero_constant
-from ..model.params import Design, Params, Penalty, block_zeta
+from ..model.params import Params, block_zeta
 from .cells import CellSteps
 from .dispersion import (
     ZETA_MAX,
@@ -97,18 +97,17 @@ class Engine(CellSteps, GeneSteps, DispersionSteps, Solvers):
 
     def __init__(
         self,
-        source,
-        design: Design,
+        problem: Problem,
         params: Params,
-        penalty: Penalty,
         *,
-        zero_inflation: bool = True,
-        common_dispersion: bool = True,
         options: FitOptions | None = None,
         seed: int = 0,
         comm: LocalComm | None = None,
     ) -> None:
-        self.problem = Problem(source, design, penalty, params.K, zero_inflation, common_dispersion)
+        if problem.K != params.K:
+            raise ValueError(f"the problem has K={problem.K} but the parameters {params.K}")
+        self.problem = problem
+        design, penalty = problem.design, problem.penalty
         self.comm = comm or LocalComm()
         self.opt = options or FitOptions()
         self.n, self.J = design.n, design.J
@@ -146,29 +145,6 @@ class Engine(CellSteps, GeneSteps, DispersionSteps, Solvers):
         self.pack_ga = SymmetricPacking(design.X_mu.shape[1] + self.K * (1 + self.B), self.device)
         self.pack_gb = (
             SymmetricPacking(design.X_pi.shape[1] + self.K, self.device) if self.zi else None
-        )
-
-    @classmethod
-    def from_problem(
-        cls,
-        problem: Problem,
-        params: Params,
-        *,
-        options: FitOptions | None = None,
-        seed: int = 0,
-        comm: LocalComm | None = None,
-    ) -> Engine:
-        """An engine for ``problem`` starting at ``params``."""
-        return cls(
-            problem.source,
-            problem.design,
-            params,
-            problem.penalty,
-            zero_inflation=problem.zero_inflation,
-            common_dispersion=problem.common_dispersion,
-            options=options,
-            seed=seed,
-            comm=comm,
         )
 
     # the optimizer state, reachable as the engine's attributes

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ..model.params import Design, Params, Penalty
 from .newton import outer_flat
+from .state import Problem
 
 __all__ = ["initialize", "init_local_mean", "init_local_zi", "subspace_svd"]
 
@@ -234,13 +235,8 @@ def _zero_inflation(r, c, XW, Vpi, Opi_s, penalty, K, n0, J, nb_repeat, kw):
 
 
 def initialize(
-    source,
-    design: Design,
-    penalty: Penalty,
-    K: int,
+    problem: Problem,
     *,
-    zero_inflation: bool = True,
-    common_dispersion: bool = True,
     max_init_entries: int = 4_000_000,
     nb_repeat: int = 2,
     block_rows: int = 8192,
@@ -250,10 +246,12 @@ def initialize(
     """Initial parameters for a fit (deterministic: no seed enters); with a penalty on
     batch-specific loading offsets (``penalty.delta``), those offsets start at zero.
 
-    ``source``/``design`` describe all cells. With ``shard=(start, stop)`` (data-parallel fits)
-    only the local parameters of those cells are returned (``shard_source`` reads them); the
-    gene parameters are the same as in a single-process fit.
+    ``problem`` describes all cells. With ``shard=(start, stop)`` (data-parallel fits) only the
+    local parameters of those cells are returned (``shard_source`` reads them); the gene
+    parameters are the same as in a single-process fit.
     """
+    source, design, penalty, K = problem.source, problem.design, problem.penalty, problem.K
+    zero_inflation = problem.zero_inflation
     n, J = design.n, design.J
     dt, dev = design.X_mu.dtype, design.X_mu.device
     kw = {"dtype": dt, "device": dev}

@@ -123,14 +123,7 @@ def fit_sketch(
     """
     sub = sketch_problem(problem, m, seed)
     m = sub.design.n
-    params = initialize(
-        sub.source,
-        sub.design,
-        sub.penalty,
-        sub.K,
-        zero_inflation=sub.zero_inflation,
-        common_dispersion=sub.common_dispersion,
-    )
+    params = initialize(sub)
     t0 = options.t_origin if options.t_origin is not None else time.perf_counter()
     history: list[dict] = []
 
@@ -148,7 +141,7 @@ def fit_sketch(
         progress=None,
         t_origin=t0,
     )
-    engine = Engine.from_problem(sub, params, options=sub_opts, seed=seed)
+    engine = Engine(sub, params, options=sub_opts, seed=seed)
     engine.opt.progress = record
     engine.optimize_dispersion()
     path = FitPath()

@@ -63,10 +63,6 @@ def starting_point(
         params.gamma_mu = params.gamma_mu[:, lo:hi].contiguous()
         params.gamma_pi = params.gamma_pi[:, lo:hi].contiguous()
         return params, [], path, None
-    init_kw = {
-        "zero_inflation": problem.zero_inflation,
-        "common_dispersion": problem.common_dispersion,
-    }
     if resume is not None and options.solver == "sketch":
         # shapes only: the checkpoint holds every value
         return Params.zeros(local.design, problem.K), [], None, None
@@ -75,15 +71,7 @@ def starting_point(
             problem, m=sketch_cells, options=options, seed=seed, shard=shard, comm=comm
         )
     # every rank derives the same gene initialization from the same subsample
-    params = initialize(
-        problem.source,
-        problem.design,
-        problem.penalty,
-        problem.K,
-        shard=shard,
-        shard_source=local.source,
-        **init_kw,
-    )
+    params = initialize(problem, shard=shard, shard_source=local.source)
     return params, [], None, None
 
 
@@ -126,7 +114,7 @@ def solve(
         )
         if problem.source is not local.source and hasattr(problem.source, "close"):
             problem.source.close()
-        engine = Engine.from_problem(local, params, options=options, seed=seed, comm=comm)
+        engine = Engine(local, params, options=options, seed=seed, comm=comm)
         if path is not None:  # the full sweeps continue the sketch's path
             engine.trajectory = path
         if zeta_state is not None:  # ... and its dispersion-pause length
