@@ -283,14 +283,15 @@ def estimate_disp_gn(
     offset: np.ndarray,
     w: np.ndarray,
     *,
-    prior_df: float | None = None,
-    trend_method: str = "locfit",
-    span: float | None = None,
-    min_row_sum: float = 5,
-    grid_length: int = 21,
-    grid_range: tuple[float, float] = (-10.0, 10.0),
+    prior_df: float | None,
+    trend_method: str,
+    span: float | None,
+    min_row_sum: float,
+    grid_length: int,
+    grid_range: tuple[float, float],
 ) -> DispersionEstimate:
-    """edgeR ``estimateDisp`` (GLM branch) on genes x cells data.
+    """edgeR ``estimateDisp`` (GLM branch) on validated genes x cells data: the work of
+    :func:`estimate_disp`, which holds the defaults (every caller goes through it).
 
     Parameters
     ----------

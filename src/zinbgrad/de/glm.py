@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .dispersion import estimate_disp_gn
+from .dispersion import estimate_disp
 from .irls import glm_fit
 from .normalization import resolve_offsets
 from .utils import as_design, check_full_rank, check_weights, counts_gn, gene_dispersion
@@ -111,7 +111,7 @@ def weighted_nb_glm(
     if not np.all(np.isfinite(off)):
         raise ValueError("offsets must be finite")
     if dispersion is None:
-        disp = estimate_disp_gn(y, x, off, w).tagwise
+        disp = estimate_disp(y.T, x, offset=off.T, weights=w.T).tagwise
     else:
         disp = gene_dispersion(dispersion, ng)
     fit = glm_fit(y, x, off, disp, w, start=start, tol=tol, maxit=max_iter)

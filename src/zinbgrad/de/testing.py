@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .dispersion import DispersionEstimate, estimate_disp_gn
+from .dispersion import DispersionEstimate, estimate_disp
 from .irls import GLMFit, glm_fit
 from .normalization import ave_log_cpm_gn, resolve_offsets
 from .smoothing import lowess
@@ -127,7 +127,7 @@ def _dispersion_for_test(
     """Tagwise dispersions (estimated unless given), the prior df of the F denominator, the
     average log-CPM and the dispersion estimate (``None`` when given)."""
     if dispersion is None:
-        est = estimate_disp_gn(y, x, off, w, prior_df=prior_df)
+        est = estimate_disp(y.T, x, offset=off.T, weights=w.T, prior_df=prior_df)
         # est.ave_log_cpm: aveLogCPM with the common dispersion and the weights
         return est.tagwise, est.prior_df, est.ave_log_cpm, est
     disp = gene_dispersion(dispersion, y.shape[0])
