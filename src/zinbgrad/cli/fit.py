@@ -274,6 +274,7 @@ def _add_fit_batch_options(f: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--epsilon-delta",
+        metavar="X",
         type=float,
         default=None,
         help="ridge weight of the --batch-loadings offsets delta_b (default 10 x epsilon_alpha, "
@@ -287,6 +288,7 @@ def _add_fit_batch_options(f: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--epsilon-alpha-pi",
+        metavar="X",
         type=float,
         default=None,
         help="ridge weight of the zero-inflation loadings alpha_pi alone (default: "
