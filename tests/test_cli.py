@@ -215,3 +215,81 @@ def test_demo_title_stays_inside_the_figure():
     # with room for wider fonts than this machine's: the old one-line title took 91 % of the
     # width here (453 of 500 px), close to the edge
     assert box.width <= 0.75 * W
+
+
+def _fitted_arrays(model) -> dict:
+    names = ("W_", "beta_mu_", "beta_pi_", "alpha_mu_", "alpha_pi_", "zeta_")
+    names += ("delta_mu_", "zeta_batch_")
+    return {n: getattr(model, n) for n in names if getattr(model, n, None) is not None}
+
+
+@pytest.mark.parametrize(
+    ("flags", "keywords", "batch_part"),
+    [
+        (["--batch-loadings", "--epsilon-delta", "5"],
+         dict(batch_loadings=True, epsilon_delta=5.0), "delta_mu_"),
+        (["--genewise-dispersion", "--batch-dispersion", "--epsilon-alpha-pi", "3"],
+         dict(common_dispersion=False, batch_dispersion=True, epsilon_alpha_pi=3.0),
+         "zeta_batch_"),
+    ],
+)  # fmt: skip
+def test_fit_batch_options_match_the_api(tmp_path, h5, flags, keywords, batch_part):
+    out, saved = tmp_path / "o.h5ad", tmp_path / "m.npz"
+    argv = ["fit", str(h5), "-o", str(out), "-k", "2", "-q", "--batch-key", "batch"]
+    assert main([*argv, *flags, "--save-model", str(saved)]) == 0
+    api = zinbgrad.ZINBWaVE(n_components=2, verbose=False, **keywords)
+    api.fit(ad.read_h5ad(h5), batch_key="batch")
+    cli = zinbgrad.ZINBWaVE.load(saved)
+    for name in ("batch_loadings", "batch_dispersion"):
+        assert getattr(cli, name) == keywords.get(name, False)
+    for name in ("epsilon_delta", "epsilon_alpha_pi"):
+        if name in keywords:
+            assert cli.penalty_params_[name] == keywords[name]
+    arrays = _fitted_arrays(api)
+    assert batch_part in arrays and np.abs(arrays[batch_part]).max() > 0
+    assert arrays.keys() == _fitted_arrays(cli).keys()
+    for name, value in arrays.items():
+        np.testing.assert_allclose(getattr(cli, name), value, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(ad.read_h5ad(out).obsm["X_zinbwave"], api.W_, rtol=1e-10)
+
+
+def test_batch_options_need_their_prerequisites_before_any_work(tmp_path, h5, monkeypatch):
+    def never(*a, **k):
+        raise AssertionError("the data were read although the options are incomplete")
+
+    monkeypatch.setattr("zinbgrad.cli.fit._fit_and_write", never)
+    argv = ["fit", str(h5), "-o", str(tmp_path / "o.h5ad"), "-q"]
+    cases = [
+        (["--batch-dispersion", "--genewise-dispersion"], "--batch-dispersion needs --batch-key"),
+        (["--batch-loadings"], "--batch-loadings needs --batch-key"),
+        (["--batch-dispersion", "--batch-key", "batch"], "needs --genewise-dispersion"),
+    ]
+    for extra, match in cases:
+        with pytest.raises(SystemExit, match=match) as exc:
+            main([*argv, *extra])
+        assert str(exc.value.code).startswith("error: ") and "\n" not in str(exc.value.code)
+    assert not (tmp_path / "o.h5ad").exists()
+
+
+def test_project_new_batches_maps_an_unseen_batch(tmp_path, capsys):
+    a = zinbgrad.datasets.pbmc_small()
+    a.obs["site"] = np.where(np.arange(a.n_obs) % 4 == 0, "s3", a.obs["batch"].astype(str))
+    ref, query = a[a.obs["site"] != "s3"].copy(), a[a.obs["site"] == "s3"].copy()
+    ref_h5, query_h5 = tmp_path / "ref.h5ad", tmp_path / "query.h5ad"
+    ref.write_h5ad(ref_h5)
+    query.write_h5ad(query_h5)
+    fitted = tmp_path / "fit.h5ad"
+    assert main(["fit", str(ref_h5), "-o", str(fitted), "-k", "2", "-q", "--batch-key", "site",
+                 "--batch-loadings"]) == 0  # fmt: skip
+    out = tmp_path / "proj.h5ad"
+    argv = ["project", str(query_h5), "--model", str(fitted), "-o", str(out)]
+    with pytest.raises(SystemExit, match="s3"):  # an unseen level, without the option
+        main(argv)
+    assert main([*argv, "--new-batches"]) == 0
+    api = zinbgrad.ZINBWaVE(n_components=2, verbose=False, batch_loadings=True)
+    api.fit(ref, batch_key="site")
+    expected = api.transform(query, new_batches=True)
+    W = ad.read_h5ad(out).obsm["X_zinbwave"]
+    assert W.shape == (query.n_obs, 2) and np.isfinite(W).all()
+    np.testing.assert_allclose(W, expected, rtol=1e-8, atol=1e-10)
+    capsys.readouterr()

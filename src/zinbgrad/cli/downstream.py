@@ -159,6 +159,17 @@ def _cmd_weights(args) -> int:
     )
 
 
+#: ``zinbgrad project`` options passed under their own names to :func:`zinbgrad.tl.project`.
+_PROJECT_OPTIONS = (
+    "key_added",
+    "layer",
+    "reference_batch",
+    "batch_key",
+    "covariate_keys",
+    "new_batches",
+)
+
+
 def _cmd_project(args) -> int:
     from .. import tl
 
@@ -168,7 +179,7 @@ def _cmd_project(args) -> int:
         (ValueError, KeyError),
         model_key=args.model_key,
         stored=False,
-        **options_of(args, "key_added", "layer", "reference_batch", "batch_key", "covariate_keys"),
+        **options_of(args, *_PROJECT_OPTIONS),
     )
     print(
         f"zinbgrad project: {query.n_obs} cells into K={model.W_.shape[1]} in {seconds:.2f} s "
@@ -336,6 +347,14 @@ def add_project_parser(subparsers) -> argparse.ArgumentParser:
         action="store_true",
         help="encode every query cell as the fit's reference batch (default: read each cell's "
         "batch and covariates from the query's obs, with the fit's keys)",
+    )
+    p.add_argument(
+        "--new-batches",
+        action="store_true",
+        help="map query cells of batches the fit never saw: each unseen level of the fit's "
+        "batch key gets its coefficients (its X column, and its loading offsets with "
+        "--batch-loadings) estimated from its cells, every fitted gene parameter fixed, "
+        "before their W (a linear-model scArches). Without it an unseen level is an error",
     )
     add_design_options(
         p,

@@ -52,6 +52,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
             )
         except (ValueError, FileNotFoundError) as err:
             raise cli_error(err) from None
+    _check_batch_options(args)
     if args.nproc < 1:
         raise SystemExit(f"error: --nproc must be at least 1, got {args.nproc}")
     if args.nproc > 1:
@@ -64,6 +65,23 @@ def _cmd_fit(args: argparse.Namespace) -> int:
             raise SystemExit(msg if msg.startswith("error:") else f"error: {msg}") from None
         return 0
     return _fit_and_write(args)
+
+
+def _check_batch_options(args: argparse.Namespace) -> None:
+    """Refuse, before reading the data, batch options without what they need (the
+    estimator's own checks, as options): --batch-key, and gene-wise dispersion."""
+    needs_key = {
+        "--batch-loadings": args.batch_loadings,
+        "--batch-dispersion": args.batch_dispersion,
+    }
+    for flag, on in needs_key.items():
+        if on and args.batch_key is None:
+            raise SystemExit(f"error: {flag} needs --batch-key (the obs column of the batches)")
+    if args.batch_dispersion and not args.genewise_dispersion:
+        raise SystemExit(
+            "error: --batch-dispersion (a dispersion per gene and batch) needs "
+            "--genewise-dispersion"
+        )
 
 
 def _fit_worker(args: argparse.Namespace) -> None:
@@ -84,6 +102,10 @@ _ESTIMATOR_OPTIONS = (
     "allow_non_integer",
     "empty_genes",
     "empty_cells",
+    "batch_loadings",
+    "epsilon_delta",
+    "batch_dispersion",
+    "epsilon_alpha_pi",
 )
 _FIT_OPTIONS = ("layer", "batch_key", "covariate_keys", "checkpoint", "checkpoint_every", "resume")
 
@@ -238,6 +260,43 @@ def _add_fit_model_options(f: argparse.ArgumentParser) -> None:
     f.add_argument("--no-zero-inflation", action="store_true", help="negative binomial model")
 
 
+def _add_fit_batch_options(f: argparse.ArgumentParser) -> None:
+    """The batch integration options beyond zinbwave's model (off by default) and the
+    zero-inflation loadings' own penalty."""
+    g = f.add_argument_group("batch integration and penalties (not in zinbwave)")
+    g.add_argument(
+        "--batch-loadings",
+        action="store_true",
+        help="batch-specific loadings (needs --batch-key): a cell of batch b has mean loadings "
+        "alpha_mu + delta_b, the offsets ridge-penalized toward 0 by --epsilon-delta and W "
+        "shared by all batches, so that a batch effect may differ between cell types; W stays "
+        "the batch-free latent space. Off: zinbwave's model",
+    )
+    g.add_argument(
+        "--epsilon-delta",
+        metavar="X",
+        type=float,
+        default=None,
+        help="ridge weight of the --batch-loadings offsets delta_b (default 10 x epsilon_alpha, "
+        "10 at zinbwave's defaults; larger values pull the batches' loadings together)",
+    )
+    g.add_argument(
+        "--batch-dispersion",
+        action="store_true",
+        help="a dispersion per gene and batch level (scVI's gene-batch; needs --batch-key and "
+        "--genewise-dispersion); new cells use their batch's dispersion. Off: zinbwave's model",
+    )
+    g.add_argument(
+        "--epsilon-alpha-pi",
+        metavar="X",
+        type=float,
+        default=None,
+        help="ridge weight of the zero-inflation loadings alpha_pi alone (default: "
+        "epsilon_alpha, zinbwave's model); a larger weight keeps genes whose zeros W nearly "
+        "separates from spending factors on them",
+    )
+
+
 def _add_fit_output_options(f: argparse.ArgumentParser) -> None:
     """Where the result goes, and what the data may hold (non-integer, empty genes/cells)."""
     f.add_argument("--key-added", default="X_zinbwave", help="obsm key of the latent space")
@@ -316,6 +375,7 @@ def add_fit_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``zinbgrad fit`` on an ``argparse`` subparsers object."""
     f = add_command(subparsers, "fit", *_COMMANDS["fit"])
     _add_fit_model_options(f)
+    _add_fit_batch_options(f)
     _add_fit_output_options(f)
     _add_fit_solver_options(f)
     return f
