@@ -355,15 +355,25 @@ def _kselect_detail(x: dict) -> None:
     print()
 
 
+def _runs(d: Path, pattern: str):
+    """``(file name, results)`` of the result files in ``d`` matching ``pattern``, sorted."""
+    for p in sorted(d.glob(pattern)):
+        yield p.name, json.loads(p.read_text())
+
+
+def _heading(title: str, r: dict, name: str | None = None, note: str = "") -> None:
+    """A table's heading: what, from which file, when and at what load."""
+    where = "" if name is None else f"{name}, "
+    load = r["meta"]["loadavg"][0]
+    print(f"{title} ({where}{r['meta']['date_utc']}, load {load:.1f}{note})\n")
+
+
 def report(args) -> None:
     d = Path(args.dir) if args.dir else OUT
     p = d / "coverage.json"
     if p.exists():
         r = json.loads(p.read_text())
-        print(
-            f"Coverage of nominal 90 % intervals ({r['meta']['date_utc']}, load "
-            f"{r['meta']['loadavg'][0]:.1f})\n"
-        )
+        _heading("Coverage of nominal 90 % intervals", r)
         print(
             "| cells x genes | K | ZI | tol | epochs | W_i.alpha_j (cells+genes) | "
             "W_i.alpha_j (cells only) | W | alpha | W, projected cells | fit s | "
@@ -379,11 +389,8 @@ def report(args) -> None:
                 f"| {x['cover_W_projected']:.3f} | {x['fit_s']:.1f} | {x['uncertainty_s']:.2f} |"
             )
         print()
-    for p in sorted(d.glob("kselect*.json")):
-        r = json.loads(p.read_text())
-        print(
-            f"K selection ({p.name}, {r['meta']['date_utc']}, load {r['meta']['loadavg'][0]:.1f})\n"
-        )
+    for name, r in _runs(d, "kselect*.json"):
+        _heading("K selection", r, name)
         print(
             "| data | cells x genes | planted K | K grid | bi-cross | held-out (re-opt.) | "
             "AIC | BIC | MCV 1-SE | MCV lowest | s |"
@@ -401,21 +408,13 @@ def report(args) -> None:
         for x in r["rows"]:
             _kselect_detail(x)
 
-    for p in sorted(d.glob("kcost*.json")):
-        r = json.loads(p.read_text())
-        print(
-            f"Cost of the K scan ({p.name}, {r['meta']['date_utc']}, load "
-            f"{r['meta']['loadavg'][0]:.1f})\n"
-        )
+    for name, r in _runs(d, "kcost*.json"):
+        _heading("Cost of the K scan", r, name)
         _kcost_report(r)
 
-    for p in sorted(d.glob("mcv*.json")):
-        r = json.loads(p.read_text())
-        print(
-            f"MCV denoising ({p.name}, {r['meta']['date_utc']}, load "
-            f"{r['meta']['loadavg'][0]:.1f}; Poisson loss / MSE of log1p-normalized, lower "
-            "is better)\n"
-        )
+    for name, r in _runs(d, "mcv*.json"):
+        note = "; Poisson loss / MSE of log1p-normalized, lower is better"
+        _heading("MCV denoising", r, name, note)
         print("| data | method | K | Poisson | MSE | s |")
         print("|---|---|---|---|---|---|")
         for x in r["rows"]:
