@@ -278,7 +278,7 @@ class Penalty:
         if unknown:
             raise TypeError(f"zinbwave_defaults() got unexpected keyword arguments {unknown}")
 
-        def given(name: str, default: float) -> float:
+        def given(name: str, default: float | None) -> float | None:
             value = epsilons.get(name)
             return default if value is None else float(value)
 
@@ -289,7 +289,7 @@ class Penalty:
         e_W = given("epsilon_W", eps / n)
         e_alpha = given("epsilon_alpha", eps / J)
         e_zeta = given("epsilon_zeta", eps)
-        epsilon_min_logit = epsilons.get("epsilon_min_logit", EPSILON_MIN_LOGIT)
+        epsilon_min_logit = given("epsilon_min_logit", EPSILON_MIN_LOGIT)
 
         def col_eps(M: Tensor, value: float, intercept_value: float) -> Tensor:
             out = torch.full((M.shape[1],), value, dtype=M.dtype, device=M.device)
@@ -305,9 +305,7 @@ class Penalty:
             alpha=e_alpha,
             zeta=e_zeta,
             common_dispersion=common_dispersion,
-            alpha_pi=None
-            if epsilons.get("epsilon_alpha_pi") is None
-            else float(epsilons["epsilon_alpha_pi"]),
+            alpha_pi=given("epsilon_alpha_pi", None),
         )
 
     def to(self, device: torch.device, dtype: torch.dtype) -> Penalty:

@@ -4,9 +4,10 @@
    only; ridge regressions of L on X (per gene) and on V (per cell), alternated
    ``nb_repeat`` times.
 2. The residual (missing at the zeros) is completed by soft-thresholded SVD (softImpute,
-   ``lambda = sqrt(eps_W * eps_alpha)``, rank K, each truncated SVD converged from a fixed start)
-   on all cells, or on a fixed subsample of them where they exceed ``max_init_entries``; ``W`` and
-   ``alpha_mu`` are its balanced factors. Cells outside the subsample get the ridge projection
+   ``lambda = sqrt(eps_W * eps_alpha)``, rank K, its truncated SVDs by subspace iteration from a
+   fixed start, warm-started across the softImpute steps) on all cells, or on a fixed
+   subsample of them where they exceed ``max_init_entries``; ``W`` and ``alpha_mu`` are its
+   balanced factors. Cells outside the subsample get the ridge projection
    of their residual on ``alpha_mu``.
 3. Zeros are modelled as dropouts: logistic ridge regressions of ``1[y = 0]`` on ``[X_pi, W]``
    (per gene) and on V_pi (per cell), alternated ``nb_repeat`` times.
@@ -104,9 +105,10 @@ def subspace_svd(
     Each iteration is a Rayleigh-Ritz step on the range of ``A V`` (Halko, Martinsson & Tropp
     2011, Alg. 4.4, with the previous iterate as the test matrix); the ``q - K`` extra
     vectors make the top ``K`` converge at the rate ``sigma_{q+1} / sigma_K``. Started from
-    the previous softImpute iterate, a few iterations suffice. Converged, the result is the
-    exact truncated SVD up to ``tol`` whatever the start: deterministic, and independent of any
-    seed. Returns ``(U, S, Vh)`` of all ``q`` directions (the top ``K`` first)."""
+    the previous softImpute iterate, a few iterations suffice (:func:`_soft_impute` takes
+    ``_SUBSPACE_STEPS``, capped by ``max_iter``). Converged, the result is the exact
+    truncated SVD up to ``tol`` whatever the start: deterministic, and independent of any seed.
+    Returns ``(U, S, Vh)`` of all ``q`` directions (the top ``K`` first)."""
     Vk = None
     for _ in range(max_iter):
         Q = torch.linalg.qr(A @ V).Q
