@@ -69,6 +69,8 @@ class Method(ABC):
     label: str = ""
     supports_batch: bool = False
     is_likelihood_model: bool = False
+    #: optional modules the method imports (from the bench extra); :meth:`available` checks them
+    requires: tuple[str, ...] = ()
 
     def __init__(self, seed: int = 0, options: dict[str, Any] | None = None) -> None:
         self.seed = int(seed)
@@ -78,7 +80,11 @@ class Method(ABC):
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
-        """Whether the method can run here, and why not."""
+        """Whether the method can run here, and why not (by default: whether every module of
+        :attr:`requires` is importable)."""
+        for module in cls.requires:
+            if importlib.util.find_spec(module) is None:
+                return False, f"{module} is not importable (install the bench extra)"
         return True, ""
 
     @classmethod
@@ -392,12 +398,7 @@ class HarmonyMethod(PCABaseline):
     name = "harmony"
     label = "Harmony"
     supports_batch = True
-
-    @classmethod
-    def available(cls) -> tuple[bool, str]:
-        if importlib.util.find_spec("harmonypy") is None:
-            return False, "harmonypy is not importable (install the bench extra)"
-        return True, ""
+    requires = ("harmonypy",)
 
     @classmethod
     def versions(cls) -> dict[str, str]:
@@ -434,12 +435,7 @@ class ScanpyPCA(Method):
 
     name = "scanpy"
     label = "scanpy PCA"
-
-    @classmethod
-    def available(cls) -> tuple[bool, str]:
-        if importlib.util.find_spec("scanpy") is None:
-            return False, "scanpy is not importable (install the bench extra)"
-        return True, ""
+    requires = ("scanpy",)
 
     @classmethod
     def versions(cls) -> dict[str, str]:
