@@ -22,7 +22,7 @@ igraph (not dependencies of the package). The README's numbers::
     python benchmarks/stability.py leiden $D out/base.npz
 
 (the same with the Zeisel file ``zeisel2015_descend_subset.h5ad``). The plateau of optima
-(README, "Longer fits do not meet again"; BENCHMARKS.md, "Fewer sweeps")::
+(README, "Converged fits are not one fit either"; BENCHMARKS.md, "Fewer sweeps, continued")::
 
     Z=/work/shared/data/zeisel2015_descend_subset.h5ad
     python benchmarks/stability.py fit $Z out/z_default.npz --heldout 200
@@ -32,6 +32,12 @@ igraph (not dependencies of the package). The README's numbers::
         --set tol=1e-10 --set max_epochs=400
     python benchmarks/stability.py compare $Z out/z_extrap400.npz out/z_plain600.npz \\
         out/z_default.npz
+    python benchmarks/stability.py fit $Z out/z64_plain.npz --heldout 200 --snap 100 \\
+        --set dtype='"float64"' --set tol=1e-11 --set max_epochs=1500
+    python benchmarks/stability.py fit $Z out/z64_x.npz --heldout 200 --snap 100 --extrapolate \\
+        --set dtype='"float64"' --set tol=1e-11 --set max_epochs=800
+    python benchmarks/stability.py compare $Z out/z64_plain.npz out/z64_x.npz out/z_plain600.npz \\
+        out/z_extrap400.npz out/z_default.npz
 
 ``--extrapolate`` is an experiment, not a fitting option of the package: after every sweep, a
 safeguarded extrapolation of all parameters along the sweep's own step (see
