@@ -205,8 +205,8 @@ class CellSteps:
 
         A cell whose accepted step gained at most ``tol`` of its own objective has converged
         and takes no further steps (its later gains would be below that, Newton converging
-        quadratically): the last steps cost only the few slow cells (on PBMC 8k's held-out
-        cells, 40 of 45 steps moved fewer than 100 of 1,496 cells).
+        quadratically): the last steps cost only the few slow cells (of PBMC 8k's 1,496
+        held-out cells at K = 15, fewer than 100 still moved after the 10th of 42 steps).
         """
         feats = feats if feats is not None else self._cell_features()
         nzc = self._nz_const(counts, self.params.zeta, rows)
@@ -221,9 +221,10 @@ class CellSteps:
             self._cell_step(st, counts, nzc, feats, order=0 if last else 2, zeta=zeta)
             gain = st.f - f_before
             u[active], lam[active], ll[active] = st.u, st.lam, st.d.ll.sum(1)
-            if float(gain.sum()) <= tol * abs(total):
+            gained = float(gain.sum())
+            if gained <= tol * abs(total):
                 break
-            total += float(gain.sum())
+            total += gained
             done = (gain > 0) & (gain <= tol * st.f.abs())
             if bool(done.all()):
                 break
