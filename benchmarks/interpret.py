@@ -5,6 +5,7 @@ usage:
   python benchmarks/interpret.py coverage [--out benchmarks/results/interpret/coverage.json]
   python benchmarks/interpret.py kselect  [--datasets zeisel,pbmc8k] [--ks 2,5,10,15,20]
   python benchmarks/interpret.py kcost    [--datasets zeisel,pbmc8k] [--ks 2,5,10,15,20]
+                                          [--threads 1] [--warm] [--phases]
   python benchmarks/interpret.py mcv      [--datasets zeisel,pbmc8k] [--ks 2,5,10,15,20]
   python benchmarks/interpret.py report   (markdown tables of the JSON files)
 
@@ -166,21 +167,62 @@ def kselect(args) -> None:
         _write("kselect" + (args.tag or ""), args.out, {"rows": rows})  # after each data set
 
 
-def kcost(args) -> None:
-    """What the K scan costs against one plain fit at its largest K (all cells), the cold
-    and the warm scan in one process (ratios; wall times are inflated by the load)."""
+#: the phases of a fit and of a K scan that ``kcost --phases`` times (cumulative seconds of
+#: these functions under cProfile): module file, function name
+_PHASES = {
+    "init": ("optim/init.py", "initialize"),
+    "dispersion start": ("optim/dispersion.py", "optimize_dispersion"),
+    "sweeps": ("optim/solvers.py", "_sweep"),
+    "scoring": ("zinbgrad/projection.py", "project"),
+}
+
+
+def _phase_seconds(fn, *args) -> dict:
+    """Run ``fn(*args)`` under cProfile; seconds per :data:`_PHASES` entry, the total and the
+    rest (data checks, the final log-likelihood, the bi-cross-validated sums)."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.runcall(fn, *args)
+    out = {"total": time.perf_counter() - t0}
+    stats = pstats.Stats(prof).stats
+    for name, (file, func) in _PHASES.items():
+        out[name] = sum(v[3] for k, v in stats.items() if k[0].endswith(file) and k[2] == func)
+    out["other"] = out["total"] - sum(out[name] for name in _PHASES)
+    return out
+
+
+def _plain_fit(adata, K: int, rec: dict) -> float:
+    """Seconds of one plain fit of ``K`` factors (its epochs into ``rec``)."""
     import zinbgrad
 
+    t0 = time.perf_counter()
+    big = zinbgrad.ZINBWaVE(K, random_state=0, verbose=False).fit(adata)
+    rec["plain_epochs"] = int(big.n_iter_)
+    return time.perf_counter() - t0
+
+
+def kcost(args) -> None:
+    """What the K scan costs against one plain fit at its largest K (all cells; the mean of
+    one timed before and one after the scans), in one
+    process with ``--threads`` torch threads (ratios; wall times are inflated by the load):
+    the cold scan (the default), with ``--warm`` also the warm one, with ``--phases`` a
+    second, profiled run of the plain fit and the cold scan timing their phases."""
+    import torch
+
+    import zinbgrad
+
+    torch.set_num_threads(args.threads)
     rows = []
     ks = [int(k) for k in args.ks.split(",")]
     for name, adata, _ in _datasets(args.datasets.split(","), args.max_cells):
         rec = {"dataset": name, "n_cells": adata.n_obs, "n_genes": adata.n_vars, "ks": ks}
+        rec["threads"] = args.threads
         rec["load_before"] = list(os.getloadavg())
-        t0 = time.perf_counter()
-        big = zinbgrad.ZINBWaVE(max(ks), random_state=0, verbose=False).fit(adata)
-        rec["plain_fit_s"] = time.perf_counter() - t0
-        rec["plain_epochs"] = int(big.n_iter_)
-        for warm in (False, True):
+        plain = [_plain_fit(adata, max(ks), rec)]  # and after the scans: the mean is the reference
+        for warm in (False, True) if args.warm else (False,):
             t0 = time.perf_counter()
             df = zinbgrad.tl.select_n_components(adata, ks, warm_start=warm)
             scan = {
@@ -189,6 +231,15 @@ def kcost(args) -> None:
                 "recommended_by": adata.uns["zinbwave_n_components"]["recommended_by"],
             }
             rec["warm" if warm else "cold"] = scan
+        plain.append(_plain_fit(adata, max(ks), rec))
+        rec["plain_fit_runs_s"], rec["plain_fit_s"] = plain, float(np.mean(plain))
+        if args.phases:
+            rec["phases"] = {
+                "plain": _phase_seconds(
+                    zinbgrad.ZINBWaVE(max(ks), random_state=0, verbose=False).fit, adata
+                ),
+                "cold": _phase_seconds(zinbgrad.tl.select_n_components, adata, ks),
+            }
         rec["load_after"] = list(os.getloadavg())
         rows.append(rec)
         print(json.dumps({k: rec[k] for k in ("dataset", "plain_fit_s")}), flush=True)
@@ -201,8 +252,9 @@ def _kcost_report(r: dict) -> None:
         "| epochs per K | bi-cross K | BIC K |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
+    scans = [s for s in ("cold", "warm") if all(s in x for x in r["rows"])]
     for x in r["rows"]:
-        for name in ("cold", "warm"):
+        for name in scans:
             s, t = x[name], x[name]["table"]
             fit, score = sum(t["fit_seconds"]), sum(t["score_seconds"])
             print(
@@ -213,21 +265,34 @@ def _kcost_report(r: dict) -> None:
                 f"{s['recommended_by']['bic']} |"
             )
     print()
+    if any("phases" in x for x in r["rows"]):
+        names = ["total", *_PHASES, "other"]
+        print("| data | run | " + " | ".join(f"{n} s" for n in names) + " |")
+        print("|---|---|" + "---|" * len(names))
+        for x in r["rows"]:
+            for run, ph in x.get("phases", {}).items():
+                cells = " | ".join(f"{ph[n]:.1f}" for n in names)
+                label = "plain fit" if run == "plain" else "cold scan"
+                print(f"| {x['dataset']} | {label} | {cells} |")
+        print()
     print(
-        "| data | K | fit s cold / warm | scoring s cold / warm | train loglik cold / warm "
-        "| bi-cross cold / warm (se cold) |"
+        "| data | K | fit s | scoring s | epochs | train loglik | BIC | held-out loglik "
+        "| bi-cross (se) |" + (" warm: train loglik / bi-cross |" if "warm" in scans else "")
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|" + ("---|" if "warm" in scans else ""))
     for x in r["rows"]:
-        c, w = x["cold"]["table"], x["warm"]["table"]
+        c = x["cold"]["table"]
         for i, k in enumerate(c["n_components"]):
-            print(
-                f"| {x['dataset']} | {k} | {c['fit_seconds'][i]:.1f} / {w['fit_seconds'][i]:.1f} "
-                f"| {c['score_seconds'][i]:.1f} / {w['score_seconds'][i]:.1f} | "
-                f"{c['train_loglik'][i]:,.0f} / {w['train_loglik'][i]:,.0f} | "
-                f"{c['bicross_loglik'][i]:.2f} / {w['bicross_loglik'][i]:.2f} "
+            line = (
+                f"| {x['dataset']} | {k} | {c['fit_seconds'][i]:.1f} | {c['score_seconds'][i]:.1f} "
+                f"| {c['n_iter'][i]} | {c['train_loglik'][i]:,.0f} | {c['bic'][i]:,.0f} | "
+                f"{c['heldout_loglik'][i]:.2f} | {c['bicross_loglik'][i]:.2f} "
                 f"({c['bicross_se'][i]:.2f}) |"
             )
+            if "warm" in scans:
+                w = x["warm"]["table"]
+                line += f" {w['train_loglik'][i]:,.0f} / {w['bicross_loglik'][i]:.2f} |"
+            print(line)
     print()
 
 
@@ -457,6 +522,10 @@ def main(argv=None) -> int:
         s.add_argument("--tag", default="")
         if name == "kselect":
             s.add_argument("--with-mcv", action="store_true", help="also choose K by MCV")
+        elif name == "kcost":
+            s.add_argument("--threads", type=int, default=1, help="torch threads")
+            s.add_argument("--warm", action="store_true", help="also time the warm scan")
+            s.add_argument("--phases", action="store_true", help="also a profiled run")
         else:
             s.add_argument("--no-scvi", action="store_true")
             s.add_argument("--pca-ks", default="2,5,10,15,20,30,50")

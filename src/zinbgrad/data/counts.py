@@ -107,3 +107,18 @@ class SparseCounts:
             mv(self.lgamma_y1),
         )
         return self._with_flat(out, mv)
+
+    def take_rows(self, keep: Tensor) -> tuple[SparseCounts, Tensor]:
+        """The block of the rows where ``keep`` (bool, one per row) is true, in their order,
+        and the mask of the nonzeros kept (to subset per-nonzero arrays alike)."""
+        entries = keep[self.rows]
+        new_row = torch.cumsum(keep, 0) - 1
+        out = SparseCounts(
+            int(keep.sum()),
+            self.n_cols,
+            new_row[self.rows[entries]],
+            self.cols[entries],
+            self.values[entries],
+            self.lgamma_y1[entries],
+        )
+        return out, entries

@@ -40,6 +40,30 @@ class _Cells:
 
     _FIELDS = ("u", "a", "b", "f", "lam")  # per step; base_a/base_b are fixed in a block
 
+    def take(self, keep: Tensor) -> _Cells:
+        """The cells where ``keep`` (bool) is true, as a new state (their copies)."""
+
+        def sub(x):
+            return None if x is None else x[keep]
+
+        groups = None
+        if self.groups is not None:
+            onehot = self.groups[0][keep]
+            codes = onehot.argmax(1)
+            groups = (onehot, [(codes == b).nonzero().squeeze(1) for b in range(onehot.shape[1])])
+        d = EntryDerivatives(**{k: sub(v) for k, v in vars(self.d).items()})
+        return _Cells(
+            self.u[keep],
+            self.base_a[keep],
+            sub(self.base_b),
+            sub(self.a),
+            sub(self.b),
+            d,
+            self.f[keep],
+            self.lam[keep],
+            groups,
+        )
+
     def restore(self, idx: Tensor, old: _Cells) -> None:
         """Put the cells ``idx`` back to their values in ``old`` (derivatives present in both
         only; the fixed parts of the predictors are the same in both)."""
@@ -124,33 +148,12 @@ class CellSteps:
             b = b + d.O_pi[rows]
         return a, b
 
-    def cell_newton(
-        self,
-        rows: slice,
-        counts: SparseCounts,
-        n_steps: int,
-        feats=None,
-        tol: float = 0.0,
-        derivs: bool = True,
-        ll_start: Tensor | None = None,
-    ) -> tuple[EntryDerivatives, Tensor, Tensor | None]:
-        """Damped Newton steps on the local parameters of cells ``rows``; updates in place.
-
-        Stops early when the block's penalized log-likelihood improves by less than
-        ``tol`` (relative). Returns the per-entry derivatives at the final cell values (order 2;
-        with ``derivs=False`` possibly only ``ll``: the last trial point is then evaluated
-        without derivatives, which saves a third of a step) and the final predictors.
-        ``ll_start``: the per-gene log-likelihood at the starting values is added into it.
-        """
-        feats = feats if feats is not None else self._cell_features()
-        nzc = self._nz_const(counts, self.params.zeta, rows)
-        zeta = self._block_zeta(self.params.zeta, rows)  # the block's (per-batch: expanded)
-        u = self._get_cell_vec(rows)
-        base_a, base_b = self._cell_base(rows)
+    def _start_cells(self, rows: slice, counts: SparseCounts, feats, nzc: Tensor, zeta: Tensor):
+        """The working state of the cells ``rows`` at their current values (derivatives of
+        order 2 and objective evaluated)."""
         st = _Cells(
-            u,
-            base_a,
-            base_b,
+            self._get_cell_vec(rows),
+            *self._cell_base(rows),
             None,
             None,
             None,
@@ -161,18 +164,79 @@ class CellSteps:
         self._predict(st, feats)
         st.d = self._derivs(st.a, st.b, counts, zeta=zeta, order=2, nz_const=nzc)
         st.f = self._cell_objective(st)
+        return st
+
+    def cell_newton(
+        self,
+        rows: slice,
+        counts: SparseCounts,
+        n_steps: int,
+        feats=None,
+        derivs: bool = True,
+        ll_start: Tensor | None = None,
+    ) -> tuple[EntryDerivatives, Tensor, Tensor | None]:
+        """``n_steps`` damped Newton steps on the local parameters of cells ``rows``; updates
+        in place.
+
+        Returns the per-entry derivatives at the final cell values (order 2; with
+        ``derivs=False`` possibly only ``ll``: the last trial point is then evaluated without
+        derivatives, which saves a third of a step) and the final predictors.
+        ``ll_start``: the per-gene log-likelihood at the starting values is added into it.
+        """
+        feats = feats if feats is not None else self._cell_features()
+        nzc = self._nz_const(counts, self.params.zeta, rows)
+        zeta = self._block_zeta(self.params.zeta, rows)  # the block's (per-batch: expanded)
+        st = self._start_cells(rows, counts, feats, nzc, zeta)
         if ll_start is not None:
             ll_start += st.d.ll.sum(0)
         for step in range(n_steps):
-            f_sum = float(st.f.sum()) if tol > 0 else 0.0
-            last = step == n_steps - 1
-            order = 0 if last and not derivs else 2
+            order = 0 if step == n_steps - 1 and not derivs else 2
             self._cell_step(st, counts, nzc, feats, order=order, zeta=zeta)
-            if tol > 0 and float(st.f.sum()) - f_sum <= tol * abs(f_sum):
-                break
         self.lam_cells[rows] = st.lam
         self._set_cell_vec(rows, st.u)
         return st.d, st.a, st.b
+
+    def converge_cells(
+        self, rows: slice, counts: SparseCounts, max_steps: int, tol: float, feats=None
+    ) -> Tensor:
+        """Damped Newton steps on the local parameters of cells ``rows`` (updated in place)
+        until the block's penalized log-likelihood improves by at most ``tol`` (relative) in
+        a step, or ``max_steps``; returns each cell's log-likelihood (summed over genes).
+
+        A cell whose accepted step gained at most ``tol`` of its own objective has converged
+        and takes no further steps (its later gains would be below that, Newton converging
+        quadratically): the last steps cost only the few slow cells (of PBMC 8k's 1,496
+        held-out cells at K = 15, fewer than 100 still moved after the 10th of 42 steps).
+        """
+        feats = feats if feats is not None else self._cell_features()
+        nzc = self._nz_const(counts, self.params.zeta, rows)
+        zeta = self._block_zeta(self.params.zeta, rows)
+        st = self._start_cells(rows, counts, feats, nzc, zeta)
+        u, lam, ll = st.u.clone(), st.lam.clone(), st.d.ll.sum(1)
+        active = torch.arange(u.shape[0], device=u.device)
+        total = float(st.f.sum())  # the block's objective (converged cells at their last)
+        for step in range(max_steps):
+            f_before = st.f
+            last = step == max_steps - 1
+            self._cell_step(st, counts, nzc, feats, order=0 if last else 2, zeta=zeta)
+            gain = st.f - f_before
+            u[active], lam[active], ll[active] = st.u, st.lam, st.d.ll.sum(1)
+            gained = float(gain.sum())
+            if gained <= tol * abs(total):
+                break
+            total += gained
+            done = (gain > 0) & (gain <= tol * st.f.abs())
+            if bool(done.all()):
+                break
+            if bool(done.any()):
+                keep = ~done
+                active, st = active[keep], st.take(keep)
+                counts, entries = counts.take_rows(keep)
+                nzc = nzc[entries]
+                zeta = zeta[keep] if zeta.dim() == 2 else zeta
+        self.lam_cells[rows] = lam
+        self._set_cell_vec(rows, u)
+        return ll
 
     def _predict(self, st: _Cells, feats) -> None:
         Fa, Fb, prods = feats

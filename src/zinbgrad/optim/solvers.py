@@ -321,6 +321,5 @@ class Solvers:
             rows = slice(start, stop)
             if path_feats is not None:
                 self._follow(rows, counts, path_feats)
-            d, _, _ = self.cell_newton(rows, counts, max_steps, feats, tol=tol, derivs=False)
-            ll_cells[rows] = d.ll.sum(1)
+            ll_cells[rows] = self.converge_cells(rows, counts, max_steps, tol, feats)
         return ll_cells

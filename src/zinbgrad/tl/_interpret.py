@@ -225,14 +225,17 @@ def select_n_components(
       cells of its difference to the best K's, cell by cell);
     * ``aic``, ``bic``: zinbwave's criteria of the fit on the training cells.
 
-    Each K is fitted from zinbwave's initialization. With ``warm_start`` the largest K is,
-    and each smaller K starts from the leading factors of the previous fit
-    (``ZINBWaVE.fit(init=...)``), on the same training cells; off by default: on Zeisel
-    (K = 2, 5, 10, 15, 20) it ran more epochs than the cold scan (50 vs 39), its held-out
-    cells follow a longer fit path (scoring twice as slow), and the truncated fits lie in
-    poorer local optima than zinbwave's initialization at the same K reaches (K = 10 from
-    K = 20: 4.5 nats per cell lower after 25 epochs), which moves the bi-cross-validated K
-    (BENCHMARKS.md, section 5). Either scan costs about 2-3 plain fits at the largest K.
+    Each K is fitted from zinbwave's initialization, so the scan costs the sum of its fits
+    (on the training cells) plus their scoring, 28-37 % more: for K = 2, 5, 10, 15, 20 about
+    4.3 (Zeisel) and 2.9 (PBMC 8k) plain fits at K = 20 on one thread (BENCHMARKS.md, section
+    5). That is its floor: a sweep's cost is per-entry work that does not depend on K, each K
+    needs its own sweeps (the scan's sweeps alone cost 1.8 and 2.1 plain fits there), and no
+    start shared across K reaches that K's optimum in fewer sweeps: a truncated rank-K_max
+    initialization, a smaller fit grown by new factors, or (``warm_start``) the leading
+    factors of a larger fit each land in other, mostly poorer, local optima, which moves the
+    recommended K. With ``warm_start`` the largest K is fitted first and each smaller K
+    starts from the previous fit (``ZINBWaVE.fit(init=...)``); off by default: it is not
+    cheaper (more sweeps, and its held-out cells replay a longer path).
 
     Parameters
     ----------
