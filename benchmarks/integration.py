@@ -65,7 +65,7 @@ BATCH = ["BRAS", "iLISI", "KBET", "Graph connectivity", "PCR comparison"]
 AGG = ["Bio conservation", "Batch correction", "Total"]
 
 #: Representations of a fitted W (see :func:`latent_representations`).
-REPRESENTATIONS = ("W", "sv", "white", "sv_mupi")
+REPRESENTATIONS = ("W", "sv", "white", "sv_mupi", "fisher")
 
 
 # --------------------------------------------------------------------------- pure pieces
@@ -94,7 +94,10 @@ def _scores_of(M: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def latent_representations(
-    W: np.ndarray, alpha_mu: np.ndarray, alpha_pi: np.ndarray | None = None
+    W: np.ndarray,
+    alpha_mu: np.ndarray,
+    alpha_pi: np.ndarray | None = None,
+    gene_weights: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Alternative coordinates of a fitted ZINB-WaVE factor matrix, for neighbour graphs.
 
@@ -112,6 +115,11 @@ def latent_representations(
     ``"sv_mupi"``
         ``U S`` of ``Wc [alpha_mu, alpha_pi]`` (both linear predictors); only when
         ``alpha_pi`` is given and not all zero.
+    ``"fisher"``
+        ``U S`` of ``Wc alpha_mu diag(sqrt(w))`` with ``w = gene_weights`` (the model's
+        ``gene_information()``: each gene's log mean weighted by the Fisher information its
+        counts carry about it, as ``ZINBWaVE.latent_scores(gene_weights="fisher")``); only
+        when ``gene_weights`` is given.
 
     All are ``(n_cells, K)`` (fewer columns when a rank is lower).
     """
@@ -128,6 +136,12 @@ def latent_representations(
     if alpha_pi is not None and np.any(np.asarray(alpha_pi) != 0):
         U2, s2 = _scores_of(W @ np.hstack([A, np.asarray(alpha_pi, dtype=np.float64)]))
         out["sv_mupi"] = U2[:, :k] * s2[:k]
+    if gene_weights is not None:
+        w = np.sqrt(np.asarray(gene_weights, dtype=np.float64))
+        if w.shape != (A.shape[1],):
+            raise ValueError(f"gene_weights must have shape ({A.shape[1]},), got {w.shape}")
+        U3, s3 = _scores_of(W @ (A * w[None, :]))
+        out["fisher"] = U3[:, :k] * s3[:k]
     return out
 
 
@@ -283,8 +297,11 @@ def run_dataset(
             info["heldout_s"] = time.perf_counter() - t0
             if method == "zinbgrad":
                 mod = m.model
+                weights = None
+                if "fisher" in args.representations and hasattr(mod, "gene_information"):
+                    weights = mod.gene_information()
                 reps = latent_representations(
-                    mod.W_, mod.alpha_mu_, getattr(mod, "alpha_pi_", None)
+                    mod.W_, mod.alpha_mu_, getattr(mod, "alpha_pi_", None), weights
                 )
                 for r in args.representations:
                     if r in reps:
