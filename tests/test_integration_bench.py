@@ -176,6 +176,13 @@ def test_representations_of_w() -> None:
     np.testing.assert_allclose(np.cov(reps["white"], rowvar=False), np.eye(K), atol=1e-10)
     assert reps["sv_mupi"].shape == (n, K)
     assert "sv_mupi" not in latent_representations(W, A, np.zeros((K, J)))
+    # "fisher": distances of the rows of the centred W alpha_mu diag(sqrt(w))
+    w = rng.uniform(0.1, 5.0, size=J)
+    fis = latent_representations(W, A, gene_weights=w)["fisher"]
+    np.testing.assert_allclose(dists(fis), dists(M * np.sqrt(w)), atol=1e-10)
+    assert "fisher" not in reps
+    with pytest.raises(ValueError, match="gene_weights"):
+        latent_representations(W, A, gene_weights=w[:-1])
     with pytest.raises(ValueError, match="do not match"):
         latent_representations(W, A.T)
 
