@@ -486,6 +486,15 @@ def make_figure(records: list[dict[str, Any]], path: Path) -> Path:
         for k in r["embeddings"]:
             if k not in names:
                 names.append(k)
+    if len(names) > 20:  # more than the colours: the baselines, plain zinbgrad and the best one
+        best = "best zinbgrad (any option, per dataset)"
+        records = [
+            {**r, "embeddings": {**r["embeddings"], best: r["embeddings"][_best_zinbgrad(r)]}}
+            if _best_zinbgrad(r)
+            else r
+            for r in records
+        ]
+        names = [k for k in ("zinbgrad", best, "scVI", "PCA", "Harmony") if k in names + [best]]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 7.5), gridspec_kw={"width_ratios": [3, 2]})
     width = 0.8 / max(len(names), 1)
     cmap = plt.get_cmap("tab20")
@@ -569,7 +578,8 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="JSON=LABEL",
         help="with --report-only: add the zinbgrad embeddings of another run's JSON (same "
-        "datasets, seeds and cells), named '<name> @LABEL' (repeatable)",
+        "datasets, seeds and cells; also those --append added), named '<name> @LABEL' "
+        "(repeatable)",
     )
     p.add_argument(
         "--append",
@@ -692,13 +702,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_only:
         saved = json.loads((out / f"{args.tag}.json").read_text())
         merged = {}
-        for spec in args.merge:
-            path, _, label = spec.rpartition("=")
-            other = json.loads(Path(path).read_text())
-            merge_records(saved["records"], other["records"], label)
-            keep = ("command", "finished", "zinbgrad_commit", "zinbgrad_path", "variants")
-            merged[path] = {k: other["meta"][k] for k in keep + ("uptime_start",)}
-            merged[path]["label"] = label
+        # appended datasets/seeds first, so that --merge can add variants to them too
         for spec in args.append:
             path, _, label = spec.rpartition("=")
             other = json.loads(Path(path).read_text())
@@ -706,6 +710,13 @@ def main(argv: list[str] | None = None) -> int:
             keep = ("command", "finished", "zinbgrad_commit", "zinbgrad_path", "variants")
             merged[path] = {k: other["meta"][k] for k in keep + ("uptime_start",)}
             merged[path].update(label=label, appended=titles, wall_s=other["meta"]["wall_s"])
+        for spec in args.merge:
+            path, _, label = spec.rpartition("=")
+            other = json.loads(Path(path).read_text())
+            merge_records(saved["records"], other["records"], label)
+            keep = ("command", "finished", "zinbgrad_commit", "zinbgrad_path", "variants")
+            merged[path] = {k: other["meta"][k] for k in keep + ("uptime_start",)}
+            merged[path]["label"] = label
         if merged:
             saved["meta"]["merged"] = merged
         _write_report(saved["records"], saved["meta"], args, out)
