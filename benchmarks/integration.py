@@ -36,6 +36,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 from datetime import datetime, timezone  # noqa: E402
+from importlib.util import find_spec  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -65,7 +66,7 @@ BATCH = ["BRAS", "iLISI", "KBET", "Graph connectivity", "PCR comparison"]
 AGG = ["Bio conservation", "Batch correction", "Total"]
 
 #: Representations of a fitted W (see :func:`latent_representations`).
-REPRESENTATIONS = ("W", "sv", "white", "sv_mupi", "fisher")
+REPRESENTATIONS = ("W", "sv", "white", "sv_mupi", "fisher", "sv_harmony")
 
 
 # --------------------------------------------------------------------------- pure pieces
@@ -241,7 +242,7 @@ def run_dataset(
 ) -> dict[str, Any]:
     """Fit every method on one dataset (one seed) and score every embedding."""
     from benchmarks.datasets import UNLABELLED, load_dataset
-    from benchmarks.methods import make_method
+    from benchmarks.methods import make_method, run_harmony
 
     t_all = time.perf_counter()
     adata = load_dataset(name, args.data_dir, max_cells=args.max_cells, seed=seed)
@@ -303,6 +304,9 @@ def run_dataset(
                 reps = latent_representations(
                     mod.W_, mod.alpha_mu_, getattr(mod, "alpha_pi_", None), weights
                 )
+                if "sv_harmony" in args.representations and find_spec("harmonypy"):
+                    # an extra row for users: Harmony (as the baseline runs it) on /sv
+                    reps["sv_harmony"] = run_harmony(reps["sv"], train.obs, "batch", seed)
                 for r in args.representations:
                     if r in reps:
                         embeddings[label if r == "W" else f"{label}/{r}"] = reps[r]
