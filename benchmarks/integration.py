@@ -351,8 +351,16 @@ def _dataset_title(r: dict[str, Any]) -> str:
     return f"{r['dataset']} (seed {r['seed']})"
 
 
+#: representations that post-process W with another method: never zinbgrad's own best
+NOT_ZINBGRAD_ALONE = ("sv_harmony",)
+
+
 def _best_zinbgrad(r: dict[str, Any]) -> str | None:
-    z = [k for k in r["embeddings"] if k.startswith("zinbgrad")]
+    z = [
+        k
+        for k in r["embeddings"]
+        if k.startswith("zinbgrad") and k.rpartition("/")[2] not in NOT_ZINBGRAD_ALONE
+    ]
     return max(z, key=lambda k: r["embeddings"][k]["Total"]) if z else None
 
 
