@@ -386,6 +386,19 @@ class PCABaseline(Method):
         return {"reconstruction": np.clip(np.expm1(recon), 0.0, None) * self.lib / self.scale}
 
 
+def run_harmony(scores: np.ndarray, obs, batch_key: str, seed: int, ncores: int = 1) -> np.ndarray:
+    """harmonypy's ``run_harmony`` with its defaults, seeded: the corrected (cells x dims)
+    ``scores`` of the cells of ``obs`` (their batches in ``obs[batch_key]``)."""
+    import harmonypy
+
+    ho = harmonypy.run_harmony(
+        scores, obs[[batch_key]], [batch_key], random_state=seed, verbose=False, ncores=ncores
+    )
+    Z = np.asarray(ho.Z_corr, dtype=np.float64)
+    # harmonypy < 0.1 returns (dims, cells), 2.x (cells, dims)
+    return Z if Z.shape[0] == scores.shape[0] else Z.T
+
+
 class HarmonyMethod(PCABaseline):
     """Harmony (harmonypy) on the 10 PCA components of :class:`PCABaseline`.
 
@@ -410,19 +423,9 @@ class HarmonyMethod(PCABaseline):
         super()._fit(adata, batch_key)
         if batch_key is None:
             return
-        import harmonypy
-
-        ho = harmonypy.run_harmony(
-            self.scores,
-            adata.obs[[batch_key]],
-            [batch_key],
-            random_state=self.seed,
-            verbose=False,
-            ncores=int(self.options.get("ncores", 1)),
+        self.scores = run_harmony(
+            self.scores, adata.obs, batch_key, self.seed, int(self.options.get("ncores", 1))
         )
-        Z = np.asarray(ho.Z_corr, dtype=np.float64)
-        # harmonypy < 0.1 returns (dims, cells), 2.x (cells, dims)
-        self.scores = Z if Z.shape[0] == adata.n_obs else Z.T
 
     def impute(self) -> dict[str, np.ndarray]:
         return {}

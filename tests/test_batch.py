@@ -264,6 +264,50 @@ def test_latent_scores_keep_log_mean_distances(fitted, planted):
     assert target.obsm["X_zinbwave_scores"].shape == (target.n_obs, 2)
 
 
+@pytest.mark.filterwarnings("ignore:the fit stopped at max_epochs")
+def test_gene_information_is_the_nb_fisher_information(planted):
+    """gene_information: the mean over cells of (1 - pi) mu theta / (mu + theta), checked
+    against the fitted means, zero-inflation probabilities and dispersions (batch loadings,
+    zero inflation and a dispersion per batch: every part of a cell's distribution)."""
+    adata, _ = planted
+    m = fit(
+        adata,
+        batch_loadings=True,
+        zero_inflation=True,
+        common_dispersion=False,
+        batch_dispersion=True,
+        max_epochs=5,
+    )
+    p = m.get_likelihood_params()
+    mu, pi, theta = p["mu"], p["pi"], p["theta"]
+    ref = ((1 - pi) * mu * theta / (mu + theta)).mean(0)
+    np.testing.assert_allclose(m.gene_information(), ref, rtol=1e-10)
+    # block by block over the cells: the same numbers
+    from zinbgrad.fitted import gene_information
+
+    np.testing.assert_allclose(gene_information(m, block_cells=7), ref, rtol=1e-10)
+
+
+def test_fisher_scores_keep_weighted_log_mean_distances(fitted):
+    m = fitted
+    w = m.gene_information()
+    assert w.shape == (m.alpha_mu_.shape[1],) and (w > 0).all()
+    S = m.latent_scores(gene_weights="fisher")
+    np.testing.assert_allclose(S, m.latent_scores(gene_weights=w))
+    # Euclidean distances of the rows of W alpha_mu diag(sqrt(w))
+    P = m.W_ @ (m.alpha_mu_ * np.sqrt(w))
+    i, j = np.triu_indices(40, 1)
+    np.testing.assert_allclose(
+        np.linalg.norm(S[i] - S[j], axis=1), np.linalg.norm(P[i] - P[j], axis=1), rtol=1e-10
+    )
+    # unit weights: the unweighted scores; other cells' W mapped by the same linear map
+    np.testing.assert_allclose(m.latent_scores(gene_weights=np.ones_like(w)), m.latent_scores())
+    np.testing.assert_allclose(m.latent_scores(m.W_[:5], gene_weights=w), S[:5])
+    for bad in ("pearson", -w, w[:-1], np.full_like(w, np.nan)):
+        with pytest.raises(ValueError, match="gene_weights"):
+            m.latent_scores(gene_weights=bad)
+
+
 def test_outputs_use_the_batch_loadings(fitted):
     """Fitted means and batch-corrected means follow each cell's (or the target batch's)
     loadings alpha_mu + delta_b."""

@@ -28,6 +28,7 @@ from benchmarks.datasets import (  # noqa: E402
 from benchmarks.integration import (  # noqa: E402
     append_records,
     latent_representations,
+    losses,
     parse_variant,
 )
 
@@ -176,6 +177,13 @@ def test_representations_of_w() -> None:
     np.testing.assert_allclose(np.cov(reps["white"], rowvar=False), np.eye(K), atol=1e-10)
     assert reps["sv_mupi"].shape == (n, K)
     assert "sv_mupi" not in latent_representations(W, A, np.zeros((K, J)))
+    # "fisher": distances of the rows of the centred W alpha_mu diag(sqrt(w))
+    w = rng.uniform(0.1, 5.0, size=J)
+    fis = latent_representations(W, A, gene_weights=w)["fisher"]
+    np.testing.assert_allclose(dists(fis), dists(M * np.sqrt(w)), atol=1e-10)
+    assert "fisher" not in reps
+    with pytest.raises(ValueError, match="gene_weights"):
+        latent_representations(W, A, gene_weights=w[:-1])
     with pytest.raises(ValueError, match="do not match"):
         latent_representations(W, A.T)
 
@@ -205,3 +213,27 @@ def test_append_records_adds_only_new_seeds_and_labels_variants() -> None:
         "zinbgrad[gb] @x:1/sv",
         "scVI",
     }
+
+
+def test_losses_judge_zinbgrad_without_harmony_on_top() -> None:
+    """Harmony run on a zinbgrad embedding (/sv_harmony) is an extra row, never the best
+    zinbgrad embedding that the targets are checked on."""
+
+    def scores(total):
+        keys = ("Total", "Bio conservation", "entropy", "celltype_ARI")
+        return dict.fromkeys(keys, total)
+
+    rec = {
+        "dataset": "d",
+        "seed": 0,
+        "embeddings": {
+            "zinbgrad": scores(0.70),
+            "zinbgrad/sv": scores(0.75),
+            "zinbgrad/sv_harmony": scores(0.95),
+            "Harmony": scores(0.80),
+            "scVI": scores(0.60),
+        },
+    }
+    out = losses([rec])
+    assert out and all("(zinbgrad/sv)" in line for line in out)
+    assert any("Total of the best zinbgrad (zinbgrad/sv) 0.750 < Harmony 0.800" in x for x in out)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from sklearn.utils.validation import check_is_fitted
 
-from .model.params import Params
+from .model.params import Params, block_zeta, linear_predictors
 from .optim.engine import FitPath
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "check_fitted",
     "fit_path",
     "fitted_masks",
+    "gene_information",
     "gene_params",
     "latent_scores",
     "model_params",
@@ -92,18 +93,59 @@ def fitted_masks(model) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return genes, model.cell_fitted_, model.var_names_in_
 
 
-def latent_scores(model, W=None) -> np.ndarray:
+def gene_information(model, block_cells: int = 4096) -> np.ndarray:
+    """Per gene, the mean over the training cells of the information a count carries about
+    its log mean: ``(1 - pi) mu theta / (mu + theta)`` (the negative binomial's Fisher
+    information for ``log mu``, times the probability of not being a structural zero), at the
+    fitted parameters (each cell's batch, loading offsets and dispersion included). Computed
+    block by block of cells; returns a float64 array of the fitted genes."""
+    check_fitted(model)
+    design, params = model.training_design(), model.get_params_torch()
+    zi = bool(model.zero_inflation)
+    n = params.W.shape[0]
+    total = torch.zeros(params.alpha_mu.shape[1], dtype=torch.float64)
+    for start in range(0, n, max(int(block_cells), 1)):
+        rows = slice(start, min(start + block_cells, n))
+        a, b = linear_predictors(design, params, rows, zi)
+        log_theta = block_zeta(design, params.zeta, rows)
+        # mu theta / (mu + theta) = theta * sigmoid(log mu - log theta), stable for large mu
+        info = torch.exp(log_theta) * torch.sigmoid(a - log_theta)
+        if b is not None:
+            info = info * torch.sigmoid(-b)
+        total += info.sum(0)
+    return (total / max(n, 1)).numpy()
+
+
+def latent_scores(model, W=None, gene_weights=None) -> np.ndarray:
     """``W`` (default: the training cells' ``W_``) as principal scores of the latent part of
-    a fitted ``model``'s log mean (see :meth:`ZINBWaVE.latent_scores`)."""
+    a fitted ``model``'s log mean (see :meth:`ZINBWaVE.latent_scores`); ``gene_weights``:
+    ``None`` (every gene's log mean counts the same), ``"fisher"`` (:func:`gene_information`)
+    or one non-negative weight per fitted gene."""
     check_fitted(model)
     K = model.W_.shape[1]
     W = model.W_ if W is None else np.asarray(W, dtype=np.float64)
     if W.ndim != 2 or W.shape[1] != K:
         raise ValueError(f"W must have shape (n_cells, {K}), got {W.shape}")
+    alpha = np.asarray(model.alpha_mu_, dtype=np.float64)
+    if gene_weights is not None:
+        if isinstance(gene_weights, str):
+            if gene_weights != "fisher":
+                raise ValueError(
+                    f"gene_weights must be None, 'fisher' or an array, got {gene_weights!r}"
+                )
+            w = gene_information(model)
+        else:
+            w = np.asarray(gene_weights, dtype=np.float64)
+            if w.shape != (alpha.shape[1],) or not np.all(np.isfinite(w)) or np.any(w < 0):
+                raise ValueError(
+                    f"gene_weights must be {alpha.shape[1]} finite non-negative weights (one "
+                    f"per fitted gene), got shape {w.shape}"
+                )
+        alpha = alpha * np.sqrt(w)[None, :]
     mean = model.W_.mean(0)
     Wc = model.W_ - mean
     # L L^T = alpha alpha^T, then the principal axes of Wc L
-    lam, U = np.linalg.eigh(model.alpha_mu_ @ model.alpha_mu_.T)
+    lam, U = np.linalg.eigh(alpha @ alpha.T)
     L = U * np.sqrt(np.clip(lam, 0.0, None))
     Y = Wc @ L
     ev, R = np.linalg.eigh(Y.T @ Y)
