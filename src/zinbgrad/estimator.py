@@ -105,10 +105,11 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         each gene (the batch columns of X). ``W_`` stays the batch-free latent space.
         ``False`` (the default) is zinbwave's model.
     epsilon_delta
-        Ridge weight of the offsets ``delta_b`` (default: ``10 * epsilon_alpha``, 10 at
-        zinbwave's defaults: the best batch integration scores on the benchmarks of issue 17;
-        larger values pull the batches' loadings together, and held-out log-likelihood alone
-        prefers 1000 and more, about no offsets).
+        Ridge weight of the offsets ``delta_b`` (default: ``30 * epsilon_alpha``, 30 at
+        zinbwave's defaults: against 10, better batch correction and held-out likelihood on
+        every benchmark set of issue 17, BENCHMARKS.md section 4; larger values pull the
+        batches' loadings together, and held-out log-likelihood alone prefers 1000 and more,
+        about no offsets).
     batch_dispersion
         A dispersion per gene and batch level (scVI's ``dispersion="gene-batch"``; needs
         ``batch_key`` at fit and ``common_dispersion=False``): a cell of batch b has

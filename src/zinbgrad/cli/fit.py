@@ -277,8 +277,8 @@ def _add_fit_batch_options(f: argparse.ArgumentParser) -> None:
         metavar="X",
         type=float,
         default=None,
-        help="ridge weight of the --batch-loadings offsets delta_b (default 10 x epsilon_alpha, "
-        "10 at zinbwave's defaults; larger values pull the batches' loadings together)",
+        help="ridge weight of the --batch-loadings offsets delta_b (default 30 x epsilon_alpha, "
+        "30 at zinbwave's defaults; larger values pull the batches' loadings together)",
     )
     g.add_argument(
         "--batch-dispersion",
