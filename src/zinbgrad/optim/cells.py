@@ -21,6 +21,11 @@ from .newton import damped_newton_step, update_damping
 __all__ = ["CellSteps"]
 
 
+def _batch_positions(codes: Tensor, n_batches: int) -> list[Tensor]:
+    """Per batch ``b < n_batches``, the positions of the cells whose code is ``b``."""
+    return [(codes == b).nonzero().squeeze(1) for b in range(n_batches)]
+
+
 @dataclass
 class _Cells:
     """Working state of a block of cells in :meth:`Engine.cell_newton`: local parameters
@@ -49,8 +54,7 @@ class _Cells:
         groups = None
         if self.groups is not None:
             onehot = self.groups[0][keep]
-            codes = onehot.argmax(1)
-            groups = (onehot, [(codes == b).nonzero().squeeze(1) for b in range(onehot.shape[1])])
+            groups = (onehot, _batch_positions(onehot.argmax(1), onehot.shape[1]))
         d = EntryDerivatives(**{k: sub(v) for k, v in vars(self.d).items()})
         return _Cells(
             self.u[keep],
@@ -117,9 +121,7 @@ class CellSteps:
         cells in the block (None without batch-specific loadings)."""
         if not self.bl:
             return None
-        onehot = self.design.batch_onehot(rows)
-        codes = self.design.batch[rows]
-        return onehot, [(codes == b).nonzero().squeeze(1) for b in range(self.B)]
+        return self.design.batch_onehot(rows), _batch_positions(self.design.batch[rows], self.B)
 
     def _get_cell_vec(self, rows: slice) -> Tensor:
         p = self.params
