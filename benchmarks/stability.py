@@ -125,22 +125,21 @@ def _extrapolate() -> None:
         cur = state(self.params)
         prev = carry(prev, T, Ti)
         D = {k: cur[k] - prev[k] for k in cur}
-        if self.xd is not None:  # gate: the genes/cells whose step keeps its direction
-            Dp = carry(self.xd, T, Ti)
-            g = sum((D[k] * Dp[k]).sum(0) for k in genes if k in D) > 0
+        Dp, self.xd = self.xd, dict(D)  # the ungated step (gating below makes new tensors)
+        if Dp is not None:  # gate: the genes/cells whose step keeps its direction
+            Dp = carry(Dp, T, Ti)
+            g = (sum((D[k] * Dp[k]).sum(0) for k in genes if k in D) > 0).to(D["W"].dtype)
             c = (D["W"] * Dp["W"]).sum(1) + sum(
                 (D[k] * Dp[k]).sum(0) for k in cells[1:] if k in D and D[k].numel()
             )
-            self.xd = {k: v.clone() for k, v in D.items()}
+            c = (c > 0).to(D["W"].dtype)
             for k in genes:
                 if k in D:
-                    D[k] = D[k] * g.to(D[k].dtype)
-            D["W"] = D["W"] * (c > 0).to(D["W"].dtype)[:, None]
+                    D[k] = D[k] * g
+            D["W"] = D["W"] * c[:, None]
             for k in cells[1:]:
                 if k in D and D[k].numel():
-                    D[k] = D[k] * (c > 0).to(D[k].dtype)[None, :]
-        else:
-            self.xd = {k: v.clone() for k, v in D.items()}
+                    D[k] = D[k] * c[None, :]
         s, best, keep = self.xs, obj, None
         for _ in range(4):
             for k in cur:
