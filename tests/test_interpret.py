@@ -144,16 +144,8 @@ def test_hessians_match_autograd(planted3):
     )
     design = sub.training_design()
     params = sub.get_params_torch()
-    from zinbgrad.data.source import InMemoryCounts
-
-    src = InMemoryCounts(small.X.tocsr().astype(np.float64))
-    pp = sub.penalty_params_
-    A = cell_precisions(
-        design, params, src, pp["epsilon_W"], pp["epsilon_gamma_mu"], pp["epsilon_gamma_pi"]
-    )
-    G = gene_precisions(
-        design, params, src, pp["epsilon_beta_mu"], pp["epsilon_beta_pi"], pp["epsilon_alpha"]
-    )
+    A = cell_precisions(sub, small)
+    G = gene_precisions(sub, small)
     for cell in (0, 17):
         f, u0 = _autograd_problem(sub, small, cell, None)
         H = torch.autograd.functional.hessian(f, u0)
@@ -163,6 +155,64 @@ def test_hessians_match_autograd(planted3):
         H = torch.autograd.functional.hessian(g, v0)
         np.testing.assert_allclose(G[gene].numpy(), -H.numpy(), rtol=1e-8, atol=1e-8)
     assert isinstance(design, Design) and isinstance(params, Params)
+
+
+def test_batch_loadings_hessians_match_autograd():
+    """With batch-specific loadings the cell Hessians use each cell's batch loadings
+    ``alpha_mu + delta_b`` (and the gene Hessians include the offsets): against autograd on
+    the dense log_zinb with log mu written out by hand."""
+    adata = make_planted(120, 60, 2, random_state=4)
+    adata.obs["batch"] = pd.Categorical(np.repeat(["a", "b"], 60))
+    m = zinbgrad.ZINBWaVE(2, batch_loadings=True, max_epochs=30, verbose=False)
+    m.fit(adata, batch_key="batch")
+    p, K = m.get_params_torch(), 2
+    Y = torch.as_tensor(adata.X.toarray(), dtype=torch.float64)
+    X = torch.as_tensor(m.X_)
+    pp = m.penalty_params_
+    delta = p.delta_mu.view(2, K, -1)  # batch b's offsets: rows b*K .. (b+1)*K
+    assert float(delta.abs().max()) > 1e-3  # the offsets are not all zero
+    A = cell_precisions(m, adata)
+    for cell in (3, 90):  # one cell of each batch
+        bt = cell // 60
+        eps = torch.tensor([pp["epsilon_W"]] * K + pp["epsilon_gamma_mu"] + pp["epsilon_gamma_pi"])
+
+        def f(u, cell=cell, bt=bt, eps=eps):
+            a = X[cell] @ p.beta_mu + u[K] + u[:K] @ (p.alpha_mu + delta[bt])
+            b = X[cell] @ p.beta_pi + u[K + 1] + u[:K] @ p.alpha_pi
+            return log_zinb(Y[cell], a, b, p.zeta).sum() - 0.5 * (eps * u * u).sum()
+
+        u0 = torch.cat([p.W[cell], p.gamma_mu[:, cell], p.gamma_pi[:, cell]])
+        H = torch.autograd.functional.hessian(f, u0)
+        np.testing.assert_allclose(A[cell].numpy(), -H.numpy(), rtol=1e-8, atol=1e-8)
+    # the genes' vectors include the offsets; their ridge weight is epsilon_delta
+    G = gene_precisions(m, adata)
+    Mmu = X.shape[1]
+    assert G.shape[1] == Mmu + K + 2 * K + X.shape[1] + K
+    j = 7
+
+    def g(v):
+        bmu, amu = v[:Mmu], v[Mmu : Mmu + K]
+        dl = v[Mmu + K : Mmu + 3 * K].view(2, K)
+        bpi, api = v[Mmu + 3 * K : 2 * Mmu + 3 * K], v[2 * Mmu + 3 * K :]
+        off = torch.cat([p.W[:60] @ dl[0], p.W[60:] @ dl[1]])
+        a = X @ bmu + p.gamma_mu[0] + p.W @ amu + off
+        b = X @ bpi + p.gamma_pi[0] + p.W @ api
+        eps = torch.cat(
+            [
+                torch.tensor(pp["epsilon_beta_mu"] + [pp["epsilon_alpha"]] * K),
+                torch.full((2 * K,), float(pp["epsilon_delta"])),
+                torch.tensor(pp["epsilon_beta_pi"] + [pp["epsilon_alpha"]] * K),
+            ]
+        )
+        return log_zinb(Y[:, j], a, b, p.zeta[j]).sum() - 0.5 * (eps * v * v).sum()
+
+    v0 = torch.cat(
+        [p.beta_mu[:, j], p.alpha_mu[:, j], p.delta_mu[:, j], p.beta_pi[:, j], p.alpha_pi[:, j]]
+    )
+    H = torch.autograd.functional.hessian(g, v0)
+    np.testing.assert_allclose(G[j].numpy(), -H.numpy(), rtol=1e-8, atol=1e-8)
+    lu = loading_uncertainty(m, adata)
+    assert lu.alpha_mu_se.shape == (K, 60) and np.all(np.isfinite(lu.alpha_mu_se))
 
 
 def test_loading_se_match_refits():

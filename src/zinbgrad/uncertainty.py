@@ -11,15 +11,18 @@ prior): ``Cov(u_i) = A_i^{-1}`` with
 where ``l_aa, l_bb, l_ab`` are the second derivatives of the entry log-likelihood in ``a = log
 mu`` and ``b = logit pi`` (:func:`zinbgrad.model.entry_derivatives`, the optimizer's own) and
 ``Fa_j = (alpha_mu_j, V_mu_j, 0)``, ``Fb_j = (alpha_pi_j, 0, V_pi_j)`` the gene-side design of
-the cell problem. The ``K x K`` block of ``A_i^{-1}`` belonging to ``W_i`` is the covariance of
-``W_i`` with ``gamma_i`` integrated out. Everything is evaluated at the *reported* parameters,
-after zinbwave's orthogonalization: the covariance is that of the reported ``W_i`` (the frame of
+the cell problem (with batch-specific loadings, a cell of batch b has ``alpha_mu + delta_b``
+in place of ``alpha_mu``). These are the matrices of the optimizer's own Newton systems
+(:meth:`~zinbgrad.optim.engine.Engine.cell_precisions`). The ``K x K`` block of
+``A_i^{-1}`` belonging to ``W_i`` is the covariance of ``W_i`` with ``gamma_i`` integrated
+out. Everything is evaluated at the *reported* parameters, after zinbwave's
+orthogonalization: the covariance is that of the reported ``W_i`` (the frame of
 ``obsm["X_zinbwave"]``) given the reported loadings. It is conditional on the gene parameters
 (their uncertainty is of order 1/n, the cells' of order 1/J).
 
-The same holds for the genes: ``Cov(beta_mu_j, alpha_mu_j, beta_pi_j, alpha_pi_j)`` is the
-inverse of the negative Hessian of gene j's penalized log-likelihood, with the cells' ``W`` and
-the dispersion fixed; its diagonal gives the standard errors of the loadings.
+The same holds for the genes: ``Cov(beta_mu_j, alpha_mu_j[, delta_mu_j], beta_pi_j,
+alpha_pi_j)`` is the inverse of the negative Hessian of gene j's penalized log-likelihood, with
+the cells' ``W`` and the dispersion fixed; its diagonal gives the standard errors of the loadings.
 """
 
 from __future__ import annotations
@@ -31,12 +34,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .data.source import InMemoryCounts, block_bounds
+from .data.source import InMemoryCounts
 from .encoding import align_genes
 from .fitted import check_fitted
-from .model.likelihood import entry_derivatives
-from .model.params import Design, Params, block_zeta, linear_predictors
-from .projection import likelihood_tensors
+from .optim.state import FitOptions
+from .penalties import fitted_penalty
+from .projection import cell_engine, likelihood_tensors
 
 __all__ = [
     "LatentUncertainty",
@@ -86,7 +89,9 @@ class LoadingUncertainty:
         (K, J) their standard errors (NaN where the gene's Hessian is not negative definite;
         ``alpha_pi_se`` is NaN without zero inflation).
     cov
-        (J, q, q) covariance of each gene's vector ``(beta_mu, alpha_mu[, beta_pi, alpha_pi])``.
+        (J, q, q) covariance of each gene's vector ``(beta_mu, alpha_mu[, delta_mu][, beta_pi,
+        alpha_pi])`` (``delta_mu``: the ``n_batches x K`` loading offsets of a fit with
+        ``batch_loadings=True``, batch by batch).
     var_names
         Names of the genes.
     """
@@ -99,105 +104,34 @@ class LoadingUncertainty:
     var_names: np.ndarray
 
 
-def _outer(F: Tensor, G: Tensor | None = None) -> Tensor:
-    """(R, p) x (R, q) -> (R, p*q) row-wise outer products (symmetrized when G is given)."""
-    if G is None:
-        return (F[:, :, None] * F[:, None, :]).reshape(F.shape[0], -1)
-    out = F[:, :, None] * G[:, None, :]
-    return (out + out.transpose(1, 2)).reshape(F.shape[0], -1)
-
-
-def _iter_derivs(design: Design, params: Params, source, zero_inflation: bool):
-    """Second-order entry derivatives of every block of cells at ``params``."""
-    n, J = design.n, design.J
-    for start, stop, counts in source.iter_blocks(
-        block_bounds(n, max(1, _BLOCK_ENTRIES // max(J, 1)))
-    ):
-        rows = slice(start, stop)
-        a, b = linear_predictors(design, params, rows, zero_inflation)
-        zeta = block_zeta(design, params.zeta, rows)  # a dispersion per batch: expanded
-        yield rows, entry_derivatives(a, b, zeta, counts, order=2)
+def _engine(model, data, layer: str | None, new: bool, project_kw: dict):
+    """The cells' names and an engine over the training or new cells of ``model`` (CPU,
+    float64, the fit's penalty), whose Newton systems give the precisions."""
+    design, params, src, names = _tensors(model, data, layer, new, project_kw)
+    options = FitOptions(block_entries=_BLOCK_ENTRIES)
+    return cell_engine(model, src, design, params, fitted_penalty(model, design), options), names
 
 
 def cell_precisions(
-    design: Design,
-    params: Params,
-    source,
-    eps_W: float,
-    eps_gamma_mu,
-    eps_gamma_pi,
-    zero_inflation: bool = True,
+    model, data, *, layer: str | None = None, new: bool = False, **project_kw
 ) -> Tensor:
-    """Negative Hessians ``A_i`` (n, p, p) of the cells' penalized log-likelihoods in
-    ``(W_i, gamma_mu_i[, gamma_pi_i])``, ``p = K + L_mu (+ L_pi)``.
+    """Minus the Hessians ``A_i`` (n, p, p) of the cells' penalized log-likelihoods in
+    ``(W_i, gamma_mu_i[, gamma_pi_i])``, ``p = K + L_mu (+ L_pi)``, at a fitted ``model``'s
+    parameters: the matrices of the optimizer's own cell Newton systems (so batch-specific
+    loadings, ``W_i (alpha_mu + delta_b)``, and dispersions per batch are those of the fit).
 
-    ``source`` hands out the cells' :class:`~zinbgrad.model.likelihood.SparseCounts` blocks
-    (``iter_blocks``); the ridge weights are zinbwave's ``eps_W`` and the per-column
-    ``eps_gamma``.
+    ``data``, ``layer``, ``new`` and ``project_kw`` are as in :func:`latent_uncertainty`.
     """
-    K, J = params.K, design.J
-    kw = {"dtype": params.W.dtype, "device": params.W.device}
-    Lmu = design.V_mu.shape[1]
-    Lpi = design.V_pi.shape[1] if zero_inflation else 0
-    z = torch.zeros
-    Fa = torch.cat([params.alpha_mu.T, design.V_mu, z(J, Lpi, **kw)], 1)
-    eps = [torch.full((K,), float(eps_W), **kw), torch.as_tensor(eps_gamma_mu, **kw).reshape(-1)]
-    prods = {"aa": _outer(Fa)}
-    Fb = None
-    if zero_inflation:
-        Fb = torch.cat([params.alpha_pi.T, z(J, Lmu, **kw), design.V_pi], 1)
-        prods["bb"] = _outer(Fb)
-        prods["ab"] = _outer(Fa, Fb)
-        eps.append(torch.as_tensor(eps_gamma_pi, **kw).reshape(-1))
-    p = Fa.shape[1]
-    out = torch.empty(design.n, p, p, **kw)
-    for rows, d in _iter_derivs(design, params, source, zero_inflation):
-        H = d.laa @ prods["aa"]
-        if zero_inflation:
-            H = H + d.lbb @ prods["bb"] + d.lab @ prods["ab"]
-        out[rows] = -H.view(-1, p, p)
-    out.diagonal(dim1=1, dim2=2).add_(torch.cat(eps))
-    return out
+    engine, _ = _engine(model, data, layer, new, project_kw)
+    return engine.cell_precisions()
 
 
-def gene_precisions(
-    design: Design,
-    params: Params,
-    source,
-    eps_beta_mu,
-    eps_beta_pi,
-    eps_alpha: float,
-    zero_inflation: bool = True,
-    eps_alpha_pi: float | None = None,
-) -> Tensor:
-    """Negative Hessians (J, q, q) of the genes' penalized log-likelihoods in
-    ``(beta_mu_j, alpha_mu_j[, beta_pi_j, alpha_pi_j])`` (cells and dispersion fixed);
-    ``eps_alpha_pi``: the ridge weight of alpha_pi (None: ``eps_alpha``)."""
-    K, J = params.K, design.J
-    kw = {"dtype": params.W.dtype, "device": params.W.device}
-    qa = design.X_mu.shape[1] + K
-    qb = design.X_pi.shape[1] + K if zero_inflation else 0
-    haa = torch.zeros(J, qa * qa, **kw)
-    hbb = torch.zeros(J, qb * qb, **kw)
-    hab = torch.zeros(J, qa * qb, **kw)
-    for rows, d in _iter_derivs(design, params, source, zero_inflation):
-        Ga = torch.cat([design.X_mu[rows], params.W[rows]], 1)
-        haa += d.laa.T @ _outer(Ga)
-        if zero_inflation:
-            Gb = torch.cat([design.X_pi[rows], params.W[rows]], 1)
-            hbb += d.lbb.T @ _outer(Gb)
-            hab += d.lab.T @ (Ga[:, :, None] * Gb[:, None, :]).reshape(Ga.shape[0], -1)
-    H = haa.view(J, qa, qa)
-    eps = [torch.as_tensor(eps_beta_mu, **kw).reshape(-1), torch.full((K,), float(eps_alpha), **kw)]
-    if zero_inflation:
-        top = torch.cat([H, hab.view(J, qa, qb)], 2)
-        bot = torch.cat([hab.view(J, qa, qb).transpose(1, 2), hbb.view(J, qb, qb)], 2)
-        H = torch.cat([top, bot], 1)
-        e_pi = eps[1] if eps_alpha_pi is None else torch.full((K,), float(eps_alpha_pi), **kw)
-        eps += [torch.as_tensor(eps_beta_pi, **kw).reshape(-1), e_pi]
-    A = -H
-    A.diagonal(dim1=1, dim2=2).add_(torch.cat(eps))
-    return A
+def gene_precisions(model, data, *, layer: str | None = None) -> Tensor:
+    """Minus the Hessians (J, q, q) of the genes' penalized log-likelihoods in
+    ``(beta_mu_j, alpha_mu_j[, delta_mu_j][, beta_pi_j, alpha_pi_j])`` at a fitted ``model``'s
+    parameters, cells and dispersion fixed (``data``: its training counts)."""
+    engine, _ = _engine(model, data, layer, False, {})
+    return engine.gene_precisions()
 
 
 def _invert(A: Tensor, what: str) -> Tensor:
@@ -277,17 +211,13 @@ def latent_uncertainty(
     LatentUncertainty
         ``W``, ``cov`` (n, K, K), ``sd`` (n, K) and the cell names.
     """
-    design, params, src, names = _tensors(model, data, layer, new, project_kw)
-    pp = model.penalty_params_
-    zi = bool(model.zero_inflation)
-    A = cell_precisions(
-        design, params, src, pp["epsilon_W"], pp["epsilon_gamma_mu"], pp["epsilon_gamma_pi"], zi
-    )
-    K = params.K
-    cov = _invert(A, "cells")[:, :K, :K]
+    engine, names = _engine(model, data, layer, new, project_kw)
+    K = engine.K
+    cov = _invert(engine.cell_precisions(), "cells")[:, :K, :K]
     cov = 0.5 * (cov + cov.transpose(1, 2))
     sd = cov.diagonal(dim1=1, dim2=2).clamp(min=0).sqrt()
-    return LatentUncertainty(params.W.cpu().numpy(), cov.cpu().numpy(), sd.cpu().numpy(), names)
+    W = engine.params.W.cpu().numpy()
+    return LatentUncertainty(W, cov.cpu().numpy(), sd.cpu().numpy(), names)
 
 
 def loading_uncertainty(model, data, *, layer: str | None = None) -> LoadingUncertainty:
@@ -306,26 +236,13 @@ def loading_uncertainty(model, data, *, layer: str | None = None) -> LoadingUnce
     -------
     LoadingUncertainty
     """
-    design, params, src, _ = _tensors(model, data, layer, False, {})
-    pp = model.penalty_params_
-    zi = bool(model.zero_inflation)
-    A = gene_precisions(
-        design,
-        params,
-        src,
-        pp["epsilon_beta_mu"],
-        pp["epsilon_beta_pi"],
-        pp["epsilon_alpha"],
-        zi,
-        pp.get("epsilon_alpha_pi"),
-    )
-    cov = _invert(A, "genes")
-    K, Mmu = params.K, design.X_mu.shape[1]
+    engine, _ = _engine(model, data, layer, False, {})
+    cov = _invert(engine.gene_precisions(), "genes")
     var = cov.diagonal(dim1=1, dim2=2).clamp(min=0)
-    se_mu = var[:, Mmu : Mmu + K].sqrt().T
-    if zi:
-        o = Mmu + K + design.X_pi.shape[1]
-        se_pi = var[:, o : o + K].sqrt().T
+    cols = engine.gene_slices()
+    se_mu = var[:, cols["alpha_mu"]].sqrt().T
+    if "alpha_pi" in cols:
+        se_pi = var[:, cols["alpha_pi"]].sqrt().T
     else:
         se_pi = torch.full_like(se_mu, float("nan"))
     return LoadingUncertainty(

@@ -240,6 +240,21 @@ class CellSteps:
         self._set_cell_vec(rows, u)
         return ll
 
+    def cell_precisions(self) -> Tensor:
+        """Minus the Hessians ``A_i`` (n, p, p) of every cell's penalized log-likelihood in its
+        local parameters ``(W_i, gamma_mu_i[, gamma_pi_i])`` at the current parameters: the
+        matrices of the cells' Newton systems (batch-specific loadings and dispersions
+        included), whose inverses are the Laplace covariances."""
+        feats = self._cell_features()
+        out = []
+        for start, stop, counts in self.source.iter_blocks(self.bounds):
+            rows = slice(start, stop)
+            nzc = self._nz_const(counts, self.params.zeta, rows)
+            zeta = self._block_zeta(self.params.zeta, rows)
+            st = self._start_cells(rows, counts, feats, nzc, zeta)
+            out.append(self._cell_system(st.d, st.u, feats, st.groups)[0])
+        return torch.cat(out)
+
     def _predict(self, st: _Cells, feats) -> None:
         Fa, Fb, prods = feats
         st.a = torch.addmm(st.base_a, st.u, Fa.T)

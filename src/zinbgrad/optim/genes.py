@@ -105,6 +105,20 @@ class GeneSteps:
             dz = self._derivs(a, b, counts, order=0, dispersion=True, rows=rows)
             self._add_zeta_terms(stats, dz, rows)
 
+    def gene_precisions(self) -> Tensor:
+        """Minus the Hessians (J, q, q) of every gene's penalized log-likelihood in its vector
+        (:meth:`gene_slices`: ``beta_mu, alpha_mu[, delta_mu][, beta_pi, alpha_pi]``) at the
+        current parameters, cells and dispersion fixed: the matrices of the genes' Newton
+        systems, whose inverses are the Laplace covariances."""
+        stats = self._new_stats()
+        for start, stop, counts in self.source.iter_blocks(self.bounds):
+            rows = slice(start, stop)
+            a, b = linear_predictors(self.design, self.params, rows, self.zi)
+            d = self._derivs(a, b, counts, order=2, rows=rows)
+            self.accumulate(stats, rows, d, a, b, counts, dispersion=False)
+        self.comm.all_reduce_(*stats.tensors())
+        return self._gene_system(stats, self._get_gene_vec())[0]
+
     def _get_gene_vec(self) -> Tensor:
         p = self.params
         parts = [p.beta_mu.T, p.alpha_mu.T]
