@@ -66,7 +66,7 @@ BATCH = ["BRAS", "iLISI", "KBET", "Graph connectivity", "PCR comparison"]
 AGG = ["Bio conservation", "Batch correction", "Total"]
 
 #: Representations of a fitted W (see :func:`latent_representations`).
-REPRESENTATIONS = ("W", "sv", "white", "sv_mupi", "fisher", "sv_harmony")
+REPRESENTATIONS = ("W", "sv", "white", "sv_mupi", "fisher", "mnf", "sv_harmony")
 
 
 # --------------------------------------------------------------------------- pure pieces
@@ -99,6 +99,7 @@ def latent_representations(
     alpha_mu: np.ndarray,
     alpha_pi: np.ndarray | None = None,
     gene_weights: np.ndarray | None = None,
+    noise_cov: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Alternative coordinates of a fitted ZINB-WaVE factor matrix, for neighbour graphs.
 
@@ -121,6 +122,13 @@ def latent_representations(
         ``gene_information()``: each gene's log mean weighted by the Fisher information its
         counts carry about it, as ``ZINBWaVE.latent_scores(gene_weights="fisher")``); only
         when ``gene_weights`` is given.
+    ``"mnf"``
+        The maximum-noise-fraction coordinates of W with Wiener shrinkage: with ``S`` the
+        covariance of W over the cells and ``N = noise_cov`` (the cells' mean Laplace
+        covariance of ``W_i``, :func:`zinbgrad.uncertainty.latent_uncertainty`), the
+        directions ``v_k`` of ``S v = lam N v`` (``v^T N v = 1``: noise of unit variance in
+        each), the scores ``Wc v_k`` scaled by ``(lam_k - 1) / lam_k`` (the share of signal
+        in each direction; 0 where ``lam_k <= 1``); only when ``noise_cov`` is given.
 
     All are ``(n_cells, K)`` (fewer columns when a rank is lower).
     """
@@ -143,7 +151,21 @@ def latent_representations(
             raise ValueError(f"gene_weights must have shape ({A.shape[1]},), got {w.shape}")
         U3, s3 = _scores_of(W @ (A * w[None, :]))
         out["fisher"] = U3[:, :k] * s3[:k]
+    if noise_cov is not None:
+        out["mnf"] = _noise_whitened(W, np.asarray(noise_cov, dtype=np.float64))
     return out
+
+
+def _noise_whitened(W: np.ndarray, N: np.ndarray) -> np.ndarray:
+    """The ``"mnf"`` representation of :func:`latent_representations`."""
+    k = W.shape[1]
+    if N.shape != (k, k):
+        raise ValueError(f"noise_cov must have shape ({k}, {k}), got {N.shape}")
+    Wc = W - W.mean(0)
+    Li = np.linalg.inv(np.linalg.cholesky(0.5 * (N + N.T)))
+    lam, R = np.linalg.eigh(Li @ np.cov(Wc, rowvar=False) @ Li.T)
+    lam, R = lam[::-1], R[:, ::-1]
+    return Wc @ (Li.T @ R) * (np.clip(lam - 1.0, 0.0, None) / lam)
 
 
 def exact_neighbors(X: np.ndarray, k: int):
@@ -301,8 +323,13 @@ def run_dataset(
                 weights = None
                 if "fisher" in args.representations and hasattr(mod, "gene_information"):
                     weights = mod.gene_information()
+                noise = None
+                if "mnf" in args.representations:
+                    from zinbgrad.uncertainty import latent_uncertainty
+
+                    noise = np.nanmean(latent_uncertainty(mod, train).cov, axis=0)
                 reps = latent_representations(
-                    mod.W_, mod.alpha_mu_, getattr(mod, "alpha_pi_", None), weights
+                    mod.W_, mod.alpha_mu_, getattr(mod, "alpha_pi_", None), weights, noise
                 )
                 if "sv_harmony" in args.representations and find_spec("harmonypy"):
                     # an extra row for users: Harmony (as the baseline runs it) on /sv

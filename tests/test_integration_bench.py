@@ -186,6 +186,21 @@ def test_representations_of_w() -> None:
         latent_representations(W, A, gene_weights=w[:-1])
     with pytest.raises(ValueError, match="do not match"):
         latent_representations(W, A.T)
+    # "mnf": with noise N, the directions of S v = lam N v, scores shrunk by (lam - 1) / lam;
+    # an N that is a multiple of the identity gives the principal scores of W, shrunk
+    N = np.diag([0.5, 0.5, 0.5, 0.5])
+    Z = latent_representations(W, A, noise_cov=N)["mnf"]
+    lam = np.linalg.eigvalsh(np.cov(W, rowvar=False))[::-1] / 0.5
+    assert lam[-1] < 1 < lam[-2]  # the weakest direction is below the noise: dropped
+    expected = lam * (np.clip(lam - 1, 0, None) / lam) ** 2
+    np.testing.assert_allclose(np.var(Z, axis=0, ddof=1), expected, rtol=1e-8, atol=1e-12)
+    # noise correlated across factors: the scores are uncorrelated and N-whitened
+    B = rng.normal(size=(K, K))
+    N = B @ B.T + 0.1 * np.eye(K)
+    Z = latent_representations(W, A, noise_cov=N)["mnf"]
+    C = np.cov(Z, rowvar=False)
+    np.testing.assert_allclose(C - np.diag(np.diag(C)), 0, atol=1e-8)
+    assert "mnf" not in reps
 
 
 def test_parse_variant() -> None:
