@@ -318,6 +318,13 @@ def test_select_n_components_validates():
         zinbgrad.tl.select_n_components(adata, [1], holdout=0.9)
     with pytest.raises(ValueError, match="criterion"):
         zinbgrad.tl.select_n_components(adata, [1], criterion="x")
+    # batch options are refused before any fit (the bi-cross-validation scores zinbwave's
+    # model), not after the first K's fit with another option's error
+    adata.obs["batch"] = np.repeat(["a", "b"], 30)
+    for option in ("batch_loadings", "batch_dispersion"):
+        with pytest.raises(ValueError, match=f"{option} is not supported"):
+            zinbgrad.tl.select_n_components(adata, [1], batch_key="batch", **{option: True})
+    assert "zinbwave_n_components" not in adata.uns
 
 
 def test_select_n_components_drops_genes_absent_from_training_cells():

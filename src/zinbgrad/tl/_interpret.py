@@ -280,6 +280,13 @@ def select_n_components(
     if not 0.0 < float(holdout) <= 0.5:
         raise ValueError(f"holdout must be in (0, 0.5], got {holdout!r}")
     crits = {"bicross": "max", "heldout": "max", "aic": "min", "bic": "min"}
+    extended = [k for k in ("batch_loadings", "batch_dispersion") if kwargs.get(k)]
+    if extended:  # before any fit: its bi-cross-validation scores zinbwave's model only
+        raise ValueError(
+            f"select_n_components compares fits of zinbwave's model; {' and '.join(extended)}"
+            " is not supported by its bi-cross-validation: choose K with the batch in X "
+            "(batch_key=...) and fit the batch option at that K"
+        )
     if criterion not in crits:
         raise ValueError(f"criterion must be one of {sorted(crits)}, got {criterion!r}")
     test_idx, train_idx = _split_cells(adata.n_obs, holdout, random_state)
