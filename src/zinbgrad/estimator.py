@@ -54,17 +54,17 @@ from .persistence import model_file as model_file  # the CLI's import
 from .projection import likelihood_tensors, project, training_loglik
 from .query import map_query
 from .runtime import CPU_BLOCK_ENTRIES as CPU_BLOCK_ENTRIES
+from .runtime import GPU_BLOCK_ENTRIES as GPU_BLOCK_ENTRIES
+from .runtime import GPU_FLOATS_PER_ENTRY as GPU_FLOATS_PER_ENTRY
+from .runtime import GPU_MEMORY_SHARE as GPU_MEMORY_SHARE
 from .runtime import (
-    FUSED_MIN_ENTRIES,
     block_entries,
     cpu_threads,
     resolve_device,
     resolve_dtype,
+    resolve_fused,
     torch_setup,
 )
-from .runtime import GPU_BLOCK_ENTRIES as GPU_BLOCK_ENTRIES
-from .runtime import GPU_FLOATS_PER_ENTRY as GPU_FLOATS_PER_ENTRY
-from .runtime import GPU_MEMORY_SHARE as GPU_MEMORY_SHARE
 from .runtime import gpu_block_entries as gpu_block_entries
 
 __all__ = ["ZINBWaVE", "resolve_device"]
@@ -356,7 +356,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         stochastic = min(FitOptions().stochastic_epochs, self.max_epochs)
         cb, bar = self._progress(stochastic if solver == "stochastic" else None)
         opts = FitOptions(
-            fused=n * J >= FUSED_MIN_ENTRIES if self.fused == "auto" else bool(self.fused),
+            fused=resolve_fused(self.fused, dev, n * J),
             max_epochs=self.max_epochs,
             tol=self.tol,
             local_steps=self.local_steps,

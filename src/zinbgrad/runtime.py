@@ -12,11 +12,13 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from .model.kernels import CACHED
 from .optim.distributed import local_gpu
 
 __all__ = [
     "CPU_BLOCK_ENTRIES",
     "CPU_FLOAT32_MIN_ENTRIES",
+    "FUSED_CACHED_MIN_ENTRIES",
     "FUSED_MIN_ENTRIES",
     "GPU_BLOCK_ENTRIES",
     "block_entries",
@@ -24,11 +26,17 @@ __all__ = [
     "gpu_block_entries",
     "resolve_device",
     "resolve_dtype",
+    "resolve_fused",
     "torch_setup",
 ]
 
-#: fits at least this large (cells x genes) use fused kernels by default
+#: fits at least this large (cells x genes) use fused kernels by default, compiled in the
+#: process (torch.compile) unless this machine's kernel cache has them
 FUSED_MIN_ENTRIES = 50_000_000
+#: on the CPU, fits at least this large use the fused kernels of this machine's kernel cache
+#: (:mod:`zinbgrad.model.kernel_cache`; loaded in milliseconds) and queue a background build of
+#: missing ones; measured in BENCHMARKS.md section 2 (issue 20)
+FUSED_CACHED_MIN_ENTRIES = 1_000_000
 
 #: ``dtype="auto"`` on the CPU: float32 for computations of at least this many entries (cells x
 #: genes), float64 below. Measured in BENCHMARKS.md, section 7: from half a million entries on,
@@ -150,6 +158,23 @@ def resolve_dtype(
     if dtype not in table:
         raise ValueError(f"dtype must be 'auto', 'float32' or 'float64', got {dtype!r}")
     return table[dtype]
+
+
+def resolve_fused(fused: bool | str, device: torch.device, entries: int) -> bool | str:
+    """The fused-kernel request of a fit of ``entries`` cells x genes on ``device``.
+
+    ``"auto"`` -> ``True`` (fused, compiled in the process where the kernel cache lacks the
+    kernels) from :data:`FUSED_MIN_ENTRIES`; on the CPU ``"cached"`` (only the kernels of this
+    machine's cache, missing ones built in the background for later fits) from
+    :data:`FUSED_CACHED_MIN_ENTRIES`; ``False`` below. ``True``/``False`` as given.
+    """
+    if fused != "auto":
+        return bool(fused)
+    if entries >= FUSED_MIN_ENTRIES:
+        return True
+    if device.type == "cpu" and entries >= FUSED_CACHED_MIN_ENTRIES:
+        return CACHED
+    return False
 
 
 def torch_setup(

@@ -9,6 +9,11 @@ its state is the process-wide registry below, and only the functions of this mod
 * the compiled variants, one per static configuration (:func:`run_fused` creates them);
 * the reason fusion was given up in this process, if it was (after a failure :func:`run_fused`
   warns once and answers ``None`` for good, so callers evaluate eagerly).
+
+Kernels built ahead of time into this machine's cache (:mod:`zinbgrad.model.kernel_cache`) are
+preferred to ``torch.compile`` where present: they load in milliseconds. A caller that passes
+``fused="cached"`` uses only those (and queues a background build of a missing one),
+never compiling in its own process.
 """
 
 from __future__ import annotations
@@ -22,7 +27,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["fusion_available", "get_fused", "run_fused", "set_fused"]
+from .kernel_cache import lookup, mark_failed, request_build, signature
+
+__all__ = ["CACHED", "fusion_available", "get_fused", "run_fused", "set_fused"]
+
+#: a caller's ``fused`` request for kernels of the per-machine cache only (no compiling here)
+CACHED = "cached"
 
 _FUSED_MODES = ("auto", True, False)
 _ENV_ON = ("1", "true", "yes", "on")
@@ -113,12 +123,12 @@ def fusion_available(device: torch.device | str | None = None) -> bool:
     return True
 
 
-def _want_fused(fused: bool | None) -> bool:
+def _want_fused(fused: bool | str | None) -> bool:
     if _fused_mode is False or _fused_failure is not None or _env_disabled():
         return False
     if fused is None:
         return _fused_mode is True
-    return bool(fused)
+    return fused == CACHED or bool(fused)
 
 
 def _compiled_variant(key: Hashable, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -130,8 +140,12 @@ def _compiled_variant(key: Hashable, name: str, fn: Callable[..., Any]) -> Calla
     """
     compiled = _compiled.get(key)
     if compiled is None:
-        code = fn.__code__.replace(co_name=name)
-        fresh = types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+
+        def call(*args: Tensor | None) -> Any:
+            return fn(*args)
+
+        code = call.__code__.replace(co_name=name)
+        fresh = types.FunctionType(code, call.__globals__, name, None, call.__closure__)
         compiled = _compiled[key] = torch.compile(fresh, dynamic=True)
     return compiled
 
@@ -164,22 +178,32 @@ def run_fused(
     name: str,
     fn: Callable[..., Any],
     args: tuple[Tensor | None, ...],
-    fused: bool | None,
+    fused: bool | str | None,
+    dims: tuple[str | None, ...] | None = None,
 ) -> Any | None:
     """``fn(*args)`` evaluated by its compiled variant, or ``None`` to evaluate eagerly.
+
+    The variant is the package of the per-machine cache where it is built
+    (:mod:`~zinbgrad.model.kernel_cache`; ``dims`` given), else (unless ``fused="cached"``)
+    ``torch.compile(fn, dynamic=True)``; a missing package is queued for a background build.
 
     Parameters
     ----------
     key
         The static configuration ``fn`` closes over (one compiled variant per key).
     name
-        Name of the variant's code object (shown in profiles and dynamo's logs).
+        Name of the variant's code object (shown in profiles and dynamo's logs) and package.
     fn
-        Pure tensor function of ``args`` (no data-dependent Python control flow when traced).
+        Pure tensor function of ``args`` (no data-dependent Python control flow when traced);
+        picklable (e.g. a ``functools.partial`` of a module-level function) for the cache.
     args
         Tensors or ``None``; views are copied to contiguous tensors first.
     fused
-        The caller's request: ``True``, ``False`` or ``None`` (the mode of :func:`set_fused`).
+        The caller's request: ``True``, ``False``, ``None`` (the mode of :func:`set_fused`) or
+        ``"cached"`` (only a package of the cache, never compiling in this process).
+    dims
+        Per argument, a letter per dimension naming its size (equal letters, equal sizes), for
+        the cache's packages, which are built for dynamic sizes; ``None``: no package.
 
     Returns
     -------
@@ -189,9 +213,22 @@ def run_fused(
     """
     if not _want_fused(fused):
         return None
+    sig = None
     try:
+        args = tuple(_plain(x) for x in args)
+        if dims is not None:
+            sig = signature(args, dims)
+            kernel = lookup(name, sig)
+            if kernel is not None:
+                return kernel(*args)
+            request_build(name, fn, sig)
+            sig = None
+        if fused == CACHED:
+            return None
         compiled = _compiled_variant(key, name, fn)
-        return compiled(*(_plain(x) for x in args))
-    except Exception as exc:  # no compiler, unsupported platform, ...
+        return compiled(*args)
+    except Exception as exc:  # no compiler, unsupported platform, a broken package, ...
+        if sig is not None:
+            mark_failed(name, sig, exc)
         _give_up_fusion(exc)
         return None

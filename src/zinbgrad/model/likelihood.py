@@ -41,6 +41,7 @@ in :mod:`zinbgrad.model.special`; the fusion mode and the compiled variants in t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -343,18 +344,22 @@ def _block_variant(
 ) -> tuple:
     """``(key, name, fn)`` of :func:`_block_parts` for one static configuration, as
     :func:`~zinbgrad.model.kernels.run_fused` compiles it (one code object per configuration;
-    ``per_entry``: a (cells x genes) zeta, e.g. a dispersion per gene and batch)."""
-
-    def block_terms(a, b, zeta, flat, cols, y, const, d1, e):
-        return _block_parts(
-            a, b, zeta, flat, cols, y, const, d1, e, order=order, dispersion=dispersion
-        )
-
+    ``per_entry``: a (cells x genes) zeta, e.g. a dispersion per gene and batch); ``fn`` is
+    picklable, for the background builder of the kernel cache."""
+    block_terms = partial(_block_parts, order=order, dispersion=dispersion)
     name = f"block_terms_{'zinb' if zi else 'nb'}_o{order}{'_disp' if dispersion else ''}"
     name += "" if nonzeros else "_allzero"
     if per_entry:
         return (zi, nonzeros, order, dispersion, "per_entry"), name + "_zeta2d", block_terms
     return (zi, nonzeros, order, dispersion), name, block_terms
+
+
+def _block_dims(a: Tensor, per_entry: bool) -> tuple[str, ...] | None:
+    """The dimensions of :func:`_block_parts`'s arguments (cells n, genes J, nonzeros k), for
+    the packages of the kernel cache (CPU only; ``None`` elsewhere)."""
+    if a.device.type != "cpu":
+        return None
+    return ("nJ", "nJ", "nJ" if per_entry else "J") + ("k",) * 6
 
 
 def entry_derivatives(
@@ -366,7 +371,7 @@ def entry_derivatives(
     order: int = 2,
     dispersion: bool = False,
     nz_const: Tensor | None = None,
-    fused: bool | None = None,
+    fused: bool | str | None = None,
 ) -> EntryDerivatives:
     """Log-likelihood and derivatives of every entry of a block, sparse-aware.
 
@@ -390,8 +395,11 @@ def entry_derivatives(
     fused
         Evaluate the element-wise work with kernels compiled by ``torch.compile`` (several times
         faster on large blocks; the first call of each configuration compiles, seconds to tens
-        of seconds, cached on disk). ``None``: the module setting (:func:`set_fused`, by default
-        not fused). Falls back to eager evaluation where unavailable (:func:`fusion_available`).
+        of seconds, cached on disk), or by the kernels built ahead of time into this machine's
+        cache where present (loaded in milliseconds, :mod:`zinbgrad.model.kernel_cache`).
+        ``"cached"``: only those (a missing one is queued for a background build and the call
+        evaluates eagerly). ``None``: the module setting (:func:`set_fused`, by default not
+        fused). Falls back to eager evaluation where unavailable (:func:`fusion_available`).
 
     Returns
     -------
@@ -427,7 +435,7 @@ def entry_derivatives(
     # blocks with a dimension of 0 or 1 stay eager (compiling would specialize on that size)
     if min(a.shape) > 1 and (flat is None or flat.numel() > 1):
         variant = _block_variant(b is not None, flat is not None, order, dispersion, per_entry)
-        parts = run_fused(*variant, args, fused)
+        parts = run_fused(*variant, args, fused, _block_dims(a, per_entry))
     if parts is None:
         parts = _block_parts(*args, order=order, dispersion=dispersion)
     terms = _merge(*parts, flat)

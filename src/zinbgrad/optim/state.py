@@ -66,9 +66,9 @@ class FitOptions:
     #: epochs at most of the sketch's own fit (solver "sketch"; ``max_epochs`` counts the
     #: sweeps over all cells)
     sketch_max_epochs: int = 100
-    #: evaluate the per-entry derivatives with fused (torch.compile) kernels (None: the
-    #: module's setting, see zinbgrad.model.likelihood.set_fused)
-    fused: bool | None = None
+    #: evaluate the per-entry derivatives with fused kernels (None: the module's setting, see
+    #: zinbgrad.model.likelihood.set_fused; "cached": only those of the machine's kernel cache)
+    fused: bool | str | None = None
     zeta_bounds: tuple[float, float] = (ZETA_MIN, ZETA_MAX)
     progress: Callable[[dict], None] | None = None
     checkpoint_path: str | None = None
