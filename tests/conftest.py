@@ -11,6 +11,9 @@ import pytest
 import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# tests never read or build the user's per-machine kernel cache (tests of the cache set their
+# own directory); fits of >= 1e6 entries would otherwise start a background builder
+os.environ["ZINBGRAD_KERNEL_CACHE"] = "off"
 
 
 def shared_dir() -> Path:

@@ -95,7 +95,8 @@ def _check_choices(model) -> None:
             raise ValueError(f"{name} must be True or False, got {getattr(model, name)!r}")
     if model.batch_dispersion and model.common_dispersion:
         raise ValueError(
-            "batch_dispersion=True (a dispersion per gene and batch) needs common_dispersion=False"
+            "batch_dispersion=True (a dispersion per gene and batch) needs "
+            "common_dispersion=False"
         )
     if model.fused not in ("auto", True, False):
         raise ValueError(f"fused must be 'auto', True or False, got {model.fused!r}")

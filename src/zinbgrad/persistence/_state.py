@@ -326,7 +326,8 @@ def from_params(
     model = cls(**hyperparameters)
     if model.batch_loadings or model.batch_dispersion:
         raise ValueError(
-            "from_params builds zinbwave's model: batch_loadings and batch_dispersion must be False"
+            "from_params builds zinbwave's model: batch_loadings and batch_dispersion must "
+            "be False"
         )
     state: dict[str, Any] = {"W_": W, "alpha_mu_": alpha_mu}
     state["beta_mu_"] = np.asarray(beta_mu, dtype=np.float64)
