@@ -187,6 +187,11 @@ def _dense_terms(a: Tensor, b: Tensor | None, zeta: Tensor, order: int, dispersi
     Pure tensor function (static Python arguments only, no data-dependent control flow when
     compiled), so ``torch.compile`` fuses it into a few loops. Returns the arrays named by
     ``_TERMS``; ``None`` for those not requested. ``b is None``: negative binomial.
+
+    Evaluated eagerly, every block-sized array costs a pass and a fresh allocation, so the
+    intermediates are updated in place once no longer needed: each value is formed by the
+    same operations in the same order as the expression in its comment (IEEE ``+``/``*``
+    commute exactly), so the results are bitwise those of the plain expressions.
     """
     zi = b is not None
     theta = torch.exp(zeta)
@@ -200,19 +205,19 @@ def _dense_terms(a: Tensor, b: Tensor | None, zeta: Tensor, order: int, dispersi
         if a.dtype == torch.float64:
             # = softplus(log NB(0) - b) - softplus(-b): exact also where |log NB(0)| >> |b|
             # (the first term underflows to 0, leaving log pi)
-            ll = _fsp(-t) - _fsp(-b)
+            ll = _fsp(-t).sub_(_fsp(-b))
         else:
-            # = log NB(0) + softplus(t) - softplus(b): where softplus(t) = t, b is cancelled
+            # = log NB(0) - softplus(b) + softplus(t): where softplus(t) = t, b is cancelled
             # down to float32's rounding of log NB(0) (6e-8 |log NB(0)|), but this compiles
             # into a 15 % faster order-0 kernel, the check of every step of large fits
-            ll = log_nb0 - _fsp(b) + _fsp(t)
+            ll = log_nb0.sub_(_fsp(b)).add_(_fsp(t))
         if order >= 1 or dispersion:
-            one_m_r = torch.sigmoid(t)
+            one_m_r = t.sigmoid_()  # sigmoid(t)
             r = 1.0 - one_m_r  # P(zero came from the NB component)
     else:
         ll = log_nb0
     if order >= 1 or dispersion:
-        mu_q = torch.exp(a - sp_s)  # theta p = mu q
+        mu_q = torch.sub(a, sp_s).exp_()  # exp(a - sp_s) = theta p = mu q
     if order >= 1:
         d_l0 = mu_q.neg() if dispersion else mu_q.neg_()  # d log NB(0)/da = -theta p = -mu q
         if zi:
@@ -222,22 +227,23 @@ def _dense_terms(a: Tensor, b: Tensor | None, zeta: Tensor, order: int, dispersi
         else:
             la = d_l0
         if order >= 2:
-            q = torch.exp(-sp_s)
+            q = (torch.neg(sp_s) if dispersion else sp_s.neg_()).exp_()  # exp(-sp_s)
             if zi:
                 rr = r * one_m_r
-                laa = d_l0 * (r * q + rr * d_l0)
-                lbb = rr - pi * (1.0 - pi)
-                lab = (rr * d_l0).neg_()
+                rd = rr * d_l0
+                laa = q.mul_(r).add_(rd).mul_(d_l0)  # d_l0 * (r q + rr d_l0)
+                lbb = rr.sub_(torch.rsub(pi, 1.0).mul_(pi))  # rr - pi (1 - pi)
+                lab = rd.neg_()  # -(rr d_l0)
             else:
-                laa = d_l0 * q
+                laa = q.mul_(d_l0)  # d_l0 q
     if dispersion:
         p = torch.sigmoid(s)
-        theta_k = theta_times_k(s, a, theta, sp_s, p)
-        dz_l0 = -theta_k
-        d2z_l0 = -theta_k + mu_q * p  # -theta k + theta p^2
+        dz_l0 = theta_times_k(s, a, theta, sp_s, p).neg_()  # -theta k
+        d2z_l0 = p.mul_(mu_q).add_(dz_l0)  # -theta k + mu q p = -theta k + theta p^2
         if zi:
             lz = r * dz_l0
-            lzz = r * d2z_l0 + r * one_m_r * dz_l0 * dz_l0
+            rq = (r * one_m_r).mul_(dz_l0).mul_(dz_l0)  # r (1 - r) dz_l0^2
+            lzz = d2z_l0.mul_(r).add_(rq)  # r d2z_l0 + r (1 - r) dz_l0^2
         else:
             lz, lzz = dz_l0, d2z_l0
     return ll, la, laa, lb, lbb, lab, lz, lzz
@@ -258,7 +264,8 @@ def _sparse_terms(
     """The ``y > 0`` values at the nonzeros (``flat`` positions of the contiguous block).
 
     ``lab`` is ``None`` (it is zero at the nonzeros). ``psi``: precomputed
-    :func:`dispersion_constants`. Pure tensor function like :func:`_dense_terms`.
+    :func:`dispersion_constants`. Pure tensor function like :func:`_dense_terms`, and like it
+    updates its intermediates in place (bitwise the values of the expressions in comments).
     """
     zi = b is not None
     ak = a.view(-1)[flat]
@@ -268,31 +275,32 @@ def _sparse_terms(
     thk = torch.exp(zeta)[cols]
     sk = ak - zk
     spk = _fsp(sk)
-    ll = y * ak + const - (y + thk) * spk
+    ll = (y * ak).add_(const).sub_((y + thk).mul_(spk))  # y ak + const - (y + thk) spk
     la = laa = lb = lbb = lz = lzz = None
     if zi:
         bk = b.view(-1)[flat]
-        ll = ll - _fsp(bk)
+        ll.sub_(_fsp(bk))
     if order >= 1 or dispersion:
-        muq = torch.exp(ak - spk)
+        muq = torch.sub(ak, spk).exp_()  # exp(ak - spk)
     if order >= 1:
-        qk = torch.exp(-spk)
-        la = y * qk - muq
+        qk = torch.neg(spk).exp_()  # exp(-spk)
+        la = (y * qk).sub_(muq)  # y qk - muq
         if zi:
             pik = torch.sigmoid(bk)
-            lb = -pik
+            lb = pik.neg()
         if order >= 2:
             pk = 1.0 - qk
-            laa = -(y * pk * qk + muq * qk)
+            laa = (y * pk).mul_(qk).add_(muq * qk).neg_()  # -(y pk qk + muq qk)
             if zi:
-                lbb = -pik * (1.0 - pik)
+                lbb = torch.rsub(pik, 1.0).mul_(lb)  # -pik (1 - pik)
     if dispersion:
         pk = torch.sigmoid(sk)
         d1, e = psi_diffs(y, zeta, cols) if psi is None else psi
         theta_k = theta_times_k(sk, ak, thk, spk, pk)
-        theta_p2 = muq * pk
-        lz = d1 + y * pk - theta_k
-        lzz = d1 + e - y * pk * (1.0 - pk) - theta_k + theta_p2
+        y_pk = y * pk
+        lz = torch.add(d1, y_pk).sub_(theta_k)  # d1 + y pk - theta k
+        # d1 + e - y pk (1 - pk) - theta k + theta p^2 (theta p^2 = muq pk)
+        lzz = torch.add(d1, e).sub_(y_pk.mul_(1.0 - pk)).sub_(theta_k).add_(muq.mul_(pk))
     return ll, la, laa, lb, lbb, None, lz, lzz
 
 
