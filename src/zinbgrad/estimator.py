@@ -60,6 +60,7 @@ from .runtime import GPU_MEMORY_SHARE as GPU_MEMORY_SHARE
 from .runtime import (
     block_entries,
     cpu_threads,
+    keep_heap,
     resolve_device,
     resolve_dtype,
     resolve_fused,
@@ -441,7 +442,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         cell_fitted, gene_fitted, var_names_in = leave_out_empty(self, inp, comm.rank == 0)
         n, J = inp.shape
         dt = resolve_dtype(self.dtype, dev, n * J)
-        with cpu_threads(dev, n * J), flush_denormals(dev.type == "cpu"):
+        with cpu_threads(dev, n * J), keep_heap(dev), flush_denormals(dev.type == "cpu"):
             check_hyperparameters(self, n, J)
             Xm, xnames, batch_info, Vm, O_mu_a, O_pi_a = training_inputs(
                 self, inp, X, V, O_mu, O_pi, batch_key, covariate_keys

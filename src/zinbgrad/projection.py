@@ -16,7 +16,7 @@ from .optim.fpenv import flush_denormals
 from .optim.init import init_local_mean, init_local_zi
 from .optim.state import Problem
 from .penalties import fitted_penalty
-from .runtime import block_entries, cpu_threads, torch_setup
+from .runtime import block_entries, cpu_threads, keep_heap, torch_setup
 
 __all__ = ["PROJECT_KEYWORDS", "cell_engine", "likelihood_tensors", "project", "training_loglik"]
 
@@ -102,7 +102,7 @@ def project(
     params = _start(model, source, design, pen, gene_params(model, dev, dt), path, n)
     opts = FitOptions(block_entries=block_entries(model.block_entries, dev, dt))
     engine = cell_engine(model, source, design, params, pen, opts)
-    with cpu_threads(dev, n * J), flush_denormals(dev.type == "cpu"):
+    with cpu_threads(dev, n * J), keep_heap(dev), flush_denormals(dev.type == "cpu"):
         ll_cells = engine.optimize_cells(max_steps=max_steps, path=path)
     if hasattr(source, "close"):
         source.close()

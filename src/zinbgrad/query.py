@@ -27,7 +27,7 @@ from .optim.engine import Engine, FitOptions, FitPath
 from .optim.fpenv import flush_denormals
 from .penalties import DELTA_RATIO, fitted_penalty
 from .projection import cell_engine
-from .runtime import block_entries, cpu_threads, torch_setup
+from .runtime import block_entries, cpu_threads, keep_heap, torch_setup
 
 __all__ = ["QueryMapping", "map_query"]
 
@@ -175,7 +175,7 @@ def map_query(
     engine.update_dispersion = False
     engine.fix_gene_columns(_fixed_columns(engine, M, Bn, B, K, model.zero_inflation))
     try:
-        with cpu_threads(dev, n * J), flush_denormals(dev.type == "cpu"):
+        with cpu_threads(dev, n * J), keep_heap(dev), flush_denormals(dev.type == "cpu"):
             # new levels start with zero coefficients (the reference batch), then alternate
             engine.optimize_cells(max_steps=100, path=path)
             result = engine.fit_full([]) if Bn else None

@@ -7,7 +7,11 @@ parameters), shared by :class:`~zinbgrad.ZINBWaVE`, the projection of new cells 
 
 from __future__ import annotations
 
+import ctypes
+import os
+import sys
 from contextlib import contextmanager
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -24,6 +28,7 @@ __all__ = [
     "block_entries",
     "cpu_threads",
     "gpu_block_entries",
+    "keep_heap",
     "resolve_device",
     "resolve_dtype",
     "resolve_fused",
@@ -69,6 +74,52 @@ def cpu_threads(device: torch.device, entries: int):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+#: glibc's mallopt parameters and the values set while a CPU computation runs (see keep_heap)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_HEAP_MMAP_THRESHOLD = 32 * 2**20  # glibc's largest (64-bit): blocks of 2^21 floats and less
+_HEAP_TRIM_THRESHOLD = 2**30
+_GLIBC_DEFAULT_THRESHOLD = 128 * 1024
+
+
+@lru_cache(maxsize=1)
+def _glibc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+@contextmanager
+def keep_heap(device: torch.device):
+    """Keep freed memory in the process's heap while a CPU computation runs (glibc only).
+
+    Every eager torch operation allocates its result; a block's arrays (2^21 floats, 8-16 MB)
+    are above glibc's mmap/trim thresholds, so each one was mapped afresh and page-faulted in,
+    which cost ~1 ms per array against ~0.2 ms for the arithmetic (the order-2 likelihood call
+    of a 2,933 x 715 float32 block: 74 ms, 32 ms with this; BENCHMARKS.md section 2, issue
+    20). Inside, ``mallopt`` serves such arrays from the heap and does not give freed memory
+    back (peak memory is unchanged: it is reused); on exit glibc's initial thresholds are set
+    again and ``malloc_trim`` returns the free memory. ``ZINBGRAD_HEAP=0`` disables it.
+    """
+    libc = _glibc() if device.type == "cpu" else None
+    if libc is None or os.environ.get("ZINBGRAD_HEAP", "").strip().lower() in ("0", "off"):
+        yield
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, _HEAP_MMAP_THRESHOLD)
+    libc.mallopt(_M_TRIM_THRESHOLD, _HEAP_TRIM_THRESHOLD)
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
+        libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
+        libc.malloc_trim(0)
 
 
 def gpu_block_entries(device: torch.device, itemsize: int = 4) -> int:
