@@ -14,9 +14,11 @@ such packages in a per-machine cache directory and builds missing ones in a back
 * one package per kernel and argument signature (which arguments are ``None``, their dtypes and
   the names of their dimensions), ``<name>-<hash>.pt2``, with a ``.json`` describing its output;
 * :func:`request_build` queues a kernel and starts (at most one per directory) a detached
-  builder, ``python -m zinbgrad.model.kernel_cache DIR``, at the lowest CPU priority: it builds
-  the queued packages one after another (~10-20 s each on 2 CPU cores) and writes each
-  atomically; a failed build leaves a ``.failed`` note and is not retried by that fingerprint.
+  builder, ``python -m zinbgrad.model.kernel_cache DIR PID``, at the lowest CPU priority. It
+  waits until the requesting process ``PID`` has exited or is idle (used under 10 % of a CPU
+  for 3 s; a build beside a running fit slowed that fit several times on 2 cores, even
+  niced), then builds the queued packages one after another (~10-20 s each on 2 CPU cores),
+  each written atomically; a failed build leaves a ``.failed`` note and is not retried.
 
 Nothing is downloaded and nothing is shipped: every package is built on the machine using it.
 """
@@ -38,7 +40,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["build_queued", "cache_dir", "lookup", "mark_failed", "request_build", "signature"]
+__all__ = [
+    "build_queued",
+    "cache_dir",
+    "lookup",
+    "mark_failed",
+    "request_build",
+    "signature",
+    "wait_until_idle",
+]
 
 CACHE_ENV = "ZINBGRAD_KERNEL_CACHE"
 _OFF = ("0", "off", "false", "no", "none")
@@ -189,7 +199,7 @@ def request_build(name: str, fn: Callable[..., Any], sig: tuple) -> bool:
         with open(d / "build.log", "ab") as log:
             _builder[:] = [
                 subprocess.Popen(
-                    [sys.executable, "-m", "zinbgrad.model.kernel_cache", str(d)],
+                    [sys.executable, "-m", "zinbgrad.model.kernel_cache", str(d), str(os.getpid())],
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
@@ -205,13 +215,7 @@ def _builder_running(d: Path) -> bool:
         pid = int((d / "build.lock").read_text().strip() or "0")
     except (OSError, ValueError):
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
+    return pid > 0 and _alive(pid)
 
 
 def _example(spec: tuple, sizes: dict[str, int]) -> Tensor:
@@ -257,9 +261,44 @@ def build(d: Path, name: str, fn: Callable[..., Any], sig: tuple) -> Path:
     return d / f"{stem}.pt2"
 
 
-def build_queued(d: Path) -> int:
-    """Build every package queued in ``d`` (the background builder's work); returns how many
-    were built. Holds ``d/build.lock`` while it runs; returns 0 if another builder holds it."""
+def _cpu_seconds(pid: int) -> float | None:
+    """CPU time used so far by process ``pid`` (Linux ``/proc``), ``None`` where unknown or
+    the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def wait_until_idle(pid: int, window: float = 3.0, share: float = 0.1) -> None:
+    """Return once process ``pid`` has exited or used under ``share`` of a CPU during
+    ``window`` seconds (where its CPU time cannot be read: once it has exited)."""
+    import time
+
+    while pid > 0 and _alive(pid):
+        before = _cpu_seconds(pid)
+        time.sleep(window)
+        after = _cpu_seconds(pid)
+        if before is not None and after is not None and after - before < share * window:
+            return
+
+
+def build_queued(d: Path, wait_for: int = 0) -> int:
+    """Build every package queued in ``d`` (the background builder's work), each once process
+    ``wait_for`` is idle or gone (:func:`wait_until_idle`); returns how many were built. Holds
+    ``d/build.lock`` while it runs; returns 0 if another builder holds it."""
     lock = d / "build.lock"
     try:
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -277,6 +316,7 @@ def build_queued(d: Path) -> int:
                 spec = pickle.loads(spec_file.read_bytes())
                 stem = spec["stem"]
                 if not (d / f"{stem}.pt2").exists():
+                    wait_until_idle(wait_for)
                     try:
                         build(d, spec["name"], spec["fn"], spec["sig"])
                         built += 1
@@ -288,7 +328,8 @@ def build_queued(d: Path) -> int:
     return built
 
 
-if __name__ == "__main__":  # the background builder: python -m zinbgrad.model.kernel_cache DIR
+if __name__ == "__main__":  # the builder: python -m zinbgrad.model.kernel_cache DIR [PID]
     os.nice(19)
     torch.set_num_threads(1)
-    print(f"zinbgrad kernel builder {os.getpid()}: built {build_queued(Path(sys.argv[1]))}")
+    waited = int(sys.argv[2]) if len(sys.argv) > 2 else 0
+    print(f"zinbgrad kernel builder {os.getpid()}: built {build_queued(Path(sys.argv[1]), waited)}")
