@@ -97,9 +97,31 @@ def _sparse(y: torch.Tensor) -> SparseCounts:
     return SparseCounts(y.shape[0], y.shape[1], idx[:, 0], idx[:, 1], v, torch.lgamma(v + 1))
 
 
+def _autograd_reference(y, a, b, zeta, zi):
+    """Per-entry derivatives of :func:`log_zinb`/:func:`log_nb` by autograd (float64), the
+    dispersion's per entry (zeta expanded to the block), by the names of ``_TERMS``."""
+    A, B = a.clone().requires_grad_(), b.clone().requires_grad_()
+    Z = zeta.expand_as(a).clone().requires_grad_()
+    f = log_zinb(y, A, B, Z) if zi else log_nb(y, A, Z)
+    ga, gb, gz = torch.autograd.grad(f.sum(), (A, B, Z), create_graph=True, allow_unused=True)
+    (gaa,) = torch.autograd.grad(ga.sum(), A, retain_graph=True)
+    (gzz,) = torch.autograd.grad(gz.sum(), Z, retain_graph=True)
+    ref = {"ll": f.detach(), "la": ga.detach(), "laa": gaa, "lz": gz.detach(), "lzz": gzz}
+    if zi:
+        gbb, gab = torch.autograd.grad(gb.sum(), (B, A))
+        ref.update(lb=gb.detach(), lbb=gbb, lab=gab)
+    return ref
+
+
 @pytest.mark.parametrize("zeta_level", [-2.0, 1.0, 4.5, 25.0])
 @pytest.mark.parametrize("zi", [True, False])
 def test_sparse_derivatives_equal_autograd_of_dense_loglik(zeta_level, zi):
+    """Every configuration of the eager kernels (derivative order 0-2, with and without the
+    dispersion's, a dispersion per gene or per entry) against autograd of the reference
+    log-likelihood; and the terms that several configurations share are bitwise equal
+    (the kernels reuse intermediates in place, differently per configuration)."""
+    from zinbgrad.model.likelihood import _TERMS
+
     g = torch.Generator().manual_seed(1)
     n, J = 30, 25
     a = torch.randn(n, J, generator=g, dtype=torch.float64) * 1.5
@@ -107,20 +129,29 @@ def test_sparse_derivatives_equal_autograd_of_dense_loglik(zeta_level, zi):
     zeta = zeta_level + 0.2 * torch.randn(J, generator=g, dtype=torch.float64)
     lam = torch.exp(a).clamp(max=1e4)
     y = torch.poisson(lam, generator=g) * (torch.rand(n, J, generator=g) > 0.3)
-    d = entry_derivatives(a, b if zi else None, zeta, _sparse(y), order=2)
-    A, B = a.clone().requires_grad_(), b.clone().requires_grad_()
-    f = log_zinb(y, A, B, zeta) if zi else log_nb(y, A, zeta)
-    torch.testing.assert_close(d.ll, f.detach(), rtol=1e-11, atol=1e-11)
-    ga, gb = torch.autograd.grad(f.sum(), (A, B), create_graph=True, allow_unused=True)
-    torch.testing.assert_close(d.la, ga.detach(), rtol=1e-8, atol=1e-10)
-    (gaa,) = torch.autograd.grad(ga.sum(), A, retain_graph=True)
-    ok = torch.isfinite(gaa)
-    torch.testing.assert_close(d.laa[ok], gaa[ok], rtol=1e-7, atol=1e-9)
-    if zi:
-        torch.testing.assert_close(d.lb, gb.detach(), rtol=1e-8, atol=1e-10)
-        gbb, gab = torch.autograd.grad(gb.sum(), (B, A))
-        torch.testing.assert_close(d.lbb, gbb, rtol=1e-7, atol=1e-9)
-        torch.testing.assert_close(d.lab, gab, rtol=1e-7, atol=1e-9)
+    ref = _autograd_reference(y, a, b, zeta, zi)
+    tol = {"ll": (1e-11, 1e-11), "la": (1e-8, 1e-10), "lb": (1e-8, 1e-10)}
+    bb = b if zi else None
+    for zeta_arg in (zeta, zeta.expand(n, J).clone()):
+        full = entry_derivatives(a, bb, zeta_arg, _sparse(y), order=2, dispersion=True)
+        for order, dispersion in itertools.product((0, 1, 2), (False, True)):
+            d = entry_derivatives(a, bb, zeta_arg, _sparse(y), order=order, dispersion=dispersion)
+            for name in _TERMS:
+                got = getattr(d, name)
+                wanted = (
+                    name == "ll"
+                    or (order >= 1 and name in ("la", "lb"))
+                    or (order >= 2 and name in ("laa", "lbb", "lab"))
+                    or (dispersion and name in ("lz", "lzz"))
+                ) and (zi or name not in ("lb", "lbb", "lab"))
+                assert (got is not None) == wanted, (name, order, dispersion)
+                if got is None:
+                    continue
+                assert torch.equal(got, getattr(full, name)), (name, order, dispersion)
+                e = ref[name]
+                ok = torch.isfinite(e)
+                rtol, atol = tol.get(name, (1e-7, 1e-9))
+                torch.testing.assert_close(got[ok], e[ok], rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("y", [0.0, 1.0, 9.0, 250.0])

@@ -16,8 +16,8 @@ such packages in a per-machine cache directory and builds missing ones in a back
 * :func:`request_build` queues a kernel and starts (at most one per directory) a detached
   builder, ``python -m zinbgrad.model.kernel_cache DIR PID``, at the lowest CPU priority. It
   waits until the requesting process ``PID`` has exited or is idle (used under 10 % of a CPU
-  for 3 s; a build beside a running fit slowed that fit several times on 2 cores, even
-  niced), then builds the queued packages one after another (~10-20 s each on 2 CPU cores),
+  for 3 s) and the load average leaves a CPU free (a build beside a running fit slowed that
+  fit several times on 2 cores, even niced), then builds the queued packages one after another (~10-20 s each on 2 CPU cores),
   each written atomically; a failed build leaves a ``.failed`` note and is not retried.
 
 Nothing is downloaded and nothing is shipped: every package is built on the machine using it.
@@ -190,24 +190,31 @@ def request_build(name: str, fn: Callable[..., Any], sig: tuple) -> bool:
     _requested.add(stem)
     if (d / f"{stem}.pt2").exists() or (d / f"{stem}.failed").exists():
         return False
-    queue = d / "queue"
-    queue.mkdir(parents=True, exist_ok=True)
-    tmp = queue / f".{stem}.{os.getpid()}.tmp"
-    tmp.write_bytes(pickle.dumps({"name": name, "fn": fn, "sig": sig, "stem": stem}))
-    os.replace(tmp, queue / f"{stem}.pkl")
-    if not (_builder and _builder[-1].poll() is None) and not _builder_running(d):
-        with open(d / "build.log", "ab") as log:
-            _builder[:] = [
-                subprocess.Popen(
-                    [sys.executable, "-m", "zinbgrad.model.kernel_cache", str(d), str(os.getpid())],
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    close_fds=True,
-                )
-            ]
+    try:
+        queue = d / "queue"
+        queue.mkdir(parents=True, exist_ok=True)
+        tmp = queue / f".{stem}.{os.getpid()}.tmp"
+        tmp.write_bytes(pickle.dumps({"name": name, "fn": fn, "sig": sig, "stem": stem}))
+        os.replace(tmp, queue / f"{stem}.pkl")
+        if not (_builder and _builder[-1].poll() is None) and not _builder_running(d):
+            _builder[:] = [_start_builder(d)]
+    except OSError:  # a read-only or full cache directory, no interpreter to start, ...
+        return False
     return True
+
+
+def _start_builder(d: Path) -> subprocess.Popen:
+    """A detached ``python -m zinbgrad.model.kernel_cache DIR PID``, logging to DIR/build.log."""
+    cmd = [sys.executable, "-m", "zinbgrad.model.kernel_cache", str(d), str(os.getpid())]
+    with open(d / "build.log", "ab") as log:
+        return subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+        )
 
 
 def _builder_running(d: Path) -> bool:
@@ -284,15 +291,20 @@ def _alive(pid: int) -> bool:
 
 def wait_until_idle(pid: int, window: float = 3.0, share: float = 0.1) -> None:
     """Return once process ``pid`` has exited or used under ``share`` of a CPU during
-    ``window`` seconds (where its CPU time cannot be read: once it has exited)."""
+    ``window`` seconds (where its CPU time cannot be read: once it has exited), and the
+    machine has a CPU to spare (1-minute load average below the number of CPUs)."""
     import time
 
-    while pid > 0 and _alive(pid):
-        before = _cpu_seconds(pid)
-        time.sleep(window)
-        after = _cpu_seconds(pid)
-        if before is not None and after is not None and after - before < share * window:
+    while True:
+        if pid > 0 and _alive(pid):
+            before = _cpu_seconds(pid)
+            time.sleep(window)
+            after = _cpu_seconds(pid)
+            if before is None or after is None or after - before >= share * window:
+                continue
+        if not hasattr(os, "getloadavg") or os.getloadavg()[0] < (os.cpu_count() or 1):
             return
+        time.sleep(window)
 
 
 def build_queued(d: Path, wait_for: int = 0) -> int:
