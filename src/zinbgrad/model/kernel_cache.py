@@ -17,8 +17,9 @@ such packages in a per-machine cache directory and builds missing ones in a back
   builder, ``python -m zinbgrad.model.kernel_cache DIR PID``, at the lowest CPU priority. It
   waits until the requesting process ``PID`` has exited or is idle (used under 10 % of a CPU
   for 3 s) and the load average leaves a CPU free (a build beside a running fit slowed that
-  fit several times on 2 cores, even niced), then builds the queued packages one after another (~10-20 s each on 2 CPU cores),
-  each written atomically; a failed build leaves a ``.failed`` note and is not retried.
+  fit several times on 2 cores, even niced), then builds the queued packages one after
+  another (~10-20 s each on 2 CPU cores), each written atomically; a failed build leaves a
+  ``.failed`` note and is not retried.
 
 Nothing is downloaded and nothing is shipped: every package is built on the machine using it.
 """
