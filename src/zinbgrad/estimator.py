@@ -156,9 +156,15 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
     fused
         Evaluate the likelihood derivatives with kernels fused by ``torch.compile`` (several
         times faster; needs a C++ compiler on CPU, Triton on GPU; falls back to plain torch
-        with a warning where compiling fails). ``"auto"``: for fits of at least
-        ``5e7`` matrix entries (compiling takes tens of seconds the first time; the kernels
-        are cached on disk by torch). ``ZINBGRAD_FUSED=0`` turns it off.
+        with a warning where compiling fails). ``"auto"``: on the CPU from ``1e6`` matrix
+        entries the kernels compiled ahead of time into this machine's kernel cache
+        (``~/.cache/zinbgrad/kernels``, ``ZINBGRAD_KERNEL_CACHE``; loaded in milliseconds):
+        where they are missing the fit runs unfused and a background process builds them
+        for later fits once this process is idle (about a minute of one CPU, once per
+        machine and version); from ``5e7`` entries, and on a GPU, compiled in the process
+        by ``torch.compile`` where the cache lacks them (seconds per process). Fused and
+        unfused results agree to float rounding, not bitwise. ``ZINBGRAD_FUSED=0`` turns
+        it off.
     dtype
         ``"auto"`` (the default): float32 on a GPU; on the CPU float32 for fits of at least
         a million matrix entries (cells x genes, ``runtime.CPU_FLOAT32_MIN_ENTRIES``), float64

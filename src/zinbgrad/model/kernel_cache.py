@@ -9,8 +9,9 @@ such packages in a per-machine cache directory and builds missing ones in a back
 * the directory: ``$ZINBGRAD_KERNEL_CACHE`` if set (``0``/``off`` disables the cache), else
   ``$XDG_CACHE_HOME/zinbgrad/kernels`` (``~/.cache/zinbgrad/kernels``), in a subdirectory per
   *fingerprint*: the torch and Python versions, the CPU (its feature flags: inductor compiles
-  with ``-march=native``) and the source of :mod:`zinbgrad.model` (the kernels' formulas), so a
-  package is never used by another torch, machine or version of the formulas;
+  with ``-march=native``), the package format and the source of :mod:`zinbgrad.model`'s math
+  modules (the kernels' formulas), so a package is never used by another torch, machine or
+  version of the formulas;
 * one package per kernel and argument signature (which arguments are ``None``, their dtypes and
   the names of their dimensions), ``<name>-<hash>.pt2``, with a ``.json`` describing its output;
 * :func:`request_build` queues a kernel and starts (at most one per directory) a detached
@@ -76,13 +77,20 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+#: the packages' format: raise it when :func:`build` changes what it builds
+_FORMAT = 1
+#: the modules of zinbgrad.model that are not kernel math (their source is not fingerprinted)
+_BACKEND = ("kernel_cache.py", "kernels.py")
+
+
 @lru_cache(maxsize=1)
 def _fingerprint() -> str:
     h = hashlib.sha256()
-    for part in (torch.__version__, sys.version, platform.machine(), _cpu_flags()):
+    for part in (torch.__version__, sys.version, platform.machine(), _cpu_flags(), str(_FORMAT)):
         h.update(part.encode())
     for f in sorted(Path(__file__).parent.glob("*.py")):
-        h.update(f.read_bytes())
+        if f.name not in _BACKEND:
+            h.update(f.read_bytes())
     return f"torch-{torch.__version__}-{h.hexdigest()[:16]}"
 
 
@@ -258,6 +266,7 @@ def build(d: Path, name: str, fn: Callable[..., Any], sig: tuple) -> Path:
     structure = _structure(fn(*full))
     ep = export(Kernel(), (tensors,), dynamic_shapes=(dyn,), strict=False)
     stem = _file_stem(name, sig)
+    d.mkdir(parents=True, exist_ok=True)
     tmp = d / f".{stem}.{os.getpid()}.pt2"
     # the number of OpenMP threads is read when the kernel runs, not fixed when it is built
     with inductor_config.patch({"cpp.dynamic_threads": True}):
