@@ -160,7 +160,7 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         entries the kernels compiled ahead of time into this machine's kernel cache
         (``~/.cache/zinbgrad/kernels``, ``ZINBGRAD_KERNEL_CACHE``; loaded in milliseconds):
         where they are missing the fit runs unfused and a background process builds them
-        for later fits once this process is idle (about a minute of one CPU, once per
+        for later fits once this process is idle (about half a minute of one CPU, once per
         machine and version); from ``5e7`` entries, and on a GPU, compiled in the process
         by ``torch.compile`` where the cache lacks them (seconds per process). Fused and
         unfused results agree to float rounding, not bitwise. ``ZINBGRAD_FUSED=0`` turns
