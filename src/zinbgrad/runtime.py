@@ -81,6 +81,8 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _HEAP_MMAP_THRESHOLD = 32 * 2**20  # glibc's largest (64-bit): blocks of 2^21 floats and less
 _HEAP_TRIM_THRESHOLD = 2**30
 _GLIBC_DEFAULT_THRESHOLD = 128 * 1024
+#: non-empty while keep_heap's settings are in force (the outermost keep_heap restores them)
+_heap_depth: list[int] = []
 
 
 @lru_cache(maxsize=1)
@@ -109,14 +111,17 @@ def keep_heap(device: torch.device):
     again and ``malloc_trim`` returns the free memory. ``ZINBGRAD_HEAP=0`` disables it.
     """
     libc = _glibc() if device.type == "cpu" else None
-    if libc is None or os.environ.get("ZINBGRAD_HEAP", "").strip().lower() in ("0", "off"):
+    off = os.environ.get("ZINBGRAD_HEAP", "").strip().lower() in ("0", "off")
+    if libc is None or off or _heap_depth:  # nested: the outermost one restores
         yield
         return
     libc.mallopt(_M_MMAP_THRESHOLD, _HEAP_MMAP_THRESHOLD)
     libc.mallopt(_M_TRIM_THRESHOLD, _HEAP_TRIM_THRESHOLD)
+    _heap_depth.append(1)
     try:
         yield
     finally:
+        _heap_depth.clear()
         libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
         libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
         libc.malloc_trim(0)

@@ -227,11 +227,16 @@ def _start_builder(d: Path) -> subprocess.Popen:
 
 
 def _builder_running(d: Path) -> bool:
+    import time
+
+    lock = d / "build.lock"
     try:
-        pid = int((d / "build.lock").read_text().strip() or "0")
+        text = lock.read_text().strip()
+        if not text:  # just created, its pid not written yet (or left by a crash long ago)
+            return time.time() - lock.stat().st_mtime < 60.0
+        return _alive(int(text))
     except (OSError, ValueError):
         return False
-    return pid > 0 and _alive(pid)
 
 
 def _example(spec: tuple, sizes: dict[str, int]) -> Tensor:
