@@ -34,7 +34,11 @@ def cache(tmp_path, monkeypatch):
     return d
 
 
-def test_resolve_fused_rule():
+def test_resolve_fused_rule(monkeypatch, tmp_path):
+    monkeypatch.delenv("ZINBGRAD_KERNEL_CACHE", raising=False)
+    # without the opt-in cache, CPU fits below FUSED_MIN_ENTRIES run eagerly (bitwise as ever)
+    assert runtime.resolve_fused("auto", CPU, runtime.FUSED_CACHED_MIN_ENTRIES) is False
+    monkeypatch.setenv("ZINBGRAD_KERNEL_CACHE", str(tmp_path))
     small, mid, large = (
         runtime.FUSED_CACHED_MIN_ENTRIES - 1,
         runtime.FUSED_CACHED_MIN_ENTRIES,
@@ -51,13 +55,19 @@ def test_resolve_fused_rule():
 
 
 def test_cache_dir_env(monkeypatch, tmp_path):
-    monkeypatch.setenv("ZINBGRAD_KERNEL_CACHE", "off")
+    # opt-in: unset, empty or off means no cache (no lookups, no builder)
+    for value in ("off", "", "0"):
+        monkeypatch.setenv("ZINBGRAD_KERNEL_CACHE", value)
+        assert kernel_cache.cache_dir() is None
+    monkeypatch.delenv("ZINBGRAD_KERNEL_CACHE")
     assert kernel_cache.cache_dir() is None
-    monkeypatch.setenv("ZINBGRAD_KERNEL_CACHE", "")
+    monkeypatch.setenv("ZINBGRAD_KERNEL_CACHE", "on")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     d = kernel_cache.cache_dir()
     assert d.parent == tmp_path / "zinbgrad" / "kernels"
     assert d.name.startswith(f"torch-{torch.__version__}-")
+    monkeypatch.setenv("ZINBGRAD_KERNEL_CACHE", str(tmp_path / "mine"))
+    assert kernel_cache.cache_dir().parent == tmp_path / "mine"
 
 
 class _FakeBuilder:

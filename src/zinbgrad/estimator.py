@@ -156,15 +156,15 @@ class ZINBWaVE(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
     fused
         Evaluate the likelihood derivatives with kernels fused by ``torch.compile`` (several
         times faster; needs a C++ compiler on CPU, Triton on GPU; falls back to plain torch
-        with a warning where compiling fails). ``"auto"``: on the CPU from ``1e6`` matrix
-        entries the kernels compiled ahead of time into this machine's kernel cache
-        (``~/.cache/zinbgrad/kernels``, ``ZINBGRAD_KERNEL_CACHE``; loaded in milliseconds):
-        where they are missing the fit runs unfused and a background process builds them
-        for later fits once this process is idle (about half a minute of one CPU, once per
-        machine and version); from ``5e7`` entries, and on a GPU, compiled in the process
-        by ``torch.compile`` where the cache lacks them (seconds per process). Fused and
-        unfused results agree to float rounding, not bitwise. ``ZINBGRAD_FUSED=0`` turns
-        it off.
+        with a warning where compiling fails). ``"auto"``: from ``5e7`` matrix entries, and
+        on a GPU, compiled in the process by ``torch.compile`` (seconds per process). With
+        the opt-in kernel cache (``ZINBGRAD_KERNEL_CACHE=on`` or a directory in the
+        environment), also on the CPU from ``1e6`` entries: the kernels compiled ahead of
+        time into this machine's cache (``~/.cache/zinbgrad/kernels``; loaded in
+        milliseconds); where they are missing the fit runs unfused and a background process
+        builds them for later fits once this process is idle (about half a minute of one
+        CPU, once per machine and version). Fused and unfused results agree to float
+        rounding, not bitwise. ``ZINBGRAD_FUSED=0`` turns it off.
     dtype
         ``"auto"`` (the default): float32 on a GPU; on the CPU float32 for fits of at least
         a million matrix entries (cells x genes, ``runtime.CPU_FLOAT32_MIN_ENTRIES``), float64

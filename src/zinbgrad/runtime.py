@@ -16,6 +16,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from .model.kernel_cache import cache_dir
 from .model.kernels import CACHED
 from .optim.distributed import local_gpu
 
@@ -39,8 +40,8 @@ __all__ = [
 #: process (torch.compile) unless this machine's kernel cache has them
 FUSED_MIN_ENTRIES = 50_000_000
 #: on the CPU, fits at least this large use the fused kernels of this machine's kernel cache
-#: (:mod:`zinbgrad.model.kernel_cache`; loaded in milliseconds) and queue a background build of
-#: missing ones; measured in BENCHMARKS.md section 2 (issue 20)
+#: where it is in use (opt-in, :mod:`zinbgrad.model.kernel_cache`; loaded in milliseconds) and
+#: queue a background build of missing ones; measured in BENCHMARKS.md section 2 (issue 20)
 FUSED_CACHED_MIN_ENTRIES = 1_000_000
 
 #: ``dtype="auto"`` on the CPU: float32 for computations of at least this many entries (cells x
@@ -220,15 +221,16 @@ def resolve_fused(fused: bool | str, device: torch.device, entries: int) -> bool
     """The fused-kernel request of a fit of ``entries`` cells x genes on ``device``.
 
     ``"auto"`` -> ``True`` (fused, compiled in the process where the kernel cache lacks the
-    kernels) from :data:`FUSED_MIN_ENTRIES`; on the CPU ``"cached"`` (only the kernels of this
-    machine's cache, missing ones built in the background for later fits) from
+    kernels) from :data:`FUSED_MIN_ENTRIES`; on the CPU, where the opt-in kernel cache is in
+    use (:func:`zinbgrad.model.kernel_cache.cache_dir`), ``"cached"`` (only the kernels of
+    this machine's cache, missing ones built in the background for later fits) from
     :data:`FUSED_CACHED_MIN_ENTRIES`; ``False`` below. ``True``/``False`` as given.
     """
     if fused != "auto":
         return bool(fused)
     if entries >= FUSED_MIN_ENTRIES:
         return True
-    if device.type == "cpu" and entries >= FUSED_CACHED_MIN_ENTRIES:
+    if device.type == "cpu" and entries >= FUSED_CACHED_MIN_ENTRIES and cache_dir() is not None:
         return CACHED
     return False
 

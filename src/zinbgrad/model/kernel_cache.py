@@ -6,7 +6,11 @@ AOTInductor (``torch.export`` + ``aoti_compile_and_package``, with dynamic sizes
 library that a process loads in a few milliseconds without importing either. This module keeps
 such packages in a per-machine cache directory and builds missing ones in a background process:
 
-* the directory: ``$ZINBGRAD_KERNEL_CACHE`` if set (``0``/``off`` disables the cache), else
+* **opt-in**: without ``$ZINBGRAD_KERNEL_CACHE`` (or with ``0``/``off``) there is no cache, no
+  lookup and no builder, so a fit's result never depends on what earlier processes built
+  (fused and eager kernels agree to rounding, not bitwise) and no process outlives the
+  user's; the lead chose this over the helper's default-on cache (2026-12-05);
+* the directory: ``$ZINBGRAD_KERNEL_CACHE`` itself, or with ``on``/``1``
   ``$XDG_CACHE_HOME/zinbgrad/kernels`` (``~/.cache/zinbgrad/kernels``), in a subdirectory per
   *fingerprint*: the torch and Python versions, the CPU (its feature flags: inductor compiles
   with ``-march=native``), the package format and the source of :mod:`zinbgrad.model`'s math
@@ -54,6 +58,7 @@ __all__ = [
 
 CACHE_ENV = "ZINBGRAD_KERNEL_CACHE"
 _OFF = ("0", "off", "false", "no", "none")
+_ON = ("1", "on", "true", "yes")
 #: example sizes given to the dimensions of a signature when a kernel is exported (distinct
 #: primes, so that no two dimensions are taken to be equal)
 _EXAMPLE_SIZES = (37, 23, 101, 53, 71, 89)
@@ -95,15 +100,21 @@ def _fingerprint() -> str:
 
 
 def cache_dir() -> Path | None:
-    """This machine's directory of compiled kernels, or ``None`` where the cache is disabled."""
+    """This machine's directory of compiled kernels, or ``None`` where the cache is not in use.
+
+    Opt-in: ``$ZINBGRAD_KERNEL_CACHE`` unset (or ``0``/``off``) means no cache, so a fit
+    neither reads packages nor starts a builder, and its results do not depend on what an
+    earlier process left on disk; ``on``/``1`` uses ``$XDG_CACHE_HOME/zinbgrad/kernels``
+    (``~/.cache/zinbgrad/kernels``), any other value is the directory itself.
+    """
     env = os.environ.get(CACHE_ENV, "").strip()
-    if env.lower() in _OFF and env:
+    if not env or env.lower() in _OFF:
         return None
-    if env:
-        base = Path(env).expanduser()
-    else:
+    if env.lower() in _ON:
         xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
         base = (Path(xdg) if xdg else Path.home() / ".cache") / "zinbgrad" / "kernels"
+    else:
+        base = Path(env).expanduser()
     return base / _fingerprint()
 
 
