@@ -150,9 +150,14 @@ class CellSteps:
             b = b + d.O_pi[rows]
         return a, b
 
-    def _start_cells(self, rows: slice, counts: SparseCounts, feats, nzc: Tensor, zeta: Tensor):
+    def _start_cells(
+        self, rows: slice, counts: SparseCounts, feats
+    ) -> tuple[_Cells, Tensor, Tensor]:
         """The working state of the cells ``rows`` at their current values (derivatives of
-        order 2 and objective evaluated)."""
+        order 2 and objective evaluated), with the block's ``nonzero_constant`` and its
+        dispersion (per batch: expanded to the cells), which the later steps reuse."""
+        nzc = self._nz_const(counts, self.params.zeta, rows)
+        zeta = self._block_zeta(self.params.zeta, rows)
         st = _Cells(
             self._get_cell_vec(rows),
             *self._cell_base(rows),
@@ -166,7 +171,7 @@ class CellSteps:
         self._predict(st, feats)
         st.d = self._derivs(st.a, st.b, counts, zeta=zeta, order=2, nz_const=nzc)
         st.f = self._cell_objective(st)
-        return st
+        return st, nzc, zeta
 
     def cell_newton(
         self,
@@ -186,9 +191,7 @@ class CellSteps:
         ``ll_start``: the per-gene log-likelihood at the starting values is added into it.
         """
         feats = feats if feats is not None else self._cell_features()
-        nzc = self._nz_const(counts, self.params.zeta, rows)
-        zeta = self._block_zeta(self.params.zeta, rows)  # the block's (per-batch: expanded)
-        st = self._start_cells(rows, counts, feats, nzc, zeta)
+        st, nzc, zeta = self._start_cells(rows, counts, feats)
         if ll_start is not None:
             ll_start += st.d.ll.sum(0)
         for step in range(n_steps):
@@ -211,9 +214,7 @@ class CellSteps:
         held-out cells at K = 15, fewer than 100 still moved after the 10th of 42 steps).
         """
         feats = feats if feats is not None else self._cell_features()
-        nzc = self._nz_const(counts, self.params.zeta, rows)
-        zeta = self._block_zeta(self.params.zeta, rows)
-        st = self._start_cells(rows, counts, feats, nzc, zeta)
+        st, nzc, zeta = self._start_cells(rows, counts, feats)
         u, lam, ll = st.u.clone(), st.lam.clone(), st.d.ll.sum(1)
         active = torch.arange(u.shape[0], device=u.device)
         total = float(st.f.sum())  # the block's objective (converged cells at their last)
@@ -248,10 +249,7 @@ class CellSteps:
         feats = self._cell_features()
         out = []
         for start, stop, counts in self.source.iter_blocks(self.bounds):
-            rows = slice(start, stop)
-            nzc = self._nz_const(counts, self.params.zeta, rows)
-            zeta = self._block_zeta(self.params.zeta, rows)
-            st = self._start_cells(rows, counts, feats, nzc, zeta)
+            st, _, _ = self._start_cells(slice(start, stop), counts, feats)
             out.append(self._cell_system(st.d, st.u, feats, st.groups)[0])
         return torch.cat(out)
 
