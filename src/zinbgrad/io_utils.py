@@ -35,6 +35,7 @@ __all__ = [
     "check_replaceable",
     "check_writable",
     "npz_file",
+    "pid_alive",
     "read_npz_metadata",
     "remove_stale_temps",
     "same_file",
@@ -66,7 +67,8 @@ def _prefix(out: Path) -> str:
     return f"{_owner_prefix(out)}{_host_tag()}-{os.getpid()}-"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host runs (another user's included)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -89,7 +91,7 @@ def stale_temps(out: str | os.PathLike) -> list[Path]:
         rest = p.name[len(start) :].split("-")
         if len(rest) < 3 or rest[0] != host or not rest[1].isdigit():
             continue  # another host's (it may still be running), or not ours
-        if int(rest[1]) != os.getpid() and not _pid_alive(int(rest[1])):
+        if int(rest[1]) != os.getpid() and not pid_alive(int(rest[1])):
             stale.append(p)
     return sorted(stale)
 

@@ -82,8 +82,8 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _HEAP_MMAP_THRESHOLD = 32 * 2**20  # glibc's largest (64-bit): blocks of 2^21 floats and less
 _HEAP_TRIM_THRESHOLD = 2**30
 _GLIBC_DEFAULT_THRESHOLD = 128 * 1024
-#: non-empty while keep_heap's settings are in force (the outermost keep_heap restores them)
-_heap_depth: list[int] = []
+#: whether keep_heap's settings are in force (the outermost keep_heap restores them)
+_heap_kept = False
 
 
 @lru_cache(maxsize=1)
@@ -111,18 +111,19 @@ def keep_heap(device: torch.device):
     back (peak memory is unchanged: it is reused); on exit glibc's initial thresholds are set
     again and ``malloc_trim`` returns the free memory. ``ZINBGRAD_HEAP=0`` disables it.
     """
+    global _heap_kept
     libc = _glibc() if device.type == "cpu" else None
     off = os.environ.get("ZINBGRAD_HEAP", "").strip().lower() in ("0", "off")
-    if libc is None or off or _heap_depth:  # nested: the outermost one restores
+    if libc is None or off or _heap_kept:  # nested: the outermost one restores
         yield
         return
     libc.mallopt(_M_MMAP_THRESHOLD, _HEAP_MMAP_THRESHOLD)
     libc.mallopt(_M_TRIM_THRESHOLD, _HEAP_TRIM_THRESHOLD)
-    _heap_depth.append(1)
+    _heap_kept = True
     try:
         yield
     finally:
-        _heap_depth.clear()
+        _heap_kept = False
         libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
         libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
         libc.malloc_trim(0)

@@ -46,6 +46,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..io_utils import atomic_write, pid_alive
+
 __all__ = [
     "build_queued",
     "cache_dir",
@@ -211,11 +213,8 @@ def request_build(name: str, fn: Callable[..., Any], sig: tuple) -> bool:
     if (d / f"{stem}.pt2").exists() or (d / f"{stem}.failed").exists():
         return False
     try:
-        queue = d / "queue"
-        queue.mkdir(parents=True, exist_ok=True)
-        tmp = queue / f".{stem}.{os.getpid()}.tmp"
-        tmp.write_bytes(pickle.dumps({"name": name, "fn": fn, "sig": sig, "stem": stem}))
-        os.replace(tmp, queue / f"{stem}.pkl")
+        with atomic_write(d / "queue" / f"{stem}.pkl") as tmp:
+            tmp.write_bytes(pickle.dumps({"name": name, "fn": fn, "sig": sig, "stem": stem}))
         if not (_builder and _builder[-1].poll() is None) and not _builder_running(d):
             _builder[:] = [_start_builder(d)]
     except OSError:  # a read-only or full cache directory, no interpreter to start, ...
@@ -245,7 +244,7 @@ def _builder_running(d: Path) -> bool:
         text = lock.read_text().strip()
         if not text:  # just created, its pid not written yet (or left by a crash long ago)
             return time.time() - lock.stat().st_mtime < 60.0
-        return _alive(int(text))
+        return pid_alive(int(text))
     except (OSError, ValueError):
         return False
 
@@ -282,15 +281,12 @@ def build(d: Path, name: str, fn: Callable[..., Any], sig: tuple) -> Path:
     structure = _structure(fn(*full))
     ep = export(Kernel(), (tensors,), dynamic_shapes=(dyn,), strict=False)
     stem = _file_stem(name, sig)
-    d.mkdir(parents=True, exist_ok=True)
-    tmp = d / f".{stem}.{os.getpid()}.pt2"
-    # the number of OpenMP threads is read when the kernel runs, not fixed when it is built
-    with inductor_config.patch({"cpp.dynamic_threads": True}):
-        aoti_compile_and_package(ep, package_path=str(tmp))
-    meta = d / f".{stem}.{os.getpid()}.json"
-    meta.write_text(json.dumps({"name": name, "sig": repr(sig), "structure": structure}))
-    os.replace(meta, d / f"{stem}.json")
-    os.replace(tmp, d / f"{stem}.pt2")
+    with atomic_write(d / f"{stem}.pt2", suffix=".pt2") as tmp:
+        # the number of OpenMP threads is read when the kernel runs, not fixed when it is built
+        with inductor_config.patch({"cpp.dynamic_threads": True}):
+            aoti_compile_and_package(ep, package_path=str(tmp))
+        with atomic_write(d / f"{stem}.json") as meta:  # published just before the package
+            meta.write_text(json.dumps({"name": name, "sig": repr(sig), "structure": structure}))
     return d / f"{stem}.pt2"
 
 
@@ -305,16 +301,6 @@ def _cpu_seconds(pid: int) -> float | None:
         return None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
-
-
 def wait_until_idle(pid: int, window: float = 3.0, share: float = 0.1) -> None:
     """Return once process ``pid`` has exited or used under ``share`` of a CPU during
     ``window`` seconds (where its CPU time cannot be read: once it has exited), and the
@@ -322,7 +308,7 @@ def wait_until_idle(pid: int, window: float = 3.0, share: float = 0.1) -> None:
     import time
 
     while True:
-        if pid > 0 and _alive(pid):
+        if pid > 0 and pid_alive(pid):
             before = _cpu_seconds(pid)
             time.sleep(window)
             after = _cpu_seconds(pid)
